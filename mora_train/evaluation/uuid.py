@@ -1,0 +1,44 @@
+"""UUID memorization: generate the value for every key; character-level accuracy and exact match."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mora_train.evaluation.generation import greedy_generate
+
+
+def char_accuracy(prediction: str, target: str) -> float:
+    """Share of the target's characters reproduced at the same position (a short prediction misses the rest)."""
+    hits = sum(1 for p, t in zip(prediction, target) if p == t)
+    return hits / len(target)
+
+
+def evaluate(
+    task_cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Any, run_dir: Path
+) -> dict[str, float]:
+    prompts, targets = data.prompts, data.targets
+    limit = task_cfg.eval.get("max_samples")
+    if limit is not None:
+        prompts, targets = prompts[:limit], targets[:limit]
+    completions = [task_cfg.completion_template.format(value=t) for t in targets]
+    # Size the cap from the real tokenised targets (+EOS): a guessed cap silently truncates UUIDs.
+    max_new_tokens = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions) + 1
+    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, task_cfg.eval.batch_size, "uuid eval")
+    # The completion template puts text before the value (" {value}"); compare what follows it.
+    prefix = task_cfg.completion_template.split("{value}")[0]
+    # Anything generated after the value's length (a model that never learned to stop) is ignored.
+    predictions = [o.removeprefix(prefix).strip()[: len(t)] for o, t in zip(outputs, targets)]
+    scores = [char_accuracy(p, t) for p, t in zip(predictions, targets)]
+    with open(Path(run_dir) / "predictions.jsonl", "w") as f:
+        for prompt, target, prediction, score in zip(prompts, targets, predictions, scores):
+            f.write(json.dumps({"prompt": prompt, "target": target, "prediction": prediction, "char_accuracy": score}) + "\n")
+    return {
+        "char_accuracy": sum(scores) / len(scores),
+        "exact_match": sum(p == t for p, t in zip(predictions, targets)) / len(targets),
+        "eval_samples": len(targets),
+    }

