@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 # Max |logit difference| accepted between the adapted model and its reloaded merged checkpoint.
 MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# Models up to this size are compared in float64 on CPU: the check then measures the merge (W + ΔW
+# rounded to the checkpoint's dtype), not the order in which 30 layers of fp32 arithmetic round
+# (SmolLM2-135M's fp32 logits differ by ~1e-4 between W x + ΔW x and (W + ΔW) x for that reason alone).
+FLOAT64_CHECK_MAX_PARAMS = 2_000_000_000
 
 
 @dataclass
@@ -33,12 +37,26 @@ def probe_batch(examples: list[dict], pad_token_id: int, size: int = 4) -> dict[
 
 
 @torch.no_grad()
-def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits of the real (unpadded) tokens; with `dtype`, computed in that dtype and the model restored after."""
     model.eval()
-    device = next(model.parameters()).device
-    out = model(**{k: v.to(device) for k, v in batch.items()})
-    mask = batch["attention_mask"].to(device).bool()
-    return out.logits.float()[mask]  # padded positions carry no meaning; compare real tokens only
+    first = next(model.parameters())
+    original = first.dtype
+    if dtype is not None and dtype != original:
+        model.to(dtype)  # fp32 -> fp64 -> fp32 is exact, so the model comes back unchanged
+    try:
+        out = model(**{k: v.to(first.device) for k, v in batch.items()})
+    finally:
+        if dtype is not None and dtype != original:
+            model.to(original)
+    mask = batch["attention_mask"].to(first.device).bool()
+    return out.logits.to(torch.float64)[mask]
+
+
+def check_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    first = next(model.parameters())
+    small = sum(p.numel() for p in model.parameters()) <= FLOAT64_CHECK_MAX_PARAMS
+    return torch.float64 if first.dtype == torch.float32 and first.device.type == "cpu" and small else None
 
 
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
@@ -60,13 +78,14 @@ def export_merged(
 
     Raises MoraTrainError when the reloaded checkpoint disagrees by more than the dtype's tolerance.
     """
-    adapted_logits = logits_of(adapter.model, probe)
+    compare_dtype = check_dtype(adapter.model)
+    adapted_logits = logits_of(adapter.model, probe, compare_dtype)
     merged = adapter.merge_and_unload()
     dtype = next(merged.parameters()).dtype
     save_merged(merged, tokenizer, target)
     reloaded = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
     reloaded.to(next(merged.parameters()).device)
-    diff = (logits_of(reloaded, probe) - adapted_logits).abs().max().item()
+    diff = (logits_of(reloaded, probe, compare_dtype) - adapted_logits).abs().max().item()
     tolerance = MERGE_TOLERANCE.get(dtype, 1e-4)
     log.info("merged checkpoint %s reproduces the adapted logits to %.3g (tolerance %.0e)", target, diff, tolerance)
     if not diff <= tolerance:

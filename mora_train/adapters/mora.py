@@ -1,0 +1,589 @@
+"""MoRA: high-rank updating with one square matrix (arXiv 2405.12130).
+
+For a frozen ``nn.Linear`` ``W`` (d_out x d_in) the adapter adds
+
+    delta(x) = f_decomp(M . f_comp(x)),    M: (r_hat x r_hat), zero-initialised, scale 1,
+
+with ``r_hat = floor(sqrt((d_in + d_out) * rank) + 0.5)`` so that MoRA trains as many
+parameters as LoRA of the same rank. See DESIGN.md section 2 for the operator table.
+
+Every operator pair is linear, so the whole update is ``delta_W = D . B`` where ``B`` is a
+small "pre-image" matrix (``M C`` for the summing types, a block matrix of ``M R_b`` for the
+chunked types) and ``D`` only selects rows of ``B`` (tile, repeat over groups, or place and
+zero-fill). That factorisation drives everything here:
+
+* the forward never materialises a d_out-wide temporary: the r_hat (or chunk) outputs are
+  added in place into the frozen layer's output through strided views;
+* the RoPE rotation of type 6 is folded into per-chunk matrices ``M_b = M R_b`` and all chunks
+  go through one batched matmul instead of rotating the activation element-wise;
+* ``delta_weight()``/``merge()`` build ``B`` with index maps and copy/add its rows with
+  broadcasting, no Python loop over columns or chunks.
+
+Shapes the official code (GitHub kongds/MoRA) cannot run are generalised: the wrap-around
+padding is cyclic (padded feature ``j`` is ``x[j mod d_in]``), so ``r_hat >= d_in`` and
+``r_hat > 2 d_in`` work for the sharing/RoPE types, and the type-6 delta weight is defined
+for a single chunk. Only two combinations are refused (see ``mora_shape_problem``).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MORA_TYPES",
+    "MORA_TYPE_DESCRIPTIONS",
+    "MoRALinear",
+    "mora_shape_problem",
+    "mora_square_side",
+    "resolve_mora_type",
+]
+
+MORA_TYPES: dict[str, int | None] = {
+    "sharing": 1,
+    "grouping": 2,
+    "group_tile": 3,
+    "share_group": 4,
+    "rope": 6,
+    "decouple": None,
+    "truncation": None,
+}
+
+MORA_TYPE_DESCRIPTIONS: dict[str, str] = {
+    "sharing": "type 1, paper Eq. 6: wrap-pad x, sum its r_hat-chunks; tile the r_hat outputs (good for large rank)",
+    "grouping": "type 2: sum contiguous groups of input features; repeat each output over a contiguous group",
+    "group_tile": "type 3: sum contiguous groups of input features; tile the r_hat outputs",
+    "share_group": "type 4: wrap-pad x, sum its r_hat-chunks; repeat each output over a contiguous group",
+    "rope": "type 6, paper Eq. 9: wrap-pad x, rotate chunk b by RoPE angles, M on every chunk, concatenate (good for small rank)",
+    "decouple": "type 6 without the rotation: M on every wrap-padded chunk, concatenate",
+    "truncation": "paper baseline: keep the first r_hat input features, write the first r_hat outputs, zeros elsewhere",
+}
+
+# (compression kind, decompression kind) per canonical type.
+_OPERATORS: dict[str, tuple[str, str]] = {
+    "sharing": ("wrap", "tile"),
+    "grouping": ("group", "repeat"),
+    "group_tile": ("group", "tile"),
+    "share_group": ("wrap", "repeat"),
+    "rope": ("chunk", "tile"),
+    "decouple": ("chunk", "tile"),
+    "truncation": ("trunc", "trunc"),
+}
+
+_ROPE_BASE = 10000.0
+
+
+def _valid_types_text() -> str:
+    names = ", ".join(f"'{k}'" + (f" ({v})" if v is not None else "") for k, v in MORA_TYPES.items())
+    return f"valid MoRA types are {names}; the official numbers 1, 2, 3, 4, 6 are accepted as int or string"
+
+
+def resolve_mora_type(value: str | int) -> str:
+    """Map a canonical name or an official type number (int or its string) to the canonical name."""
+    if isinstance(value, bool):  # bool is an int subclass; True must not silently mean type 1
+        raise ValueError(f"Unknown MoRA type {value!r}: {_valid_types_text()}.")
+    if isinstance(value, Integral):
+        for name, number in MORA_TYPES.items():
+            if number is not None and number == int(value):
+                return name
+        raise ValueError(f"Unknown MoRA type {value!r}: {_valid_types_text()}.")
+    if isinstance(value, str):
+        key = value.strip().lower().replace("-", "_")
+        if key in MORA_TYPES:
+            return key
+        if key.isdigit():
+            return resolve_mora_type(int(key))
+    raise ValueError(f"Unknown MoRA type {value!r}: {_valid_types_text()}.")
+
+
+def mora_square_side(d_in: int, d_out: int, rank: int, mora_type: str | int) -> int:
+    """r_hat = floor(sqrt((d_in + d_out) * rank) + 0.5), rounded down to even for 'rope'."""
+    kind = resolve_mora_type(mora_type)
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or rank <= 0:
+        raise ValueError(f"MoRA rank must be a positive integer, got {rank!r}.")
+    # Same float formula as the official code, so r_hat (and results) match it exactly.
+    side = int(math.sqrt((int(d_in) + int(d_out)) * int(rank)) + 0.5)
+    if kind == "rope":
+        side = side // 2 * 2  # RoPE rotates feature pairs (k, k + r_hat/2)
+    return side
+
+
+def _largest_rank_with_side_at_most(d_in: int, d_out: int, limit: int, mora_type: str) -> int:
+    """Largest rank whose r_hat is <= limit (0 when even rank 1 is too big)."""
+    if limit < 1:
+        return 0
+    rank = int((limit + 0.5) ** 2 / (d_in + d_out)) + 2
+    while rank >= 1 and mora_square_side(d_in, d_out, rank, mora_type) > limit:
+        rank -= 1
+    return rank
+
+
+def mora_shape_problem(layer_name: str, d_in: int, d_out: int, rank: int, mora_type: str | int) -> str | None:
+    """None when MoRA of this type and rank represents the layer exactly; otherwise why not.
+
+    Refusal policy (everything else works, including r_hat >= d_in, r_hat > 2 d_in, r_hat > d_out):
+    * 'truncation' needs r_hat <= min(d_in, d_out): it keeps r_hat input features and writes r_hat
+      outputs, which do not exist beyond the layer's shape;
+    * 'rope' needs r_hat >= 2 (a 1x1 layer at rank 1 rounds r_hat down to 0).
+    Non-positive ranks or feature counts are reported too.
+    """
+    kind = resolve_mora_type(mora_type)
+    name = layer_name or "<unnamed layer>"
+    where = f"Layer '{name}' (d_out x d_in = {d_out} x {d_in})"
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or rank <= 0:
+        return f"{where}: MoRA rank must be a positive integer, got {rank!r}."
+    if d_in < 1 or d_out < 1:
+        return f"{where}: MoRA needs at least one input and one output feature."
+    side = mora_square_side(d_in, d_out, rank, kind)
+    if kind == "truncation":
+        limit = min(d_in, d_out)
+        if side <= limit:
+            return None
+        best = _largest_rank_with_side_at_most(d_in, d_out, limit, kind)
+        if best >= 1:
+            advice = (
+                f"The largest usable rank for this layer and type is {best} "
+                f"(r_hat = {mora_square_side(d_in, d_out, best, kind)})"
+            )
+        else:
+            advice = "No rank works for this layer with this type (rank 1 already gives r_hat > min(d_in, d_out))"
+        return (
+            f"{where} cannot use MoRA type 'truncation' at rank {rank}: r_hat = {side}, but truncation keeps the "
+            f"first r_hat input features and writes the first r_hat outputs, so it needs r_hat <= min(d_in, d_out) "
+            f"= {limit}. {advice}; lower the rank, pick a type that works for every shape (e.g. 'sharing'), "
+            f"or leave this layer out of the target modules."
+        )
+    if kind == "rope" and side < 2:
+        smallest = 1
+        while mora_square_side(d_in, d_out, smallest, kind) < 2:
+            smallest += 1
+        return (
+            f"{where} cannot use MoRA type 'rope' at rank {rank}: r_hat = {side} after rounding down to even, but "
+            f"RoPE rotates feature pairs and needs r_hat >= 2. No rank below {smallest} is usable for this layer "
+            f"and type (rank {smallest} gives r_hat = {mora_square_side(d_in, d_out, smallest, kind)}; larger ranks "
+            f"all work); raise the rank, pick another type (e.g. 'sharing'), or leave this layer out."
+        )
+    return None
+
+
+class _Operators:
+    """Integer geometry and the linear maps of one (d_in, d_out, r_hat, type) combination.
+
+    Activations are handled as 2-D ``(T, features)``. ``compress``/``decompress_add_`` run the
+    forward; ``compress_t``/``decompress_t`` are their adjoints (the backward); ``rows_into``
+    writes delta_W = D . B into a (d_out, d_in) tensor. Index maps are cached per device.
+    """
+
+    def __init__(self, d_in: int, d_out: int, side: int, kind: str) -> None:
+        self.n, self.m, self.r, self.kind = d_in, d_out, side, kind
+        self.comp, self.decomp = _OPERATORS[kind]
+        n, r = d_in, side
+        self.full = n // r  # whole r-chunks of the unpadded input
+        self.rem_in = n % r
+        self.n_chunks = max(1, -(-n // r))
+        self.padded = self.n_chunks * r  # length of the cyclically padded input
+        # Contiguous input groups (official types 2/3): the first `a_in` groups hold s_in + 1 features.
+        self.s_in, self.a_in = n // r, n - r * (n // r)
+        self.s_out, self.a_out = d_out // r, d_out - r * (d_out // r)
+        # Rows of B that delta_W is built from: tile period for tile types, r otherwise.
+        self.period = self.padded if self.comp == "chunk" else r
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    # -- derived tables (never buffers: they are recomputed per device/dtype, never saved) ----------
+    def _index(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        idx = self._cache.get(key)
+        if idx is None:
+            n, r = self.n, self.r
+            if name == "wrap":  # last (partial) chunk of the padded input, cyclically wrapped
+                idx = (self.full * r + torch.arange(r, device=device)) % n
+            elif name == "cycle":  # single chunk longer than the input (r > d_in)
+                idx = torch.arange(r, device=device) % n
+            elif name == "counts_in":
+                idx = torch.full((r,), self.s_in, dtype=torch.long, device=device)
+                idx[: self.a_in] += 1
+            else:
+                raise KeyError(name)
+            self._cache[key] = idx
+        return idx
+
+    def rope_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", device, dtype)
+        tables = self._cache.get(key)
+        if tables is None:
+            r = self.r
+            # Angles in float64 then cast, so low-precision tables are correctly rounded.
+            inv_freq = _ROPE_BASE ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
+            freqs = torch.outer(torch.arange(self.n_chunks, dtype=torch.float64), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # pair (k, k + r/2) shares angle k
+            tables = (emb.cos().to(device, dtype), emb.sin().to(device, dtype))
+            self._cache[key] = tables  # type: ignore[assignment]
+        return tables  # type: ignore[return-value]
+
+    def mixing(self, M: torch.Tensor) -> torch.Tensor:
+        """The matrix (or per-chunk matrices) applied between compression and decompression.
+
+        Differentiable in M. For 'rope', chunk b sees M_b = M R_b where R_b rotates pairs
+        (k, k + r/2) by b * 10000^(-2k/r) in the rotate-half convention; M R_b only needs
+        M's columns scaled by cos/sin and swapped, an O(n_chunks r^2) element-wise op.
+        """
+        if self.kind == "rope":
+            h = self.r // 2
+            cos, sin = self.rope_tables(M.device, M.dtype)
+            swapped = torch.cat((M[:, h:], -M[:, :h]), dim=1)
+            return M.unsqueeze(0) * cos.unsqueeze(1) + swapped.unsqueeze(0) * sin.unsqueeze(1)
+        if self.kind == "decouple":
+            return M.unsqueeze(0).expand(self.n_chunks, self.r, self.r)
+        return M
+
+    # -- compression (T, d_in) -> (T, r) or (T, n_chunks, r), and its adjoint -----------------------
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        T, n, r = x.shape[0], self.n, self.r
+        if self.comp == "wrap":
+            if self.rem_in == 0:
+                return x.view(T, self.full, r).sum(1)
+            z = x.index_select(1, self._index("wrap", x.device))
+            if self.full:
+                z.add_(x[:, : self.full * r].view(T, self.full, r).sum(1))
+            return z
+        if self.comp == "group":
+            A = self.a_in * (self.s_in + 1)
+            rest = x[:, A:].reshape(T, r - self.a_in, self.s_in).sum(2)
+            if self.a_in == 0:
+                return rest
+            return torch.cat((x[:, :A].reshape(T, self.a_in, self.s_in + 1).sum(2), rest), dim=1)
+        if self.comp == "trunc":
+            return x[:, :r]
+        # chunk: cyclically padded input cut into chunks (a view when d_in is a multiple of r)
+        if self.rem_in == 0:
+            return x.view(T, self.n_chunks, r)
+        if r <= n:
+            return torch.cat((x, x[:, : self.padded - n]), dim=1).view(T, self.n_chunks, r)
+        return x.index_select(1, self._index("cycle", x.device)).view(T, 1, r)
+
+    def compress_t(self, g: torch.Tensor) -> torch.Tensor:
+        """Adjoint of compress: (T, r) or (T, n_chunks, r) -> (T, d_in). Also gives B = M C."""
+        T, n, r = g.shape[0], self.n, self.r
+        if self.comp == "wrap":
+            out = g.new_empty(T, n)
+            if self.full:
+                out[:, : self.full * r].view(T, self.full, r).copy_(g.unsqueeze(1).expand(T, self.full, r))
+            if self.rem_in:
+                out[:, self.full * r :].zero_()
+                out.index_add_(1, self._index("wrap", g.device), g)
+            return out
+        if self.comp == "group":
+            out = g.new_empty(T, n)
+            A, a, s = self.a_in * (self.s_in + 1), self.a_in, self.s_in
+            if a:
+                out[:, :A].view(T, a, s + 1).copy_(g[:, :a, None].expand(T, a, s + 1))
+            if s:
+                out[:, A:].view(T, r - a, s).copy_(g[:, a:, None].expand(T, r - a, s))
+            return out
+        if self.comp == "trunc":
+            out = g.new_zeros(T, n)
+            out[:, :r] = g
+            return out
+        flat = g.reshape(T, self.padded)
+        if self.rem_in == 0:
+            return flat
+        if r <= n:
+            out = flat[:, :n].clone()
+            out[:, : self.padded - n] += flat[:, n:]
+            return out
+        return g.new_zeros(T, n).index_add_(1, self._index("cycle", g.device), flat)
+
+    # -- middle: M (or M_b per chunk) ---------------------------------------------------------------
+    def mix(self, z: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        if self.comp != "chunk":
+            return torch.mm(z, mix.t())
+        out = z.new_empty(z.shape)
+        # One batched matmul over chunks; the strided views keep the (T, chunk, r) layout so the
+        # result is already the concatenation of chunk outputs, without a permute copy.
+        torch.bmm(z.transpose(0, 1), mix.transpose(1, 2), out=out.transpose(0, 1))
+        return out
+
+    def mix_t_input(self, g: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        if self.comp != "chunk":
+            return torch.mm(g, mix)
+        out = g.new_empty(g.shape)
+        torch.bmm(g.transpose(0, 1), mix, out=out.transpose(0, 1))
+        return out
+
+    def mix_t_weight(self, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.comp != "chunk":
+            return torch.mm(g.t(), z)
+        return torch.bmm(g.permute(1, 2, 0), z.transpose(0, 1))
+
+    # -- decompression: add into the (T, d_out) output, and its adjoint -------------------------------
+    def decompress_add_(self, res: torch.Tensor, out: torch.Tensor) -> None:
+        T, m, r = res.shape[0], self.m, self.r
+        if self.decomp == "tile":
+            L = self.period
+            o = out.reshape(T, L)
+            q, rem = divmod(m, L)
+            if q:
+                res[:, : q * L].view(T, q, L).add_(o.unsqueeze(1))
+            if rem:
+                res[:, q * L :].add_(o[:, :rem])
+        elif self.decomp == "repeat":
+            a, s = self.a_out, self.s_out
+            A = a * (s + 1)
+            if a:
+                res[:, :A].view(T, a, s + 1).add_(out[:, :a, None])
+            if s:
+                res[:, A:].view(T, r - a, s).add_(out[:, a:, None])
+        else:
+            res[:, :r].add_(out)
+
+    def decompress_t(self, g: torch.Tensor) -> torch.Tensor:
+        T, m, r = g.shape[0], self.m, self.r
+        if self.decomp == "tile":
+            L = self.period
+            q, rem = divmod(m, L)
+            if q:
+                acc = g[:, : q * L].reshape(T, q, L).sum(1)
+                if rem:
+                    acc[:, :rem] += g[:, q * L :]
+            else:
+                acc = g.new_zeros(T, L)
+                acc[:, :rem] = g
+            return acc.view(T, self.n_chunks, r) if self.comp == "chunk" else acc
+        if self.decomp == "repeat":
+            a, s = self.a_out, self.s_out
+            A = a * (s + 1)
+            rest = g[:, A:].reshape(T, r - a, s).sum(2)
+            if a == 0:
+                return rest
+            return torch.cat((g[:, :A].reshape(T, a, s + 1).sum(2), rest), dim=1)
+        return g[:, :r]
+
+    # -- delta_W = D . B -------------------------------------------------------------------------------
+    def preimage(self, M: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """B: (r, d_in) for the summing types, (n_chunks r, d_in) block matrix for the chunked ones.
+
+        ``into`` (chunked types only) is a (n_chunks r, d_in) buffer to build B in, so that
+        delta_weight() can build it straight inside its output.
+        """
+        if self.comp != "chunk":
+            # B = M C: rows of M pushed through the adjoint of compression, exactly as the
+            # backward pushes gradients, so delta_W and forward cannot disagree.
+            return self.compress_t(M)
+        n, r = self.n, self.r
+        blocks = self.mixing(M)  # (n_chunks, r, r), block b = M R_b
+        if r > n:  # one chunk whose columns wrap around the input several times
+            B = into.zero_() if into is not None else M.new_zeros(r, n)
+            return B.index_add_(1, self._index("cycle", M.device), blocks[0])
+        B = into.zero_() if into is not None else M.new_zeros(self.padded, n)
+        full = self.full
+        if full:
+            diag = B[: full * r, : full * r].view(full, r, full, r).diagonal(dim1=0, dim2=2)  # (r, r, full)
+            diag.copy_(blocks[:full].permute(1, 2, 0))
+        if self.rem_in:
+            last = blocks[full]
+            B[full * r :, full * r :] = last[:, : self.rem_in]
+            B[full * r :, : r - self.rem_in] = last[:, self.rem_in :]  # wrapped-around features
+        return B
+
+    def rows_into(self, dst: torch.Tensor, B: torch.Tensor, mode: str) -> None:
+        """dst (d_out, d_in) := / += / -= D B (mode 'copy' | 'add' | 'sub'), with broadcasting."""
+        m, r = self.m, self.r
+
+        def put(target: torch.Tensor, src: torch.Tensor) -> None:
+            if mode == "copy":
+                target.copy_(src)
+            else:
+                target.add_(src, alpha=1.0 if mode == "add" else -1.0)
+
+        if self.decomp == "tile":
+            L = self.period
+            q, rem = divmod(m, L)
+            if q:
+                put(dst[: q * L].view(q, L, -1), B.unsqueeze(0))
+            if rem:
+                put(dst[q * L :], B[:rem])
+        elif self.decomp == "repeat":
+            a, s = self.a_out, self.s_out
+            A = a * (s + 1)
+            if a:
+                put(dst[:A].view(a, s + 1, -1), B[:a, None, :])
+            if s:
+                put(dst[A:].view(r - a, s, -1), B[a:, None, :])
+        else:
+            put(dst[:r], B)
+            if mode == "copy":
+                dst[r:].zero_()
+
+
+class _MoRABranch(torch.autograd.Function):
+    """result += decompress(mix(compress(x))), in place; hand-written backward.
+
+    In place on the frozen layer's (fresh, 2-D) output so neither pass allocates a
+    d_out-wide temporary; the backward passes the output gradient straight through.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, mix: torch.Tensor, ops: _Operators) -> torch.Tensor:
+        z = ops.compress(x)
+        ops.decompress_add_(result, ops.mix(z, mix))
+        ctx.mark_dirty(result)
+        ctx.ops = ops
+        # The chunked types recompute their (padded) chunks in backward instead of keeping a copy.
+        ctx.save_for_backward(x if ops.comp == "chunk" else z, mix)
+        ctx.x_dtype = x.dtype
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ops: _Operators = ctx.ops
+        saved, mix = ctx.saved_tensors
+        g = ops.decompress_t(grad.to(mix.dtype))
+        grad_x = grad_mix = None
+        if ctx.needs_input_grad[2]:
+            z = ops.compress(saved) if ops.comp == "chunk" else saved
+            grad_mix = ops.mix_t_weight(g, z)
+        if ctx.needs_input_grad[1]:
+            grad_x = ops.compress_t(ops.mix_t_input(g, mix)).to(ctx.x_dtype)
+        return grad, grad_x, grad_mix, None
+
+
+class MoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus the MoRA update ``f_decomp(M f_comp(dropout(x)))``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        mora_type: str | int = "sharing",
+        dropout: float = 0.0,
+        layer_name: str = "",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MoRALinear wraps torch.nn.Linear, got {type(base_layer).__name__} for '{layer_name}'.")
+        kind = resolve_mora_type(mora_type)
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        problem = mora_shape_problem(layer_name, d_in, d_out, rank, kind)
+        if problem is not None:
+            raise ValueError(problem)
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.in_features, self.out_features = d_in, d_out
+        self.rank, self.mora_type, self.layer_name = int(rank), kind, layer_name
+        self.r_hat = mora_square_side(d_in, d_out, rank, kind)
+        weight = base_layer.weight
+        self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, dtype=weight.dtype, device=weight.device))
+        self.mora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        self.merged = False
+        self._ops = _Operators(d_in, d_out, self.r_hat, kind)
+
+    # -- proxies so code reading `layer.weight` keeps working on a wrapped model --------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"mora_M": self.mora_M}
+
+    def extra_repr(self) -> str:
+        number = MORA_TYPES[self.mora_type]
+        official = f" (official type {number})" if number is not None else ""
+        return (
+            f"d_in={self.in_features}, d_out={self.out_features}, rank={self.rank}, r_hat={self.r_hat}, "
+            f"type={self.mora_type}{official}, merged={self.merged}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        lead = x.shape[:-1]
+        # 2-D in: nn.Linear then returns a fresh tensor (not a view), which the branch can add
+        # into in place without autograd's CopySlices cloning the whole gradient.
+        x2 = x.reshape(-1, self.in_features)
+        result = self.base_layer(x2)
+        if not result.is_contiguous():
+            result = result.contiguous()
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.mora_M.dtype
+        xd = self.mora_dropout(x2).to(dtype)
+        mix = self._ops.mixing(self.mora_M.to(dtype))
+        if autocast:
+            # Inputs are already cast; keep autocast from re-casting inside the hand-written passes.
+            with torch.autocast(device_type=device_type, enabled=False):
+                result = _MoRABranch.apply(result, xd, mix, self._ops)
+        else:
+            result = _MoRABranch.apply(result, xd, mix, self._ops)
+        return result.view(*lead, self.out_features)
+
+    # -- delta_W, merge, unmerge ----------------------------------------------------------------------
+    def _math_dtype(self) -> torch.dtype:
+        # float32 for fp32/bf16/fp16 weights; float64 stays float64 so exact checks remain exact.
+        return torch.promote_types(self.mora_M.dtype, torch.float32)
+
+    @torch.no_grad()
+    def _preimage(self) -> torch.Tensor:
+        return self._ops.preimage(self.mora_M.detach().to(self._math_dtype()))
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """delta_W (d_out, d_in) in float32 (float64 if M is float64), on M's device."""
+        ops, M = self._ops, self.mora_M.detach().to(self._math_dtype())
+        out = M.new_empty(self.out_features, self.in_features)
+        if ops.comp == "chunk" and self.out_features >= ops.padded:
+            # Build the block matrix straight into the first tile of the output, then replicate it.
+            B = ops.preimage(M, into=out[: ops.padded])
+            q, rem = divmod(self.out_features, ops.padded)
+            if q > 1:
+                out[ops.padded : q * ops.padded].view(q - 1, ops.padded, -1).copy_(B.unsqueeze(0))
+            if rem:
+                out[q * ops.padded :].copy_(B[:rem])
+            return out
+        ops.rows_into(out, ops.preimage(M), "copy")
+        return out
+
+    @torch.no_grad()
+    def _apply_delta(self, sign: str) -> None:
+        weight = self.base_layer.weight
+        B = self._preimage()
+        used = B[: min(self.out_features, B.shape[0])]
+        if not torch.isfinite(used).all():
+            raise ValueError(
+                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': delta weight has non-finite values "
+                f"(NaN/Inf in mora_M); refusing to {'merge' if sign == 'add' else 'unmerge'}."
+            )
+        if weight.dtype == B.dtype:
+            # Row broadcasting straight into W: no d_out x d_in temporary.
+            self._ops.rows_into(weight.data, B.to(weight.device), sign)
+            return
+        delta = self.delta_weight().to(weight.device)
+        updated = weight.data.to(delta.dtype)
+        updated = updated.add_(delta) if sign == "add" else updated.sub_(delta)
+        updated = updated.to(weight.dtype)
+        if not torch.isfinite(updated).all():
+            raise ValueError(
+                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': merged weight overflows {weight.dtype}."
+            )
+        weight.data.copy_(updated)
+
+    def merge(self) -> None:
+        """W += delta_W (in float32, cast back). A second call is a no-op."""
+        if self.merged:
+            return
+        self._apply_delta("add")
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W -= delta_W, restoring W up to float32 rounding. No-op when not merged."""
+        if not self.merged:
+            return
+        self._apply_delta("sub")
+        self.merged = False

@@ -1,0 +1,51 @@
+"""validate() reports every problem at once, each naming the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mora_train.config import validate
+from mora_train.errors import ConfigError
+from tests.conftest import compose_config
+
+
+def problems_of(overrides: list[str], tmp_path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(["model=tiny-llama", *overrides], tmp_path))
+    return info.value.problems
+
+
+def test_all_problems_reported_together(tmp_path: Path) -> None:
+    problems = problems_of(["rank=0", "trainer.micro_batch_size=3", "trainer.learning_rate=-1"], tmp_path)
+    text = "\n".join(problems)
+    assert len(problems) == 3
+    assert "rank=0" in text and "micro_batch_size=3" in text and "learning_rate=-1" in text
+
+
+def test_micro_batch_larger_than_batch(tmp_path: Path) -> None:
+    (problem,) = problems_of(["trainer.batch_size=4", "trainer.micro_batch_size=8"], tmp_path)
+    assert "micro_batch_size=8" in problem and "divisor of 4" in problem
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path: Path) -> None:
+    (problem,) = problems_of(["trainer.max_steps=ten"], tmp_path)
+    assert "trainer.max_steps" in problem and "int" in problem
+
+
+def test_unknown_mora_type_lists_valid_ones(tmp_path: Path) -> None:
+    (problem,) = problems_of(["adapter.mora_type=spiral"], tmp_path)
+    assert "spiral" in problem and "sharing" in problem and "rope" in problem
+
+
+def test_missing_local_model_path(tmp_path: Path) -> None:
+    problems = problems_of(["model=smollm2-135m", "model.package=null", f"model.name_or_path={tmp_path}/nope"], tmp_path)
+    assert any("does not exist" in p and "nope" in p for p in problems)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal of fp16")
+def test_fp16_refused_without_gpu(tmp_path: Path) -> None:
+    (problem,) = problems_of(["trainer.precision=fp16"], tmp_path)
+    assert "fp16" in problem and "bf16" in problem
