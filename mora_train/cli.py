@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli
 from mora_train.errors import MoraTrainError
 
 
@@ -28,11 +29,15 @@ def _run(cfg: DictConfig) -> float | None:
 
     try:
         metrics = run(cfg)
+    except MainProcessFailed:
+        sys.exit(2)  # a rank != 0: rank 0 has printed the error
     except MoraTrainError as err:
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     primary = metrics.get(metrics["primary_metric"])
+    if not is_main_process():
+        return primary
     print(
         f"\nmerged model: {Path(cfg.output_dir, 'merged').resolve()}\n"
         f"{metrics['primary_metric']}: {primary:.4f}   exact_match: {metrics.get('exact_match', float('nan')):.4f}   "
@@ -44,6 +49,8 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    # Under a multi-process launcher: join the process group and agree on the run dir before Hydra runs.
+    sys.argv = [sys.argv[0], *prepare_cli(sys.argv[1:])]
     hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
 
 

@@ -229,5 +229,9 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"`task.name={task_name}` is unknown; use one of: {', '.join(sorted(TASKS))}")
     else:
         problems.extend(TASKS[task_name].config_problems(cfg.task))
+
+    from mora_train.distributed import config_problems as distributed_problems
+
+    problems.extend(distributed_problems(cfg))
     if problems:
         raise ConfigError(problems)

@@ -11,14 +11,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from mora_train import distributed
 from mora_train.adapters import Adapter, build_adapter
 from mora_train.adapters.base import count_parameters, write_dir_atomically, write_json_atomically
 from mora_train.config import validate
 from mora_train.data import TASKS
 from mora_train.errors import MoraTrainError
 from mora_train.export import export_merged, probe_batch
+from mora_train.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
-from mora_train.training import plot_loss, train
+from mora_train.training import TrainResult, plot_loss, train
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export, verify and evaluate as `cfg` says; return the metrics written to metrics.json."""
     started = time.time()
     validate(cfg)
-    run_dir = prepare_run_dir(cfg)
+    # Rank 0 alone touches the run dir; under a multi-process launch the others share its outcome.
+    run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
     set_seed(cfg.seed)
     task = TASKS[cfg.task.name]
 
@@ -68,10 +71,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
     adapter = build_adapter(model, cfg.adapter, cfg.rank)
     trainable, total = count_parameters(adapter.model)
-    print(format_summary(cfg, adapter), flush=True)
+    if distributed.is_main_process():
+        print(format_summary(cfg, adapter), flush=True)
 
-    result = train(adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir)
+    result = train(adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, distributed_cfg=cfg.get("distributed"))
+    return distributed.run_on_main_process(
+        lambda: finish_run(cfg, task, adapter, tokenizer, data, result, run_dir, trainable, total, started)
+    )
 
+
+def finish_run(
+    cfg: DictConfig,
+    task: Any,
+    adapter: Adapter,
+    tokenizer: Any,
+    data: Any,
+    result: TrainResult,
+    run_dir: Path,
+    trainable: int,
+    total: int,
+    started: float,
+) -> dict[str, Any]:
+    """Rank 0: export the adapter and the merged model, verify, evaluate, write metrics and the loss plot."""
+
+    def rebuild() -> Adapter:
+        set_seed(cfg.seed)
+        return build_adapter(load_model_and_tokenizer(cfg.model)[0], cfg.adapter, cfg.rank)
+
+    # After ZeRO / FSDP training the live weights are shards: export a rebuilt copy holding the gathered ones.
+    adapter = unsharded_adapter(adapter, result.final_weights, rebuild)
     if adapter.name != "full":
         write_dir_atomically(run_dir / "adapter", adapter.save)
     export = export_merged(adapter, tokenizer, probe_batch(data.train, tokenizer.pad_token_id), run_dir / "merged")
@@ -92,6 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_s": result.tokens_per_s,
         "merge_max_abs_diff": export.max_abs_diff,
         "wall_time_s": time.time() - started,
+        **(result.final_weights.to_json() if result.final_weights else {}),
     }
     plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.name} rank {cfg.rank} on {task.name}")
     write_json_atomically(run_dir / "metrics.json", metrics)

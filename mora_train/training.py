@@ -14,8 +14,11 @@ from omegaconf import DictConfig
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
+from mora_train import distributed
 from mora_train.adapters.base import Adapter, write_json_atomically
 from mora_train.data.common import PadCollator, count_tokens
+from mora_train.errors import MoraTrainError
+from mora_train.gather import FinalWeights, collect_final_weights, gather_trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +30,26 @@ class TrainResult:
     tokens_per_s: float
     steps: int
     log_history: list[dict[str, Any]]
+    # Engine, replica checksums and (sharded/low-precision engines) rank 0's gathered fp32 trainable weights.
+    final_weights: FinalWeights | None = None
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return distributed.world_size()
 
 
-def training_arguments(trainer_cfg: DictConfig, seed: int, checkpoint_dir: Path) -> TrainingArguments:
-    """Map our trainer config onto TrainingArguments; accumulation is derived from the global batch."""
+def training_arguments(
+    trainer_cfg: DictConfig, seed: int, checkpoint_dir: Path, distributed_cfg: DictConfig | None = None
+) -> TrainingArguments:
+    """Map our trainer config onto TrainingArguments; accumulation is derived from the global batch.
+
+    Under a multi-process launch each rank gets seed + rank (dropout differs per rank, as it should), while
+    data_seed stays `seed` on all of them, so the global batches are the same whatever the world size.
+    `distributed_cfg` adds the engine's keys (deepspeed=, fsdp=, ddp_*).
+    """
     accumulation = trainer_cfg.batch_size // (trainer_cfg.micro_batch_size * world_size())
     save_steps = trainer_cfg.save_steps
-    return TrainingArguments(
+    args = dict(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=trainer_cfg.micro_batch_size,
         gradient_accumulation_steps=accumulation,
@@ -59,7 +71,7 @@ def training_arguments(trainer_cfg: DictConfig, seed: int, checkpoint_dir: Path)
         save_steps=save_steps if save_steps > 0 else 500,
         save_total_limit=trainer_cfg.save_total_limit,
         report_to="none",  # TensorBoard is added as an explicit callback writing into the run dir
-        seed=seed,
+        seed=seed + distributed.rank(),
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
@@ -67,6 +79,8 @@ def training_arguments(trainer_cfg: DictConfig, seed: int, checkpoint_dir: Path)
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
+    args.update(distributed.training_arguments_kwargs(distributed_cfg, trainer_cfg))
+    return TrainingArguments(**args)
 
 
 class AdapterTrainer(Trainer):
@@ -75,6 +89,17 @@ class AdapterTrainer(Trainer):
     def __init__(self, *args: Any, adapter: Adapter, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.adapter = adapter
+        # Taken before the engine wraps or shards the model; the names stay valid after.
+        self.adapter_parameter_names = list(adapter.trainable_parameters())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.adapter.name != "full" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            # The live adapter weights are shards ([0]-shaped under ZeRO-3) or bf16 copies: gather the fp32
+            # adapter weights alone onto rank 0 (a collective: every rank is here) instead of the whole model.
+            state = gather_trainable_state(self, self.adapter_parameter_names)
+            self._save(output_dir, state_dict=state)
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.adapter.name == "full":
@@ -83,13 +108,18 @@ class AdapterTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.adapter.save(Path(output_dir))
+        self.adapter.save(Path(output_dir), state_dict=state_dict)
         # JSON, not the pickled TrainingArguments the stock Trainer writes.
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if self.adapter.name == "full":
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.is_fsdp_enabled:
+            raise MoraTrainError(
+                "resuming a LoRA/MoRA run under FSDP is not supported (its live weights are shards); "
+                "resume under DDP (distributed=none/ddp) or DeepSpeed (distributed=zero2/zero3)"
+            )
         self.adapter.load_weights(Path(resume_from_checkpoint))
 
 
@@ -101,8 +131,9 @@ def train(
     seed: int,
     run_dir: Path,
     resume_from_checkpoint: str | None = None,
+    distributed_cfg: DictConfig | None = None,
 ) -> TrainResult:
-    args = training_arguments(trainer_cfg, seed, run_dir / "checkpoints")
+    args = training_arguments(trainer_cfg, seed, run_dir / "checkpoints", distributed_cfg)
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(run_dir / "tensorboard")
     model = adapter.model
@@ -123,13 +154,17 @@ def train(
         examples_seen = trainer.state.global_step * trainer_cfg.batch_size
         tokens_seen = count_tokens(train_dataset) * examples_seen / max(len(train_dataset), 1)
     history = list(trainer.state.log_history)
-    write_json_atomically(run_dir / "log_history.json", history)
+    if distributed.is_main_process():
+        write_json_atomically(run_dir / "log_history.json", history)
+    # Every rank: gathers sharded weights onto rank 0 and compares replicas (collectives).
+    final_weights = collect_final_weights(trainer, trainer.adapter_parameter_names)
     return TrainResult(
         train_loss=float(output.training_loss),
         runtime_s=runtime,
         tokens_per_s=float(tokens_seen) / runtime if runtime > 0 else 0.0,
         steps=trainer.state.global_step,
         log_history=history,
+        final_weights=final_weights,
     )
 
 

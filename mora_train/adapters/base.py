@@ -120,8 +120,12 @@ class Adapter(ABC):
         """Fold ΔW into the base weights and return a plain transformers model (no adapter modules)."""
 
     @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Write the adapter (weights + config) into an existing empty folder."""
+    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter (weights + config) into an existing empty folder.
+
+        `state_dict` (trainable-parameter name -> tensor) replaces the live weights, for engines whose live
+        weights are shards (ZeRO-3, FSDP): the trainer gathers them first.
+        """
 
     @abstractmethod
     def load_weights(self, directory: Path) -> None:

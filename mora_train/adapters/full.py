@@ -42,7 +42,7 @@ class FullFineTune(Adapter):
     def merge_and_unload(self) -> PreTrainedModel:
         return self.base_model
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         raise NotImplementedError("full fine-tuning saves the whole model (merged/), not an adapter")
 
     def load_weights(self, directory: Path) -> None:

@@ -67,8 +67,9 @@ class LoraAdapter(Adapter):
         # safe_merge checks the merged weights are finite before writing them.
         return self.peft_model.merge_and_unload(safe_merge=True)
 
-    def save(self, directory: Path) -> None:
-        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        # With state_dict, peft picks the LoRA entries from it instead of from the live (sharded) model.
+        self.peft_model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
 
     def load_weights(self, directory: Path) -> None:
         state = load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME))

@@ -104,9 +104,11 @@ class MoraAdapter(Adapter):
             },
         }
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         directory = Path(directory)
-        tensors = {k: p.detach().contiguous().cpu() for k, p in self.trainable_parameters().items()}
+        live = self.trainable_parameters()
+        source = live if state_dict is None else {k: state_dict[k] for k in live}
+        tensors = {k: p.detach().contiguous().cpu() for k, p in source.items()}
         save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "adapter": "mora"})
         (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
