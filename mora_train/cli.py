@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli
+from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli, rank
 from mora_train.errors import MoraTrainError
 
 
@@ -33,7 +33,8 @@ def _run(cfg: DictConfig) -> float | None:
         sys.exit(2)  # a rank != 0: rank 0 has printed the error
     except MoraTrainError as err:
         logging.getLogger("mora_train").debug("user error", exc_info=True)
-        print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
+        where = "" if is_main_process() else f" (rank {rank()})"
+        print(f"\nmora-train: error{where}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     primary = metrics.get(metrics["primary_metric"])
     if not is_main_process():

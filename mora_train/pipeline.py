@@ -59,8 +59,9 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, export, verify and evaluate as `cfg` says; return the metrics written to metrics.json."""
     started = time.time()
-    validate(cfg)
-    # Rank 0 alone touches the run dir; under a multi-process launch the others share its outcome.
+    # Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank)
+    # and touches the run dir; the others share its outcome.
+    distributed.run_on_main_process(lambda: validate(cfg))
     run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
     set_seed(cfg.seed)
     task = TASKS[cfg.task.name]

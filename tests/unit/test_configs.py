@@ -17,8 +17,15 @@ def group_options(group: str) -> list[str]:
 
 
 def test_primary_groups_exist() -> None:
-    for group in ("model", "task", "adapter", "trainer"):
+    for group in ("model", "task", "adapter", "trainer", "distributed"):
         assert group in GROUPS
+
+
+@pytest.mark.parametrize("option", group_options("distributed"))
+def test_every_distributed_option_composes(option: str, tmp_path: Path) -> None:
+    # Validation depends on the launcher and on DeepSpeed/CUDA: tests/unit/test_distributed_configs.py.
+    cfg = compose_config([f"distributed={option}"], tmp_path)
+    assert cfg.distributed.name == option and cfg.distributed.backend in ("none", "ddp", "fsdp", "deepspeed")
 
 
 @pytest.mark.parametrize(
