@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli, rank
+from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, shutdown
 from mora_train.errors import MoraTrainError
 
 
@@ -52,7 +52,10 @@ def _run(cfg: DictConfig) -> float | None:
 def main() -> None:
     # Under a multi-process launcher: join the process group and agree on the run dir before Hydra runs.
     sys.argv = [sys.argv[0], *prepare_cli(sys.argv[1:])]
-    hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
+    try:
+        hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -108,6 +108,16 @@ def init_process_group() -> None:
         _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
+def shutdown() -> None:
+    """Leave the process groups (a no-op when none was joined); an exiting rank must not leave gloo threads behind."""
+    global _control_group
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _control_group = None
+
+
 def _broadcast_object(value: Any) -> Any:
     """Rank 0's `value` on every rank, over the long-timeout gloo group."""
     import torch.distributed as dist

@@ -38,9 +38,15 @@ class FinalWeights:
     # One digest of the trainable weights per rank, when every rank holds a full replica (DDP, ZeRO-1/2).
     replica_checksums: list[str] | None
     device: str  # where rank 0 trained, to put the rebuilt model for export and evaluation
+    peak_gpu_memory_gib: float | None = None  # the largest peak of allocated CUDA memory over the ranks
 
     def to_json(self) -> dict[str, Any]:
-        return {"engine": self.engine, "world_size": self.world_size, "replica_checksums": self.replica_checksums}
+        return {
+            "engine": self.engine,
+            "world_size": self.world_size,
+            "replica_checksums": self.replica_checksums,
+            "peak_gpu_memory_gib": self.peak_gpu_memory_gib,
+        }
 
 
 def engine_name(trainer: Trainer) -> str:
@@ -142,6 +148,9 @@ def collect_final_weights(trainer: Trainer, names: list[str]) -> FinalWeights:
     if replicated:
         checksums = all_gather_object(weights_checksum(trainer.accelerator.unwrap_model(trainer.model), names))
     device = str(trainer.args.device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if world_size() > 1 and peak is not None:
+        peak = max(all_gather_object(peak))
     if sharded_or_low_precision:
         # Rank 0 rebuilds an unsharded copy for export: free the engine's buffers and stop transformers
         # from loading that copy under ZeRO-3's zero.Init (a collective the other ranks would not join).
@@ -152,7 +161,7 @@ def collect_final_weights(trainer: Trainer, names: list[str]) -> FinalWeights:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return FinalWeights(engine, world_size(), state, checksums, device)
+    return FinalWeights(engine, world_size(), state, checksums, device, peak)
 
 
 def unsharded_adapter(adapter: Adapter, final: FinalWeights | None, rebuild: Callable[[], Adapter]) -> Adapter:

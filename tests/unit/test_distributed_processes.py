@@ -37,6 +37,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     except MoraTrainError as err:
         result["failure"] = ["MoraTrainError", str(err)]
     result["checksums"] = distributed.all_gather_object(f"from {rank}")
+    distributed.shutdown()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
