@@ -153,6 +153,10 @@ def register_launch_time_resolver() -> None:
     OmegaConf.register_new_resolver("launch_time", lambda pattern: launch_time().strftime(pattern), replace=True)
 
 
+# Available as soon as this module is imported (the CLI imports it before Hydra composes configs/config.yaml).
+register_launch_time_resolver()
+
+
 def prepare_cli(argv: list[str]) -> list[str]:
     """Before Hydra parses `argv`: join the process group, fix the launch time, silence Hydra on ranks != 0.
 

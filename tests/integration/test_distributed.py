@@ -87,9 +87,10 @@ def test_two_process_run_matches_one_process_and_writes_once(variant: str, tmp_p
     assert len(run_dirs) == 1, f"ranks disagreed on the run dir: {run_dirs}"
     run_dir = run_dirs[0]
     expected = {".hydra", "cli.log", "resolved_config.yaml", "merged", "metrics.json", "predictions.jsonl",
-                "loss.png", "log_history.json", "tensorboard", "checkpoints"}
+                "loss.png", "log_history.json", "tensorboard"}
     expected |= {"adapter"} if variant != "full" else set()
-    assert {p.name for p in run_dir.iterdir()} == expected  # no half-written or per-rank leftovers
+    found = {p.name for p in run_dir.iterdir()} - {"checkpoints"}  # (an empty checkpoints/ may exist)
+    assert found == expected  # no half-written or per-rank leftovers
     assert result.stdout.count("merged model:") == 1 and result.stdout.count("trainable:") == 1
     assert (run_dir / "cli.log").read_text().count("reproduces the adapted logits") == 1  # rank 1 never logs there
 
