@@ -27,12 +27,25 @@ def _run(cfg: DictConfig) -> float | None:
     from mora_train.pipeline import run
 
     try:
-        metrics = run(cfg)
+        if cfg.get("mode", "train") == "eval":
+            from mora_train.evaluation.checkpoint import run_eval
+
+            metrics = run_eval(cfg)
+        else:
+            metrics = run(cfg)
     except MoraTrainError as err:
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     primary = metrics.get(metrics["primary_metric"])
+    if metrics.get("mode") == "eval":
+        print(
+            f"\nevaluated: {metrics['evaluated']} on task {metrics['task']}\n"
+            f"{metrics['primary_metric']}: {primary:.4f}   metrics: {Path(cfg.output_dir, 'metrics.json').resolve()}   "
+            f"wall time: {metrics['wall_time_s']:.0f} s",
+            flush=True,
+        )
+        return primary
     print(
         f"\nmerged model: {Path(cfg.output_dir, 'merged').resolve()}\n"
         f"{metrics['primary_metric']}: {primary:.4f}   exact_match: {metrics.get('exact_match', float('nan')):.4f}   "
@@ -45,6 +58,12 @@ def _run(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
+
+
+def eval_main() -> None:
+    """`mora-train-eval ...`: the same as `mora-train mode=eval ...`."""
+    sys.argv.insert(1, "mode=eval")
+    main()
 
 
 if __name__ == "__main__":

