@@ -5,11 +5,11 @@ Training text comes from a record field (`task.data.fields.text`: a field or a t
 EOS, and the stream is cut into blocks of exactly `max_seq_len` tokens (the last one may be shorter).
 
 Cross-document attention: each block carries `position_ids` that restart at 0 where a document
-starts (and at the block start), and no attention mask. transformers (>= 4.53, its masking
-utilities: Llama, Qwen2, Mistral, Gemma, SmolLM, ... with sdpa, eager or flash attention) reads
-restarting positions as packed sequences and builds a block-diagonal causal mask, so a document
-never attends to the one before it (tests/unit/test_pretrain_data.py checks this against
-unpacked forwards). A model that does not use those utilities (some remote-code models) attends
+starts (and at the block start), and no attention mask. transformers (>= 4.53, models built on
+its masking utilities: Llama-family such as SmolLM2, Qwen2, Mistral, ...) reads restarting
+positions as packed sequences and builds a block-diagonal causal mask, so a document never
+attends to the one before it (tests/unit/test_pretrain_data.py checks this against unpacked
+forwards, sdpa and eager attention). A model that does not use those utilities (some remote-code models) attends
 across documents inside a block; either way the label of each document's first token is masked,
 so no loss term predicts one document from another.
 

@@ -37,8 +37,10 @@ def test_pack_documents_layout() -> None:
     assert blocks[1]["labels"] == [IGNORE_INDEX, 2, IGNORE_INDEX, 31, 32]
 
 
-def test_packed_documents_do_not_attend_to_each_other(tiny) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_documents_do_not_attend_to_each_other(tiny, attention: str) -> None:
     model, _ = tiny
+    model.set_attn_implementation(attention)
     docs = [[5, 6, 7, 8, 2], [9, 10, 11, 2], [12, 13, 2]]
     blocks = pretrain_recipe.pack_documents(docs, block_size=12)
     batch = PadCollator(pad_token_id=0)(blocks)
@@ -50,6 +52,7 @@ def test_packed_documents_do_not_attend_to_each_other(tiny) -> None:
             alone = model(input_ids=torch.tensor([doc])).logits[0]
             torch.testing.assert_close(packed[start : start + len(doc)], alone, atol=1e-5, rtol=1e-5)
             start += len(doc)
+    model.set_attn_implementation("sdpa")
 
 
 def test_perplexity_of_packed_blocks_equals_per_document_loss(tiny) -> None:
