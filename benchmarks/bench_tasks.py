@@ -27,12 +27,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_stage(name: str, overrides: list[str], out: Path) -> dict:
+def run_stage(name: str, overrides: list[str], out: Path, threads: int | None = None) -> dict:
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mora_train", *overrides, f"output_dir={run_dir}", "overwrite=true"]
     print(f"\n[{datetime.now():%H:%M:%S}] {name}: {' '.join(cmd[2:])}", flush=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if threads:
+        # On a CPU shared with other jobs, torch's default (all cores) can be ~10x slower than 1 thread.
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     started = time.time()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     (run_dir / "stdout.log").write_text(result.stdout)
@@ -82,19 +85,21 @@ def cpt_table(results: dict[str, dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 problems, 2 steps, 16 benchmark questions")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 problems, 2 steps, 16 benchmark questions, 4 documents")
     parser.add_argument("--model", default="smollm2-135m", help="model config (configs/model/NAME.yaml)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100, help="GSM8K fine-tuning steps (LoRA and MoRA alike)")
     parser.add_argument("--problems", type=int, default=200, help="GSM8K test problems evaluated (a prefix)")
     parser.add_argument("--cpt-steps", type=int, default=50, help="continual pretraining steps per domain")
     parser.add_argument("--cpt-adapter", default="mora", choices=("mora", "lora", "full"))
-    parser.add_argument("--pubmedqa", type=int, default=500, help="PubMedQA test questions (500 = the whole test split)")
-    parser.add_argument("--fpb", type=int, default=None, help="FinancialPhraseBank AllAgree sentences (default all 2,264)")
+    parser.add_argument("--pubmedqa", type=int, default=200, help="PubMedQA test questions (a prefix; 500 = the whole test split)")
+    parser.add_argument("--fpb", type=int, default=500, help="FinancialPhraseBank AllAgree sentences (a prefix; 0 = all 2,264)")
+    parser.add_argument("--ppl-docs", type=int, default=50, help="held-out documents for perplexity (biomed; finance uses 4x)")
     parser.add_argument("--out", type=Path, default=None, help="where the run dirs go (default benchmarks/runs/tasks-DATE)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every stage (default: torch's choice)")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.problems, args.cpt_steps, args.pubmedqa, args.fpb = 2, 4, 2, 16, 16
+        args.steps, args.problems, args.cpt_steps, args.pubmedqa, args.fpb, args.ppl_docs = 2, 4, 2, 16, 16, 4
     out = args.out or REPO / "benchmarks" / "runs" / f"tasks-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -102,24 +107,24 @@ def main() -> None:
               "trainer.logging_steps=5", "trainer.warmup_steps=5" if not args.quick else "trainer.warmup_steps=0"]
     gsm8k = ["task=gsm8k", "trainer.max_seq_len=384", f"task.eval.max_samples={args.problems}"]
     biomed = ["task=biomed", "trainer.max_seq_len=256", "task.eval.benchmarks=[pubmedqa]",
-              f"task.benchmarks.pubmedqa.max_samples={args.pubmedqa}"]
+              f"task.benchmarks.pubmedqa.max_samples={args.pubmedqa}", f"task.eval.max_samples={args.ppl_docs}"]
+    # Tweets are short: four times as many held-out documents.
     finance = ["task=finance", "trainer.max_seq_len=256", "task.eval.benchmarks=[financial_phrasebank]",
-               f"task.benchmarks.financial_phrasebank.max_samples={'null' if args.fpb is None else args.fpb}"]
-    if args.quick:
-        biomed += ["task.eval.max_samples=4"]
-        finance += ["task.eval.max_samples=16"]
+               f"task.benchmarks.financial_phrasebank.max_samples={args.fpb or 'null'}",
+               f"task.eval.max_samples={4 * args.ppl_docs}"]
 
     started = time.time()
     results: dict[str, dict] = {}
-    results["gsm8k_base"] = run_stage("gsm8k_base", [*common, *gsm8k, "mode=eval"], out)
+    results["gsm8k_base"] = run_stage("gsm8k_base", [*common, *gsm8k, "mode=eval"], out, args.threads)
     for adapter in ("lora", "mora"):
         results[f"gsm8k_{adapter}"] = run_stage(
-            f"gsm8k_{adapter}", [*common, *gsm8k, f"adapter={adapter}", f"trainer.max_steps={args.steps}"], out
+            f"gsm8k_{adapter}", [*common, *gsm8k, f"adapter={adapter}", f"trainer.max_steps={args.steps}"], out, args.threads
         )
     for task, overrides in (("biomed", biomed), ("finance", finance)):
-        results[f"{task}_base"] = run_stage(f"{task}_base", [*common, *overrides, "mode=eval"], out)
+        results[f"{task}_base"] = run_stage(f"{task}_base", [*common, *overrides, "mode=eval"], out, args.threads)
         results[f"{task}_cpt"] = run_stage(
-            f"{task}_cpt", [*common, *overrides, f"adapter={args.cpt_adapter}", f"trainer.max_steps={args.cpt_steps}"], out
+            f"{task}_cpt", [*common, *overrides, f"adapter={args.cpt_adapter}", f"trainer.max_steps={args.cpt_steps}"], out,
+            args.threads,
         )
 
     report = (
