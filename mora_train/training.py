@@ -179,7 +179,6 @@ class AdapterTrainer(Trainer):
         finite = all(torch.isfinite(p).all() for p in self.adapter.trainable_parameters().values())
         if self.state.global_step == 0 or not finite:
             return newest_complete_checkpoint(checkpoints_dir)
-        self.model.zero_grad(set_to_none=True)
         self._save_checkpoint(self.model_wrapped, trial=None)
         return existing
 

@@ -86,13 +86,12 @@ def step_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in json.loads((run_dir / "log_history.json").read_text()) if "loss" in h]
 
 
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """Same adapter weights (<= 1e-6) and the same per-step losses (so the same batches in the same order)."""
-    ours, ref = adapter_weights(run_dir), adapter_weights(reference)
+def assert_same_run(run_dir: Path, reference: Path, weights: str = "adapter/adapter_model.safetensors") -> None:
+    """Same trained weights (<= 1e-6) and the same per-step losses (so the same batches in the same order)."""
+    ours, ref = load_file(run_dir / weights), load_file(reference / weights)
     assert ours.keys() == ref.keys()
     diff = max((ours[k] - ref[k]).abs().max().item() for k in ref)
-    assert diff <= 1e-6, f"adapter weights differ from the uninterrupted run by {diff}"
-    assert any(t.abs().max().item() > 0 for k, t in ref.items() if "lora_B" in k), "training changed nothing"
+    assert diff <= 1e-6, f"{weights} differs from the uninterrupted run's by {diff}"
     ours_losses, ref_losses = step_losses(run_dir), step_losses(reference)
     assert [s for s, _ in ours_losses] == [s for s, _ in ref_losses] == list(range(1, MAX_STEPS + 1))
     assert [loss for _, loss in ours_losses] == pytest.approx([loss for _, loss in ref_losses], abs=1e-6)
@@ -107,7 +106,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted_run(
-    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kill_step = random.Random().randint(SAVE_STEPS + 1, MAX_STEPS)
     newest = (kill_step - 1) // SAVE_STEPS * SAVE_STEPS
@@ -117,10 +116,47 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted_run(
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapter").exists()
     assert complete_checkpoints(run_dir / "checkpoints")[-1].name == f"checkpoint-{newest}"
 
+    loads: list[dict] = []
+    real_load = torch.load
+
+    def spy_load(*args, **kwargs):
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy_load)
     assert run_in_process(run_dir) == 0, f"resume after a kill at step {kill_step} failed"
     assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{newest}'} (step {newest})" in capsys.readouterr().out
+    # optimizer.pt, scheduler.pt, rng_state.pth: the only pickles read, and never as arbitrary objects.
+    assert len(loads) >= 3 and all(k.get("weights_only") is True for k in loads), loads
     assert json.loads((run_dir / "metrics.json").read_text())["resumed_from_step"] == newest
     assert_same_run(run_dir, reference)
+    assert any(t.abs().max() > 0 for k, t in adapter_weights(reference).items() if "lora_B" in k), "nothing trained"
+
+
+# What a checkpoint may hold: safetensors and JSON, plus the three torch.save files exact resume needs.
+CHECKPOINT_FILES = {
+    "lora": {"adapter_model.safetensors", "adapter_config.json", "README.md"},
+    "mora": {"adapter_model.safetensors", "adapter_config.json"},
+    "full": {"model.safetensors", "config.json", "generation_config.json"},
+}
+COMMON_CHECKPOINT_FILES = {
+    "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.json", COMPLETE_MARKER
+}
+
+
+@pytest.mark.parametrize("adapter", ["mora", "full"])
+def test_sigkill_then_resume_is_exact_for_mora_and_full_fine_tuning(adapter: str, tmp_path: Path) -> None:
+    overrides = {"mora": ["adapter=mora"], "full": ["adapter=full", "trainer.learning_rate=1e-3"]}[adapter]
+    reference = tmp_path / "reference"
+    assert run_in_process(reference, *overrides) == 0
+    run_dir = tmp_path / "run"
+    killed = run_subprocess(run_dir, "sigkill@step=4", *overrides)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (checkpoint,) = complete_checkpoints(run_dir / "checkpoints")
+    assert {p.name for p in checkpoint.iterdir()} == CHECKPOINT_FILES[adapter] | COMMON_CHECKPOINT_FILES
+
+    assert run_in_process(run_dir, *overrides) == 0
+    assert_same_run(run_dir, reference, "merged/model.safetensors")
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_it_unpublished_and_resume_ignores_it(
@@ -181,10 +217,14 @@ def test_nonfinite_loss_skip_mode_drops_the_step_and_finishes(
 ) -> None:
     monkeypatch.setenv(faults.ENV_VAR, "nan@step=3")
     run_dir = tmp_path / "run"
-    assert run_in_process(run_dir, "trainer.nonfinite_loss=skip", "trainer.save_steps=0") == 0
+    assert run_in_process(run_dir, "trainer.nonfinite_loss=skip") == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["nonfinite_skipped_steps"] == [3] and metrics["train_steps"] == MAX_STEPS
     assert all(torch.isfinite(t).all() for t in adapter_weights(run_dir).values())
+    # AdamW counts the updates it applied to each parameter: one fewer than the steps run.
+    last = complete_checkpoints(run_dir / "checkpoints")[-1]
+    optimizer = torch.load(last / "optimizer.pt", weights_only=True)
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {MAX_STEPS - 1}
 
 
 def test_injected_disk_full_during_a_checkpoint_write(
