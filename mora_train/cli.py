@@ -36,7 +36,17 @@ def _run(cfg: DictConfig) -> float | None:
     except MoraTrainError as err:
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))  # RunStopped says why it stopped (README: "When things go wrong")
+    except KeyboardInterrupt:
+        # Outside training, or a second Ctrl-C: stop now. Outputs are renamed into place only when complete.
+        print(
+            f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
+            f"{Path(cfg.output_dir, 'checkpoints')} (if any) are kept: rerun with output_dir={Path(cfg.output_dir).resolve()} "
+            "to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
     primary = metrics.get(metrics["primary_metric"])
     if metrics.get("mode") == "eval":
         print(

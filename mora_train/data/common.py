@@ -90,6 +90,19 @@ def require_examples(examples: list[Any], key: str, report: LengthReport, max_se
     raise MoraTrainError(f"`{key}`: the dataset is empty; check the files/split and any filters")
 
 
+class _PackedTokenCountFilter(logging.Filter):
+    """Drops the Trainer's per-step warning that a batch without attention mask has its tokens counted whole.
+
+    Packed blocks are full (all but the last), so counting every token is the right count for them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Could not determine method to count non-padding tokens")
+
+
+_TOKEN_COUNT_FILTER = _PackedTokenCountFilter()
+
+
 @dataclass
 class PadCollator:
     """Right-pads a list of {input_ids, labels} to the longest in the batch.
@@ -118,6 +131,7 @@ class PadCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
         }
         if packed:
+            logging.getLogger("transformers.trainer").addFilter(_TOKEN_COUNT_FILTER)  # idempotent
             batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
             batch["use_cache"] = False
         else:
