@@ -25,13 +25,20 @@ def config_dir() -> str:
 
 def _run(cfg: DictConfig) -> float | None:
     from mora_train.pipeline import run
+    from mora_train.sweep import in_multirun, record_job_failure
 
     try:
         metrics = run(cfg)
     except MoraTrainError as err:
+        if in_multirun():  # one bad job must not end the sweep: record it, return NaN, go on
+            return record_job_failure(cfg, err)
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception as err:
+        if in_multirun():
+            return record_job_failure(cfg, err)
+        raise
     primary = metrics.get(metrics["primary_metric"])
     print(
         f"\nmerged model: {Path(cfg.output_dir, 'merged').resolve()}\n"
@@ -44,6 +51,9 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from mora_train.sweep import register_resolvers
+
+    register_resolvers()  # before Hydra composes: the sweep subdir uses ${mora_dirname:...}
     hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
 
 
