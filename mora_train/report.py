@@ -257,8 +257,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        if value != 0 and abs(value) < 1e-3:
             return f"{value:.2e}"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
         return f"{value:.{digits}g}"
     return str(value)
 

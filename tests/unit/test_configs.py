@@ -47,3 +47,75 @@ def test_default_config_is_the_documented_default_job(tmp_path: Path) -> None:
 def test_mora_type_accepts_names_and_official_numbers(tmp_path: Path) -> None:
     for value in ("sharing", "rope", "1", "6"):
         validate(compose_config(["model=tiny-llama", f"adapter.mora_type={value}"], tmp_path))
+
+
+# -- sweeps and paper experiments (configs/sweep, configs/experiment) -------------------------------------
+
+SWEEP_JOBS = {"rank_ablation": 8, "mora_types": 7, "lr": 6}
+
+
+def compose_with_hydra(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_every_sweep_config_is_tested() -> None:
+    assert set(group_options("sweep")) == set(SWEEP_JOBS)
+
+
+@pytest.mark.parametrize("sweep", sorted(SWEEP_JOBS))
+def test_sweep_config_composes_and_its_jobs_validate(sweep: str, tmp_path: Path) -> None:
+    """The sweep's parameter grid has the documented size, and every job of it is a valid config."""
+    import itertools
+
+    params = compose_with_hydra([f"+sweep={sweep}"]).hydra.sweeper.params
+    grid = {key: str(values).split(",") for key, values in params.items()}
+    jobs = list(itertools.product(*grid.values()))
+    assert len(jobs) == SWEEP_JOBS[sweep]
+    for values in jobs:
+        job = [f"{k}={v}" for k, v in zip(grid, values)]
+        validate(compose_config(["model=tiny-llama", f"+sweep={sweep}", *job], tmp_path))
+
+
+def experiment_task(option: str) -> str:
+    text = (CONFIG_DIR / "experiment" / f"{option}.yaml").read_text()
+    for line in text.splitlines():
+        if line.strip().startswith("- override /task:"):
+            return line.split(":", 1)[1].split("#")[0].strip()
+    return "uuid"  # variants that inherit uuid_memorization
+
+
+@pytest.mark.parametrize("option", group_options("experiment"))
+def test_experiment_config_composes_and_validates(option: str, tmp_path: Path) -> None:
+    task = experiment_task(option)
+    if not (CONFIG_DIR / "task" / f"{task}.yaml").is_file():
+        pytest.skip(f"experiment {option} needs task={task}, which arrives with the tasks branch")
+    cfg = compose_config([f"experiment={option}"], tmp_path)
+    assert cfg.task.name == task
+    assert "Run" in (CONFIG_DIR / "experiment" / f"{option}.yaml").read_text().split("defaults:")[0]
+    validate(cfg)
+
+
+UUID_TABLE = {  # paper Table 1 rows: adapter, rank, MoRA type
+    "uuid_lora_r8": ("lora", 8, None),
+    "uuid_mora_r8": ("mora", 8, "rope"),
+    "uuid_lora_r256": ("lora", 256, None),
+    "uuid_mora_r256": ("mora", 256, "sharing"),
+    "uuid_full": ("full", None, None),
+}
+
+
+@pytest.mark.parametrize("option", sorted(UUID_TABLE))
+def test_uuid_experiments_are_the_paper_rows(option: str, tmp_path: Path) -> None:
+    adapter, rank, mora_type = UUID_TABLE[option]
+    cfg = compose_config([f"experiment={option}"], tmp_path)
+    assert cfg.adapter.name == adapter and cfg.task.num_pairs == 10000
+    assert cfg.model.name_or_path == "meta-llama/Llama-2-7b-hf"
+    if rank is not None:
+        assert cfg.rank == rank
+    if mora_type:
+        assert cfg.adapter.mora_type == mora_type
+    # The command line still wins over the experiment.
+    assert compose_config([f"experiment={option}", "model=tiny-llama", "rank=4"], tmp_path).rank == 4
