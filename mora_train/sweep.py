@@ -3,8 +3,10 @@
 Hydra runs the jobs of a multirun one after another in one process. A job that raised would
 stop the sweep (a SystemExit at once, any other exception once its batch is done), so in
 multirun mode the CLI hands failures to `record_job_failure`, which writes `error.json` and
-`error.txt` into the job's run dir and returns NaN as the job's metric: Hydra's basic sweeper
-moves on, and the Optuna sweeper marks the trial failed (it accepts any float; NaN fails it).
+`error.txt` into the job's run dir and returns a metric that lets the sweep go on: NaN for
+Hydra's basic sweeper (which ignores it), and the worst possible value for an optimising
+sweeper that declares a direction (-inf when maximizing, +inf when minimizing): the Optuna
+sweeper (hydra-optuna-sweeper 1.2) aborts the whole study when a job returns NaN or None.
 """
 
 from __future__ import annotations
@@ -69,8 +71,30 @@ def _job_label() -> str:
     return f"job {job.get('num', '?')} ({job.get('override_dirname') or 'no overrides'})"
 
 
+def failed_job_metric(sweeper_cfg: Any = None) -> float:
+    """What a failed job returns: the worst value for the sweeper's `direction`, else NaN.
+
+    sweeper_cfg defaults to the running job's hydra.sweeper.
+    """
+    if sweeper_cfg is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return math.nan
+        sweeper_cfg = HydraConfig.get().sweeper
+    direction = sweeper_cfg.get("direction")
+    if not isinstance(direction, str) and direction is not None and len(direction) == 1:
+        direction = direction[0]  # a one-objective list, as Optuna also accepts
+    direction = str(direction).lower() if direction is not None else ""
+    if direction in ("maximize", "studydirection.maximize"):
+        return -math.inf
+    if direction in ("minimize", "studydirection.minimize"):
+        return math.inf
+    return math.nan
+
+
 def record_job_failure(cfg: DictConfig, err: BaseException) -> float:
-    """Write the error of a failed sweep job into its run dir; return NaN, the job's metric.
+    """Write the error of a failed sweep job into its run dir; return the job's metric (failed_job_metric).
 
     A user error (MoraTrainError) is recorded by its message, anything else with its traceback
     too. A run dir that already holds a finished run (metrics.json) is left untouched: the job
@@ -80,14 +104,15 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> float:
     message = str(err) if user_error else f"{type(err).__name__}: {err}"
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     print(f"\nmora-train: error in {_job_label()}: {message}\nthe sweep goes on with the next job", file=sys.stderr, flush=True)
+    metric = failed_job_metric()
     try:
         run_dir = Path(str(cfg.output_dir))
     except Exception:  # output_dir itself may be what failed to resolve
         log.warning("could not resolve output_dir to record the error of %s", _job_label())
-        return math.nan
+        return metric
     if (run_dir / METRICS_JSON).exists():
         log.warning("%s holds a finished run; its error is not recorded there", run_dir)
-        return math.nan
+        return metric
     from mora_train.adapters.base import write_json_atomically
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +121,7 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> float:
         {"error_type": type(err).__name__, "user_error": user_error, "message": message, "traceback": trace},
     )
     (run_dir / ERROR_TXT).write_text(message + "\n\n" + trace)
-    return math.nan
+    return metric
 
 
 def sweep_job_dirs(sweep_dir: Path) -> list[Path]:

@@ -62,7 +62,17 @@ def compose_with_hydra(overrides: list[str]):
 
 
 def test_every_sweep_config_is_tested() -> None:
-    assert set(group_options("sweep")) == set(SWEEP_JOBS)
+    assert set(group_options("sweep")) == set(SWEEP_JOBS) | {"optuna_lr"}
+
+
+def test_optuna_sweep_config_composes_when_the_plugin_is_installed(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip('hydra-optuna-sweeper not installed (optional: pip install "hydra-optuna-sweeper>=1.2,<1.3")')
+    cfg = compose_with_hydra(["+sweep=optuna_lr"])
+    assert cfg.hydra.sweeper.direction == "maximize" and "learning_rate" in str(cfg.hydra.sweeper.params)
+    validate(compose_config(["model=tiny-llama", "+sweep=optuna_lr"], tmp_path))
 
 
 @pytest.mark.parametrize("sweep", sorted(SWEEP_JOBS))

@@ -10,8 +10,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mora_train.report import build_report, main as report_main
-from mora_train.sweep import record_job_failure, safe_dirname
+import pytest
+
 from mora_train.errors import ConfigError
+from mora_train.sweep import failed_job_metric, record_job_failure, safe_dirname
 
 
 def make_run(sweep: Path, name: str, adapter: str, rank: int | None, value: float | None, lr: float = 3e-4) -> Path:
@@ -102,3 +104,17 @@ def test_safe_dirname_is_short_flat_and_unique() -> None:
     long_b = long_a[:-1] + "9"
     assert len(safe_dirname(long_a)) <= 120 and safe_dirname(long_a) != safe_dirname(long_b)
     assert safe_dirname("") == "defaults"
+
+
+@pytest.mark.parametrize(
+    "sweeper,expected",
+    [
+        ({"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}, math.nan),
+        ({"direction": "maximize"}, -math.inf),
+        ({"direction": ["minimize"]}, math.inf),
+    ],
+)
+def test_failed_job_metric_is_the_worst_value_for_an_optimising_sweeper(sweeper: dict, expected: float) -> None:
+    """Optuna aborts a study on NaN, so under a sweeper with a direction a failed job returns the worst value."""
+    value = failed_job_metric(OmegaConf.create(sweeper))
+    assert (math.isnan(value) and math.isnan(expected)) or value == expected
