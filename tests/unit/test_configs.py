@@ -68,7 +68,11 @@ def test_every_sweep_config_is_tested() -> None:
 def test_optuna_sweep_config_composes_when_the_plugin_is_installed(tmp_path: Path) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+    try:
+        installed = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ModuleNotFoundError:  # no hydra_plugins namespace at all
+        installed = False
+    if not installed:
         pytest.skip('hydra-optuna-sweeper not installed (optional: pip install "hydra-optuna-sweeper>=1.2,<1.3")')
     cfg = compose_with_hydra(["+sweep=optuna_lr"])
     assert cfg.hydra.sweeper.direction == "maximize" and "learning_rate" in str(cfg.hydra.sweeper.params)
