@@ -15,6 +15,7 @@ from mora_train.analysis import (
     per_block_mean,
     save_spectra,
     singular_values,
+    singular_values_of,
     summarize,
 )
 from mora_train.errors import MoraTrainError
@@ -94,3 +95,11 @@ def test_spectrum_cli_on_an_adapter_folder(tmp_path: Path, capsys: pytest.Captur
     printed = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in printed and "14 layers" in printed
     assert spectrum_main([str(tmp_path / "missing")]) == 2
+
+
+def test_singular_values_match_an_svd() -> None:
+    generator = torch.Generator().manual_seed(1)
+    for shape in ((40, 24), (24, 40), (32, 32)):
+        matrix = torch.randn(shape, generator=generator) @ torch.diag(torch.logspace(0, -3, shape[1]))[: shape[1]]
+        reference = torch.linalg.svdvals(matrix.double()).float()
+        torch.testing.assert_close(singular_values_of(matrix), reference, atol=1e-6, rtol=1e-5)
