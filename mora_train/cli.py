@@ -30,13 +30,26 @@ def _run(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
     except MoraTrainError as err:
-        if in_multirun():  # one bad job must not end the sweep: record it, return NaN, go on
-            return record_job_failure(cfg, err)
+        if in_multirun():
+            if getattr(err, "exit_code", 2) < 128:  # one bad job must not end the sweep: record it, go on
+                return record_job_failure(cfg, err)
+            # SIGINT/SIGTERM: the user stops the whole sweep; the job's record says so
+            record_job_failure(cfg, err, sweep_goes_on=False)
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))  # RunStopped says why it stopped (README: "When things go wrong")
+    except KeyboardInterrupt:
+        # Outside training, or a second Ctrl-C: stop now. Outputs are renamed into place only when complete.
+        print(
+            f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
+            f"{Path(cfg.output_dir, 'checkpoints')} (if any) are kept: rerun with output_dir={Path(cfg.output_dir).resolve()} "
+            "to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
     except Exception as err:
-        if in_multirun():
+        if in_multirun():  # out of memory, a bug in one configuration...: recorded with its traceback
             return record_job_failure(cfg, err)
         raise
     primary = metrics.get(metrics["primary_metric"])

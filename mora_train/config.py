@@ -48,7 +48,10 @@ TRAINER_SCHEMA: dict[str, tuple[type, ...]] = {
     "logging_steps": (int,),
     "save_steps": (int,),
     "save_total_limit": (int, type(None)),
+    "resume": (str, bool),
+    "nonfinite_loss": (str,),
 }
+NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 ADAPTER_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "lora": {"name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int)},
     "mora": {"name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int)},
@@ -150,6 +153,28 @@ def _check_trainer(trainer: dict, problems: list[str]) -> None:
             problems.append(f"`trainer.{key}={value}` must be at least {minimum}")
     if isinstance(trainer.get("precision"), str):
         _check_precision(trainer["precision"], problems)
+    _check_resilience(trainer, problems)
+
+
+def _check_resilience(trainer: dict, problems: list[str]) -> None:
+    resume = trainer.get("resume")
+    if isinstance(resume, str) and resume != "auto" and not Path(resume).expanduser().exists():
+        problems.append(
+            f"`trainer.resume={resume}` is neither auto, true, false nor an existing path; give a checkpoint folder "
+            "(RUN_DIR/checkpoints/checkpoint-N), a run dir, or trainer.resume=auto"
+        )
+    action = trainer.get("nonfinite_loss")
+    if isinstance(action, str) and action not in NONFINITE_LOSS_ACTIONS:
+        problems.append(
+            f"`trainer.nonfinite_loss={action}` is unknown; use stop (end the run, keep the last good checkpoint) "
+            "or skip (drop the step and go on)"
+        )
+    limit = trainer.get("save_total_limit")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit < 1:
+        problems.append(
+            f"`trainer.save_total_limit={limit}` must be at least 1 (the newest checkpoint is what resume needs), "
+            "or null to keep every checkpoint"
+        )
 
 
 def _check_adapter(adapter: DictConfig, rank: Any, problems: list[str]) -> None:

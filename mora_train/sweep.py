@@ -93,7 +93,7 @@ def failed_job_metric(sweeper_cfg: Any = None) -> float:
     return math.nan
 
 
-def record_job_failure(cfg: DictConfig, err: BaseException) -> float:
+def record_job_failure(cfg: DictConfig, err: BaseException, sweep_goes_on: bool = True) -> float:
     """Write the error of a failed sweep job into its run dir; return the job's metric (failed_job_metric).
 
     A user error (MoraTrainError) is recorded by its message, anything else with its traceback
@@ -103,7 +103,8 @@ def record_job_failure(cfg: DictConfig, err: BaseException) -> float:
     user_error = isinstance(err, MoraTrainError)
     message = str(err) if user_error else f"{type(err).__name__}: {err}"
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    print(f"\nmora-train: error in {_job_label()}: {message}\nthe sweep goes on with the next job", file=sys.stderr, flush=True)
+    if sweep_goes_on:
+        print(f"\nmora-train: error in {_job_label()}: {message}\nthe sweep goes on with the next job", file=sys.stderr, flush=True)
     metric = failed_job_metric()
     try:
         run_dir = Path(str(cfg.output_dir))
@@ -141,7 +142,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sweep_job_dirs(sweep_dir)
-        failed = [j for j in jobs if (j / ERROR_JSON).exists() or not (j / METRICS_JSON).exists()]
+        failed = [j for j in jobs if not (j / METRICS_JSON).exists()]
         lines = [f"\nsweep finished: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded in {sweep_dir}"]
         for job in failed:
             reason = "see error.txt" if (job / ERROR_JSON).exists() else "no metrics.json"
