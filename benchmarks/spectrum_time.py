@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from mora_train.adapters import build_adapter
-from mora_train.analysis import _model_config_for, load_base_model, run_spectrum, summarize
+from mora_train.analysis import base_model_config, load_base_model, run_spectrum, summarize
 from mora_train.models import load_model_and_tokenizer
-from omegaconf import OmegaConf
 
 BASE = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,7 +34,7 @@ def randomize_(params: dict[str, torch.nn.Parameter], scale: float) -> None:
 
 
 def adapter_case(adapter: str, rank: int, mora_type: str, workdir: Path) -> tuple[float, float, dict]:
-    model, _ = load_model_and_tokenizer(_model_config_for(BASE))
+    model, _ = load_model_and_tokenizer(base_model_config(BASE))
     cfg = OmegaConf.create({"name": adapter, "alpha": 16, "mora_type": mora_type, "target_modules": TARGETS, "dropout": 0.0})
     wrapped = build_adapter(model, cfg, rank)
     randomize_(wrapped.trainable_parameters(), 0.01)
@@ -52,7 +52,7 @@ def timed(folder: Path) -> tuple[float, float, dict]:
 
 
 def merged_case(workdir: Path) -> tuple[float, float, dict]:
-    model = load_base_model(_model_config_for(BASE))
+    model = load_base_model(base_model_config(BASE))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, module in model.named_modules():

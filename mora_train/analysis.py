@@ -125,7 +125,7 @@ def merged_deltas(base_model: nn.Module, merged_model: nn.Module) -> dict[str, t
     return deltas
 
 
-def _model_config_for(base_model: str) -> DictConfig:
+def base_model_config(base_model: str) -> DictConfig:
     """Model config from a config name (configs/model/NAME.yaml) or a hub id / local folder / .gguf file."""
     from mora_train.cli import config_dir
 
@@ -158,7 +158,7 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
     """
     path = Path(path)
     if (path / "resolved_config.yaml").is_file() or (path / "metrics.json").is_file():
-        model_cfg = _model_config_for(base_model) if base_model else run_model_config(path)
+        model_cfg = base_model_config(base_model) if base_model else run_model_config(path)
         if (path / "adapter").is_dir():
             return singular_values(adapter_deltas(load_base_model(model_cfg), path / "adapter")), "adapter"
         if (path / "merged").is_dir():
@@ -166,7 +166,7 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
         raise MoraTrainError(f"run dir {path} has neither adapter/ nor merged/: did the run finish?")
     if base_model is None:
         raise MoraTrainError(f"{path} is not a run dir; pass --base-model (config name, hub id or folder) for its base")
-    model_cfg = _model_config_for(base_model)
+    model_cfg = base_model_config(base_model)
     if (path / "adapter_config.json").is_file():
         return singular_values(adapter_deltas(load_base_model(model_cfg), path)), "adapter"
     if (path / "config.json").is_file():

@@ -7,12 +7,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
-from mora_train.report import build_report, main as report_main
-import pytest
-
 from mora_train.errors import ConfigError
+from mora_train.report import build_report, main as report_main
 from mora_train.sweep import failed_job_metric, record_job_failure, safe_dirname
 
 
