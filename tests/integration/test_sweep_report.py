@@ -93,27 +93,46 @@ def test_spectrum_mora_has_higher_rank_update_than_lora(rank_sweep) -> None:
         assert mean_counts[("mora", rank)] > rank  # a high-rank update: beyond what LoRA of this rank can reach
 
 
-def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    # Both jobs fail validation (cheap: no model is loaded). Job 1 running at all shows that job 0's
-    # failure did not end the sweep; the 4-job sweep above shows successful jobs after it work too.
-    result = run_cli(["-m", "adapter=lora", "rank=0,-3", *SWEEP_RUN, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    # Job 0 (rank=0) fails validation; job 1 gets a NaN loss at step 2 (fault injection fires once per
+    # process) and stops mid-training; job 2 must still run and finish.
+    result = run_cli(
+        ["-m", "adapter=lora", "rank=0,2,4", *SWEEP_RUN, "trainer.max_steps=3", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+        env={"MORA_TRAIN_FAULT": "nan@step=2"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert "0 of 2 jobs succeeded" in result.stderr and "the sweep goes on" in result.stderr
+    assert "1 of 3 jobs succeeded" in result.stderr and "the sweep goes on" in result.stderr
 
-    job_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
-    assert len(job_dirs) == 2
-    for job_dir, rank in zip(job_dirs, ("rank=0", "rank=-3")):
-        error = json.loads((job_dir / "error.json").read_text())
-        assert error["error_type"] == "ConfigError" and error["user_error"] is True and rank in error["message"]
-        assert rank in (job_dir / "error.txt").read_text()
+    invalid, diverged, finished = sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: p.name)
+    error = json.loads((invalid / "error.json").read_text())
+    assert error["error_type"] == "ConfigError" and error["user_error"] is True and "rank=0" in error["message"]
+    assert "rank=0" in (invalid / "error.txt").read_text()
+    error = json.loads((diverged / "error.json").read_text())
+    assert error["error_type"] == "RunStopped" and "step 2" in error["message"]
+    for job_dir in (invalid, diverged):
         assert not (job_dir / "metrics.json").exists()
+    assert (finished / "metrics.json").is_file() and not (finished / "error.json").exists()
 
     report = build_report(sweep_dir, spectrum=False)
     rows = read_csv(report.csv_path)
-    assert [r["status"] for r in rows] == ["failed", "failed"]
-    assert "rank=0" in rows[0]["error"] and "rank=-3" in rows[1]["error"] and rows[0]["primary_value"] == ""
+    assert [r["status"] for r in rows] == ["failed", "failed", "ok"]
+    assert "rank=0" in rows[0]["error"] and rows[0]["primary_value"] == ""
+    assert "step 2" in rows[1]["error"] and rows[2]["error"] == ""
     markdown = report.markdown_path.read_text()
-    assert "## Failed runs" in markdown and "ConfigError" in markdown and "rank=-3" in markdown
+    assert "## Failed runs" in markdown and "ConfigError" in markdown and "RunStopped" in markdown
 
+
+def test_a_stop_signal_ends_the_whole_sweep(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        ["-m", "adapter=lora", "rank=2,4", *SWEEP_RUN, "trainer.max_steps=2", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+        env={"MORA_TRAIN_FAULT": "sigint@step=1"},
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    job_dirs = [p for p in sweep_dir.iterdir() if p.is_dir()]
+    assert len(job_dirs) == 1, "the second job must not start after Ctrl-C"
+    assert json.loads((job_dirs[0] / "error.json").read_text())["error_type"] == "RunStopped"
