@@ -25,6 +25,7 @@ def config_dir() -> str:
 
 def _run(cfg: DictConfig) -> float | None:
     from mora_train.pipeline import run
+    from mora_train.sweep import in_multirun, record_job_failure
 
     try:
         if cfg.get("mode", "train") == "eval":
@@ -34,6 +35,11 @@ def _run(cfg: DictConfig) -> float | None:
         else:
             metrics = run(cfg)
     except MoraTrainError as err:
+        if in_multirun():
+            if getattr(err, "exit_code", 2) < 128:  # one bad job must not end the sweep: record it, go on
+                return record_job_failure(cfg, err)
+            # SIGINT/SIGTERM: the user stops the whole sweep; the job's record says so
+            record_job_failure(cfg, err, sweep_goes_on=False)
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         print(f"\nmora-train: error: {err}", file=sys.stderr, flush=True)
         sys.exit(getattr(err, "exit_code", 2))  # RunStopped says why it stopped (README: "When things go wrong")
@@ -47,6 +53,10 @@ def _run(cfg: DictConfig) -> float | None:
             flush=True,
         )
         sys.exit(130)
+    except Exception as err:
+        if in_multirun():  # out of memory, a bug in one configuration...: recorded with its traceback
+            return record_job_failure(cfg, err)
+        raise
     primary = metrics.get(metrics["primary_metric"])
     if metrics.get("mode") == "eval":
         print(
@@ -67,6 +77,9 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from mora_train.sweep import register_resolvers
+
+    register_resolvers()  # before Hydra composes: the sweep subdir uses ${mora_dirname:...}
     hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
 
 
