@@ -243,17 +243,20 @@ def wrap_scheduler(scheduler: Any, settings: RestartSettings) -> None:
             f"adapter.restart needs a step-based learning-rate schedule (cosine, linear, constant, ...), "
             f"not {type(inner).__name__}; change trainer.lr_scheduler"
         )
-    if getattr(inner, "_restart_wrapped", False):
-        return
 
     def wrap(fn: Any) -> Any:
+        if getattr(fn, "restart_wrapped", False):
+            return fn
+
         def factor(step: int) -> float:
             return restart_lr_factor(settings, step, fn(step))
 
+        # Marked on the function, not the scheduler: the scheduler's state_dict saves its attributes and a
+        # resumed run would load such a flag before wrapping its fresh scheduler.
+        factor.restart_wrapped = True  # type: ignore[attr-defined]
         return factor
 
     inner.lr_lambdas = [wrap(fn) for fn in inner.lr_lambdas]
-    inner._restart_wrapped = True
 
 
 # ----------------------------------------------------------------------------------------------
