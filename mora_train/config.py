@@ -53,8 +53,10 @@ TRAINER_SCHEMA: dict[str, tuple[type, ...]] = {
 }
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 ADAPTER_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "lora": {"name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int)},
-    "mora": {"name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int)},
+    "lora": {"name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int),
+             "restart": (dict, type(None)), "train_embeddings": (bool,)},
+    "mora": {"name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int),
+             "restart": (dict, type(None)), "train_embeddings": (bool,)},
     "full": {"name": (str,), "target_modules": (list, str), "dropout": (float, int)},
 }
 MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
@@ -202,6 +204,9 @@ def _check_adapter(adapter: DictConfig, rank: Any, problems: list[str]) -> None:
             resolve_mora_type(values["mora_type"])
         except ValueError as err:
             problems.append(f"`adapter.mora_type`: {err}")
+    from mora_train.adapters.remora import restart_problems
+
+    problems.extend(restart_problems(adapter))
 
 
 def _check_model(model: dict, problems: list[str]) -> None:

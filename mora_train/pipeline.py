@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from mora_train.adapters import Adapter, build_adapter
+from mora_train.adapters.remora import setup_training_extras
 from mora_train.adapters.base import count_parameters, write_dir_atomically, write_json_atomically
 from mora_train.checkpoints import checkpoint_step, plan_resume, resume_command
 from mora_train.config import validate
@@ -132,10 +133,11 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     if not data.train:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
     adapter = build_adapter(model, cfg.adapter, cfg.rank)
+    extras = setup_training_extras(adapter, cfg.adapter, cfg.seed)  # restarts, trained embeddings
     trainable, total = count_parameters(adapter.model)
     print(format_summary(cfg, adapter), flush=True)
 
-    result = train(adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, resume_from)
+    result = train(adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, resume_from, extras)
 
     if adapter.name != "full":
         write_dir_atomically(run_dir / "adapter", adapter.save)

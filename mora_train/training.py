@@ -97,9 +97,14 @@ class AdapterTrainer(Trainer):
       nonfinite_loss="stop" raises NonFiniteLoss, "skip" drops that step's gradients and goes on.
     """
 
-    def __init__(self, *args: Any, adapter: Adapter, nonfinite_loss: str = "stop", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, adapter: Adapter, nonfinite_loss: str = "stop", checkpoint_state: list | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.adapter = adapter
+        # Extra state saved into / loaded from every checkpoint beside the adapter (objects with save(dir), load(dir)),
+        # e.g. the base weights that ReMoRA/ReLoRA restarts merged into (mora_train.adapters.remora).
+        self.checkpoint_state = list(checkpoint_state or [])
         self.nonfinite_loss = nonfinite_loss
         self.skipped_steps: list[int] = []
         self._bad_loss: torch.Tensor | None = None  # any non-finite micro-batch loss in the current step
@@ -118,6 +123,8 @@ class AdapterTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         self.adapter.save(Path(output_dir))
+        for extra in self.checkpoint_state:
+            extra.save(Path(output_dir))
         # JSON, not the pickled TrainingArguments the stock Trainer writes.
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
@@ -125,6 +132,8 @@ class AdapterTrainer(Trainer):
         if self.adapter.name == "full":
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.adapter.load_weights(Path(resume_from_checkpoint))
+        for extra in self.checkpoint_state:
+            extra.load(Path(resume_from_checkpoint))
 
     def _get_output_dir(self, trial: Any) -> str:
         if self._staging_root is not None:
@@ -236,6 +245,7 @@ def train(
     seed: int,
     run_dir: Path,
     resume_from_checkpoint: str | Path | None = None,
+    extras: Any = None,
 ) -> TrainResult:
     """Train; raise RunStopped (with a checkpoint kept) on SIGINT/SIGTERM, a non-finite loss or a full disk."""
     args = training_arguments(trainer_cfg, seed, run_dir / "checkpoints")
@@ -249,6 +259,8 @@ def train(
     callbacks = [tensorboard, stop_on_signal]
     if os.environ.get(faults.ENV_VAR):
         callbacks.append(FaultInjection(run_dir))
+    if extras is not None:  # adapter options such as restarts (mora_train.adapters.remora.TrainingExtras)
+        callbacks += extras.callbacks
     trainer = AdapterTrainer(
         model=model,
         args=args,
@@ -257,6 +269,7 @@ def train(
         callbacks=callbacks,
         adapter=adapter,
         nonfinite_loss=trainer_cfg.get("nonfinite_loss", "stop"),
+        checkpoint_state=extras.checkpoint_state if extras is not None else None,
     )
     resumed_from = checkpoint_step(Path(resume_from_checkpoint)) if resume_from_checkpoint else None
     if resume_from_checkpoint and trainer_cfg.max_steps > 0:

@@ -39,4 +39,6 @@ TASKS: dict[str, Task] = {
     "instruction": _data_task("instruction", "eval_loss", instruction_task, instruction_eval, greater_is_better=False),
     "biomed": _data_task("biomed", "benchmark_mean_accuracy", pretrain_task, pretrain_eval),
     "finance": _data_task("finance", "benchmark_mean_accuracy", pretrain_task, pretrain_eval),
+    # Pretraining (from scratch or continued): the same packed-text recipe, held-out perplexity only.
+    "pretrain": _data_task("pretrain", "eval_perplexity", pretrain_task, pretrain_eval, greater_is_better=False),
 }

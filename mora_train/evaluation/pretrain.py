@@ -20,10 +20,9 @@ def evaluate(
     started = time.time()
     metrics: dict[str, Any] = loss_metrics(*token_nll(model, data.eval_blocks, tokenizer.pad_token_id, task_cfg.eval.batch_size))
     metrics["perplexity_runtime_s"] = time.time() - started
-    metrics.update(
-        evaluate_benchmarks(
+    if data.benchmarks:  # task=pretrain has none: perplexity only
+        metrics.update(evaluate_benchmarks(
             data.benchmarks, task_cfg.benchmarks, model, tokenizer, task_cfg.eval.batch_size, task_cfg.eval.max_len, run_dir
-        )
-    )
+        ))
     metrics["eval_runtime_s"] = time.time() - started
     return metrics
