@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from mora_train.resolvers import register_resolvers as _register_resolvers
+
 __version__ = "0.1.0"
+
+_register_resolvers()  # ${repo_dir:...} in configs/config.yaml (data_dir)
 
 __all__ = ["__version__", "load_adapter"]
 

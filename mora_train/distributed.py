@@ -411,4 +411,28 @@ def config_problems(cfg: DictConfig) -> list[str]:
             "(configs/distributed/accelerate/multi_gpu.json) and pick it with distributed=..."
         )
     problems.extend(_parallelism_problems(dist_cfg, adapter, ds_config))
+    engine = backend if backend in ("deepspeed", "fsdp") else launcher_engine
+    problems.extend(_adapter_option_problems(adapter_section, engine, ds_config))
+    return problems
+
+
+def _adapter_option_problems(adapter_section: Any, engine: str | None, ds_config: dict | None) -> list[str]:
+    """ReMoRA/ReLoRA restarts and trained embeddings need whole weights that ZeRO / FSDP split or copy."""
+    if engine is None or not isinstance(adapter_section, DictConfig):
+        return []
+    problems = []
+    restart = adapter_section.get("restart")
+    every = restart.get("every_steps", 0) if isinstance(restart, DictConfig) else 0
+    if isinstance(every, int) and every > 0:
+        problems.append(
+            f"`adapter.restart.every_steps={every}` (ReMoRA/ReLoRA) merges ΔW into the base weights and resets "
+            f"optimizer state in place during training, which {engine} keeps sharded or copied; train restarts with "
+            "distributed=none or ddp (DDP: every rank merges identically)"
+        )
+    sharded = engine == "fsdp" or ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) == 3
+    if adapter_section.get("train_embeddings", False) is True and sharded:
+        problems.append(
+            f"`adapter.train_embeddings=true` saves the live embedding weights with every checkpoint, which "
+            f"{engine} shards; use distributed=zero2 or none/ddp"
+        )
     return problems

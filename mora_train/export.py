@@ -32,7 +32,8 @@ class ExportResult:
 
 def probe_batch(examples: list[dict], pad_token_id: int, size: int = 4) -> dict[str, torch.Tensor]:
     """A fixed small batch (the first training examples) to compare logits on."""
-    batch = PadCollator(pad_token_id)(examples[:size])
+    # Only ids and labels: packed examples' position ids would switch the collator to its mask-free layout.
+    batch = PadCollator(pad_token_id)([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples[:size]])
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

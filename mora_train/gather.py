@@ -171,6 +171,11 @@ def unsharded_adapter(adapter: Adapter, final: FinalWeights | None, rebuild: Cal
     weight is then replaced by its gathered full-precision value, and any missing or mis-shaped weight
     is an error (so a [0]-shaped ZeRO-3 shard can never reach the exported adapter).
     """
+    # Rank 0 builds and loads models alone from here on: never under ZeRO-3's zero.Init (a collective), which
+    # transformers would use while a ZeRO-3 TrainingArguments is alive (even when training was skipped).
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if final is None or final.trainable_state is None:
         return adapter
     fresh = rebuild()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -13,13 +14,17 @@ from transformers import set_seed
 
 from mora_train import distributed
 from mora_train.adapters import Adapter, build_adapter
+from mora_train.adapters.remora import setup_training_extras
 from mora_train.adapters.base import count_parameters, write_dir_atomically, write_json_atomically
+from mora_train.checkpoints import checkpoint_step, plan_resume, resume_command
 from mora_train.config import validate
 from mora_train.data import TASKS
-from mora_train.errors import MoraTrainError
+from mora_train.errors import MoraTrainError, RunStopped
 from mora_train.export import export_merged, probe_batch
 from mora_train.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
+from mora_train.preflight import check_model_fit
+from mora_train.resilience import format_bytes, free_bytes, is_disk_full
 from mora_train.training import TrainResult, plot_loss, train
 
 log = logging.getLogger(__name__)
@@ -52,30 +57,96 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
             "or pass overwrite=true to replace it"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config_path = run_dir / "resolved_config.yaml"
+    _warn_config_changes(config_path, cfg)
+    tmp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, config_path)
     return run_dir
 
 
+def _warn_config_changes(previous_path: Path, cfg: DictConfig) -> None:
+    """When continuing in a run dir, name the settings that differ from the run's previous start."""
+    if not previous_path.is_file():
+        return
+    try:
+        before = _flatten(OmegaConf.to_container(OmegaConf.load(previous_path)))
+    except Exception:  # an unreadable old config must not stop a resume
+        return
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    ignored = {"output_dir", "overwrite", "trainer.resume"}
+    changed = sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
+    if changed:
+        log.warning(
+            "the config differs from this run dir's previous start in: %s",
+            ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed),
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, export, verify and evaluate as `cfg` says; return the metrics written to metrics.json."""
+    """Train, export, verify and evaluate as `cfg` says; return the metrics written to metrics.json.
+
+    A run that stops early (signal, non-finite loss, full disk) raises RunStopped, whose message ends
+    with the command that resumes it.
+    """
+    run_dir = Path(cfg.output_dir)
+    try:
+        return _run(cfg)
+    except RunStopped as err:
+        raise RunStopped(f"{err}: {resume_command(run_dir)}", err.exit_code) from err.__cause__
+    except MoraTrainError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err, run_dir):
+            raise
+        raise RunStopped(
+            f"no space left on the disk holding {run_dir} ({format_bytes(free_bytes(run_dir))} free; "
+            f"{type(err).__name__}: {err}). Folders are written under temporary names and renamed when complete, "
+            "so nothing half-written is in place, and completed checkpoints are intact. Free some space, then "
+            f"resume: {resume_command(run_dir)}",
+            exit_code=4,
+        ) from err
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
-    # Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank)
-    # and touches the run dir; the others share its outcome.
+    # Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank),
+    # touches the run dir and picks the checkpoint to resume from; the others share its outcome.
     distributed.run_on_main_process(lambda: validate(cfg))
     run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
+    rank = cfg.rank if cfg.adapter.name != "full" else None
+    resume_from = distributed.run_on_main_process(
+        lambda: plan_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), cfg.adapter.name, rank)
+    )
+    if resume_from is not None and distributed.is_main_process():
+        print(f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
+              "trainer.resume=false overwrite=true starts over instead", flush=True)
     set_seed(cfg.seed)
     task = TASKS[cfg.task.name]
 
     model, tokenizer = load_model_and_tokenizer(cfg.model)
+    check_model_fit(cfg, model)
     data = task.build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
     if not data.train:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
     adapter = build_adapter(model, cfg.adapter, cfg.rank)
+    extras = setup_training_extras(adapter, cfg.adapter, cfg.seed)  # restarts, trained embeddings
     trainable, total = count_parameters(adapter.model)
     if distributed.is_main_process():
         print(format_summary(cfg, adapter), flush=True)
 
-    result = train(adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, distributed_cfg=cfg.get("distributed"))
+    result = train(
+        adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, resume_from, extras, cfg.get("distributed")
+    )
     return distributed.run_on_main_process(
         lambda: finish_run(cfg, task, adapter, tokenizer, data, result, run_dir, trainable, total, started)
     )
@@ -121,6 +192,8 @@ def finish_run(
         "tokens_per_s": result.tokens_per_s,
         "merge_max_abs_diff": export.max_abs_diff,
         "wall_time_s": time.time() - started,
+        "resumed_from_step": result.resumed_from_step,
+        "nonfinite_skipped_steps": result.skipped_steps,
         **(result.final_weights.to_json() if result.final_weights else {}),
     }
     plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.name} rank {cfg.rank} on {task.name}")

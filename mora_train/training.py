@@ -5,20 +5,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+import shutil
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
-from mora_train import distributed
+from mora_train import distributed, faults
 from mora_train.adapters.base import Adapter, write_json_atomically
+from mora_train.checkpoints import STAGING_DIR, checkpoint_step, is_complete, newest_complete_checkpoint, publish, rotate
 from mora_train.data.common import PadCollator, count_tokens
-from mora_train.errors import MoraTrainError
+from mora_train.errors import MoraTrainError, RunStopped
 from mora_train.gather import FinalWeights, collect_final_weights, gather_trainable_state
+from mora_train.resilience import (
+    FaultInjection,
+    NonFiniteLoss,
+    StopOnSignal,
+    StopSignals,
+    format_bytes,
+    free_bytes,
+    is_disk_full,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +44,8 @@ class TrainResult:
     tokens_per_s: float
     steps: int
     log_history: list[dict[str, Any]]
+    resumed_from_step: int | None = None
+    skipped_steps: list[int] = field(default_factory=list)  # non-finite steps skipped (trainer.nonfinite_loss=skip)
     # Engine, replica checksums and (sharded/low-precision engines) rank 0's gathered fp32 trainable weights.
     final_weights: FinalWeights | None = None
 
@@ -84,31 +100,55 @@ def training_arguments(
 
 
 class AdapterTrainer(Trainer):
-    """Trainer whose checkpoints hold only the adapter's weights for lora/mora (MBs, not the base model)."""
+    """transformers.Trainer with crash-safe checkpoints and a guard against non-finite updates.
 
-    def __init__(self, *args: Any, adapter: Adapter, **kwargs: Any) -> None:
+    * Checkpoints hold only the adapter's weights for lora/mora (MBs, not the base model), and no pickled
+      TrainingArguments. Each is written to checkpoints/.staging/, marked complete, then renamed into place
+      (mora_train.checkpoints), so resume never meets a half-written one.
+    * A non-finite loss or gradient norm is caught before the optimizer step that would apply it:
+      nonfinite_loss="stop" raises NonFiniteLoss, "skip" drops that step's gradients and goes on.
+    """
+
+    def __init__(
+        self, *args: Any, adapter: Adapter, nonfinite_loss: str = "stop", checkpoint_state: list | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.adapter = adapter
-        # Taken before the engine wraps or shards the model; the names stay valid after.
-        self.adapter_parameter_names = list(adapter.trainable_parameters())
+        # Extra state saved into / loaded from every checkpoint beside the adapter (objects with save(dir), load(dir)),
+        # e.g. the base weights that ReMoRA/ReLoRA restarts merged into (mora_train.adapters.remora).
+        self.checkpoint_state = list(checkpoint_state or [])
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_steps: list[int] = []
+        self._bad_loss: torch.Tensor | None = None  # any non-finite micro-batch loss in the current step
+        self._staging_root: Path | None = None  # set while the stock checkpoint code writes into staging
+        # Everything that trains (the adapter, plus embeddings with adapter.train_embeddings), named before the
+        # engine wraps or shards the model; the names stay valid after.
+        self.trained_parameter_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.adapter.name != "full" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             # The live adapter weights are shards ([0]-shaped under ZeRO-3) or bf16 copies: gather the fp32
-            # adapter weights alone onto rank 0 (a collective: every rank is here) instead of the whole model.
-            state = gather_trainable_state(self, self.adapter_parameter_names)
+            # trained weights alone onto rank 0 (a collective: every rank is here) instead of the whole model.
+            state = gather_trainable_state(self, self.trained_parameter_names)
             self._save(output_dir, state_dict=state)
             return
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.adapter.name == "full":
-            return super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
+        if self.adapter.name == "full":
+            super()._save(output_dir, state_dict)
+            if self.args.should_save:
+                # The stock _save also pickles TrainingArguments (training_args.bin); keep a JSON copy only.
+                Path(output_dir, TRAINING_ARGS_NAME).unlink(missing_ok=True)
+                Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+            return
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.adapter.save(Path(output_dir), state_dict=state_dict)
+        for extra in self.checkpoint_state:
+            extra.save(Path(output_dir))
         # JSON, not the pickled TrainingArguments the stock Trainer writes.
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
@@ -121,6 +161,109 @@ class AdapterTrainer(Trainer):
                 "resume under DDP (distributed=none/ddp) or DeepSpeed (distributed=zero2/zero3)"
             )
         self.adapter.load_weights(Path(resume_from_checkpoint))
+        for extra in self.checkpoint_state:
+            extra.load(Path(resume_from_checkpoint))
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The stock checkpoint (weights, optimizer, scheduler, RNG, trainer state), written atomically."""
+        checkpoints_dir = Path(super()._get_output_dir(trial))
+        step = self.state.global_step
+        staged = checkpoints_dir / STAGING_DIR / f"checkpoint-{step}"
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # cleared before any rank writes its rng_state_N.pth into it
+        self._staging_root = staged.parent
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                faults.during_save(step, staged)
+        except Exception as err:
+            disk_full, free = is_disk_full(err, staged), free_bytes(checkpoints_dir)
+            if self.args.should_save:
+                shutil.rmtree(staged.parent, ignore_errors=True)  # the partial checkpoint (and .staging itself)
+            if not disk_full:
+                raise
+            newest = newest_complete_checkpoint(checkpoints_dir)
+            raise RunStopped(
+                f"no space left on the disk holding {checkpoints_dir} while saving the checkpoint of step {step} "
+                f"({format_bytes(free)} free; {type(err).__name__}: {err}). The partial checkpoint was removed and "
+                f"the completed ones are intact (newest: {newest or 'none'}). Free some space, or move the run dir "
+                "to a bigger disk, and resume",
+                exit_code=4,
+            ) from err
+        finally:
+            self._staging_root = None
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_N.pth) are in staging
+        if self.args.should_save:
+            info = {"step": step, "adapter": self.adapter.name, "rank": getattr(self.adapter, "rank", None)}
+            publish(staged, checkpoints_dir / staged.name, info)
+            rotate(checkpoints_dir, self.args.save_total_limit)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def save_last_good_checkpoint(self) -> Path | None:
+        """After NonFiniteLoss: checkpoint the state before the bad step (weights and optimizer untouched by it)."""
+        checkpoints_dir = Path(self.args.output_dir)
+        existing = checkpoints_dir / f"checkpoint-{self.state.global_step}"
+        if is_complete(existing):
+            return existing
+        finite = all(torch.isfinite(p).all() for p in self.adapter.trainable_parameters().values())
+        if self.state.global_step == 0 or not finite:
+            return newest_complete_checkpoint(checkpoints_dir)
+        self._save_checkpoint(self.model_wrapped, trial=None)
+        return existing
+
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if faults.poison_loss(self.state.global_step + 1):
+            nan = float("nan")
+            result = (result[0] * nan, *result[1:]) if isinstance(result, tuple) else result * nan
+        return result
+
+    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Accumulated on the device: one host sync per optimizer step (in _get_grad_norm), not per micro-batch.
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        # Called once per optimizer step, after clipping and just before optimizer.step().
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._guard_nonfinite(model, grad_norm)
+        return grad_norm
+
+    def _guard_nonfinite(self, model: torch.nn.Module, grad_norm: Any) -> None:
+        bad_loss, self._bad_loss = self._bad_loss, None
+        device = bad_loss.device if bad_loss is not None else self.args.device
+        flags = torch.zeros(2, dtype=torch.int32, device=device)
+        if bad_loss is not None:
+            flags[0] = bad_loss.to(torch.int32)
+        # Under fp16 the gradient scaler expects inf gradients now and then and skips those steps itself.
+        if grad_norm is not None and not self.args.fp16:
+            flags[1] = (~torch.isfinite(torch.as_tensor(grad_norm, device=device))).to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every process must take the same decision
+        bad_loss_seen, bad_grad_seen = flags.tolist()
+        if not (bad_loss_seen or bad_grad_seen):
+            return
+        step = self.state.global_step + 1
+        what = "loss" if bad_loss_seen else "gradient norm"
+        if self.nonfinite_loss != "skip":
+            raise NonFiniteLoss(step, what)
+        for param in model.parameters():
+            param.grad = None  # the optimizer leaves parameters without gradients (and their moments) alone
+        self.skipped_steps.append(step)
+        log.warning("step %d: non-finite %s; skipped this step (trainer.nonfinite_loss=skip)", step, what)
 
 
 def train(
@@ -130,41 +273,99 @@ def train(
     trainer_cfg: DictConfig,
     seed: int,
     run_dir: Path,
-    resume_from_checkpoint: str | None = None,
+    resume_from_checkpoint: str | Path | None = None,
+    extras: Any = None,
     distributed_cfg: DictConfig | None = None,
 ) -> TrainResult:
+    """Train; raise RunStopped (with a checkpoint kept) on SIGINT/SIGTERM, a non-finite loss or a full disk."""
     args = training_arguments(trainer_cfg, seed, run_dir / "checkpoints", distributed_cfg)
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(run_dir / "tensorboard")
     model = adapter.model
     if trainer_cfg.gradient_checkpointing and adapter.name != "full":
         adapter.base_model.enable_input_require_grads()
+    signals = StopSignals()
+    stop_on_signal = StopOnSignal(signals)
+    callbacks = [tensorboard, stop_on_signal]
+    if os.environ.get(faults.ENV_VAR):
+        callbacks.append(FaultInjection(run_dir))
+    if extras is not None:  # adapter options such as restarts (mora_train.adapters.remora.TrainingExtras)
+        callbacks += extras.callbacks
     trainer = AdapterTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[tensorboard],
+        callbacks=callbacks,
         adapter=adapter,
+        nonfinite_loss=trainer_cfg.get("nonfinite_loss", "stop"),
+        checkpoint_state=extras.checkpoint_state if extras is not None else None,
     )
-    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    resumed_from = checkpoint_step(Path(resume_from_checkpoint)) if resume_from_checkpoint else None
+    if resume_from_checkpoint and trainer_cfg.max_steps > 0:
+        saved = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())
+        if saved["global_step"] >= trainer_cfg.max_steps:
+            # Training had finished (the kill came during export). transformers would run one more step here.
+            trainer._load_from_checkpoint(str(resume_from_checkpoint))
+            return _finished_result(saved, run_dir, resumed_from)
+    with signals:
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+        except NonFiniteLoss as err:
+            kept = trainer.save_last_good_checkpoint()
+            raise RunStopped(
+                f"training stopped at step {err.step}: the {err.what} is not finite (NaN or Inf). No update was "
+                f"applied from it; the last good state is kept in {kept or 'no checkpoint (no step had completed)'}. "
+                "Usual fixes: lower trainer.learning_rate, keep trainer.max_grad_norm > 0, prefer trainer.precision="
+                "bf16 or fp32 over fp16, check the data; or set trainer.nonfinite_loss=skip to skip such steps. "
+                "Then resume",
+                exit_code=3,
+            ) from None
+    if stop_on_signal.stopped_at is not None:
+        signum = signals.received or signal.SIGTERM
+        checkpoint = run_dir / "checkpoints" / f"checkpoint-{stop_on_signal.stopped_at}"
+        raise RunStopped(
+            f"interrupted by {signal.Signals(signum).name}: stopped after step {stop_on_signal.stopped_at} of "
+            f"{trainer.state.max_steps} and saved checkpoint {checkpoint}. To continue",
+            exit_code=128 + int(signum),
+        )
     runtime = float(output.metrics.get("train_runtime", 0.0))
-    tokens_seen = trainer.state.num_input_tokens_seen or 0
-    if not tokens_seen:  # the counter is 0 on some backends; fall back to what the data holds
-        examples_seen = trainer.state.global_step * trainer_cfg.batch_size
+    steps_run = trainer.state.global_step - (resumed_from or 0)
+    # Tokens this process trained on (the state's counter includes the steps before a resume).
+    tokens_seen = (trainer.state.num_input_tokens_seen or 0) - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    if tokens_seen <= 0:  # the counter is 0 on some backends; fall back to what the data holds
+        examples_seen = steps_run * trainer_cfg.batch_size
         tokens_seen = count_tokens(train_dataset) * examples_seen / max(len(train_dataset), 1)
     history = list(trainer.state.log_history)
     if distributed.is_main_process():
         write_json_atomically(run_dir / "log_history.json", history)
     # Every rank: gathers sharded weights onto rank 0 and compares replicas (collectives).
-    final_weights = collect_final_weights(trainer, trainer.adapter_parameter_names)
+    final_weights = collect_final_weights(trainer, trainer.trained_parameter_names)
     return TrainResult(
         train_loss=float(output.training_loss),
         runtime_s=runtime,
         tokens_per_s=float(tokens_seen) / runtime if runtime > 0 else 0.0,
         steps=trainer.state.global_step,
         log_history=history,
+        resumed_from_step=resumed_from,
+        skipped_steps=list(trainer.skipped_steps),
         final_weights=final_weights,
+    )
+
+
+def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: int | None) -> TrainResult:
+    """TrainResult of a run whose training had already ended, read from its last checkpoint's state."""
+    history = list(saved_state.get("log_history", []))
+    if distributed.is_main_process():
+        write_json_atomically(run_dir / "log_history.json", history)
+    losses = [h["loss"] for h in history if "loss" in h]
+    return TrainResult(
+        train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),  # mean of the logged losses
+        runtime_s=0.0,
+        tokens_per_s=0.0,
+        steps=int(saved_state["global_step"]),
+        log_history=history,
+        resumed_from_step=resumed_from,
     )
 
 

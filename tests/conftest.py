@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# One thread for the whole suite (and the CLI subprocesses, which inherit it): tiny models gain nothing
+# from more, and on a 2-core CI machine OpenMP threads of parallel processes only fight each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 import subprocess
 import sys
 from pathlib import Path

@@ -29,7 +29,12 @@ def build_adapter(model: PreTrainedModel, adapter_cfg: DictConfig, rank: int) ->
     if name == "mora":
         from mora_train.adapters.mora_adapter import MoraAdapter
 
-        return MoraAdapter(model, rank, adapter_cfg.mora_type, _targets(adapter_cfg), adapter_cfg.dropout)
+        from mora_train.adapters.remora import restart_settings
+
+        restart = restart_settings(adapter_cfg)
+        # With restarts on, the layers start with the first operator pair of the restart cycle.
+        mora_type = restart.mora_types[0] if restart.every_steps > 0 else adapter_cfg.mora_type
+        return MoraAdapter(model, rank, mora_type, _targets(adapter_cfg), adapter_cfg.dropout)
     if name == "full":
         from mora_train.adapters.full import FullFineTune
 

@@ -15,14 +15,21 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int = 16,
     desc: str = "generating",
+    stop_strings: list[str] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[str]:
-    """Greedy continuations of each prompt (special tokens stripped), prompts left-padded in batches."""
+    """Greedy continuations of each prompt (special tokens stripped), prompts left-padded in batches.
+
+    `stop_strings` end a sequence's generation early (the text may still run past them within the
+    token that completes them: cut afterwards); `add_special_tokens=False` for prompts that already
+    hold them (rendered chat templates).
+    """
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     outputs: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start : start + batch_size]]
+        encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts[start : start + batch_size]]
         longest = max(len(ids) for ids in encoded)
         # Left padding keeps every prompt's last token at the same position, where generation continues.
         input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in encoded], device=device)
@@ -34,6 +41,7 @@ def greedy_generate(
             do_sample=False,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
         )
         new_tokens = generated[:, longest:]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""CPU pretraining comparison: LoRA, MoRA, ReLoRA and ReMoRA from scratch at equal rank and steps.
+
+Each variant is a real `python -m mora_train task=pretrain ...` run of a small LLaMA-style model
+(random init, byte tokenizer, embeddings and LM head trained as in the paper) on the offline text of
+task=pretrain. Reported: final held-out perplexity, and the rank of the total ΔW (merged weights minus
+the random base) of every adapted layer, counted as singular values above 0.1 (paper Fig. 5).
+
+    python benchmarks/bench_pretrain.py --quick    # smoke: tiny model, a few steps (~1-2 min)
+    python benchmarks/bench_pretrain.py            # the comparison (~20 min on 2 CPU cores; RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {
+    "lora": ["adapter=lora"],
+    "mora": ["adapter=mora", "adapter.mora_type=sharing"],
+    "relora": ["adapter=lora"],
+    "remora": ["adapter=mora", "adapter.mora_type=sharing"],
+}
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"model": ["model.random_init.hidden_size=64", "model.random_init.intermediate_size=160",
+                          "model.random_init.num_hidden_layers=2"],
+                "steps": 12, "every": 4, "warmup": 1, "rank": 4, "seq": 64, "batch": 4, "docs": 40, "eval_docs": 5}
+    return {"model": ["model.random_init.hidden_size=256", "model.random_init.intermediate_size=688",
+                      "model.random_init.num_hidden_layers=4", "model.random_init.num_attention_heads=4",
+                      "model.random_init.num_key_value_heads=4"],
+            "steps": 400, "every": 100, "warmup": 10, "rank": 16, "seq": 128, "batch": 8, "docs": None, "eval_docs": 100}
+
+
+def overrides(name: str, s: dict, lr: float) -> list[str]:
+    args = ["task=pretrain", "model=llama-tiny", *s["model"], *VARIANTS[name], f"rank={s['rank']}",
+            "adapter.train_embeddings=true", f"trainer.max_steps={s['steps']}", f"trainer.batch_size={s['batch']}",
+            f"trainer.micro_batch_size={s['batch']}", f"trainer.max_seq_len={s['seq']}", f"trainer.learning_rate={lr}",
+            "trainer.lr_scheduler=cosine", f"trainer.warmup_steps={max(1, s['steps'] // 20)}",
+            f"trainer.logging_steps={max(1, s['steps'] // 20)}", "trainer.save_steps=0",
+            f"task.eval.max_samples={s['eval_docs']}"]
+    if s["docs"]:
+        args += [f"task.data.train.0.limit={s['docs']}", "task.data.train.1.limit=1"]
+    if name.startswith("re"):
+        args += [f"adapter.restart.every_steps={s['every']}", f"adapter.restart.warmup_steps={s['warmup']}"]
+    return args
+
+
+def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> dict[str, float]:
+    """Mean number of singular values > threshold of (merged - random base), per layer kind."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM
+
+    from mora_train.adapters.remora import count_singular_values_above
+    from mora_train.models import load_model_and_tokenizer
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose(config_name="config", overrides=[a for a in args if a.startswith(("model", "task="))])
+    base, _ = load_model_and_tokenizer(cfg.model)  # the same random base (fixed init seed)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    base_weights = dict(base.named_parameters())
+    counts: dict[str, list[int]] = {}
+    for name, param in merged.named_parameters():
+        kind = name.rsplit(".", 2)[-2]
+        if kind.endswith("_proj") and name in base_weights:
+            counts.setdefault(kind, []).append(count_singular_values_above(param.detach() - base_weights[name], threshold))
+    return {k: sum(v) / len(v) for k, v in sorted(counts.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps: checks the pipeline")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "pretrain")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    opts = parser.parse_args()
+    s = settings(opts.quick)
+    out = opts.out / ("quick" if opts.quick else "full")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
+    rows = []
+    for name in opts.variants:
+        args = overrides(name, s, opts.lr)
+        run_dir = out / name
+        cmd = [sys.executable, "-m", "mora_train", *args, f"output_dir={run_dir}", "overwrite=true"]
+        print(f"[{datetime.now():%H:%M:%S}] {name}: mora-train {' '.join(args)}", flush=True)
+        started = time.time()
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+        if result.returncode:
+            print(result.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed (exit {result.returncode})")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        ranks = delta_ranks(args, run_dir / "merged")
+        rows.append((name, metrics, ranks, time.time() - started))
+        print(f"  perplexity {metrics['eval_perplexity']:.3f}  ΔW rank {ranks}  ({time.time() - started:.0f} s)", flush=True)
+    kinds = sorted({k for _, _, r, _ in rows for k in r})
+    lines = [f"| variant | held-out ppl | final train loss | trainable | {' | '.join(f'rank ΔW {k}' for k in kinds)} | wall s |",
+             "|---" * (5 + len(kinds)) + "|"]
+    for name, m, r, wall in rows:
+        lines.append(f"| {name} | {m['eval_perplexity']:.3f} | {m['final_logged_loss']:.3f} | {m['trainable_params']:,} | "
+                     + " | ".join(f"{r.get(k, 0):.1f}" for k in kinds) + f" | {wall:.0f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""Periodic merge-and-restart of an adapter (ReMoRA for MoRA, ReLoRA for LoRA), and trained base weights.
+
+Every `adapter.restart.every_steps` = T optimizer steps (T, 2T, ... but not after the last step):
+
+1. merge ΔW into the base weights (float32 maths, checked finite);
+2. re-initialise the adapter: MoRA M = 0; LoRA A random (kaiming-uniform, as peft), B = 0;
+3. MoRA only: switch the operator pair to the next entry of `adapter.restart.mora_types`
+   (sharing <-> grouping, i.e. official 1 <-> 2, by default; e.g. [1, 2, 3, 4] cycles four);
+4. drop the optimizer state (Adam moments and step count) of the adapter parameters only: the
+   optimizer state of other trained parameters (embeddings, LM head) is kept;
+5. restart the learning-rate warm-up (`lr_schedule=jagged`: the trainer's schedule times a linear
+   re-warm-up over `warmup_steps` after each restart, as ReLoRA; `cosine_restarts`: each cycle of T
+   steps warms up over `warmup_steps` then decays by a cosine to `min_lr_ratio`).
+
+Merging with M = 0 (or B = 0) afterwards leaves the model's function unchanged, so the loss does not
+jump at a restart; only the update directions available to the next cycle change.
+
+Checkpoints: the adapter checkpoint holds only the live adapter, which no longer describes the model
+after a restart. `BaseWeightsState` therefore adds to every checkpoint `base_weights.safetensors`
+(the current weights of the targeted layers, i.e. base + every merged ΔW, and of the embeddings and
+LM head when `adapter.train_embeddings=true`) and `restart_state.json` (restarts done and the
+operator type of every MoRA layer), and loads both on resume: a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import TrainerCallback
+
+from mora_train.adapters.base import Adapter
+from mora_train.errors import ConfigError, MoraTrainError
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("jagged", "cosine_restarts")
+RESTART_KEYS = ("every_steps", "warmup_steps", "lr_schedule", "min_lr_ratio", "mora_types")
+BASE_WEIGHTS_NAME = "base_weights.safetensors"
+RESTART_STATE_NAME = "restart_state.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class RestartSettings:
+    every_steps: int = 0  # 0: no restarts
+    warmup_steps: int = 0
+    lr_schedule: str = "jagged"
+    min_lr_ratio: float = 0.1
+    mora_types: list[str] = field(default_factory=lambda: ["sharing", "grouping"])
+
+
+def restart_problems(adapter_cfg: Any) -> list[str]:
+    """Problems of adapter.restart and adapter.train_embeddings, one message each."""
+    if not isinstance(adapter_cfg, DictConfig):
+        return []
+    problems: list[str] = []
+    name = adapter_cfg.get("name")
+    train_embeddings = adapter_cfg.get("train_embeddings", False)
+    if not isinstance(train_embeddings, bool):
+        problems.append(f"`adapter.train_embeddings={train_embeddings!r}` must be true or false")
+    restart = adapter_cfg.get("restart")
+    if restart is None:
+        return problems
+    if not isinstance(restart, DictConfig):
+        return problems + [f"`adapter.restart` must be a mapping with keys {', '.join(RESTART_KEYS)}"]
+    for key in restart:
+        if key not in RESTART_KEYS:
+            problems.append(f"`adapter.restart.{key}` is not a known key; known keys: {', '.join(RESTART_KEYS)}")
+    every, warmup = restart.get("every_steps", 0), restart.get("warmup_steps", 0)
+    for key, value in (("every_steps", every), ("warmup_steps", warmup)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            problems.append(f"`adapter.restart.{key}={value!r}` must be a non-negative integer")
+    if isinstance(every, int) and isinstance(warmup, int) and every > 0 and warmup >= every:
+        problems.append(
+            f"`adapter.restart.warmup_steps={warmup}` must be smaller than `adapter.restart.every_steps={every}` "
+            "(the re-warm-up happens inside each cycle)"
+        )
+    schedule = restart.get("lr_schedule", "jagged")
+    if schedule not in LR_SCHEDULES:
+        problems.append(f"`adapter.restart.lr_schedule={schedule}` is unknown; use one of {', '.join(LR_SCHEDULES)}")
+    ratio = restart.get("min_lr_ratio", 0.1)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        problems.append(f"`adapter.restart.min_lr_ratio={ratio!r}` must be a number in [0, 1]")
+    types = restart.get("mora_types")
+    if types is not None:
+        from mora_train.adapters.mora import resolve_mora_type
+
+        plain = OmegaConf.to_container(types) if OmegaConf.is_config(types) else types
+        if not isinstance(plain, list) or not plain:
+            problems.append(f"`adapter.restart.mora_types={plain!r}` must be a non-empty list such as [1, 2] or [sharing, grouping]")
+        else:
+            for value in plain:
+                try:
+                    resolve_mora_type(value)
+                except ValueError as err:
+                    problems.append(f"`adapter.restart.mora_types`: {err}")
+        if name != "mora":
+            problems.append("`adapter.restart.mora_types` only applies to adapter=mora; remove it")
+    return problems
+
+
+def restart_settings(adapter_cfg: DictConfig) -> RestartSettings:
+    restart = adapter_cfg.get("restart")
+    if restart is None:
+        return RestartSettings()
+    values = OmegaConf.to_container(restart, resolve=True)
+    settings = RestartSettings(**{k: v for k, v in values.items() if v is not None})
+    if adapter_cfg.name == "mora":
+        from mora_train.adapters.mora import resolve_mora_type
+
+        settings.mora_types = [resolve_mora_type(t) for t in settings.mora_types]
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter operations: which layers, merge-and-reinit, operator switch
+
+
+def adapter_layers(adapter: Adapter) -> dict[str, nn.Module]:
+    """Module name -> adapted layer (MoRALinear or peft LoraLayer)."""
+    if adapter.name == "mora":
+        return dict(adapter.modules)  # type: ignore[attr-defined]
+    if adapter.name == "lora":
+        return adapter._lora_layers()  # type: ignore[attr-defined]
+    raise MoraTrainError("adapter.restart works with adapter=mora (ReMoRA) or adapter=lora (ReLoRA), not adapter=full")
+
+
+def base_linear(adapter: Adapter, layer: nn.Module) -> nn.Linear:
+    return layer.base_layer if adapter.name == "mora" else layer.get_base_layer()
+
+
+def restart_parameters(adapter: Adapter) -> list[nn.Parameter]:
+    """The adapter's own parameters (M, or LoRA A and B): what a restart re-initialises."""
+    params: list[nn.Parameter] = []
+    for layer in adapter_layers(adapter).values():
+        if adapter.name == "mora":
+            params += list(layer.adapter_params().values())
+        else:
+            from mora_train.adapters.lora import PEFT_ADAPTER
+
+            params += [layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight]
+    return params
+
+
+def set_mora_type(layer: nn.Module, mora_type: str | int) -> None:
+    """Switch a MoRALinear's operator pair in place, keeping its M parameter (same r̂ required).
+
+    MoRALinear has no public setter yet; its operators live in `_ops`, built from (d_in, d_out, r̂, type).
+    """
+    from mora_train.adapters.mora import _Operators, mora_shape_problem, mora_square_side, resolve_mora_type
+
+    kind = resolve_mora_type(mora_type)
+    if kind == layer.mora_type:
+        return
+    side = mora_square_side(layer.in_features, layer.out_features, layer.rank, kind)
+    problem = mora_shape_problem(layer.layer_name, layer.in_features, layer.out_features, layer.rank, kind)
+    if problem is None and side != layer.r_hat:
+        problem = (
+            f"Layer '{layer.layer_name}': MoRA type '{kind}' has r_hat = {side}, but the layer was built with "
+            f"r_hat = {layer.r_hat} (type '{layer.mora_type}'); types cycled by adapter.restart.mora_types must "
+            "share r_hat (rope rounds it down to even): pick types among sharing/grouping/group_tile/share_group"
+        )
+    if problem:
+        raise ConfigError([problem])
+    layer.mora_type = kind
+    layer._ops = _Operators(layer.in_features, layer.out_features, layer.r_hat, kind)
+
+
+def mora_type_at(settings: RestartSettings, restarts_done: int) -> str:
+    return settings.mora_types[restarts_done % len(settings.mora_types)]
+
+
+@torch.no_grad()
+def merge_and_reinit(adapter: Adapter, generator: torch.Generator | None = None) -> None:
+    """Fold the live ΔW into the base weights and start the adapter again from its initial value."""
+    for name, layer in adapter_layers(adapter).items():
+        if adapter.name == "mora":
+            layer.merge()  # float32 ΔW, checked finite
+            layer.merged = False  # keep training through the adapter, now from M = 0
+            layer.mora_M.zero_()
+            continue
+        from mora_train.adapters.lora import PEFT_ADAPTER
+
+        weight = layer.get_base_layer().weight
+        delta = layer.get_delta_weight(PEFT_ADAPTER).float()
+        merged = weight.data.float() + delta.to(weight.device)
+        if not torch.isfinite(merged).all():
+            raise MoraTrainError(f"LoRA layer '{name}': merged weight is not finite; refusing to restart")
+        weight.data.copy_(merged.to(weight.dtype))
+        # peft's initialisation (kaiming-uniform A, zero B), from a generator so that it is reproducible.
+        nn.init.kaiming_uniform_(layer.lora_A[PEFT_ADAPTER].weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(layer.lora_B[PEFT_ADAPTER].weight)
+
+
+def drop_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> int:
+    """Forget the optimizer state (moments, step count) of `params`; returns how many had state."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    dropped = 0
+    for param in params:
+        if inner.state.pop(param, None) is not None:
+            dropped += 1
+    return dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate
+
+
+def restart_lr_factor(settings: RestartSettings, step: int, base_factor: float) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based, as LambdaLR counts)."""
+    T, warmup = settings.every_steps, settings.warmup_steps
+    since = step % T
+    if settings.lr_schedule == "cosine_restarts":
+        if since < warmup:
+            return (since + 1) / (warmup + 1)
+        progress = (since - warmup) / max(1, T - warmup)
+        return settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if step < T or warmup == 0:  # jagged: the first cycle uses the trainer's own warm-up
+        return base_factor
+    return base_factor * min(1.0, (since + 1) / (warmup + 1))
+
+
+def wrap_scheduler(scheduler: Any, settings: RestartSettings) -> None:
+    """Make a LambdaLR scheduler restart its warm-up every `every_steps` steps (in place).
+
+    Plain closures (not objects) so the scheduler's state_dict stays tensor-only for weights_only loads.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
+    if not hasattr(inner, "lr_lambdas"):
+        raise MoraTrainError(
+            f"adapter.restart needs a step-based learning-rate schedule (cosine, linear, constant, ...), "
+            f"not {type(inner).__name__}; change trainer.lr_scheduler"
+        )
+
+    def wrap(fn: Any) -> Any:
+        if getattr(fn, "restart_wrapped", False):
+            return fn
+
+        def factor(step: int) -> float:
+            return restart_lr_factor(settings, step, fn(step))
+
+        # Marked on the function, not the scheduler: the scheduler's state_dict saves its attributes and a
+        # resumed run would load such a flag before wrapping its fresh scheduler.
+        factor.restart_wrapped = True  # type: ignore[attr-defined]
+        return factor
+
+    inner.lr_lambdas = [wrap(fn) for fn in inner.lr_lambdas]
+
+
+# ----------------------------------------------------------------------------------------------
+# Trained embeddings / head
+
+
+def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Input embeddings and LM head weights (once if tied)."""
+    found: dict[str, nn.Parameter] = {}
+    for name, module in (("embed_tokens", model.get_input_embeddings()), ("lm_head", model.get_output_embeddings())):
+        if module is not None and all(module.weight is not p for p in found.values()):
+            found[name] = module.weight
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint state
+
+
+class BaseWeightsState:
+    """What an adapter-only checkpoint misses: weights changed by restarts or trained directly.
+
+    `save(dir)` writes them into a checkpoint folder; `load(dir)` restores them (both called by
+    AdapterTrainer with the adapter's own save/load).
+    """
+
+    def __init__(self, adapter: Adapter, settings: RestartSettings, train_embeddings: bool) -> None:
+        self.adapter, self.settings = adapter, settings
+        self.tensors: dict[str, torch.Tensor] = {}
+        if settings.every_steps > 0:
+            for name, layer in adapter_layers(adapter).items():
+                self.tensors[f"{name}.weight"] = base_linear(adapter, layer).weight
+        if train_embeddings:
+            for name, param in embedding_parameters(adapter.base_model).items():
+                self.tensors[f"{name}.weight"] = param
+        self.restarts_done = 0
+
+    def mora_types(self) -> dict[str, str]:
+        if self.adapter.name != "mora":
+            return {}
+        return {name: layer.mora_type for name, layer in adapter_layers(self.adapter).items()}
+
+    def save(self, directory: Path) -> None:
+        tensors = {k: t.detach().cpu().contiguous().clone() for k, t in self.tensors.items()}
+        save_file(tensors, str(Path(directory) / BASE_WEIGHTS_NAME), metadata={"format": "pt"})
+        state = {"restarts_done": self.restarts_done, "every_steps": self.settings.every_steps,
+                 "mora_types": self.mora_types()}
+        (Path(directory) / RESTART_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+
+    @torch.no_grad()
+    def load(self, directory: Path) -> None:
+        weights_path, state_path = Path(directory) / BASE_WEIGHTS_NAME, Path(directory) / RESTART_STATE_NAME
+        if not weights_path.is_file() or not state_path.is_file():
+            raise MoraTrainError(
+                f"checkpoint {directory} has no {BASE_WEIGHTS_NAME}/{RESTART_STATE_NAME}, which this run needs "
+                "(adapter.restart or adapter.train_embeddings is on): it was written with other adapter settings; "
+                "resume with those, or start over with trainer.resume=false overwrite=true"
+            )
+        saved = load_file(str(weights_path))
+        missing = sorted(set(self.tensors) - set(saved))
+        if missing:
+            raise MoraTrainError(f"checkpoint {directory} lacks base weights {missing[:5]}; it was written with other adapter settings")
+        for key, tensor in self.tensors.items():
+            if saved[key].shape != tensor.shape:
+                raise MoraTrainError(f"checkpoint {directory}: {key} has shape {tuple(saved[key].shape)}, model {tuple(tensor.shape)}")
+            tensor.data.copy_(saved[key].to(dtype=tensor.dtype, device=tensor.device))
+        state = json.loads(state_path.read_text())
+        self.restarts_done = int(state["restarts_done"])
+        layers = adapter_layers(self.adapter) if self.adapter.name in ("mora", "lora") else {}
+        for name, kind in state.get("mora_types", {}).items():
+            if name in layers:
+                set_mora_type(layers[name], kind)
+                self.adapter.mora_type = kind
+
+
+# ----------------------------------------------------------------------------------------------
+# The callback
+
+
+class RestartCallback(TrainerCallback):
+    """Merge, re-initialise, switch operators, drop adapter optimizer state every `every_steps` steps."""
+
+    def __init__(self, adapter: Adapter, settings: RestartSettings, state: BaseWeightsState, seed: int) -> None:
+        self.adapter, self.settings, self.state, self.seed = adapter, settings, state, seed
+        self.params = restart_parameters(adapter)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any) -> None:
+        if lr_scheduler is None:
+            return
+        wrap_scheduler(lr_scheduler, self.settings)
+        if state.global_step == 0:
+            # The scheduler already set step 0's rate with the unwrapped schedule; set it again.
+            inner = getattr(lr_scheduler, "scheduler", lr_scheduler)
+            for group, base_lr, fn in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+                group["lr"] = base_lr * fn(0)
+            inner._last_lr = [g["lr"] for g in inner.optimizer.param_groups]
+
+    def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        step, T = state.global_step, self.settings.every_steps
+        if step % T or step >= state.max_steps:
+            return
+        self.restart(optimizer, step // T)
+
+    def restart(self, optimizer: Any, restart_index: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + restart_index)
+        merge_and_reinit(self.adapter, generator)
+        if self.adapter.name == "mora":
+            kind = mora_type_at(self.settings, restart_index)
+            for layer in adapter_layers(self.adapter).values():
+                set_mora_type(layer, kind)
+            self.adapter.mora_type = kind  # the saved adapter config names the live operator type
+        dropped = drop_optimizer_state(optimizer, self.params) if optimizer is not None else 0
+        self.state.restarts_done = restart_index
+        log.info("restart %d: merged ΔW, re-initialised the adapter, dropped optimizer state of %d tensors",
+                 restart_index, dropped)
+
+
+@dataclass
+class TrainingExtras:
+    """Callbacks and checkpoint state an adapter's options add to training (empty when none are on)."""
+
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    checkpoint_state: list[BaseWeightsState] = field(default_factory=list)
+
+
+def setup_training_extras(adapter: Adapter, adapter_cfg: DictConfig, seed: int) -> TrainingExtras:
+    """Apply adapter.train_embeddings and adapter.restart to a built adapter."""
+    settings = restart_settings(adapter_cfg)
+    train_embeddings = bool(adapter_cfg.get("train_embeddings", False))
+    extras = TrainingExtras()
+    if adapter.name == "full" or (settings.every_steps <= 0 and not train_embeddings):
+        return extras
+    if train_embeddings:
+        for param in embedding_parameters(adapter.base_model).values():
+            param.requires_grad_(True)
+    state = BaseWeightsState(adapter, settings, train_embeddings)
+    extras.checkpoint_state.append(state)
+    if settings.every_steps > 0:
+        if adapter.name == "mora":
+            for layer in adapter_layers(adapter).values():
+                set_mora_type(layer, settings.mora_types[0])  # checks every type of the cycle up front
+            for kind in settings.mora_types[1:]:
+                for layer in adapter_layers(adapter).values():
+                    _check_type_fits(layer, kind)
+            adapter.mora_type = settings.mora_types[0]  # the cycle's first type replaces adapter.mora_type
+        extras.callbacks.append(RestartCallback(adapter, settings, state, seed))
+    return extras
+
+
+def _check_type_fits(layer: nn.Module, kind: str) -> None:
+    original = layer.mora_type
+    set_mora_type(layer, kind)
+    set_mora_type(layer, original)
+
+
+def count_singular_values_above(delta: torch.Tensor, threshold: float = 0.1) -> int:
+    """Number of singular values of ΔW above `threshold` (paper Fig. 5's rank measure)."""
+    return int((torch.linalg.svdvals(delta.double()) > threshold).sum())

@@ -1,0 +1,277 @@
+"""Instruction tuning on Alpaca-style (`instruction`/`input`/`output`) and chat (`messages`) records.
+
+Every record becomes a list of chat messages ({role, content}; roles system/user/assistant; ShareGPT's
+{from: human|gpt, value} is accepted too). An Alpaca record is one user turn (the instruction, then a
+blank line and the input when there is one) and one assistant turn (the output).
+
+Rendering:
+  - the tokenizer's chat template when it has one (`task.use_chat_template: auto`), else
+  - the fallback format (also forced by `use_chat_template: false`):
+
+        ### System:\\n{system}\\n\\n### User:\\n{user}\\n\\n### Assistant:\\n{assistant}</s>
+
+    with turns separated by a blank line and the tokenizer's EOS after every assistant turn.
+
+The loss is on the assistant turns only. So that the tuned model stops, every assistant turn's
+labelled tokens include the EOS token: the fallback appends it; with a chat template whose end of
+turn is not the EOS token (e.g. Qwen's `<|im_end|>` vs `<|endoftext|>`), EOS is inserted after
+the turn's rendered text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+from mora_train.data.cache import cached, tokenizer_fingerprint
+from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
+from mora_train.data.recipe import check_eval_settings, common_problems
+from mora_train.data.sources import (
+    Record,
+    as_plain,
+    as_text,
+    fingerprint_sources,
+    has_field,
+    load_records,
+    map_fields,
+)
+from mora_train.errors import MoraTrainError
+
+FORMATS = ("auto", "alpaca", "chat")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FALLBACK_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+FALLBACK_TURN_SEPARATOR = "\n\n"
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    where: str
+
+
+@dataclass
+class InstructionData:
+    train: list[dict]
+    eval_examples: list[dict]  # tokenized held-out conversations (loss on responses)
+    eval_conversations: list[Conversation]  # the same, as messages (for generated samples)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def config_problems(task_cfg: DictConfig) -> list[str]:
+    problems = common_problems(task_cfg, ())
+    if task_cfg.get("format") not in FORMATS:
+        problems.append(f"`task.format={task_cfg.get('format')}` must be one of {', '.join(FORMATS)}")
+    if task_cfg.get("use_chat_template") not in ("auto", True, False):
+        problems.append(f"`task.use_chat_template={task_cfg.get('use_chat_template')}` must be auto, true or false")
+    system = task_cfg.get("system_prompt")
+    if system is not None and not isinstance(system, str):
+        problems.append(f"`task.system_prompt` must be a string or null, got {system!r}")
+    check_eval_settings(task_cfg.get("eval"), problems, ("max_new_tokens",))
+    gens = task_cfg.get("eval", {}).get("num_generations") if isinstance(task_cfg.get("eval"), DictConfig) else None
+    if isinstance(gens, bool) or not isinstance(gens, int) or gens < 0:
+        problems.append(f"`task.eval.num_generations={gens}` must be a non-negative integer")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> conversations
+
+
+def _chat_messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise MoraTrainError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects, got {str(value)[:80]!r}")
+    messages = []
+    for i, message in enumerate(value):
+        if isinstance(message, dict) and "from" in message and "value" in message:  # ShareGPT
+            role, content = SHAREGPT_ROLES.get(str(message["from"])), message["value"]
+        elif isinstance(message, dict) and "role" in message and "content" in message:
+            role, content = message["role"], message["content"]
+        else:
+            keys = ", ".join(message) if isinstance(message, dict) else type(message).__name__
+            raise MoraTrainError(f"{where}: message {i} needs `role` and `content` (has: {keys})")
+        if role not in ROLES:
+            raise MoraTrainError(f"{where}: message {i} has role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise MoraTrainError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise MoraTrainError(f"{where}: the conversation has no assistant message to learn from")
+    return messages
+
+
+def to_conversation(record: Record, task_cfg: DictConfig, fields: dict[str, str | None]) -> Conversation:
+    fmt = task_cfg.format
+    if fmt == "auto":
+        fmt = "chat" if has_field(record, fields, "messages") else "alpaca"
+    if fmt == "chat":
+        values = map_fields(record, fields, "task.data.fields", ("messages",))
+        messages = _chat_messages(values["messages"], record.where)
+    else:
+        values = map_fields(record, fields, "task.data.fields", ("instruction", "output"), ("input",))
+        user = as_text(values["instruction"])
+        extra = as_text(values.get("input", "")).strip()
+        if extra:
+            user = f"{user}\n\n{extra}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": as_text(values["output"])}]
+    if task_cfg.get("system_prompt") and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": task_cfg.system_prompt}, *messages]
+    return Conversation(messages, record.where)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations -> tokens
+
+
+def uses_chat_template(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if task_cfg.use_chat_template is True and not has_template:
+        raise MoraTrainError(
+            "`task.use_chat_template=true` but this tokenizer has no chat template; use task.use_chat_template=auto "
+            "(falls back to the documented '### User:/### Assistant:' format) or a model whose tokenizer has one"
+        )
+    return has_template and task_cfg.use_chat_template != False  # noqa: E712 - "auto" or True
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def fallback_prompt(messages: list[dict[str, str]]) -> str:
+    """Fallback rendering of a conversation so far, ending with the assistant header (a generation prompt)."""
+    parts = [FALLBACK_HEADERS[m["role"]] + m["content"] for m in messages]
+    return FALLBACK_TURN_SEPARATOR.join([*parts, FALLBACK_HEADERS["assistant"]])
+
+
+def encode_fallback(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, message in enumerate(messages):
+        head = (FALLBACK_TURN_SEPARATOR if i else "") + FALLBACK_HEADERS[message["role"]]
+        if message["role"] == "assistant":
+            head_ids = _ids(tokenizer, head, special=(i == 0))
+            body_ids = _ids(tokenizer, message["content"], special=False) + [tokenizer.eos_token_id]
+            input_ids += head_ids + body_ids
+            labels += [IGNORE_INDEX] * len(head_ids) + body_ids
+        else:
+            ids = _ids(tokenizer, head + message["content"], special=(i == 0))
+            input_ids += ids
+            labels += [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode_chat_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
+) -> tuple[list[int], list[int]]:
+    """Tokens of the templated conversation; labels on each assistant turn as the template renders it.
+
+    A turn's tokens are found as the difference between the conversation rendered up to the turn
+    (with the generation prompt) and up to its end, which needs the template to be prefix-stable
+    (true of ChatML, Llama, Qwen, SmolLM templates); one that is not is reported, not guessed at.
+    """
+    eos = tokenizer.eos_token_id
+    input_ids: list[int] = []
+    labels: list[int] = []
+    previous = ""  # text rendered so far
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not before.startswith(previous) or not upto.startswith(before):
+            raise MoraTrainError(
+                f"{where}: this tokenizer's chat template renders earlier turns differently once later turns "
+                "are added, so the assistant's tokens cannot be located; set task.use_chat_template=false to use "
+                "the documented fallback format"
+            )
+        context_ids = _ids(tokenizer, before[len(previous) :], special=False)
+        turn_ids = _ids(tokenizer, upto[len(before) :], special=False)
+        if eos not in turn_ids:
+            turn_ids.append(eos)  # the template's end of turn is not EOS: add it so generation stops
+        input_ids += context_ids + turn_ids
+        labels += [IGNORE_INDEX] * len(context_ids) + turn_ids
+        previous = upto
+    return input_ids, labels
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, chat_template: bool
+) -> tuple[list[int], list[int]]:
+    if chat_template:
+        return encode_chat_template(tokenizer, conversation.messages, conversation.where)
+    return encode_fallback(tokenizer, conversation.messages)
+
+
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], chat_template: bool) -> str:
+    return _render(tokenizer, messages, generation_prompt=True) if chat_template else fallback_prompt(messages)
+
+
+def _fields(task_cfg: DictConfig) -> dict[str, str | None]:
+    return as_plain(task_cfg.data.fields)
+
+
+def load_conversations(task_cfg: DictConfig, key: str, limit: int | None = None) -> list[Conversation]:
+    records = load_records(task_cfg.data[key.rsplit(".", 1)[-1]], key)
+    fields = _fields(task_cfg)
+    return [to_conversation(r, task_cfg, fields) for r in (records[:limit] if limit else records)]
+
+
+def tokenize(
+    conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_seq_len: int, too_long: str
+) -> tuple[list[dict], LengthReport]:
+    report = LengthReport()
+    examples = []
+    for conversation in conversations:
+        example = fit_to_length(*encode(tokenizer, conversation, chat_template), max_seq_len, too_long, report)
+        if example is not None:
+            examples.append(example)
+    return examples, report
+
+
+def _eval_part(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[Conversation], list[dict]]:
+    chat_template = uses_chat_template(task_cfg, tokenizer)
+    conversations = load_conversations(task_cfg, "task.data.eval", task_cfg.eval.get("max_samples"))
+    examples, report = tokenize(conversations, tokenizer, chat_template, max_seq_len, "truncate")
+    log_length_report(f"{task_cfg.name} held-out set", report, max_seq_len)
+    require_examples(examples, "task.data.eval", report, max_seq_len)
+    return conversations, examples
+
+
+def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> InstructionData:
+    chat_template = uses_chat_template(task_cfg, tokenizer)
+    conversations, eval_examples = _eval_part(task_cfg, tokenizer, max_seq_len)
+
+    def build_train() -> tuple[list[dict], dict]:
+        examples, report = tokenize(
+            load_conversations(task_cfg, "task.data.train"), tokenizer, chat_template, max_seq_len, task_cfg.too_long
+        )
+        return examples, report.as_dict()
+
+    key = {
+        "recipe": "instruction",
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_seq_len": max_seq_len,
+        "chat_template": chat_template,
+        "settings": {k: as_plain(task_cfg.get(k)) for k in ("format", "system_prompt", "too_long")},
+        "fields": _fields(task_cfg),
+        "data": fingerprint_sources(task_cfg.data.train),
+    }
+    train, meta = cached(task_cfg.get("cache_dir"), f"{task_cfg.name}-train", key, build_train)
+    report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
+    log_length_report(f"{task_cfg.name} training set", report, max_seq_len)
+    require_examples(train, "task.data.train", report, max_seq_len)
+    return InstructionData(train, eval_examples, conversations, {**meta, "chat_template": chat_template})
+
+
+def build_eval(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> InstructionData:
+    conversations, eval_examples = _eval_part(task_cfg, tokenizer, max_seq_len)
+    return InstructionData([], eval_examples, conversations, {"chat_template": uses_chat_template(task_cfg, tokenizer)})

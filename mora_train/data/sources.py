@@ -1,0 +1,467 @@
+"""Where a task's records come from: local files or a Hugging Face Hub dataset, plus field mapping.
+
+A *source* is one of (in YAML):
+
+    path: data/train.jsonl              # a file, a glob (data/*.jsonl, data/**/*.parquet), a folder, or a list of them
+    hub: openai/gsm8k                   # or a Hub dataset id, read with datasets.load_dataset(hub, hub_config, split=split)
+    hub_config: main
+    split: train
+    revision: null
+    fields: {question: question}        # optional: overrides the task's data.fields for this source
+    keep_if_in: {field: pubid, file: ids.json}   # optional: keep records whose field is a key/item/line of `file`
+    drop_if_in: {field: pubid, file: ids.json}   # optional: drop them instead
+    limit: 100                          # optional: the first N records only
+    text_unit: file                     # .txt files: one record per file | line | paragraph (blank-line separated)
+
+A bare string is short for `{path: STRING}`; a list of sources is read in order and concatenated.
+Local formats by extension: .jsonl/.ndjson, .json, .csv, .tsv, .parquet, .txt (field `text`).
+
+Field mapping: each recipe field (e.g. `question`) maps to a field of your records, written as a
+dotted path (`instances.0.input`, `options.A`) or as a template of several fields
+(`"{title}\\n{abstract}"`; list values are joined with newlines). Every data error names the file
+and line (or hub row) and what to change, and raises MoraTrainError: no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mora_train.errors import MoraTrainError
+
+LOCAL_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+                 ".parquet": "parquet", ".txt": "txt"}
+SOURCE_KEYS = ("path", "hub", "hub_config", "split", "revision", "fields", "keep_if_in", "drop_if_in", "limit",
+               "text_unit")
+TEXT_UNITS = ("file", "line", "paragraph")
+GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class Record:
+    values: dict[str, Any]  # the record as read
+    where: str  # "FILE line N" or "hub dataset ID (split) row N": every error about the record names it
+    fields: dict[str, str] | None = None  # its source's own field mapping, over the task's data.fields
+
+
+# ----------------------------------------------------------------------------------------------
+# Source configs
+
+
+def as_plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def source_list(node: Any) -> list[dict]:
+    """Normalise a `task.data.*` node (string, mapping, or list of them) into a list of source dicts."""
+    node = as_plain(node)
+    items = node if isinstance(node, list) else [node]
+    return [{"path": item} if isinstance(item, str) else item for item in items]
+
+
+def source_problems(node: Any, key: str) -> list[str]:
+    """Config problems of a source node, found without reading any data (missing files included)."""
+    node = as_plain(node)
+    if node is None:
+        return [f"`{key}` is not set; give a file path (`{key}=path/to/data.jsonl`) or a hub id (`{key}.hub=org/name`)"]
+    if isinstance(node, list) and not node:
+        return [f"`{key}` is an empty list; give at least one source"]
+    problems = []
+    for i, source in enumerate(source_list(node)):
+        where = f"{key}[{i}]" if isinstance(node, list) else key
+        if not isinstance(source, dict):
+            problems.append(f"`{where}` must be a path or a mapping with `path` or `hub`, got {source!r}")
+            continue
+        unknown = sorted(set(source) - set(SOURCE_KEYS))
+        if unknown:
+            problems.append(f"`{where}` has unknown keys {unknown}; known keys: {', '.join(SOURCE_KEYS)}")
+        path, hub = source.get("path"), source.get("hub")
+        if (path is None) == (hub is None):
+            problems.append(
+                f"`{where}` needs exactly one of `path` (local files) or `hub` (a Hugging Face dataset id); "
+                f"got path={path!r}, hub={hub!r}. To switch to the hub: {where}.path=null {where}.hub=org/name"
+            )
+        if path is not None:
+            paths = path if isinstance(path, list) else [path]
+            for p in paths:
+                if not isinstance(p, str):
+                    problems.append(f"`{where}.path` must be a string or a list of strings, got {p!r}")
+                elif not _expand_path(p):
+                    problems.append(_missing_path_message(f"{where}.path", p))
+        if hub is not None and not isinstance(hub, str):
+            problems.append(f"`{where}.hub` must be a dataset id string such as openai/gsm8k, got {hub!r}")
+        if hub is not None and source.get("split") is None:
+            problems.append(f"`{where}.split` must be set for a hub dataset (e.g. {where}.split=train)")
+        limit = source.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            problems.append(f"`{where}.limit={limit}` must be a positive integer or null")
+        if source.get("text_unit") not in (None, *TEXT_UNITS):
+            problems.append(f"`{where}.text_unit={source.get('text_unit')}` must be one of {', '.join(TEXT_UNITS)}")
+        fields = source.get("fields")
+        if fields is not None:
+            problems.extend(fields_problems(fields, f"{where}.fields"))
+        for filter_key in ("keep_if_in", "drop_if_in"):
+            spec = source.get(filter_key)
+            if spec is None:
+                continue
+            if not isinstance(spec, dict) or not isinstance(spec.get("field"), str) or not isinstance(spec.get("file"), str):
+                problems.append(f"`{where}.{filter_key}` must be a mapping {{field: NAME, file: PATH}}, got {spec!r}")
+            elif not Path(spec["file"]).expanduser().is_file():
+                problems.append(f"`{where}.{filter_key}.file={spec['file']}` does not exist")
+    return problems
+
+
+def fields_problems(fields: Any, key: str, required: Iterable[str] = ()) -> list[str]:
+    fields = as_plain(fields)
+    if not isinstance(fields, dict):
+        return [f"`{key}` must be a mapping of recipe field -> your field (path or template), got {fields!r}"]
+    problems = [f"`{key}.{name}` must be a string (a field name, dotted path or template), got {value!r}"
+                for name, value in fields.items() if value is not None and not isinstance(value, str)]
+    problems += [f"`{key}.{name}` is missing; map it to the field of your data that holds it" for name in required
+                 if fields.get(name) is None]
+    return problems
+
+
+def _missing_path_message(key: str, path: str) -> str:
+    if GLOB_CHARS & set(path):
+        return f"`{key}={path}` matches no file; check the pattern"
+    hint = ""
+    if "shared/data" in path:
+        hint = " (the shipped configs read ../shared/data beside the repository; set MORA_TRAIN_DATA=/path/to/data or data_dir=... to use another folder)"
+    return f"`{key}={path}` does not exist{hint}"
+
+
+def _expand_path(path: str) -> list[Path]:
+    """Files named by a path: itself, a glob's matches, or a folder's supported files (recursively), sorted."""
+    expanded = os.path.expanduser(path)
+    if GLOB_CHARS & set(expanded):
+        return [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if Path(p).is_file()]
+    p = Path(expanded)
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in LOCAL_FORMATS)
+    return [p] if p.is_file() else []
+
+
+def source_files(source: dict) -> list[Path]:
+    paths = source["path"] if isinstance(source["path"], list) else [source["path"]]
+    return [f for p in paths for f in _expand_path(p)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_records(node: Any, key: str) -> list[Record]:
+    """All records of a `task.data.*` node, in order. Raises MoraTrainError on any data problem or an empty result."""
+    problems = source_problems(node, key)
+    if problems:
+        raise MoraTrainError("; ".join(problems))
+    records: list[Record] = []
+    for source in source_list(node):
+        records.extend(_read_source(source, key))
+    if not records:
+        raise MoraTrainError(f"`{key}` gave no records (after filters); check the files/split and any keep_if_in/drop_if_in/limit")
+    return records
+
+
+def _read_source(source: dict, key: str) -> list[Record]:
+    limit = source.get("limit")
+    if source.get("hub") is not None:
+        records = _read_hub(source, limit, key)
+    else:
+        records = []
+        for file in source_files(source):
+            records.extend(read_file(file, source.get("text_unit") or "file"))
+            if limit is not None and len(records) >= limit and not (source.get("keep_if_in") or source.get("drop_if_in")):
+                break
+    for filter_key, keep in (("keep_if_in", True), ("drop_if_in", False)):
+        spec = source.get(filter_key)
+        if spec:
+            ids = _id_set(Path(spec["file"]).expanduser())
+            records = [r for r in records if (_id_value(r, spec["field"], f"{key}.{filter_key}.field") in ids) == keep]
+    if limit is not None:
+        records = records[:limit]
+    if source.get("fields") is not None:
+        for r in records:
+            r.fields = source["fields"]
+    return records
+
+
+def _read_hub(source: dict, limit: int | None, key: str) -> list[Record]:
+    hub, config, split, revision = source["hub"], source.get("hub_config"), source["split"], source.get("revision")
+    if limit is not None and "[" not in split:
+        split = f"{split}[:{limit}]"  # datasets slices the split: only the first `limit` rows are materialised
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(hub, config, split=split, revision=revision)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types (network, missing config/split, gated)
+        first_line = str(err).splitlines()[0] if str(err) else "no details"
+        raise MoraTrainError(
+            f"could not load hub dataset '{hub}' (config {config!r}, split {split!r}): {type(err).__name__}: "
+            f"{first_line}. Offline or gated? Download it where you have access (`hf download {hub} --repo-type "
+            f"dataset --local-dir DIR`), copy DIR here and read the files instead: `{key}.hub=null {key}.path=DIR`."
+        ) from None
+    where = f"hub dataset {hub}" + (f" ({config})" if config else "") + f" [{split}] row"
+    return [Record(dict(row), f"{where} {i}") for i, row in enumerate(dataset)]
+
+
+def read_file(path: Path, text_unit: str = "file") -> list[Record]:
+    """Records of one local file, by extension. Errors name the file and line."""
+    fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise MoraTrainError(
+            f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
+        )
+    if fmt == "parquet":
+        return _read_parquet(path)
+    text = _read_text(path)
+    if fmt == "jsonl":
+        return _read_jsonl(path, text)
+    if fmt == "json":
+        return _read_json(path, text)
+    if fmt in ("csv", "tsv"):
+        return _read_csv(path, text, "\t" if fmt == "tsv" else ",")
+    return _read_txt(path, text, text_unit)
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise MoraTrainError(f"{path} line {line}: not valid UTF-8 ({err.reason}); re-encode the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path, text: str) -> list[Record]:
+    records = []
+    # Split on "\n" only: str.splitlines() also splits on U+2028/U+2029/\x1c..., which are legal
+    # inside JSON strings (PubMedQA has U+2029 in an abstract).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MoraTrainError(
+                f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno}); fix or remove that line"
+            ) from None
+        if not isinstance(value, dict):
+            raise MoraTrainError(f"{path} line {number}: expected a JSON object per line, got {type(value).__name__}")
+        records.append(Record(value, f"{path} line {number}"))
+    return records
+
+
+def _read_json(path: Path, text: str) -> list[Record]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MoraTrainError(f"{path} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        # An object keyed by id (e.g. PubMedQA's ori_pqal.json): one record per entry, the key as `id`.
+        return [Record({"id": k, **v}, f"{path} entry {k!r}") for k, v in value.items()]
+    if isinstance(value, dict):
+        lists = [k for k, v in value.items() if isinstance(v, list)]
+        if len(lists) == 1:  # {"data": [...]}-style wrappers
+            value = value[lists[0]]
+    if not isinstance(value, list):
+        raise MoraTrainError(f"{path}: expected a JSON array of objects (or JSON Lines in a .jsonl file)")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise MoraTrainError(f"{path} item {i}: expected a JSON object, got {type(item).__name__}")
+    return [Record(item, f"{path} item {i}") for i, item in enumerate(value)]
+
+
+def _read_csv(path: Path, text: str, delimiter: str) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    records = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise MoraTrainError(
+                    f"{path} line {reader.line_num}: {len(row)} fields, but the header has {len(header)} "
+                    f"({', '.join(header)}); check quoting and delimiters on that line"
+                )
+            records.append(Record(dict(zip(header, row)), f"{path} line {reader.line_num}"))
+    except csv.Error as err:
+        raise MoraTrainError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for damaged files
+        raise MoraTrainError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
+    return [Record(row, f"{path} row {i}") for i, row in enumerate(rows)]
+
+
+def _read_txt(path: Path, text: str, unit: str) -> list[Record]:
+    if unit == "file":
+        return [Record({"text": text}, str(path))] if text.strip() else []
+    if unit == "line":
+        return [Record({"text": line.rstrip("\r")}, f"{path} line {n}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    records, block, start = [], [], 1
+    for n, line in enumerate([*text.split("\n"), ""], 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            if not block:
+                start = n
+            block.append(line)
+        elif block:
+            records.append(Record({"text": "\n".join(block)}, f"{path} line {start}"))
+            block = []
+    return records
+
+
+def _id_set(path: Path) -> set[str]:
+    """Ids in a filter file: a JSON object's keys, a JSON array's items, or a text file's lines."""
+    text = _read_text(path)
+    if path.suffix.lower() == ".json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise MoraTrainError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+        return {str(v) for v in (value.keys() if isinstance(value, dict) else value)}
+    return {line.strip() for line in text.split("\n") if line.strip()}
+
+
+def _id_value(record: Record, field: str, key: str) -> str:
+    value = lookup(record, field, key)
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Field access
+
+
+_MISSING = object()
+
+
+def _get(values: Any, path: str) -> Any:
+    """Value at a dotted path (`instances.0.input`); keys that themselves contain dots are tried whole first."""
+    if isinstance(values, dict) and path in values:
+        return values[path]
+    head, _, rest = path.partition(".")
+    if isinstance(values, dict) and head in values:
+        current = values[head]
+    elif isinstance(values, list) and head.lstrip("-").isdigit() and -len(values) <= int(head) < len(values):
+        current = values[int(head)]
+    else:
+        return _MISSING
+    return _get(current, rest) if rest else current
+
+
+def present_fields(record: Record) -> str:
+    return ", ".join(record.values) if record.values else "(none)"
+
+
+def lookup(record: Record, path: str, key: str) -> Any:
+    """The value at `path` in the record; a missing (or null) field raises an error naming it and the fields present."""
+    value = _get(record.values, path)
+    if value is _MISSING or value is None:
+        what = "is missing" if value is _MISSING else "is null"
+        raise MoraTrainError(
+            f"{record.where}: field '{path}' {what} (wanted by `{key}`); the record has fields: "
+            f"{present_fields(record)}. Point `{key}` at the field that holds it."
+        )
+    return value
+
+
+def as_text(value: Any) -> str:
+    """Text of a field value: strings as they are, lists joined by newlines, numbers via str()."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "\n".join(as_text(v) for v in value)
+    return str(value)
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def render(template: str, record: Record, key: str) -> str:
+    """Fill `{field}` / `{a.b.0}` placeholders from the record (lists joined by newlines); `{{`/`}}` are literal braces."""
+    parts = []
+    for literal, name, spec, _ in string.Formatter().parse(template):
+        parts.append(literal)
+        if name is not None:
+            if name == "":
+                raise MoraTrainError(f"`{key}={template!r}` has an empty {{}} placeholder; name a field inside the braces")
+            value = as_text(lookup(record, name, key))
+            parts.append(format(value, spec) if spec else value)
+    return "".join(parts)
+
+
+def is_template(spec: str) -> bool:
+    return "{" in spec
+
+
+def field_value(record: Record, spec: str, key: str) -> Any:
+    """A recipe field's value: a template renders to text; a path returns the raw value (lists stay lists)."""
+    return render(spec, record, key) if is_template(spec) else lookup(record, spec, key)
+
+
+def map_fields(
+    record: Record, fields: dict[str, str | None], fields_key: str, required: Iterable[str], optional: Iterable[str] = ()
+) -> dict[str, Any]:
+    """{recipe field: value} for one record, using its source's own mapping when it has one."""
+    mapping = {**fields, **(record.fields or {})}
+    out: dict[str, Any] = {}
+    for name in required:
+        spec = mapping.get(name)
+        if spec is None:
+            raise MoraTrainError(f"`{fields_key}.{name}` is not set; map it to the field of your data that holds it")
+        out[name] = field_value(record, spec, f"{fields_key}.{name}")
+    for name in optional:
+        spec = mapping.get(name)
+        if spec is None:
+            continue
+        value = render(spec, record, f"{fields_key}.{name}") if is_template(spec) else _get(record.values, spec)
+        if value is not _MISSING and value is not None:
+            out[name] = value
+    return out
+
+
+def has_field(record: Record, fields: dict[str, str | None], name: str) -> bool:
+    spec = {**fields, **(record.fields or {})}.get(name)
+    if spec is None:
+        return False
+    if is_template(spec):
+        return all(_get(record.values, f) not in (_MISSING, None) for f in template_fields(spec))
+    return _get(record.values, spec) not in (_MISSING, None)
+
+
+def fingerprint_sources(node: Any) -> list[Any]:
+    """What identifies a source's content for the tokenized-data cache: files by path, size and mtime; hub by id."""
+    out: list[Any] = []
+    for source in source_list(node):
+        if source.get("hub") is not None:
+            out.append({k: source.get(k) for k in ("hub", "hub_config", "split", "revision")})
+        else:
+            out.append([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in source_files(source)])
+        for filter_key in ("keep_if_in", "drop_if_in"):
+            spec = source.get(filter_key)
+            if spec:
+                f = Path(spec["file"]).expanduser()
+                out.append((filter_key, spec["field"], str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns))
+        out.append({k: source.get(k) for k in ("fields", "limit", "text_unit")})
+    return out

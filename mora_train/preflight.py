@@ -1,0 +1,150 @@
+"""Checks that need the loaded base model, run before the adapter is built and before any training.
+
+config.validate() catches what the config alone shows (in a second, before a model download); this
+catches what needs the model's layers, all reported in one ConfigError: target_modules that name no
+layer (listing the names that exist), a rank the chosen MoRA type cannot serve for some layer, and not
+enough free disk for what the run will write (the merged checkpoint above all).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mora_train.adapters.base import linear_layer_names
+from mora_train.errors import ConfigError
+from mora_train.resilience import format_bytes, free_bytes
+
+log = logging.getLogger(__name__)
+
+# Logs, TensorBoard events, predictions, tokenizer files: small, but not nothing.
+SMALL_FILES_BYTES = 32 << 20
+ADAM_STATES_PER_PARAM = 2  # exp_avg and exp_avg_sq, in the parameter's dtype
+
+
+def target_layers(model: nn.Module, targets: list[str]) -> tuple[dict[str, nn.Linear], list[str]]:
+    """(matched linear layers by full name, entries of `targets` that match none)."""
+    found: dict[str, nn.Linear] = {}
+    unmatched = list(targets)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for target in targets:
+            if name == target or name.endswith("." + target):
+                found[name] = module
+                if target in unmatched:
+                    unmatched.remove(target)
+    return found, unmatched
+
+
+def _model_bytes(model: nn.Module) -> tuple[int, int]:
+    """(parameter count, bytes) with tied weights counted once, as save_pretrained writes them."""
+    seen: set[int] = set()
+    count = size = 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            count += param.numel()
+            size += param.numel() * param.element_size()
+    return count, size
+
+
+def _trainable_count(adapter_cfg: DictConfig, rank: int, model: nn.Module, layers: dict[str, nn.Linear]) -> int:
+    if adapter_cfg.name == "lora":
+        return sum(rank * (m.in_features + m.out_features) for m in layers.values())
+    if adapter_cfg.name == "mora":
+        from mora_train.adapters.mora import mora_square_side
+
+        return sum(mora_square_side(m.in_features, m.out_features, rank, adapter_cfg.mora_type) ** 2 for m in layers.values())
+    if adapter_cfg.target_modules == "all":
+        return _model_bytes(model)[0]
+    return sum(p.numel() for m in layers.values() for p in m.parameters())
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
+
+
+def estimate_run_bytes(cfg: DictConfig, model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, int]:
+    """Bytes the run will still write: merged checkpoint, adapter folder, training checkpoints, small files."""
+    _, merged = _model_bytes(model)
+    element = next(model.parameters()).element_size()
+    trainable = _trainable_count(cfg.adapter, cfg.rank, model, layers) * element
+    full = cfg.adapter.name == "full"
+    checkpoint = (merged if full else trainable) + ADAM_STATES_PER_PARAM * trainable
+    trainer = cfg.trainer
+    checkpoints = 0
+    if trainer.save_steps > 0:
+        saves = max(trainer.max_steps, 0) // trainer.save_steps or 1
+        limit = trainer.save_total_limit
+        # One more than the limit exists for a moment: the new one is published before the oldest is deleted.
+        kept = saves if limit is None else min(saves, limit + 1)
+        existing = _dir_bytes(Path(cfg.output_dir) / "checkpoints")
+        checkpoints = max(kept * checkpoint - existing, 0)
+    return {
+        "merged checkpoint": merged,
+        "adapter": 0 if full else trainable,
+        "training checkpoints": checkpoints,
+        "logs and small files": SMALL_FILES_BYTES,
+    }
+
+
+def disk_problem(cfg: DictConfig, model: nn.Module, layers: dict[str, nn.Linear]) -> str | None:
+    parts = estimate_run_bytes(cfg, model, layers)
+    needed, free = sum(parts.values()), free_bytes(Path(cfg.output_dir))
+    if free >= needed:
+        return None
+    detail = ", ".join(f"{name} {format_bytes(size)}" for name, size in parts.items() if size)
+    return (
+        f"not enough free disk for `output_dir={cfg.output_dir}`: this run will write about {format_bytes(needed)} "
+        f"({detail}) but only {format_bytes(free)} is free there. Free some space, point output_dir at a bigger "
+        "disk, or write fewer checkpoints (trainer.save_total_limit, trainer.save_steps)"
+    )
+
+
+def model_fit_problems(cfg: DictConfig, model: nn.Module) -> list[str]:
+    """Every way `cfg` does not fit this model or this disk, one message each."""
+    problems: list[str] = []
+    adapter_cfg = cfg.adapter
+    targets = adapter_cfg.target_modules
+    if isinstance(targets, str):  # "all" (full fine-tuning)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        unmatched: list[str] = []
+    else:
+        targets = list(OmegaConf.to_container(targets))
+        layers, unmatched = target_layers(model, targets)
+    if unmatched:
+        problems.append(
+            f"`adapter.target_modules`: {unmatched} match no linear layer of this model; its linear layers are "
+            f"named {linear_layer_names(model)}: set adapter.target_modules to some of those"
+        )
+    if adapter_cfg.name == "mora" and not unmatched:
+        from mora_train.adapters.mora import mora_shape_problem
+
+        # One message per layer kind and shape (a 30-layer model has 30 identical q_proj problems).
+        failing: dict[tuple, list[str]] = {}
+        for name, layer in layers.items():
+            problem = mora_shape_problem(name, layer.in_features, layer.out_features, cfg.rank, adapter_cfg.mora_type)
+            if problem:
+                failing.setdefault((name.rsplit(".", 1)[-1], layer.in_features, layer.out_features), []).append(problem)
+        for same_kind in failing.values():
+            more = f" (and {len(same_kind) - 1} more layers like it)" if len(same_kind) > 1 else ""
+            problems.append(f"`rank={cfg.rank}` with `adapter.mora_type={adapter_cfg.mora_type}`: {same_kind[0]}{more}")
+    if adapter_cfg.name == "lora":
+        capped = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if cfg.rank > min(m.in_features, m.out_features)})
+        if capped:
+            # Not an error (the paper compares LoRA and MoRA at r=256 on layers this narrow), but worth knowing.
+            log.warning("rank=%d exceeds min(d_in, d_out) of %s: LoRA's update there cannot reach that rank", cfg.rank, capped)
+    problem = disk_problem(cfg, model, layers)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def check_model_fit(cfg: DictConfig, model: nn.Module) -> None:
+    problems = model_fit_problems(cfg, model)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,161 @@
+"""Multirun support: a failed job records its error and the sweep goes on; a summary at the end.
+
+Hydra runs the jobs of a multirun one after another in one process. A job that raised would
+stop the sweep (a SystemExit at once, any other exception once its batch is done), so in
+multirun mode the CLI hands failures to `record_job_failure`, which writes `error.json` and
+`error.txt` into the job's run dir and returns a metric that lets the sweep go on: NaN for
+Hydra's basic sweeper (which ignores it), and the worst possible value for an optimising
+sweeper that declares a direction (-inf when maximizing, +inf when minimizing): the Optuna
+sweeper (hydra-optuna-sweeper 1.2) aborts the whole study when a job returns NaN or None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mora_train.errors import MoraTrainError
+
+log = logging.getLogger(__name__)
+
+ERROR_JSON = "error.json"
+ERROR_TXT = "error.txt"
+METRICS_JSON = "metrics.json"
+
+
+# A file name may hold 255 bytes; Hydra's override_dirname grows with every override and keeps
+# path separators of values (model.name_or_path=/a/b would nest folders).
+MAX_DIRNAME = 120
+
+
+def safe_dirname(override_dirname: str, max_len: int = MAX_DIRNAME) -> str:
+    """A job folder name from Hydra's override_dirname: no '/', at most max_len characters.
+
+    Long names are cut and end in a hash of the whole, so two jobs never share a folder.
+    """
+    name = str(override_dirname).replace("/", "_").replace("\\", "_") or "defaults"
+    if len(name) > max_len:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[: max_len - 9]}-{digest}"
+    return name
+
+
+def register_resolvers() -> None:
+    """`${mora_dirname:...}`, used by hydra.sweep.subdir in configs/config.yaml."""
+    if not OmegaConf.has_resolver("mora_dirname"):
+        OmegaConf.register_new_resolver("mora_dirname", safe_dirname)
+
+
+def in_multirun() -> bool:
+    """True inside a job of `mora-train -m ...` (Hydra's MULTIRUN mode)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_label() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "job"
+    job = HydraConfig.get().job
+    return f"job {job.get('num', '?')} ({job.get('override_dirname') or 'no overrides'})"
+
+
+def failed_job_metric(sweeper_cfg: Any = None) -> float:
+    """What a failed job returns: the worst value for the sweeper's `direction`, else NaN.
+
+    sweeper_cfg defaults to the running job's hydra.sweeper.
+    """
+    if sweeper_cfg is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return math.nan
+        sweeper_cfg = HydraConfig.get().sweeper
+    direction = sweeper_cfg.get("direction")
+    if not isinstance(direction, str) and direction is not None and len(direction) == 1:
+        direction = direction[0]  # a one-objective list, as Optuna also accepts
+    direction = str(direction).lower() if direction is not None else ""
+    if direction in ("maximize", "studydirection.maximize"):
+        return -math.inf
+    if direction in ("minimize", "studydirection.minimize"):
+        return math.inf
+    return math.nan
+
+
+def record_job_failure(cfg: DictConfig, err: BaseException, sweep_goes_on: bool = True) -> float:
+    """Write the error of a failed sweep job into its run dir; return the job's metric (failed_job_metric).
+
+    A user error (MoraTrainError) is recorded by its message, anything else with its traceback
+    too. A run dir that already holds a finished run (metrics.json) is left untouched: the job
+    failed precisely because it must not write there.
+    """
+    user_error = isinstance(err, MoraTrainError)
+    message = str(err) if user_error else f"{type(err).__name__}: {err}"
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    if sweep_goes_on:
+        print(f"\nmora-train: error in {_job_label()}: {message}\nthe sweep goes on with the next job", file=sys.stderr, flush=True)
+    metric = failed_job_metric()
+    try:
+        run_dir = Path(str(cfg.output_dir))
+    except Exception:  # output_dir itself may be what failed to resolve
+        log.warning("could not resolve output_dir to record the error of %s", _job_label())
+        return metric
+    if (run_dir / METRICS_JSON).exists():
+        log.warning("%s holds a finished run; its error is not recorded there", run_dir)
+        return metric
+    from mora_train.adapters.base import write_json_atomically
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(
+        run_dir / ERROR_JSON,
+        {"error_type": type(err).__name__, "user_error": user_error, "message": message, "traceback": trace},
+    )
+    (run_dir / ERROR_TXT).write_text(message + "\n\n" + trace)
+    return metric
+
+
+def sweep_job_dirs(sweep_dir: Path) -> list[Path]:
+    """Folders of the jobs Hydra launched under sweep_dir (each holds .hydra/config.yaml)."""
+    return sorted(p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/config.yaml"))
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra < 1.1
+    Callback = object  # type: ignore[misc,assignment]
+
+
+class SweepSummary(Callback):
+    """After a multirun: how many jobs finished or failed, and the command that makes the report."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sweep_job_dirs(sweep_dir)
+        failed = [j for j in jobs if not (j / METRICS_JSON).exists()]
+        lines = [f"\nsweep finished: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded in {sweep_dir}"]
+        for job in failed:
+            reason = "see error.txt" if (job / ERROR_JSON).exists() else "no metrics.json"
+            lines.append(f"  failed: {job.name} ({reason})")
+        lines.append(f"report: mora-train-report {sweep_dir}")
+        print("\n".join(lines), file=sys.stderr if failed else sys.stdout, flush=True)
+
+
+def read_error(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / ERROR_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"error_type": "unreadable", "message": f"{path} is not valid JSON", "user_error": False}

@@ -1,0 +1,126 @@
+"""Checkpoint completeness, publication, rotation, and which checkpoint a run resumes from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mora_train.checkpoints import (
+    COMPLETE_MARKER,
+    STAGING_DIR,
+    complete_checkpoints,
+    is_complete,
+    plan_resume,
+    publish,
+    rotate,
+)
+from mora_train.errors import MoraTrainError
+from mora_train.resilience import StopSignals
+
+
+def make_checkpoint(checkpoints: Path, step: int, adapter: str = "lora", rank: int | None = 8) -> Path:
+    staged = checkpoints / STAGING_DIR / f"checkpoint-{step}"
+    staged.mkdir(parents=True)
+    (staged / "adapter_model.safetensors").write_bytes(b"w" * 100)
+    (staged / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    publish(staged, checkpoints / staged.name, {"step": step, "adapter": adapter, "rank": rank})
+    return checkpoints / staged.name
+
+
+def test_published_checkpoint_is_complete_and_truncation_or_loss_is_detected(tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path / "checkpoints", 3)
+    assert is_complete(checkpoint)
+    assert not (tmp_path / "checkpoints" / STAGING_DIR / "checkpoint-3").exists()
+    files = json.loads((checkpoint / COMPLETE_MARKER).read_text())["files"]
+    assert files == {"adapter_model.safetensors": 100, "trainer_state.json": len('{"global_step": 3}')}
+
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"w" * 50)  # truncated
+    assert not is_complete(checkpoint)
+    other = make_checkpoint(tmp_path / "checkpoints", 4)
+    (other / "trainer_state.json").unlink()
+    assert not is_complete(other)
+    (tmp_path / "checkpoints" / "checkpoint-5").mkdir()  # a folder with no marker: a save that never finished
+    assert complete_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2, 4, 10, 6):
+        make_checkpoint(checkpoints, step)
+    rotate(checkpoints, 2)
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-6", "checkpoint-10"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-6"]  # no trash left
+
+
+def test_auto_resumes_from_the_newest_complete_checkpoint_and_cleans_leftovers(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    make_checkpoint(checkpoints, 2)
+    make_checkpoint(checkpoints, 4)
+    (checkpoints / "checkpoint-6").mkdir()  # incomplete: ignored
+    (checkpoints / STAGING_DIR / "checkpoint-8").mkdir(parents=True)  # killed mid-save: removed
+    (checkpoints / ".trash-checkpoint-0-123").mkdir()  # killed mid-delete: removed
+    (tmp_path / ".merged.tmp-4242").mkdir()  # killed mid-export: removed
+    assert plan_resume(tmp_path, "auto", False, "lora", 8) == checkpoints / "checkpoint-4"
+    assert not (checkpoints / STAGING_DIR).exists() and not (checkpoints / ".trash-checkpoint-0-123").exists()
+    assert not (tmp_path / ".merged.tmp-4242").exists()
+    assert plan_resume(tmp_path, True, False, "lora", 8) == checkpoints / "checkpoint-4"
+
+
+def test_resume_settings_without_checkpoints(tmp_path: Path) -> None:
+    assert plan_resume(tmp_path, "auto", False, "lora", 8) is None
+    assert plan_resume(tmp_path, False, False, "lora", 8) is None
+    with pytest.raises(MoraTrainError, match="no complete checkpoint"):
+        plan_resume(tmp_path, True, False, "lora", 8)
+
+
+def test_starting_over_needs_overwrite_and_deletes_nothing_without_it(tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path / "checkpoints", 4)
+    with pytest.raises(MoraTrainError, match="overwrite=true"):
+        plan_resume(tmp_path, False, False, "lora", 8)
+    assert is_complete(checkpoint)
+    assert plan_resume(tmp_path, False, True, "lora", 8) is None
+    assert not checkpoint.exists()
+
+
+def test_a_finished_run_replaced_with_overwrite_loses_its_outputs_first(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "checkpoints", 4)
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "merged").mkdir()
+    assert plan_resume(tmp_path, "auto", True, "lora", 8) is None
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "merged").exists()
+    assert complete_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_explicit_path_to_a_checkpoint_or_run_dir(tmp_path: Path) -> None:
+    other_run = tmp_path / "other"
+    checkpoint = make_checkpoint(other_run / "checkpoints", 6)
+    here = tmp_path / "here"
+    assert plan_resume(here, str(checkpoint), False, "lora", 8) == checkpoint
+    assert plan_resume(here, str(other_run), False, "lora", 8) == checkpoint
+    (checkpoint / COMPLETE_MARKER).unlink()
+    with pytest.raises(MoraTrainError, match="not a complete checkpoint"):
+        plan_resume(here, str(checkpoint), False, "lora", 8)
+
+
+def test_a_checkpoint_of_another_adapter_or_rank_is_refused_by_name(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "checkpoints", 4, adapter="lora", rank=8)
+    with pytest.raises(MoraTrainError, match="adapter=lora rank=8, but this run is adapter=mora rank=8"):
+        plan_resume(tmp_path, "auto", False, "mora", 8)
+    with pytest.raises(MoraTrainError, match="rank=16"):
+        plan_resume(tmp_path, "auto", False, "lora", 16)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_first_signal_requests_a_stop_and_the_second_aborts(sig: int) -> None:
+    previous = signal.getsignal(sig)
+    with StopSignals() as signals:
+        assert not signals.requested()
+        os.kill(os.getpid(), sig)
+        assert signals.received == sig and signals.requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), sig)
+    assert signal.getsignal(sig) is previous
