@@ -154,3 +154,30 @@ def test_deepspeed_two_process_run_exports_gathered_weights(option: str, variant
     run(compose_config([*RUN, *ADAPTER_ARGS[variant], "trainer.save_steps=3"], single_dir))
     assert_same_training(run_dir, single_dir, variant)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,variant", [("none", "lora"), ("zero3", "mora")])
+def test_two_process_run_killed_mid_training_resumes_to_the_same_weights(
+    option: str, variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank is SIGKILLed as step 5 begins; the same command resumes from checkpoint-3 (rank 0 picks it)."""
+    if option.startswith("zero") and not HAS_DEEPSPEED:
+        pytest.skip("DeepSpeed is an optional extra (pip install 'mora-train[deepspeed]')")
+    args = [*RUN, *ADAPTER_ARGS[variant], f"distributed={option}", "trainer.save_steps=3"]
+    if option == "zero3":
+        args.append("+distributed.deepspeed_overrides.zero_optimization.stage3_param_persistence_threshold=0")
+    whole = launch("accelerate", [*args, f"output_dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    resumed_dir = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setenv("MORA_TRAIN_FAULT", "sigkill@step=5")  # mora_train.faults: each rank kills itself
+        killed = launch("accelerate", [*args, f"output_dir={resumed_dir}"], tmp_path)
+    assert killed.returncode != 0 and not (resumed_dir / "metrics.json").exists()
+    resumed = launch("accelerate", [*args, f"output_dir={resumed_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resuming from") == 1 and "checkpoint-3" in resumed.stdout
+    assert json.loads((resumed_dir / "metrics.json").read_text())["resumed_from_step"] == 3
+    whole_weights, resumed_weights = trained_weights(tmp_path / "whole", variant), trained_weights(resumed_dir, variant)
+    assert all(torch.equal(whole_weights[k], resumed_weights[k]) for k in whole_weights)
