@@ -251,3 +251,15 @@ def test_single_process_helpers_are_transparent(monkeypatch) -> None:
 
     stamp = OmegaConf.create({"a": "${launch_time:%Y-%m-%d}", "b": "${launch_time:%H-%M-%S}"})
     assert stamp.a == distributed.launch_time().strftime("%Y-%m-%d") and stamp.b == distributed.launch_time().strftime("%H-%M-%S")
+
+
+def test_restarts_and_trained_embeddings_are_refused_where_weights_are_sharded_or_copied(launched: None) -> None:
+    restarts = ["adapter=mora", "adapter.restart.every_steps=4", "adapter.restart.mora_types=[1,2]"]
+    assert not any("adapter.restart" in p for p in problems_of(*restarts))  # DDP: every rank merges alike
+    assert any("adapter.restart.every_steps=4" in p and "distributed=none or ddp" in p for p in problems_of(*restarts, "distributed=fsdp"))
+    embeddings = ["adapter=lora", "adapter.train_embeddings=true"]
+    assert any("adapter.train_embeddings=true" in p for p in problems_of(*embeddings, "distributed=fsdp"))
+    if HAS_DEEPSPEED:
+        assert any("adapter.restart" in p for p in problems_of(*restarts, "distributed=zero2"))
+        assert any("train_embeddings" in p for p in problems_of(*embeddings, "distributed=zero3"))
+        assert problems_of(*embeddings, "distributed=zero2") == []
