@@ -177,7 +177,7 @@ def test_restart_settings_are_validated(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["pretrain_lora", "pretrain_mora", "pretrain_relora", "pretrain_remora"])
 def test_pretraining_experiment_configs_compose_and_validate(name: str, tmp_path: Path) -> None:
-    cfg = compose_config([f"+experiment={name}"], tmp_path)
+    cfg = compose_config([f"experiment={name}"], tmp_path)
     assert cfg.task.name == "pretrain" and cfg.rank == 128 and cfg.model.random_init.hidden_size == 768
     assert cfg.adapter.train_embeddings is True
     assert cfg.adapter.restart.every_steps == (2000 if name.endswith(("relora", "remora")) else 0)
