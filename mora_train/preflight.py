@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mora_train.adapters.base import linear_layer_names
+from mora_train.adapters.base import linear_layer_names, match_target_linears
 from mora_train.errors import ConfigError
 from mora_train.resilience import format_bytes, free_bytes
 
@@ -23,21 +23,6 @@ log = logging.getLogger(__name__)
 # Logs, TensorBoard events, predictions, tokenizer files: small, but not nothing.
 SMALL_FILES_BYTES = 32 << 20
 ADAM_STATES_PER_PARAM = 2  # exp_avg and exp_avg_sq, in the parameter's dtype
-
-
-def target_layers(model: nn.Module, targets: list[str]) -> tuple[dict[str, nn.Linear], list[str]]:
-    """(matched linear layers by full name, entries of `targets` that match none)."""
-    found: dict[str, nn.Linear] = {}
-    unmatched = list(targets)
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        for target in targets:
-            if name == target or name.endswith("." + target):
-                found[name] = module
-                if target in unmatched:
-                    unmatched.remove(target)
-    return found, unmatched
 
 
 def _model_bytes(model: nn.Module) -> tuple[int, int]:
@@ -115,7 +100,7 @@ def model_fit_problems(cfg: DictConfig, model: nn.Module) -> list[str]:
         unmatched: list[str] = []
     else:
         targets = list(OmegaConf.to_container(targets))
-        layers, unmatched = target_layers(model, targets)
+        layers, unmatched = match_target_linears(model, targets)
     if unmatched:
         problems.append(
             f"`adapter.target_modules`: {unmatched} match no linear layer of this model; its linear layers are "

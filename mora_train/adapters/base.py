@@ -36,21 +36,27 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def find_target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:
-    """Linear layers whose full name equals, or whose last components match, an entry of target_modules.
+def match_target_linears(model: nn.Module, targets: list[str]) -> tuple[dict[str, nn.Linear], list[str]]:
+    """(linear layers by full name whose name equals, or ends with `.` + an entry of targets; entries matching none).
 
     `q_proj` matches every `...self_attn.q_proj`; `layers.0.self_attn.q_proj` matches just that one.
-    Raises MoraTrainError when an entry matches nothing, listing what could be named.
     """
     found: dict[str, nn.Linear] = {}
-    unmatched = set(target_modules)
+    unmatched = list(targets)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        for target in target_modules:
+        for target in targets:
             if name == target or name.endswith("." + target):
                 found[name] = module
-                unmatched.discard(target)
+                if target in unmatched:
+                    unmatched.remove(target)
+    return found, unmatched
+
+
+def find_target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Linear]:
+    """match_target_linears, raising MoraTrainError (listing what could be named) when an entry matches nothing."""
+    found, unmatched = match_target_linears(model, list(target_modules))
     if unmatched:
         raise MoraTrainError(
             f"adapter.target_modules entries {sorted(unmatched)} match no linear layer of this model; "

@@ -51,14 +51,6 @@ RUN = [
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def fresh_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faults, "_fired", set())  # each in-process run may fire its fault again

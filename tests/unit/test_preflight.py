@@ -11,7 +11,8 @@ import pytest
 from mora_train.config import validate
 from mora_train.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
-from mora_train.preflight import estimate_run_bytes, model_fit_problems, target_layers
+from mora_train.adapters.base import match_target_linears
+from mora_train.preflight import estimate_run_bytes, model_fit_problems
 from mora_train.resilience import is_disk_full
 from tests.conftest import compose_config
 
@@ -53,7 +54,7 @@ def test_disk_estimate_counts_merged_model_adapter_and_checkpoints(tmp_path: Pat
         ["model=tiny-llama", "adapter=lora", "rank=4", "trainer.max_steps=100", "trainer.save_steps=10"], tmp_path
     )
     model, _ = load_model_and_tokenizer(cfg.model)
-    layers, _ = target_layers(model, list(cfg.adapter.target_modules))
+    layers, _ = match_target_linears(model, list(cfg.adapter.target_modules))
     parts = estimate_run_bytes(cfg, model, layers)
     params = sum(p.numel() for p in model.parameters())
     lora = sum(4 * (m.in_features + m.out_features) for m in layers.values())

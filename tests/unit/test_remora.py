@@ -51,14 +51,6 @@ PRETRAIN_RUN = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_adapter(adapter: str, *overrides: str):
     cfg = compose_config(["model=llama-tiny", f"adapter={adapter}", "rank=4", "adapter.restart.every_steps=4",
                           "adapter.train_embeddings=true", *overrides])
