@@ -96,7 +96,9 @@ def resolve_mora_type(value: str | int) -> str:
         if key in MORA_TYPES:
             return key
         if key.isdigit():
-            return resolve_mora_type(int(key))
+            for name, number in MORA_TYPES.items():
+                if number is not None and number == int(key):
+                    return name
     raise ValueError(f"Unknown MoRA type {value!r}: {_valid_types_text()}.")
 
 
@@ -189,7 +191,7 @@ class _Operators:
         # Contiguous input groups (official types 2/3): the first `a_in` groups hold s_in + 1 features.
         self.s_in, self.a_in = n // r, n - r * (n // r)
         self.s_out, self.a_out = d_out // r, d_out - r * (d_out // r)
-        # Rows of B that delta_W is built from: tile period for tile types, r otherwise.
+        # Rows of the (block) pre-image that delta_W repeats: the tile period of the chunked types.
         self.period = self.padded if self.comp == "chunk" else r
         self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
@@ -203,9 +205,6 @@ class _Operators:
                 idx = (self.full * r + torch.arange(r, device=device)) % n
             elif name == "cycle":  # single chunk longer than the input (r > d_in)
                 idx = torch.arange(r, device=device) % n
-            elif name == "counts_in":
-                idx = torch.full((r,), self.s_in, dtype=torch.long, device=device)
-                idx[: self.a_in] += 1
             else:
                 raise KeyError(name)
             self._cache[key] = idx
@@ -237,7 +236,8 @@ class _Operators:
             swapped = torch.cat((M[:, h:], -M[:, :h]), dim=1)
             return M.unsqueeze(0) * cos.unsqueeze(1) + swapped.unsqueeze(0) * sin.unsqueeze(1)
         if self.kind == "decouple":
-            return M.unsqueeze(0).expand(self.n_chunks, self.r, self.r)
+            # A real copy per chunk: batched matmuls over a stride-0 (expanded) batch are far slower.
+            return M.unsqueeze(0).repeat(self.n_chunks, 1, 1)
         return M
 
     # -- compression (T, d_in) -> (T, r) or (T, n_chunks, r), and its adjoint -----------------------
@@ -245,10 +245,10 @@ class _Operators:
         T, n, r = x.shape[0], self.n, self.r
         if self.comp == "wrap":
             if self.rem_in == 0:
-                return x.view(T, self.full, r).sum(1)
+                return x if self.full == 1 else x.reshape(T, self.full, r).sum(1)
             z = x.index_select(1, self._index("wrap", x.device))
             if self.full:
-                z.add_(x[:, : self.full * r].view(T, self.full, r).sum(1))
+                z.add_(x[:, : self.full * r].reshape(T, self.full, r).sum(1))
             return z
         if self.comp == "group":
             A = self.a_in * (self.s_in + 1)
@@ -260,7 +260,7 @@ class _Operators:
             return x[:, :r]
         # chunk: cyclically padded input cut into chunks (a view when d_in is a multiple of r)
         if self.rem_in == 0:
-            return x.view(T, self.n_chunks, r)
+            return x.reshape(T, self.n_chunks, r)
         if r <= n:
             return torch.cat((x, x[:, : self.padded - n]), dim=1).view(T, self.n_chunks, r)
         return x.index_select(1, self._index("cycle", x.device)).view(T, 1, r)
@@ -297,27 +297,80 @@ class _Operators:
             return out
         return g.new_zeros(T, n).index_add_(1, self._index("cycle", g.device), flat)
 
-    # -- middle: M (or M_b per chunk) ---------------------------------------------------------------
-    def mix(self, z: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    # -- the whole branch: forward (in place) and backward ------------------------------------------
+    def forward_add_(self, res: torch.Tensor, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """res += delta(x); returns what backward needs besides mix (z, or x for chunked types)."""
         if self.comp != "chunk":
-            return torch.mm(z, mix.t())
-        out = z.new_empty(z.shape)
-        # One batched matmul over chunks; the strided views keep the (T, chunk, r) layout so the
-        # result is already the concatenation of chunk outputs, without a permute copy.
-        torch.bmm(z.transpose(0, 1), mix.transpose(1, 2), out=out.transpose(0, 1))
-        return out
+            z = self.compress(x)
+            self.decompress_add_(res, torch.mm(z, mix.t()))
+            return z
+        T, m, r = x.shape[0], self.m, self.r
+        xc = self.compress(x)
+        if m <= self.padded and res.dtype == xc.dtype:
+            # Output i reads chunk i // r, so only the first ceil(d_out / r) chunks matter (fewer
+            # than all of them for down-projections); their products go straight into res.
+            k, part = divmod(m, r)
+            if k:
+                res[:, : k * r].view(T, k, r).transpose(0, 1).baddbmm_(
+                    xc[:, :k].transpose(0, 1), mix[:k].transpose(1, 2)
+                )
+            if part:
+                res[:, k * r :].addmm_(xc[:, k], mix[k, :part].t())
+        else:
+            out = xc.new_empty(xc.shape)
+            # One batched matmul over chunks; the strided views keep the (T, chunk, r) layout, so
+            # `out` is already the concatenation of the chunk outputs (no permute copy).
+            torch.bmm(xc.transpose(0, 1), mix.transpose(1, 2), out=out.transpose(0, 1))
+            self.decompress_add_(res, out)
+        # The chunks are recomputed in backward (a view unless padding was needed) instead of kept.
+        return x
 
-    def mix_t_input(self, g: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    def backward(
+        self, grad: torch.Tensor, saved: torch.Tensor, mix: torch.Tensor, need_x: bool, need_mix: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of the branch w.r.t. its input x and its mixing matrix (M or the M_b)."""
+        g = grad.to(mix.dtype)
+        grad_x = grad_mix = None
         if self.comp != "chunk":
-            return torch.mm(g, mix)
-        out = g.new_empty(g.shape)
-        torch.bmm(g.transpose(0, 1), mix, out=out.transpose(0, 1))
-        return out
-
-    def mix_t_weight(self, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if self.comp != "chunk":
-            return torch.mm(g.t(), z)
-        return torch.bmm(g.permute(1, 2, 0), z.transpose(0, 1))
+            gz = self.decompress_t(g)
+            if need_mix:
+                grad_mix = torch.mm(gz.t(), saved)
+            if need_x:
+                grad_x = self.compress_t(torch.mm(gz, mix))
+            return grad_x, grad_mix
+        T, m, r, nc = g.shape[0], self.m, self.r, self.n_chunks
+        xc = self.compress(saved) if need_mix else None
+        if m > self.padded:
+            gout = self.decompress_t(g)  # (T, nc, r): the tiles folded back onto one period
+            if need_mix:
+                grad_mix = torch.bmm(gout.permute(1, 2, 0), xc.transpose(0, 1))  # type: ignore[union-attr]
+            if need_x:
+                gxc = gout.new_empty(gout.shape)
+                torch.bmm(gout.transpose(0, 1), mix, out=gxc.transpose(0, 1))
+                grad_x = self.compress_t(gxc)
+            return grad_x, grad_mix
+        # d_out <= padded: chunk b's gradient is a strided view of g (zero for unread chunks).
+        g = g.contiguous()
+        k, part = divmod(m, r)
+        gk, gpart = g[:, : k * r].view(T, k, r), g[:, k * r :]
+        used = k + (1 if part else 0)
+        if need_mix:
+            # Zeros: unread chunks and the unread rows of a partial chunk get no gradient (small tensor).
+            grad_mix = mix.new_zeros(mix.shape)
+            if k:
+                torch.bmm(gk.permute(1, 2, 0), xc[:, :k].transpose(0, 1), out=grad_mix[:k])  # type: ignore[index]
+            if part:
+                torch.mm(gpart.t(), xc[:, k], out=grad_mix[k, :part])  # type: ignore[index]
+        if need_x:
+            gxc = g.new_empty(T, nc, r)
+            if k:
+                torch.bmm(gk.transpose(0, 1), mix[:k], out=gxc[:, :k].transpose(0, 1))
+            if part:
+                gxc[:, k] = torch.mm(gpart, mix[k, :part])
+            if used < nc:
+                gxc[:, used:].zero_()
+            grad_x = self.compress_t(gxc)
+        return grad_x, grad_mix
 
     # -- decompression: add into the (T, d_out) output, and its adjoint -------------------------------
     def decompress_add_(self, res: torch.Tensor, out: torch.Tensor) -> None:
@@ -345,7 +398,9 @@ class _Operators:
         if self.decomp == "tile":
             L = self.period
             q, rem = divmod(m, L)
-            if q:
+            if q == 1 and not rem:  # d_out equals the period: the adjoint is the identity
+                acc = g if g.is_contiguous() else g.contiguous()
+            elif q:
                 acc = g[:, : q * L].reshape(T, q, L).sum(1)
                 if rem:
                     acc[:, :rem] += g[:, q * L :]
@@ -363,35 +418,37 @@ class _Operators:
         return g[:, :r]
 
     # -- delta_W = D . B -------------------------------------------------------------------------------
-    def preimage(self, M: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """B: (r, d_in) for the summing types, (n_chunks r, d_in) block matrix for the chunked ones.
+    def factor(self, M: torch.Tensor) -> torch.Tensor:
+        """The small factor delta_W is assembled from.
 
-        ``into`` (chunked types only) is a (n_chunks r, d_in) buffer to build B in, so that
-        delta_weight() can build it straight inside its output.
+        Summing/truncating types: B = M C, shape (r, d_in): rows of M pushed through the adjoint of
+        compression, exactly as the backward pushes gradients, so delta_W and forward agree by
+        construction. Chunked types: the per-chunk blocks M_b, shape (n_chunks, r, r); the
+        (n_chunks r, d_in) block matrix is never built, its blocks are written straight into
+        the destination by ``rows_into``.
         """
-        if self.comp != "chunk":
-            # B = M C: rows of M pushed through the adjoint of compression, exactly as the
-            # backward pushes gradients, so delta_W and forward cannot disagree.
-            return self.compress_t(M)
-        n, r = self.n, self.r
-        blocks = self.mixing(M)  # (n_chunks, r, r), block b = M R_b
-        if r > n:  # one chunk whose columns wrap around the input several times
-            B = into.zero_() if into is not None else M.new_zeros(r, n)
-            return B.index_add_(1, self._index("cycle", M.device), blocks[0])
-        B = into.zero_() if into is not None else M.new_zeros(self.padded, n)
-        full = self.full
-        if full:
-            diag = B[: full * r, : full * r].view(full, r, full, r).diagonal(dim1=0, dim2=2)  # (r, r, full)
-            diag.copy_(blocks[:full].permute(1, 2, 0))
-        if self.rem_in:
-            last = blocks[full]
-            B[full * r :, full * r :] = last[:, : self.rem_in]
-            B[full * r :, : r - self.rem_in] = last[:, self.rem_in :]  # wrapped-around features
-        return B
+        if self.comp == "chunk":
+            return self.mixing(M)
+        return self.compress_t(M)
 
-    def rows_into(self, dst: torch.Tensor, B: torch.Tensor, mode: str) -> None:
-        """dst (d_out, d_in) := / += / -= D B (mode 'copy' | 'add' | 'sub'), with broadcasting."""
+    def rows_into(self, dst: torch.Tensor, F: torch.Tensor, mode: str) -> None:
+        """dst (d_out, d_in) := / += / -= delta_W (mode 'copy' | 'add' | 'sub'), F from ``factor``.
+
+        Row tiling/grouping is done with broadcasting views, so a constant number of kernels
+        runs whatever the number of chunks or tiles.
+        """
         m, r = self.m, self.r
+        if self.comp == "chunk":
+            if mode == "copy":
+                dst.zero_()  # outside the diagonal blocks delta_W is zero
+            sign = -1.0 if mode == "sub" else 1.0
+            L = self.period
+            q, rem = divmod(m, L)
+            if q:
+                self._blocks_add(dst[: q * L].view(q, L, -1), F, L, sign)
+            if rem:
+                self._blocks_add(dst[q * L :].unsqueeze(0), F, rem, sign)
+            return
 
         def put(target: torch.Tensor, src: torch.Tensor) -> None:
             if mode == "copy":
@@ -400,23 +457,44 @@ class _Operators:
                 target.add_(src, alpha=1.0 if mode == "add" else -1.0)
 
         if self.decomp == "tile":
-            L = self.period
-            q, rem = divmod(m, L)
+            q, rem = divmod(m, r)
             if q:
-                put(dst[: q * L].view(q, L, -1), B.unsqueeze(0))
+                put(dst[: q * r].view(q, r, -1), F.unsqueeze(0))
             if rem:
-                put(dst[q * L :], B[:rem])
+                put(dst[q * r :], F[:rem])
         elif self.decomp == "repeat":
             a, s = self.a_out, self.s_out
             A = a * (s + 1)
             if a:
-                put(dst[:A].view(a, s + 1, -1), B[:a, None, :])
+                put(dst[:A].view(a, s + 1, -1), F[:a, None, :])
             if s:
-                put(dst[A:].view(r - a, s, -1), B[a:, None, :])
+                put(dst[A:].view(r - a, s, -1), F[a:, None, :])
         else:
-            put(dst[:r], B)
+            put(dst[:r], F)
             if mode == "copy":
                 dst[r:].zero_()
+
+    def _blocks_add(self, dst: torch.Tensor, blocks: torch.Tensor, rows: int, sign: float) -> None:
+        """Add the first `rows` rows of the block matrix to every tile of dst (tiles, rows, d_in).
+
+        Row b*r + i of the block matrix holds blocks[b, i, k] at column (b*r + k) mod d_in.
+        """
+        n, r, full, rem_in = self.n, self.r, self.full, self.rem_in
+        if r > n:  # a single chunk whose columns wrap around the input more than once
+            src = blocks[0, :rows].expand(dst.shape[0], rows, r)
+            dst.index_add_(2, self._index("cycle", dst.device), src, alpha=sign)
+            return
+        kb, part = divmod(rows, r)  # whole row-blocks, then rows of a partial block
+        whole = min(kb, full)  # blocks sitting on the diagonal without wrapping
+        if whole:
+            diag = dst[:, : whole * r, : whole * r].unflatten(1, (whole, r)).unflatten(3, (whole, r))
+            diag.diagonal(dim1=1, dim2=3).add_(blocks[:whole].permute(1, 2, 0), alpha=sign)
+        if kb < full and part:  # partial diagonal block
+            dst[:, kb * r : rows, kb * r : (kb + 1) * r].add_(blocks[kb, :part], alpha=sign)
+        if rem_in and rows > full * r:  # last chunk: its tail wraps around to the first features
+            last = blocks[full, : rows - full * r]
+            dst[:, full * r : rows, full * r :].add_(last[:, :rem_in], alpha=sign)
+            dst[:, full * r : rows, : r - rem_in].add_(last[:, rem_in:], alpha=sign)
 
 
 class _MoRABranch(torch.autograd.Function):
@@ -428,26 +506,19 @@ class _MoRABranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, mix: torch.Tensor, ops: _Operators) -> torch.Tensor:
-        z = ops.compress(x)
-        ops.decompress_add_(result, ops.mix(z, mix))
+        saved = ops.forward_add_(result, x, mix)
         ctx.mark_dirty(result)
         ctx.ops = ops
-        # The chunked types recompute their (padded) chunks in backward instead of keeping a copy.
-        ctx.save_for_backward(x if ops.comp == "chunk" else z, mix)
+        ctx.save_for_backward(saved, mix)
         ctx.x_dtype = x.dtype
         return result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        ops: _Operators = ctx.ops
         saved, mix = ctx.saved_tensors
-        g = ops.decompress_t(grad.to(mix.dtype))
-        grad_x = grad_mix = None
-        if ctx.needs_input_grad[2]:
-            z = ops.compress(saved) if ops.comp == "chunk" else saved
-            grad_mix = ops.mix_t_weight(g, z)
-        if ctx.needs_input_grad[1]:
-            grad_x = ops.compress_t(ops.mix_t_input(g, mix)).to(ctx.x_dtype)
+        grad_x, grad_mix = ctx.ops.backward(grad, saved, mix, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
         return grad, grad_x, grad_mix, None
 
 
@@ -530,43 +601,31 @@ class MoRALinear(nn.Module):
         return torch.promote_types(self.mora_M.dtype, torch.float32)
 
     @torch.no_grad()
-    def _preimage(self) -> torch.Tensor:
-        return self._ops.preimage(self.mora_M.detach().to(self._math_dtype()))
-
-    @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """delta_W (d_out, d_in) in float32 (float64 if M is float64), on M's device."""
-        ops, M = self._ops, self.mora_M.detach().to(self._math_dtype())
+        M = self.mora_M.detach().to(self._math_dtype())
         out = M.new_empty(self.out_features, self.in_features)
-        if ops.comp == "chunk" and self.out_features >= ops.padded:
-            # Build the block matrix straight into the first tile of the output, then replicate it.
-            B = ops.preimage(M, into=out[: ops.padded])
-            q, rem = divmod(self.out_features, ops.padded)
-            if q > 1:
-                out[ops.padded : q * ops.padded].view(q - 1, ops.padded, -1).copy_(B.unsqueeze(0))
-            if rem:
-                out[q * ops.padded :].copy_(B[:rem])
-            return out
-        ops.rows_into(out, ops.preimage(M), "copy")
+        self._ops.rows_into(out, self._ops.factor(M), "copy")
         return out
 
     @torch.no_grad()
     def _apply_delta(self, sign: str) -> None:
         weight = self.base_layer.weight
-        B = self._preimage()
-        used = B[: min(self.out_features, B.shape[0])]
+        ops = self._ops
+        factor = ops.factor(self.mora_M.detach().to(self._math_dtype()))
+        # Only rows of the factor that reach delta_W matter (r_hat may exceed d_out).
+        used = factor.reshape(-1, factor.shape[-1])[: min(self.out_features, ops.period)]
         if not torch.isfinite(used).all():
             raise ValueError(
                 f"MoRA layer '{self.layer_name or '<unnamed layer>'}': delta weight has non-finite values "
                 f"(NaN/Inf in mora_M); refusing to {'merge' if sign == 'add' else 'unmerge'}."
             )
-        if weight.dtype == B.dtype:
-            # Row broadcasting straight into W: no d_out x d_in temporary.
-            self._ops.rows_into(weight.data, B.to(weight.device), sign)
+        if weight.dtype == factor.dtype:
+            # Straight into W with broadcasting: no d_out x d_in temporary.
+            ops.rows_into(weight.data, factor.to(weight.device), sign)
             return
-        delta = self.delta_weight().to(weight.device)
-        updated = weight.data.to(delta.dtype)
-        updated = updated.add_(delta) if sign == "add" else updated.sub_(delta)
+        updated = weight.data.to(factor.dtype)
+        ops.rows_into(updated, factor.to(weight.device), sign)
         updated = updated.to(weight.dtype)
         if not torch.isfinite(updated).all():
             raise ValueError(
