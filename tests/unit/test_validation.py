@@ -49,3 +49,8 @@ def test_missing_local_model_path(tmp_path: Path) -> None:
 def test_fp16_refused_without_gpu(tmp_path: Path) -> None:
     (problem,) = problems_of(["trainer.precision=fp16"], tmp_path)
     assert "fp16" in problem and "bf16" in problem
+
+
+def test_task_without_eval_data_is_refused(tmp_path: Path) -> None:
+    problems = problems_of(["task=gsm8k", "task.data.eval=null"], tmp_path)
+    assert any("task.data.eval" in p and "not set" in p for p in problems)
