@@ -595,6 +595,32 @@ class MoRALinear(nn.Module):
             result = _MoRABranch.apply(result, xd, mix, self._ops)
         return result.view(*lead, self.out_features)
 
+    def set_type(self, mora_type: str | int) -> None:
+        """Switch the operator pair in place, keeping M (ReMoRA cycles types at each restart).
+
+        The new type must give the same r̂ (rope rounds r̂ down to even, so it may not) and fit the
+        layer's shape; otherwise ValueError names the layer, both types and both sides. Refused while
+        merged: W then holds delta_W of the old operators, which the new ones could not unmerge.
+        """
+        kind = resolve_mora_type(mora_type)
+        if kind == self.mora_type:
+            return
+        name = self.layer_name or "<unnamed layer>"
+        if self.merged:
+            raise ValueError(f"MoRA layer '{name}': unmerge before switching its type to '{kind}'.")
+        problem = mora_shape_problem(self.layer_name, self.in_features, self.out_features, self.rank, kind)
+        if problem is not None:
+            raise ValueError(problem)
+        side = mora_square_side(self.in_features, self.out_features, self.rank, kind)
+        if side != self.r_hat:
+            raise ValueError(
+                f"Layer '{name}': MoRA type '{kind}' has r_hat = {side}, but the layer was built with r_hat = "
+                f"{self.r_hat} (type '{self.mora_type}'); types cycled by adapter.restart.mora_types must share "
+                "r_hat (rope rounds it down to even): pick types among sharing/grouping/group_tile/share_group"
+            )
+        self.mora_type = kind
+        self._ops = _Operators(self.in_features, self.out_features, self.r_hat, kind)
+
     # -- delta_W, merge, unmerge ----------------------------------------------------------------------
     def _math_dtype(self) -> torch.dtype:
         # float32 for fp32/bf16/fp16 weights; float64 stays float64 so exact checks remain exact.

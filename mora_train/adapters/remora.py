@@ -155,27 +155,11 @@ def restart_parameters(adapter: Adapter) -> list[nn.Parameter]:
 
 
 def set_mora_type(layer: nn.Module, mora_type: str | int) -> None:
-    """Switch a MoRALinear's operator pair in place, keeping its M parameter (same r̂ required).
-
-    MoRALinear has no public setter yet; its operators live in `_ops`, built from (d_in, d_out, r̂, type).
-    """
-    from mora_train.adapters.mora import _Operators, mora_shape_problem, mora_square_side, resolve_mora_type
-
-    kind = resolve_mora_type(mora_type)
-    if kind == layer.mora_type:
-        return
-    side = mora_square_side(layer.in_features, layer.out_features, layer.rank, kind)
-    problem = mora_shape_problem(layer.layer_name, layer.in_features, layer.out_features, layer.rank, kind)
-    if problem is None and side != layer.r_hat:
-        problem = (
-            f"Layer '{layer.layer_name}': MoRA type '{kind}' has r_hat = {side}, but the layer was built with "
-            f"r_hat = {layer.r_hat} (type '{layer.mora_type}'); types cycled by adapter.restart.mora_types must "
-            "share r_hat (rope rounds it down to even): pick types among sharing/grouping/group_tile/share_group"
-        )
-    if problem:
-        raise ConfigError([problem])
-    layer.mora_type = kind
-    layer._ops = _Operators(layer.in_features, layer.out_features, layer.r_hat, kind)
+    """Switch a MoRALinear's operator pair in place (MoRALinear.set_type), as a one-paragraph ConfigError."""
+    try:
+        layer.set_type(mora_type)
+    except ValueError as err:
+        raise ConfigError([str(err)]) from None
 
 
 def mora_type_at(settings: RestartSettings, restarts_done: int) -> str:

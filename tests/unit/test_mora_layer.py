@@ -387,3 +387,32 @@ def test_adapter_trains_when_input_needs_no_grad(kind: str) -> None:
         layer.mora_M.copy_(direction)
     expected = (g * (x @ layer.delta_weight().T)).sum()
     torch.testing.assert_close((grad_M * direction).sum(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_set_type_keeps_M_and_switches_the_operators() -> None:
+    torch.manual_seed(0)
+    layer = MoRALinear(nn.Linear(100, 37, bias=False), rank=4, mora_type="sharing", layer_name="proj")
+    with torch.no_grad():
+        layer.mora_M.normal_()
+    M = layer.mora_M.detach().clone()
+    before = layer.delta_weight()
+    layer.set_type(2)  # grouping, by its official number: same r_hat as sharing
+    assert layer.mora_type == "grouping" and torch.equal(layer.mora_M, M)
+    after = layer.delta_weight()
+    assert not torch.allclose(before, after)  # different operators, same M
+    x = torch.randn(5, 100)
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ after.T, rtol=1e-5, atol=1e-5)
+
+
+def test_set_type_refuses_other_r_hat_and_merged_layers() -> None:
+    # (64, 64, 1): sqrt(128) = 11.3 -> r_hat 11 for sharing, rounded down to even (10) for rope.
+    layer = MoRALinear(nn.Linear(64, 64, bias=False), rank=1, mora_type="sharing", layer_name="q")
+    with pytest.raises(ValueError, match=r"Layer 'q'.*'rope' has r_hat = 10.*r_hat = 11"):
+        layer.set_type("rope")
+    assert layer.mora_type == "sharing"
+    layer.merge()
+    with pytest.raises(ValueError, match="unmerge before switching"):
+        layer.set_type("grouping")
+    layer.unmerge()
+    layer.set_type("grouping")
+    assert layer.mora_type == "grouping"
