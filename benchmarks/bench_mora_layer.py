@@ -8,8 +8,10 @@ Method
   the backward computes grad_x (as inside a network) and, for adapters, their weight gradients.
   One step = ``layer(x).backward(g)`` with a fixed random g.
 * All configurations wrap one shared frozen layer and see one input. They run round-robin (one
-  step each per round, several rounds, the order shuffled every round) so drift of a shared
-  machine hits them all alike; the table shows medians and the overhead over the frozen layer.
+  step each per round, several rounds, the order shuffled every round), and every adapter step
+  is paired with a frozen step run just before it. The table shows the median time, the
+  overhead as the median of the paired ratios (robust to a neighbour's load bursts on a shared
+  machine) and the quartiles of those ratios as a noise gauge.
 * Peak memory: every configuration runs in a fresh subprocess; after a warm-up step the peak RSS
   counter is reset (``echo 5 > /proc/self/clear_refs``) and the step is run again; the figure is
   VmHWM minus VmRSS just before the step, i.e. what one forward+backward adds on top of weights
@@ -116,7 +118,12 @@ def measure_memory(config: str, d_in: int, d_out: int, tokens: int) -> float | N
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_mb"])
 
 
-def time_configs(configs: list[str], d_in: int, d_out: int, tokens: int, reps: int) -> dict[str, float]:
+def time_configs(configs: list[str], d_in: int, d_out: int, tokens: int, reps: int) -> dict[str, dict[str, float]]:
+    """Per configuration: median time, and overhead as the median of paired ratios.
+
+    Each adapter step is paired with a frozen step run just before it, so a neighbour's load
+    burst on the shared machine inflates both halves of a pair instead of one configuration.
+    """
     # Every configuration wraps the SAME frozen layer: separately allocated weights can differ in
     # speed by several percent (e.g. whether the kernel backed them with huge pages).
     base = nn.Linear(d_in, d_out, bias=False)
@@ -124,15 +131,28 @@ def time_configs(configs: list[str], d_in: int, d_out: int, tokens: int, reps: i
     x = torch.randn(tokens, d_in, requires_grad=True)
     g = torch.randn(tokens, d_out)
     times: dict[str, list[float]] = {c: [] for c in configs}
+    ratios: dict[str, list[float]] = {c: [] for c in configs}
     for layer in layers.values():  # warm-up: first-call allocations and table caches
         step(layer, x, g)
-    order = list(configs)
+    order = [c for c in configs if c != "frozen"]
     shuffler = random.Random(0)
     for _ in range(reps):
         shuffler.shuffle(order)  # no configuration always runs right after the same neighbour
         for c in order:
+            frozen = step(layers["frozen"], x, g)
+            times["frozen"].append(frozen)
             times[c].append(step(layers[c], x, g))
-    return {c: statistics.median(v) for c, v in times.items()}
+            ratios[c].append(times[c][-1] / frozen)
+    out = {}
+    for c in configs:
+        out[c] = {
+            "median": statistics.median(times[c]),
+            "ratio": statistics.median(ratios[c]) if ratios[c] else 1.0,
+            # spread of the paired ratios (quartiles), to show how much noise the overhead carries
+            "q1": statistics.quantiles(ratios[c], n=4)[0] if len(ratios[c]) > 1 else 1.0,
+            "q3": statistics.quantiles(ratios[c], n=4)[2] if len(ratios[c]) > 1 else 1.0,
+        }
+    return out
 
 
 def time_delta(types: list[str], d_in: int, d_out: int, rank: int, reps: int) -> dict[str, dict[str, float]]:
@@ -142,9 +162,11 @@ def time_delta(types: list[str], d_in: int, d_out: int, rank: int, reps: int) ->
         torch.empty(d_out, d_in).fill_(1.0)
 
     runs: dict[str, list[float]] = {"floor": []}
+    into: dict[str, list[float]] = {t: [] for t in types}
     merges: dict[str, list[float]] = {t: [] for t in types}
     for t in types:
         runs[t] = []
+    buffer = torch.empty(d_out, d_in).fill_(0.0)  # touched once, so its pages are mapped in
     for _ in range(reps):
         start = time.perf_counter()
         floor()
@@ -154,11 +176,15 @@ def time_delta(types: list[str], d_in: int, d_out: int, rank: int, reps: int) ->
             layer.delta_weight()
             runs[t].append(time.perf_counter() - start)
             start = time.perf_counter()
+            layer.delta_weight(out=buffer)
+            into[t].append(time.perf_counter() - start)
+            start = time.perf_counter()
             layer.merge()
             layer.unmerge()
             merges[t].append((time.perf_counter() - start) / 2)
     return {
         "delta": {k: statistics.median(v) for k, v in runs.items()},
+        "into": {k: statistics.median(v) for k, v in into.items()},
         "merge": {k: statistics.median(v) for k, v in merges.items()},
     }
 
@@ -166,9 +192,13 @@ def time_delta(types: list[str], d_in: int, d_out: int, rank: int, reps: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
-    parser.add_argument("--reps", type=int, default=None, help="round-robin rounds (default 5, quick 3)")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per step (default 2048, quick 128)")
+    parser.add_argument("--reps", type=int, default=None, help="round-robin rounds (default 5)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per step (default 2048, quick 256)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ranks", default="8,256", help="comma-separated MoRA ranks (full run)")
+    parser.add_argument("--shapes", default="4096x4096,4096x11008", help="comma-separated D_INxD_OUT (full run)")
+    parser.add_argument("--no-delta", action="store_true", help="skip the delta_weight()/merge() timings")
+    parser.add_argument("--delta-only", action="store_true", help="only the delta_weight()/merge() timings")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     parser.add_argument("--memory-child", nargs=4, metavar=("CONFIG", "D_IN", "D_OUT", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,10 +208,11 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    shapes = [(256, 256), (256, 688)] if args.quick else [(4096, 4096), (4096, 11008)]
-    tokens = args.tokens or (128 if args.quick else 2048)
-    reps = args.reps or (3 if args.quick else 5)
-    ranks = [8, 32] if args.quick else [8, 256]
+    shapes = [(256, 256), (256, 688)] if args.quick else [
+        tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    tokens = args.tokens or (256 if args.quick else 2048)
+    reps = args.reps or 5
+    ranks = [8, 32] if args.quick else [int(r) for r in args.ranks.split(",")]
     types = list(MORA_TYPES)
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -193,35 +224,41 @@ def main() -> None:
     for d_in, d_out in shapes:
         configs = ["frozen", "lora:8"]
         configs += [f"mora:{t}:{r}" for r in ranks for t in types if mora_shape_problem("", d_in, d_out, r, t) is None]
-        med = time_configs(configs, d_in, d_out, tokens, reps)
+        if args.delta_only:
+            configs = []
+        med = time_configs(configs, d_in, d_out, tokens, reps) if configs else {}
         # The quick smoke run probes memory for a few configurations only (each probe is a new process).
         probed = configs[:3] if args.quick else configs
         mem = {c: (None if args.no_memory or c not in probed else measure_memory(c, d_in, d_out, tokens))
                for c in configs}
-        frozen = med["frozen"]
         print(f"### {d_out} x {d_in} (d_in={d_in}, d_out={d_out}), {tokens} tokens, forward+backward\n")
-        print("| configuration | r_hat | median ms | overhead vs frozen | peak extra MB | vs frozen MB |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for c in configs:
-            r_hat = ""
-            if c.startswith("mora"):
-                _, t, r = c.split(":")
-                r_hat = str(mora_square_side(d_in, d_out, int(r), t))
-            name = {"frozen": "frozen nn.Linear", "lora:8": "peft LoRA r=8"}.get(c, c.replace("mora:", "MoRA ").replace(":", " r="))
-            m_txt = "n/a" if mem[c] is None else f"{mem[c]:.0f}"
-            dm = "n/a" if mem[c] is None or mem["frozen"] is None else f"{mem[c] - mem['frozen']:+.0f}"
-            over = "" if c == "frozen" else f"{100 * (med[c] / frozen - 1):+.1f}%"
-            print(f"| {name} | {r_hat} | {med[c] * 1e3:.1f} | {over} | {m_txt} | {dm} |")
-        print()
-        for rank in ranks:
+        if not configs:
+            print("(forward+backward skipped: --delta-only)\n")
+        else:
+            print("| configuration | r_hat | median ms | overhead (median of paired ratios) | quartiles of the ratios "
+                  "| peak extra MB | vs frozen MB |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for c in configs:
+                r_hat = ""
+                if c.startswith("mora"):
+                    _, t, r = c.split(":")
+                    r_hat = str(mora_square_side(d_in, d_out, int(r), t))
+                name = {"frozen": "frozen nn.Linear", "lora:8": "peft LoRA r=8"}.get(c, c.replace("mora:", "MoRA ").replace(":", " r="))
+                m_txt = "n/a" if mem[c] is None else f"{mem[c]:.0f}"
+                dm = "n/a" if mem[c] is None or mem["frozen"] is None else f"{mem[c] - mem['frozen']:+.0f}"
+                over = "" if c == "frozen" else f"{100 * (med[c]['ratio'] - 1):+.1f}%"
+                spread = "" if c == "frozen" else f"{100 * (med[c]['q1'] - 1):+.1f}% .. {100 * (med[c]['q3'] - 1):+.1f}%"
+                print(f"| {name} | {r_hat} | {med[c]['median'] * 1e3:.1f} | {over} | {spread} | {m_txt} | {dm} |")
+            print()
+        for rank in [] if args.no_delta else ranks:
             usable = [t for t in types if mora_shape_problem("", d_in, d_out, rank, t) is None]
             dt = time_delta(usable, d_in, d_out, rank, max(reps, 5))
             print(f"delta_weight() / merge() for {d_out} x {d_in}, rank {rank} (median ms); floor = allocate and "
                   f"write a {d_out} x {d_in} float32 tensor: {dt['delta']['floor'] * 1e3:.1f} ms\n")
-            print("| type | delta_weight ms | merge ms (in place) |")
-            print("|---|---:|---:|")
+            print("| type | delta_weight() ms (new tensor) | delta_weight(out=buffer) ms | merge ms (in place) |")
+            print("|---|---:|---:|---:|")
             for t in usable:
-                print(f"| {t} | {dt['delta'][t] * 1e3:.1f} | {dt['merge'][t] * 1e3:.1f} |")
+                print(f"| {t} | {dt['delta'][t] * 1e3:.1f} | {dt['into'][t] * 1e3:.1f} | {dt['merge'][t] * 1e3:.1f} |")
             print()
         sys.stdout.flush()
 

@@ -627,10 +627,21 @@ class MoRALinear(nn.Module):
         return torch.promote_types(self.mora_M.dtype, torch.float32)
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """delta_W (d_out, d_in) in float32 (float64 if M is float64), on M's device."""
+    def delta_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """delta_W (d_out, d_in) in float32 (float64 if M is float64), on M's device.
+
+        `out`: a (d_out, d_in) tensor of that dtype to write into. For a large layer most of the cost
+        of a fresh result is the kernel mapping in new pages (~50 ms for 4096 x 11008 on a small CPU
+        VM, benchmarks/RESULTS.md); callers computing delta_W repeatedly can reuse one buffer.
+        """
         M = self.mora_M.detach().to(self._math_dtype())
-        out = M.new_empty(self.out_features, self.in_features)
+        if out is None:
+            out = M.new_empty(self.out_features, self.in_features)
+        elif out.shape != (self.out_features, self.in_features) or out.dtype != M.dtype or out.device != M.device:
+            raise ValueError(
+                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': out must be a {self.out_features} x "
+                f"{self.in_features} {M.dtype} tensor on {M.device}, got {tuple(out.shape)} {out.dtype} on {out.device}."
+            )
         self._ops.rows_into(out, self._ops.factor(M), "copy")
         return out
 

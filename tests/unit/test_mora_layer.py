@@ -416,3 +416,15 @@ def test_set_type_refuses_other_r_hat_and_merged_layers() -> None:
     layer.unmerge()
     layer.set_type("grouping")
     assert layer.mora_type == "grouping"
+
+
+@pytest.mark.parametrize("kind", ["sharing", "rope"])
+def test_delta_weight_into_a_buffer(kind: str) -> None:
+    layer = MoRALinear(nn.Linear(100, 37, bias=False), rank=4, mora_type=kind, layer_name="proj")
+    with torch.no_grad():
+        layer.mora_M.normal_()
+    buffer = torch.full((37, 100), float("nan"))
+    assert layer.delta_weight(out=buffer) is buffer
+    torch.testing.assert_close(buffer, layer.delta_weight(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"'proj': out must be a 37 x 100 torch.float32 tensor"):
+        layer.delta_weight(out=torch.empty(100, 37))
