@@ -1,0 +1,72 @@
+"""Shared pieces of the end-to-end benchmarks (bench_train.py, bench_memorization.py).
+
+They build models and adapters exactly as `mora-train` does: a Hydra config composed from configs/
+with the same overrides a user would type, then mora_train.models / mora_train.adapters.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# The methods compared by the end-to-end benchmarks: name -> adapter overrides (rank is added separately).
+METHODS: dict[str, list[str]] = {
+    "full": ["adapter=full"],
+    "lora": ["adapter=lora"],
+    "mora_sharing": ["adapter=mora", "adapter.mora_type=sharing"],
+    "mora_rope": ["adapter=mora", "adapter.mora_type=rope"],
+}
+METHOD_LABELS = {"full": "full FT", "lora": "LoRA", "mora_sharing": "MoRA type 1 (sharing)", "mora_rope": "MoRA type 6 (rope)"}
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `mora-train OVERRIDES...` would run with."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def method_overrides(method: str, rank: int) -> list[str]:
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return [*METHODS[method], f"rank={rank}"]
+
+
+def build_adapter_from_config(cfg: DictConfig):  # -> (Adapter, tokenizer)
+    """Load the base model and wrap it with the configured adapter (as the pipeline does)."""
+    from mora_train.adapters import build_adapter
+    from mora_train.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    return build_adapter(model, cfg.adapter, cfg.rank), tokenizer
+
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: peak resident)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so a later VmHWM is the peak from now on."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def machine_line(threads: int) -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor() or "unknown CPU")
+    return (f"{date.today():%Y-%m-%d}, {cpu}, {torch.get_num_threads() if threads <= 0 else threads} threads, "
+            f"torch {torch.__version__}, python {platform.python_version()}")
