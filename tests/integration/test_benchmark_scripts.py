@@ -1,0 +1,66 @@
+"""The end-to-end benchmark scripts run (tiny model, a step or two) and write the results they promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_bench_train_quick_reports_ratios_to_lora(tmp_path: Path) -> None:
+    done = run_script("bench_train.py", "--quick", "--methods", "mora_sharing", "lora", "--steps", "1",
+                      "--threads", "1", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "quick" / "results.json").read_text())["results"]
+    assert set(results) == {"lora", "mora_sharing"}
+    for rounds in results.values():
+        assert len(rounds) == 1 and rounds[0]["tokens_per_s"] > 0
+        assert rounds[0]["peak_rss_mb"] >= rounds[0]["rss_loaded_mb"] * 0.5  # a real reading, not a zero
+    # Equal budgets: rank 8 LoRA and MoRA train the same number of parameters within 2 %.
+    lora, mora = results["lora"][0]["trainable"], results["mora_sharing"][0]["trainable"]
+    assert abs(mora - lora) / lora < 0.02
+    table = (tmp_path / "quick" / "results.md").read_text()
+    assert table.splitlines()[2].startswith("| LoRA |") and "| 1.000 |" in table.splitlines()[2]
+    assert "MoRA type 1 (sharing)" in done.stdout
+
+
+def test_bench_memorization_quick_curves_plot_and_reuse(tmp_path: Path) -> None:
+    args = ["--quick", "--methods", "lora", "mora_sharing", "--steps", "2", "--eval-every", "1", "--threads", "1",
+            "--out", str(tmp_path)]
+    run_script("bench_memorization.py", *args, "--grid", "lora=1e-2;mora_sharing=1e-2")
+    # Widening the grid trains only the new point; the finished runs are reused.
+    done = run_script("bench_memorization.py", *args, "--grid", "lora=1e-2;mora_sharing=1e-2,3e-2")
+    assert done.stdout.count("reusing") == 2
+    out = tmp_path / "quick"
+    by_method = json.loads((out / "results.json").read_text())["by_method"]
+    assert [r["lr"] for r in by_method["mora_sharing"]] == [1e-2, 3e-2]
+    for records in by_method.values():
+        for r in records:
+            assert [p["step"] for p in r["curve"]] == [0, 1, 2]
+            assert all(0.0 <= p["char_accuracy"] <= 1.0 for p in r["curve"])
+    assert (out / "accuracy_vs_step.png").stat().st_size > 1000
+    assert "best learning rate" in (out / "results.md").read_text()
+
+
+def test_bench_memorization_rejects_a_bad_grid(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_memorization.py"), "--quick",
+                           "--grid", "dora=1e-3", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode != 0 and "--grid part 'dora=1e-3'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_memorization.py"])
+def test_help_names_the_command(script: str) -> None:
+    done = run_script(script, "--help")
+    assert f"python benchmarks/{script}" in done.stdout
