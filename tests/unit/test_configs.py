@@ -165,3 +165,11 @@ def test_uuid_experiments_are_the_paper_rows(option: str, tmp_path: Path) -> Non
         assert cfg.adapter.mora_type == mora_type
     # The command line still wins over the experiment.
     assert compose_config([f"experiment={option}", "model=tiny-llama", "rank=4"], tmp_path).rank == 4
+
+
+def test_mora_sharing_adapter_is_mora_type_1_and_lora_keeps_its_schema(tmp_path: Path) -> None:
+    cfg = compose_config(["model=tiny-llama", "adapter=mora_sharing"], tmp_path)
+    assert cfg.adapter.name == "mora" and cfg.adapter.mora_type == "sharing"
+    validate(cfg)
+    # The reason it exists: a sweep mixing it with LoRA leaves the LoRA jobs' config untouched.
+    assert "mora_type" not in compose_config(["model=tiny-llama", "adapter=lora"], tmp_path).adapter
