@@ -12,7 +12,7 @@ against step for every run. Finished (method, lr) runs are kept in OUT/full/METH
 reused by a later call with the same settings, so widening the grid (e.g. when a method's best rate is at
 the edge of its grid) only runs the new points.
 
-    python benchmarks/bench_memorization.py           # SmolLM2-135M, 32 pairs, r=8, 60 steps of 8 (~40 min)
+    python benchmarks/bench_memorization.py           # SmolLM2-135M, 32 pairs, r=8, 60 steps of 8: 10 runs, ~52 min
     python benchmarks/bench_memorization.py --quick   # tiny random model: checks the script (~1 min)
 """
 
