@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness import cpu_model, reset_peak_rss, status_kb  # noqa: E402
 from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem, mora_square_side  # noqa: E402
 
 
@@ -85,13 +85,6 @@ def step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def memory_child(config: str, d_in: int, d_out: int, tokens: int) -> None:
     """Run in a fresh process: print JSON with the peak RSS added by one fwd+bwd step."""
     torch.set_num_threads(2)
@@ -102,10 +95,10 @@ def memory_child(config: str, d_in: int, d_out: int, tokens: int) -> None:
     x.grad = None
     for p in layer.parameters():
         p.grad = None
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kb("VmRSS")
+    reset_peak_rss()
+    before = status_kb("VmRSS")
     step(layer, x, g)
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     print(json.dumps({"peak_extra_mb": (peak - before) / 1024}))
 
 
@@ -145,13 +138,10 @@ def time_configs(configs: list[str], d_in: int, d_out: int, tokens: int, reps: i
             ratios[c].append(times[c][-1] / frozen)
     out = {}
     for c in configs:
-        out[c] = {
-            "median": statistics.median(times[c]),
-            "ratio": statistics.median(ratios[c]) if ratios[c] else 1.0,
-            # spread of the paired ratios (quartiles), to show how much noise the overhead carries
-            "q1": statistics.quantiles(ratios[c], n=4)[0] if len(ratios[c]) > 1 else 1.0,
-            "q3": statistics.quantiles(ratios[c], n=4)[2] if len(ratios[c]) > 1 else 1.0,
-        }
+        # Spread of the paired ratios (quartiles), to show how much noise the overhead carries.
+        q1, _, q3 = statistics.quantiles(ratios[c], n=4) if len(ratios[c]) > 1 else (1.0, 1.0, 1.0)
+        out[c] = {"median": statistics.median(times[c]),
+                  "ratio": statistics.median(ratios[c]) if ratios[c] else 1.0, "q1": q1, "q3": q3}
     return out
 
 
@@ -215,9 +205,7 @@ def main() -> None:
     ranks = [8, 32] if args.quick else [int(r) for r in args.ranks.split(",")]
     types = list(MORA_TYPES)
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu}), "
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu_model()}), "
           f"{tokens} tokens, {reps} rounds, float32")
     print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}\n")
 

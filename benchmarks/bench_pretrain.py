@@ -60,14 +60,14 @@ def overrides(name: str, s: dict, lr: float) -> list[str]:
 def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> dict[str, float]:
     """Mean number of singular values > threshold of (merged - random base), per layer kind."""
     import torch
-    from hydra import compose, initialize_config_dir
     from transformers import AutoModelForCausalLM
+
+    from harness import compose
 
     from mora_train.adapters.remora import count_singular_values_above
     from mora_train.models import load_model_and_tokenizer
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose(config_name="config", overrides=[a for a in args if a.startswith(("model", "task="))])
+    cfg = compose([a for a in args if a.startswith(("model", "task="))])
     base, _ = load_model_and_tokenizer(cfg.model)  # the same random base (fixed init seed)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     base_weights = dict(base.named_parameters())

@@ -98,8 +98,7 @@ def table(results: dict[str, list[dict]], opts: argparse.Namespace) -> str:
             ratios = f"{speed_ratio:.3f} | {peak:.0f} | {mem_ratio:.3f}"
         else:
             ratios = f"n/a | {peak:.0f} | n/a"
-        label = "full FT" if method == "full" else METHOD_LABELS[method]
-        lines.append(f"| {label} | {rounds[0]['trainable']:,} | {tps:.1f} | {ratios} | "
+        lines.append(f"| {METHOD_LABELS[method]} | {rounds[0]['trainable']:,} | {tps:.1f} | {ratios} | "
                      f"{statistics.median(r['rss_loaded_mb'] for r in rounds):.0f} |")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the end-to-end benchmarks (bench_train.py, bench_memorization.py).
+"""Shared pieces of the benchmark scripts (config composition, adapters, /proc readings, the machine line).
 
 They build models and adapters exactly as `mora-train` does: a Hydra config composed from configs/
 with the same overrides a user would type, then mora_train.models / mora_train.adapters.
@@ -65,8 +65,12 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (e.g. 'AMD EPYC')."""
+    return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")), platform.processor() or "unknown CPU")
+
+
 def machine_line(threads: int) -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "unknown CPU")
-    return (f"{date.today():%Y-%m-%d}, {cpu}, {torch.get_num_threads() if threads <= 0 else threads} threads, "
+    return (f"{date.today():%Y-%m-%d}, {cpu_model()}, {torch.get_num_threads() if threads <= 0 else threads} threads, "
             f"torch {torch.__version__}, python {platform.python_version()}")
