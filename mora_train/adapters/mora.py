@@ -615,8 +615,8 @@ class MoRALinear(nn.Module):
         if side != self.r_hat:
             raise ValueError(
                 f"Layer '{name}': MoRA type '{kind}' has r_hat = {side}, but the layer was built with r_hat = "
-                f"{self.r_hat} (type '{self.mora_type}'); types cycled by adapter.restart.mora_types must share "
-                "r_hat (rope rounds it down to even): pick types among sharing/grouping/group_tile/share_group"
+                f"{self.r_hat} (type '{self.mora_type}'); a layer can only switch between types of the same "
+                "r_hat (rope rounds it down to even): sharing, grouping, group_tile and share_group always agree"
             )
         self.mora_type = kind
         self._ops = _Operators(self.in_features, self.out_features, self.r_hat, kind)

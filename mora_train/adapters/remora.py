@@ -159,7 +159,7 @@ def set_mora_type(layer: nn.Module, mora_type: str | int) -> None:
     try:
         layer.set_type(mora_type)
     except ValueError as err:
-        raise ConfigError([str(err)]) from None
+        raise ConfigError([f"{err} (set by `adapter.restart.mora_types`)"]) from None
 
 
 def mora_type_at(settings: RestartSettings, restarts_done: int) -> str:
