@@ -31,6 +31,13 @@ def run_stage(name: str, overrides: list[str], out: Path, threads: int | None = 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mora_train", *overrides, f"output_dir={run_dir}", "overwrite=true"]
+    record_path = run_dir / "stage.json"
+    if record_path.exists():
+        # A finished stage of an interrupted benchmark (same --out): reuse it when it ran the same command.
+        record = json.loads(record_path.read_text())
+        if record["overrides"] == overrides:
+            print(f"\n{name}: reusing the finished stage in {run_dir}", flush=True)
+            return record["metrics"]
     print(f"\n[{datetime.now():%H:%M:%S}] {name}: {' '.join(cmd[2:])}", flush=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if threads:
@@ -44,6 +51,7 @@ def run_stage(name: str, overrides: list[str], out: Path, threads: int | None = 
         sys.exit(f"stage {name} failed (exit {result.returncode}); last output:\n{result.stderr[-3000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["stage_wall_s"] = time.time() - started
+    record_path.write_text(json.dumps({"overrides": overrides, "metrics": metrics}, indent=2, default=str))
     summary = {k: v for k, v in metrics.items() if k.endswith(("accuracy", "perplexity", "runtime_s", "per_problem"))}
     print(f"  done in {metrics['stage_wall_s']:.0f} s: {json.dumps(summary)}", flush=True)
     return metrics
@@ -95,7 +103,9 @@ def main() -> None:
     parser.add_argument("--pubmedqa", type=int, default=200, help="PubMedQA test questions (a prefix; 500 = the whole test split)")
     parser.add_argument("--fpb", type=int, default=500, help="FinancialPhraseBank AllAgree sentences (a prefix; 0 = all 2,264)")
     parser.add_argument("--ppl-docs", type=int, default=50, help="held-out documents for perplexity (biomed; finance uses 4x)")
-    parser.add_argument("--out", type=Path, default=None, help="where the run dirs go (default benchmarks/runs/tasks-DATE)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the run dirs go (default benchmarks/runs/tasks-DATE); stages already finished there "
+                             "with the same overrides are reused, so an interrupted run resumes with the same --out")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every stage (default: torch's choice)")
     args = parser.parse_args()
     if args.quick:
