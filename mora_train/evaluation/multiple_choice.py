@@ -9,6 +9,8 @@ A benchmark is a config (see configs/task/biomed.yaml):
     labels: [A, B, C, D]                 # the label value of each choice, in order (compared as strings)
     score: sum                           # sum of the option's token log-probs, or `mean` (per token)
     max_samples: 200                     # first N records; null = all
+    sample_seed: 0                       # optional: N records drawn at random with this seed (file order kept),
+                                         # for files grouped by label or subject, where a prefix is not a sample
 
 Each choice is scored as log p(choice tokens | prompt); the prediction is the best-scoring choice.
 Prompt and choice are tokenized separately (the prompt with the tokenizer's special tokens), and a
@@ -34,7 +36,7 @@ from mora_train.data.sources import as_plain, load_records, lookup, render, sour
 from mora_train.errors import MoraTrainError
 
 SCORES = ("sum", "mean")
-BENCHMARK_KEYS = ("data", "prompt", "choices", "label_field", "labels", "score", "max_samples")
+BENCHMARK_KEYS = ("data", "prompt", "choices", "label_field", "labels", "score", "max_samples", "sample_seed")
 
 
 @dataclass
@@ -67,6 +69,10 @@ def benchmark_problems(bench: Any, key: str) -> list[str]:
     limit = bench.get("max_samples")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         problems.append(f"`{key}.max_samples={limit}` must be a positive integer or null (all)")
+    seed = bench.get("sample_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        problems.append(f"`{key}.sample_seed={seed}` must be an integer (a random sample of max_samples records) "
+                        "or null (the first max_samples records)")
     for name, template in [("prompt", prompt), *((f"choices[{i}]", c) for i, c in enumerate(choices or []))]:
         if isinstance(template, str):
             try:
@@ -77,10 +83,15 @@ def benchmark_problems(bench: Any, key: str) -> list[str]:
 
 
 def load_benchmark(bench: DictConfig, key: str) -> list[MCExample]:
-    """The benchmark's examples (its max_samples prefix): prompt and choices rendered, gold resolved."""
+    """The benchmark's examples (max_samples of them), prompt and choices rendered, gold resolved."""
     records = load_records(bench.data, f"{key}.data")
-    if bench.get("max_samples"):
-        records = records[: bench.max_samples]
+    limit = bench.get("max_samples")
+    if limit and limit < len(records):
+        if bench.get("sample_seed") is None:
+            records = records[:limit]
+        else:
+            chosen = torch.randperm(len(records), generator=torch.Generator().manual_seed(bench.sample_seed))[:limit]
+            records = [records[i] for i in sorted(chosen.tolist())]
     labels = [str(label) for label in as_plain(bench.labels)]
     examples = []
     for record in records:

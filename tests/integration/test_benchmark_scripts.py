@@ -60,7 +60,35 @@ def test_bench_memorization_rejects_a_bad_grid(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_memorization.py"])
+def test_bench_pretrain_quick_lr_grid_and_reuse(tmp_path: Path) -> None:
+    args = ["--quick", "--variants", "remora", "--threads", "1", "--out", str(tmp_path)]
+    first = run_script("bench_pretrain.py", *args, "--lr", "3e-3", "1e-2")
+    assert "reusing" not in first.stdout
+    report = (tmp_path / "quick" / "results.md").read_text()
+    assert "Best learning rate per variant" in report
+    rows = [line for line in report.splitlines() if line.startswith("| remora |")]
+    assert [row.split("|")[2].strip() for row in rows[:2]] == ["0.003", "0.01"] and len(rows) == 3
+    assert all(float(row.split("|")[3]) > 1.0 for row in rows)  # perplexities, not placeholders
+    # The same run asked for again (here by a second process) is read back, not retrained.
+    again = run_script("bench_pretrain.py", *args, "--lr", "1e-2")
+    assert again.stdout.count("reusing") == 1 and "Best learning rate" not in again.stdout
+
+
+def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_tasks
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    overrides = ["task=gsm8k", "mode=eval"]
+    (tmp_path / "gsm8k_base").mkdir()
+    (tmp_path / "gsm8k_base" / "stage.json").write_text(json.dumps({"overrides": overrides, "metrics": {"accuracy": 0.25}}))
+    # Same overrides: the recorded metrics come back without starting mora-train (which would fail here:
+    # smollm2 is not loadable in every test environment, and the stage would take minutes).
+    assert bench_tasks.run_stage("gsm8k_base", overrides, tmp_path) == {"accuracy": 0.25}
+
+
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_memorization.py", "bench_pretrain.py", "bench_tasks.py"])
 def test_help_names_the_command(script: str) -> None:
     done = run_script(script, "--help")
     assert f"python benchmarks/{script}" in done.stdout

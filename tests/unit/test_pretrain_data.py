@@ -117,6 +117,24 @@ def test_benchmark_records_render_prompts_and_labels(tmp_path: Path) -> None:
     assert [e.gold for e in examples] == [1, 0]
 
 
+def test_benchmark_max_samples_is_a_prefix_or_a_seeded_sample(tmp_path: Path) -> None:
+    # A file grouped by label, as FinancialPhraseBank is: 30 bearish tweets, then 30 bullish.
+    rows = [{"text": f"t{i}", "label": 0 if i < 30 else 1} for i in range(60)]
+    prefix = load_benchmark(benchmark_cfg(tmp_path, rows, "task.benchmarks.twitter_sentiment.max_samples=20"), "k")
+    assert [e.prompt.split("\n")[0] for e in prefix] == [f"Tweet: t{i}" for i in range(20)]
+    sampled = load_benchmark(benchmark_cfg(tmp_path, rows, "task.benchmarks.twitter_sentiment.max_samples=20",
+                                           "+task.benchmarks.twitter_sentiment.sample_seed=0"), "k")
+    order = [int(e.prompt.split("\n")[0].removeprefix("Tweet: t")) for e in sampled]
+    assert len(set(order)) == 20 and order == sorted(order)  # distinct records, file order kept
+    assert 0 < sum(e.gold for e in sampled) < 20  # both labels, unlike the prefix
+    again = load_benchmark(benchmark_cfg(tmp_path, rows, "task.benchmarks.twitter_sentiment.max_samples=20",
+                                         "+task.benchmarks.twitter_sentiment.sample_seed=0"), "k")
+    assert [e.where for e in again] == [e.where for e in sampled]  # the seed fixes the sample
+    cfg = compose_config(["model=tiny-llama", "task=finance", "task.benchmarks.financial_phrasebank.sample_seed=yes"],
+                         tmp_path).task
+    assert "sample_seed=yes` must be an integer" in "\n".join(TASKS["finance"].config_problems(cfg))
+
+
 def test_benchmark_data_errors(tmp_path: Path) -> None:
     with pytest.raises(MoraTrainError, match=r"bench\.jsonl line 2: label '7' .* is not one of"):
         load_benchmark(benchmark_cfg(tmp_path, [{"text": "a", "label": 1}, {"text": "b", "label": 7}]), "k")
