@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--cpt-steps", type=int, default=50, help="continual pretraining steps per domain")
     parser.add_argument("--cpt-adapter", default="mora", choices=("mora", "lora", "full"))
     parser.add_argument("--pubmedqa", type=int, default=200, help="PubMedQA test questions (a prefix; 500 = the whole test split)")
-    parser.add_argument("--fpb", type=int, default=500, help="FinancialPhraseBank AllAgree sentences (a prefix; 0 = all 2,264)")
+    parser.add_argument("--fpb", type=int, default=0,
+                        help="FinancialPhraseBank AllAgree sentences (0 = all 2,264; N = a seeded sample of N: the file is grouped by label)")
     parser.add_argument("--ppl-docs", type=int, default=50, help="held-out documents for perplexity (biomed; finance uses 4x)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the run dirs go (default benchmarks/runs/tasks-DATE); stages already finished there "
