@@ -7,7 +7,8 @@ task=pretrain. Reported: final held-out perplexity, and the rank of the total Δ
 the random base) of every adapted layer, counted as singular values above 0.1 (paper Fig. 5).
 
     python benchmarks/bench_pretrain.py --quick    # smoke: tiny model, a few steps (~1-2 min)
-    python benchmarks/bench_pretrain.py            # the comparison (~20 min on 2 CPU cores; RESULTS.md)
+    python benchmarks/bench_pretrain.py            # the comparison at one lr (13 min, 1 thread; RESULTS.md)
+    python benchmarks/bench_pretrain.py --lr 1e-3 3e-3 1e-2   # a learning-rate grid per variant
 """
 
 from __future__ import annotations
@@ -79,44 +80,67 @@ def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> di
     return {k: sum(v) / len(v) for k, v in sorted(counts.items())}
 
 
+def run_variant(name: str, lr: float, s: dict, out: Path, env: dict) -> dict:
+    """One mora-train run (or its record from an earlier invocation with the same arguments)."""
+    args = overrides(name, s, lr)
+    run_dir = out / f"{name}-lr{lr:g}"
+    record_path = run_dir / "bench_record.json"
+    if record_path.exists() and json.loads(record_path.read_text())["args"] == args:
+        record = json.loads(record_path.read_text())
+        print(f"{name} lr={lr:g}: reusing the finished run in {run_dir}", flush=True)
+        return record
+    cmd = [sys.executable, "-m", "mora_train", *args, f"output_dir={run_dir}", "overwrite=true"]
+    print(f"[{datetime.now():%H:%M:%S}] {name} lr={lr:g}: mora-train {' '.join(args)}", flush=True)
+    started = time.time()
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if result.returncode:
+        print(result.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{name} lr={lr:g} failed (exit {result.returncode})")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ranks = delta_ranks(args, run_dir / "merged")
+    record = {"name": name, "lr": lr, "args": args, "metrics": metrics, "ranks": ranks, "wall_s": time.time() - started}
+    record_path.write_text(json.dumps(record, indent=2, default=str))
+    print(f"  perplexity {metrics['eval_perplexity']:.3f}  ΔW rank {ranks}  ({record['wall_s']:.0f} s)", flush=True)
+    return record
+
+
+def results_table(records: list[dict]) -> str:
+    kinds = sorted({k for r in records for k in r["ranks"]})
+    lines = [f"| variant | lr | held-out ppl | final train loss | trainable | {' | '.join(f'rank ΔW {k}' for k in kinds)} | wall s |",
+             "|---" * (6 + len(kinds)) + "|"]
+    for r in records:
+        m = r["metrics"]
+        lines.append(f"| {r['name']} | {r['lr']:g} | {m['eval_perplexity']:.3f} | {m['final_logged_loss']:.3f} | "
+                     f"{m['trainable_params']:,} | " + " | ".join(f"{r['ranks'].get(k, 0):.1f}" for k in kinds)
+                     + f" | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: checks the pipeline")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "pretrain")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "pretrain",
+                        help="run dirs go to OUT/full (or OUT/quick); finished runs there with the same arguments are "
+                             "reused, so two processes can split the variants and a third prints the whole table")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--lr", type=float, nargs="+", default=[3e-3],
+                        help="learning rate, or several for a grid (each variant at each rate; the best per variant "
+                             "by held-out perplexity is tabled separately)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     opts = parser.parse_args()
     s = settings(opts.quick)
     out = opts.out / ("quick" if opts.quick else "full")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
-    rows = []
-    for name in opts.variants:
-        args = overrides(name, s, opts.lr)
-        run_dir = out / name
-        cmd = [sys.executable, "-m", "mora_train", *args, f"output_dir={run_dir}", "overwrite=true"]
-        print(f"[{datetime.now():%H:%M:%S}] {name}: mora-train {' '.join(args)}", flush=True)
-        started = time.time()
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        if result.returncode:
-            print(result.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{name} failed (exit {result.returncode})")
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        ranks = delta_ranks(args, run_dir / "merged")
-        rows.append((name, metrics, ranks, time.time() - started))
-        print(f"  perplexity {metrics['eval_perplexity']:.3f}  ΔW rank {ranks}  ({time.time() - started:.0f} s)", flush=True)
-    kinds = sorted({k for _, _, r, _ in rows for k in r})
-    lines = [f"| variant | held-out ppl | final train loss | trainable | {' | '.join(f'rank ΔW {k}' for k in kinds)} | wall s |",
-             "|---" * (5 + len(kinds)) + "|"]
-    for name, m, r, wall in rows:
-        lines.append(f"| {name} | {m['eval_perplexity']:.3f} | {m['final_logged_loss']:.3f} | {m['trainable_params']:,} | "
-                     + " | ".join(f"{r.get(k, 0):.1f}" for k in kinds) + f" | {wall:.0f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
+    records = [run_variant(name, lr, s, out, env) for name in opts.variants for lr in opts.lr]
+    report = results_table(records)
+    if len(opts.lr) > 1:
+        best = [min((r for r in records if r["name"] == name), key=lambda r: r["metrics"]["eval_perplexity"])
+                for name in opts.variants]
+        report += "\n\nBest learning rate per variant (lowest held-out perplexity):\n\n" + results_table(best)
+    print("\n" + report)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-
+    (out / "results.md").write_text(report + "\n")
 
 if __name__ == "__main__":
     main()
