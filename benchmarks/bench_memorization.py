@@ -25,7 +25,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from harness import METHOD_LABELS, METHODS, REPO, build_adapter_from_config, compose, machine_line, method_overrides
+from harness import (METHOD_LABELS, METHODS, REPO, build_adapter_from_config, compose, finished_record, machine_line,
+                     method_overrides, save_record)
 
 # Learning-rate grids per method: adapters take a higher rate than full fine-tuning of all weights.
 DEFAULT_GRID = {"full": [5e-5, 2e-4], "lora": [1e-3, 3e-3, 1e-2], "mora_sharing": [1e-3, 3e-3], "mora_rope": [1e-3, 3e-3, 1e-2]}
@@ -59,11 +60,10 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
                  f"trainer.logging_steps={opts.eval_every}", f"seed={opts.seed}"]
     run_dir = out / f"{method}_lr{lr:g}"
     done = run_dir / "record.json"
-    if not opts.redo and done.exists():
-        record = json.loads(done.read_text())
-        if record.get("overrides") == overrides:  # the same run finished before: reuse it (--redo to rerun)
-            print(f"    reusing {done}", flush=True)
-            return record
+    record = None if opts.redo else finished_record(done, overrides)
+    if record is not None:  # the same run finished before: reuse it (--redo to rerun)
+        print(f"    reusing {done}", flush=True)
+        return record
     cfg = compose(overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
@@ -95,9 +95,7 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
     record = {"method": method, "lr": lr, "rank": opts.rank, "trainable": trainable, "curve": curve,
               "final_loss": losses[-1] if losses else None, "train_runtime_s": result.runtime_s,
               "tokens_per_s": result.tokens_per_s, "wall_s": time.time() - started, "overrides": overrides}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(done)  # atomically: a record on disk is always a finished run
+    save_record(done, record)
     return record
 
 

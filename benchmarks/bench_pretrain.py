@@ -14,16 +14,11 @@ the random base) of every adapted layer, counted as singular values above 0.1 (p
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from harness import REPO, compose, finished_record, run_mora_train, save_record
 
 VARIANTS = {
     "lora": ["adapter=lora"],
@@ -63,8 +58,6 @@ def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness import compose
-
     from mora_train.adapters.remora import count_singular_values_above
     from mora_train.models import load_model_and_tokenizer
 
@@ -80,26 +73,21 @@ def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> di
     return {k: sum(v) / len(v) for k, v in sorted(counts.items())}
 
 
-def run_variant(name: str, lr: float, s: dict, out: Path, env: dict) -> dict:
+def run_variant(name: str, lr: float, s: dict, out: Path, threads: int) -> dict:
     """One mora-train run (or its record from an earlier invocation with the same arguments)."""
     args = overrides(name, s, lr)
     run_dir = out / f"{name}-lr{lr:g}"
     record_path = run_dir / "bench_record.json"
-    if record_path.exists() and json.loads(record_path.read_text())["args"] == args:
-        record = json.loads(record_path.read_text())
+    record = finished_record(record_path, args)
+    if record is not None:
         print(f"{name} lr={lr:g}: reusing the finished run in {run_dir}", flush=True)
         return record
-    cmd = [sys.executable, "-m", "mora_train", *args, f"output_dir={run_dir}", "overwrite=true"]
     print(f"[{datetime.now():%H:%M:%S}] {name} lr={lr:g}: mora-train {' '.join(args)}", flush=True)
     started = time.time()
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    if result.returncode:
-        print(result.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{name} lr={lr:g} failed (exit {result.returncode})")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = run_mora_train(args, run_dir, threads)
     ranks = delta_ranks(args, run_dir / "merged")
-    record = {"name": name, "lr": lr, "args": args, "metrics": metrics, "ranks": ranks, "wall_s": time.time() - started}
-    record_path.write_text(json.dumps(record, indent=2, default=str))
+    record = {"name": name, "lr": lr, "overrides": args, "metrics": metrics, "ranks": ranks, "wall_s": time.time() - started}
+    save_record(record_path, record)
     print(f"  perplexity {metrics['eval_perplexity']:.3f}  ΔW rank {ranks}  ({record['wall_s']:.0f} s)", flush=True)
     return record
 
@@ -130,9 +118,7 @@ def main() -> None:
     opts = parser.parse_args()
     s = settings(opts.quick)
     out = opts.out / ("quick" if opts.quick else "full")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": str(opts.threads), "MKL_NUM_THREADS": str(opts.threads)}
-    records = [run_variant(name, lr, s, out, env) for name in opts.variants for lr in opts.lr]
+    records = [run_variant(name, lr, s, out, opts.threads) for name in opts.variants for lr in opts.lr]
     report = results_table(records)
     if len(opts.lr) > 1:
         best = [min((r for r in records if r["name"] == name), key=lambda r: r["metrics"]["eval_perplexity"])
@@ -141,6 +127,7 @@ def main() -> None:
     print("\n" + report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(report + "\n")
+
 
 if __name__ == "__main__":
     main()

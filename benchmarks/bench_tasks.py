@@ -17,41 +17,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import REPO, finished_record, run_mora_train, save_record
 
 
 def run_stage(name: str, overrides: list[str], out: Path, threads: int | None = None) -> dict:
     run_dir = out / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mora_train", *overrides, f"output_dir={run_dir}", "overwrite=true"]
     record_path = run_dir / "stage.json"
-    if record_path.exists():
-        # A finished stage of an interrupted benchmark (same --out): reuse it when it ran the same command.
-        record = json.loads(record_path.read_text())
-        if record["overrides"] == overrides:
-            print(f"\n{name}: reusing the finished stage in {run_dir}", flush=True)
-            return record["metrics"]
-    print(f"\n[{datetime.now():%H:%M:%S}] {name}: {' '.join(cmd[2:])}", flush=True)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if threads:
-        # On a CPU shared with other jobs, torch's default (all cores) can be ~10x slower than 1 thread.
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # A finished stage of an interrupted benchmark (same --out): reuse it when it ran the same command.
+    record = finished_record(record_path, overrides)
+    if record is not None:
+        print(f"\n{name}: reusing the finished stage in {run_dir}", flush=True)
+        return record["metrics"]
+    print(f"\n[{datetime.now():%H:%M:%S}] {name}: mora_train {' '.join(overrides)} output_dir={run_dir}", flush=True)
     started = time.time()
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    (run_dir / "stdout.log").write_text(result.stdout)
-    (run_dir / "stderr.log").write_text(result.stderr)
-    if result.returncode != 0:
-        sys.exit(f"stage {name} failed (exit {result.returncode}); last output:\n{result.stderr[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = run_mora_train(overrides, run_dir, threads)
     metrics["stage_wall_s"] = time.time() - started
-    record_path.write_text(json.dumps({"overrides": overrides, "metrics": metrics}, indent=2, default=str))
+    save_record(record_path, {"overrides": overrides, "metrics": metrics})
     summary = {k: v for k, v in metrics.items() if k.endswith(("accuracy", "perplexity", "runtime_s", "per_problem"))}
     print(f"  done in {metrics['stage_wall_s']:.0f} s: {json.dumps(summary)}", flush=True)
     return metrics

@@ -6,7 +6,10 @@ with the same overrides a user would type, then mora_train.models / mora_train.a
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -50,6 +53,40 @@ def build_adapter_from_config(cfg: DictConfig):  # -> (Adapter, tokenizer)
 
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     return build_adapter(model, cfg.adapter, cfg.rank), tokenizer
+
+
+def finished_record(path: Path, overrides: list[str]) -> dict | None:
+    """The record a finished run left at `path`, when it ran with the same overrides (else None)."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("overrides") == overrides else None
+
+
+def save_record(path: Path, record: dict) -> None:
+    """Write a run's record atomically: a record on disk always belongs to a finished run."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_mora_train(overrides: list[str], run_dir: Path, threads: int | None = None) -> dict:
+    """`python -m mora_train OVERRIDES` into run_dir (stdout.log and stderr.log kept there); its metrics.json.
+
+    Exits with the run's last output when it fails.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mora_train", *overrides, f"output_dir={run_dir}", "overwrite=true"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if threads:
+        # On a CPU shared with other jobs, torch's default (all cores) can be ~10x slower than 1 thread.
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    (run_dir / "stdout.log").write_text(result.stdout)
+    (run_dir / "stderr.log").write_text(result.stderr)
+    if result.returncode != 0:
+        sys.exit(f"{run_dir.name} failed (exit {result.returncode}); last output:\n{result.stderr[-3000:]}")
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def status_kb(field: str) -> int:
