@@ -49,10 +49,10 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
     from transformers import TrainerCallback, set_seed
 
     from mora_train.adapters.base import count_parameters
-    from mora_train.adapters.remora import TrainingExtras
+    from mora_train.training.restarts import TrainingExtras
     from mora_train.data import uuid as uuid_data
     from mora_train.evaluation import uuid as uuid_eval
-    from mora_train.training import train
+    from mora_train.training.trainer import train
 
     overrides = [f"model={opts.model}", "task=uuid", f"task.num_pairs={opts.pairs}", *method_overrides(method, opts.rank),
                  f"trainer.max_steps={opts.steps}", f"trainer.batch_size={opts.batch}",

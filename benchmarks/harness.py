@@ -36,7 +36,7 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "mora_train" / "configs"), version_base=None):
         return hydra_compose(config_name="config", overrides=overrides)
 
 

@@ -1,4 +1,4 @@
-"""How long the ΔW spectrum (mora_train.analysis) takes for SmolLM2-135M on this machine.
+"""How long the ΔW spectrum (mora_train.analysis.spectrum) takes for SmolLM2-135M on this machine.
 
 Each case saves an adapter (or a merged model) with random non-zero weights, then times exactly
 what `mora-train-spectrum PATH --base-model smollm2-135m` does: load the base model, attach the
@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mora_train.adapters import build_adapter
-from mora_train.analysis import base_model_config, load_base_model, run_spectrum, summarize
+from mora_train.analysis.spectrum import base_model_config, load_base_model, run_spectrum, summarize
 from mora_train.models import load_model_and_tokenizer
 
 BASE = "smollm2-135m"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mora_train.resolvers import register_resolvers as _register_resolvers
+from mora_train.config.resolvers import register_resolvers as _register_resolvers
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from mora_train.adapters.base import Adapter, write_dir_atomically
 from mora_train.data.common import PadCollator
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.config import looks_like_local_path, package_dir
-from mora_train.errors import MoraTrainError
+from mora_train.config.validation import looks_like_local_path, package_dir
+from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ elif [ -x "$repo/.venv/bin/python" ]; then
 else
     py=python3
 fi
-configs=$repo/configs/distributed/accelerate
+configs=$repo/mora_train/configs/distributed/accelerate
 launch=("$py" -m accelerate.commands.launch)
 
 if [ "$cpu" -gt 0 ]; then

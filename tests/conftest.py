@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO / "configs"
+CONFIG_DIR = REPO / "mora_train" / "configs"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Small, fast and still learnable: used by every end-to-end test on the tiny model.

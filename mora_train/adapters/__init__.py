@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Adapter
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 __all__ = ["Adapter", "build_adapter", "load_adapter"]
 
@@ -29,7 +29,7 @@ def build_adapter(model: PreTrainedModel, adapter_cfg: DictConfig, rank: int) ->
     if name == "mora":
         from mora_train.adapters.mora_adapter import MoraAdapter
 
-        from mora_train.adapters.remora import restart_settings
+        from mora_train.training.restarts import restart_settings
 
         restart = restart_settings(adapter_cfg)
         # With restarts on, the layers start with the first operator pair of the restart cycle.

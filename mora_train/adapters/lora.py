@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.adapters.base import ADAPTER_WEIGHTS_NAME, Adapter, ModuleSummary, find_target_linears
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 PEFT_ADAPTER = "default"
 

@@ -18,7 +18,7 @@ from mora_train.adapters.base import (
     find_target_linears,
 )
 from mora_train.adapters.mora import MoRALinear, mora_shape_problem, resolve_mora_type
-from mora_train.errors import ConfigError, MoraTrainError
+from mora_train.core.errors import ConfigError, MoraTrainError
 
 FORMAT = "mora-train"
 FORMAT_VERSION = 1

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from mora_train.data.sources import (
     load_records,
     map_fields,
 )
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 FORMATS = ("auto", "alpaca", "chat")
 ROLES = ("system", "user", "assistant")

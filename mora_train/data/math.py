@@ -18,7 +18,7 @@ from mora_train.data.cache import cached, tokenizer_fingerprint
 from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
 from mora_train.data.recipe import check_eval_settings, check_template, common_problems
 from mora_train.data.sources import Record, as_plain, as_text, fingerprint_sources, load_records, map_fields, render
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 from mora_train.evaluation.answers import Answer, extract_answer, strip_calculator_annotations
 
 

@@ -30,7 +30,7 @@ from mora_train.data.cache import cached, tokenizer_fingerprint
 from mora_train.data.common import IGNORE_INDEX
 from mora_train.data.recipe import check_eval_settings, common_problems
 from mora_train.data.sources import as_plain, as_text, fingerprint_sources, load_records, map_fields
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 from mora_train.evaluation.multiple_choice import MCExample, benchmark_problems, load_benchmark
 
 log = logging.getLogger(__name__)

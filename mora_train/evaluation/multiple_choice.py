@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.data.sources import as_plain, load_records, lookup, render, source_problems, template_fields
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 SCORES = ("sum", "mean")
 BENCHMARK_KEYS = ("data", "prompt", "choices", "label_field", "labels", "score", "max_samples", "sample_seed")

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from mora_train.adapters import build_adapter
 from mora_train.export import logits_of
-from mora_train.gather import FinalWeights, gather_trainable_state, unsharded_adapter
+from mora_train.training.gather import FinalWeights, gather_trainable_state, unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import TINY_RUN, compose_config
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mora_train.pipeline import run
+from mora_train.pipeline.train import run
 from tests.conftest import REPO, TINY_RUN, compose_config
 
 # Small: 6 optimizer steps of a global batch of 8 (2 ranks x 1 micro-batch of 4, or 1 process x 2 accumulated).
@@ -172,7 +172,7 @@ def test_two_process_run_killed_mid_training_resumes_to_the_same_weights(
 
     resumed_dir = tmp_path / "resumed"
     with monkeypatch.context() as patch:
-        patch.setenv("MORA_TRAIN_FAULT", "sigkill@step=5")  # mora_train.faults: each rank kills itself
+        patch.setenv("MORA_TRAIN_FAULT", "sigkill@step=5")  # mora_train.training.faults: each rank kills itself
         killed = launch("accelerate", [*args, f"output_dir={resumed_dir}"], tmp_path)
     assert killed.returncode != 0 and not (resumed_dir / "metrics.json").exists()
     resumed = launch("accelerate", [*args, f"output_dir={resumed_dir}"], tmp_path)

@@ -1,7 +1,7 @@
 """Fault injection on the tiny model: kills, interrupts, NaN, full disk. Each test checks the exit code,
 the message, and that nothing complete was lost (README: "When things go wrong").
 
-Faults are injected with MORA_TRAIN_FAULT (mora_train/faults.py). Runs that must die by a signal run in
+Faults are injected with MORA_TRAIN_FAULT (mora_train/training/faults.py). Runs that must die by a signal run in
 a subprocess; the rest call the CLI's entry function in-process (no interpreter start: ~3x faster).
 """
 
@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mora_train import faults
-from mora_train.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
-from mora_train.cli import _run
+from mora_train.training import faults
+from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
+from mora_train.cli.train import _run
 from tests.conftest import compose_config, run_cli
 
 MAX_STEPS = 7
@@ -236,7 +236,7 @@ def test_injected_disk_full_during_a_checkpoint_write(
 def test_not_enough_disk_is_refused_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr("mora_train.preflight.free_bytes", lambda path: 100_000)
+    monkeypatch.setattr("mora_train.training.preflight.free_bytes", lambda path: 100_000)
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir) == 2
     err = capsys.readouterr().err

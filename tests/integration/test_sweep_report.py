@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.analysis import load_spectra
-from mora_train.report import build_report
+from mora_train.analysis.spectrum import load_spectra
+from mora_train.analysis.report import build_report
 from tests.conftest import run_cli
 
 # Few steps at a high constant learning rate: enough for ΔW to grow well past the 0.1 threshold.

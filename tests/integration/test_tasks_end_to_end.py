@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.evaluation.checkpoint import run_eval
-from mora_train.pipeline import run
+from mora_train.pipeline.evaluate import run_eval
+from mora_train.pipeline.train import run
 from tests.conftest import REPO, SHARED_DATA, compose_config, run_cli
 
 needs_shared_data = pytest.mark.skipif(

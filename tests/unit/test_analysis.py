@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mora_train.adapters import build_adapter
-from mora_train.analysis import (
+from mora_train.analysis.spectrum import (
     load_spectra,
     main as spectrum_main,
     merged_deltas,
@@ -18,7 +18,7 @@ from mora_train.analysis import (
     singular_values_of,
     summarize,
 )
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import compose_config
 

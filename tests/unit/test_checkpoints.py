@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.checkpoints import (
+from mora_train.training.checkpoints import (
     COMPLETE_MARKER,
     STAGING_DIR,
     complete_checkpoints,
@@ -18,8 +18,8 @@ from mora_train.checkpoints import (
     publish,
     rotate,
 )
-from mora_train.errors import MoraTrainError
-from mora_train.resilience import StopSignals
+from mora_train.core.errors import MoraTrainError
+from mora_train.training.resilience import StopSignals
 
 
 def make_checkpoint(checkpoints: Path, step: int, adapter: str = "lora", rank: int | None = 8) -> Path:

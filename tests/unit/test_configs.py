@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.config import validate
+from mora_train.config.validation import validate
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose_config
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -62,13 +62,13 @@ def test_data_dir_defaults_beside_the_repository_and_follows_the_environment(tmp
     import mora_train  # noqa: F401 - registers the ${repo_dir:...} resolver
 
     cfg = compose_config(["task=gsm8k"], tmp_path)
-    assert cfg.task.data.train.path == str(CONFIG_DIR.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
+    assert cfg.task.data.train.path == str(CONFIG_DIR.parent.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
     monkeypatch.setenv("MORA_TRAIN_DATA", str(tmp_path))
     assert compose_config(["task=gsm8k"], tmp_path).task.data.eval.path == str(tmp_path / "gsm8k" / "test.jsonl")
 
 
 def test_mode_and_checkpoint_are_validated(tmp_path: Path) -> None:
-    from mora_train.errors import ConfigError
+    from mora_train.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="`mode=serve` is unknown"):
         validate(compose_config(["model=tiny-llama", "mode=serve"], tmp_path))

@@ -9,7 +9,7 @@ import pytest
 
 from mora_train.data import sources
 from mora_train.data.sources import Record, load_records, map_fields, render, source_problems
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -180,7 +180,7 @@ def test_source_config_problems(tmp_path: Path) -> None:
 
 
 def test_repo_dir_resolver_points_beside_the_repository() -> None:
-    from mora_train.resolvers import REPO_DIR, repo_relative
+    from mora_train.config.resolvers import REPO_DIR, repo_relative
 
     assert repo_relative("../shared/data") == str(REPO_DIR.parent / "shared" / "data")
     assert sources  # the module under test imports cleanly on its own

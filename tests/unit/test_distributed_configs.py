@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_train import distributed
-from mora_train.config import validate
-from mora_train.errors import ConfigError, MoraTrainError
+from mora_train.training import distributed
+from mora_train.config.validation import validate
+from mora_train.core.errors import ConfigError, MoraTrainError
 from tests.conftest import CONFIG_DIR, REPO, TINY_RUN, compose_config
 
 DIST_DIR = CONFIG_DIR / "distributed"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mora_train.adapters import build_adapter, load_adapter
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 from mora_train.export import logits_of, probe_batch
-from mora_train.gather import FinalWeights, unsharded_adapter, weights_checksum
+from mora_train.training.gather import FinalWeights, unsharded_adapter, weights_checksum
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import TINY_RUN, compose_config
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.config import validate
-from mora_train.errors import ConfigError
+from mora_train.config.validation import validate
+from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
 from mora_train.adapters.base import match_target_linears
-from mora_train.preflight import estimate_run_bytes, model_fit_problems
-from mora_train.resilience import is_disk_full
+from mora_train.training.preflight import estimate_run_bytes, model_fit_problems
+from mora_train.training.resilience import is_disk_full
 from tests.conftest import compose_config
 
 
@@ -44,7 +44,7 @@ def test_a_rank_too_large_for_a_layer_under_mora_truncation(tmp_path: Path) -> N
 
 
 def test_all_model_problems_come_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mora_train.preflight.free_bytes", lambda path: 10)
+    monkeypatch.setattr("mora_train.training.preflight.free_bytes", lambda path: 10)
     problems = fit_problems(tmp_path, "adapter=lora", "adapter.target_modules=[nope]")
     assert len(problems) == 2 and "nope" in problems[0] and "not enough free disk" in problems[1]
 

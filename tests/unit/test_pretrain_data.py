@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_train.data import TASKS
+from mora_train.tasks import TASKS
 from mora_train.data import pretrain as pretrain_recipe
 from mora_train.data.common import IGNORE_INDEX, PadCollator
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 from mora_train.evaluation.multiple_choice import MCExample, load_benchmark, score_choices
 from mora_train.evaluation.perplexity import token_nll
 from mora_train.models import load_model_and_tokenizer

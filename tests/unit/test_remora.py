@@ -1,4 +1,4 @@
-"""ReMoRA / ReLoRA restarts (mora_train/adapters/remora.py) and task=pretrain on tiny models."""
+"""ReMoRA / ReLoRA restarts (mora_train/training/restarts.py) and task=pretrain on tiny models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mora_train.adapters import build_adapter
 from mora_train.adapters.mora_adapter import MoraAdapter
-from mora_train.adapters.remora import (
+from mora_train.training.restarts import (
     RestartCallback,
     RestartSettings,
     adapter_layers,
@@ -22,9 +22,9 @@ from mora_train.adapters.remora import (
     restart_parameters,
     setup_training_extras,
 )
-from mora_train.pipeline import run
-from mora_train.config import validate
-from mora_train.errors import ConfigError
+from mora_train.pipeline.train import run
+from mora_train.config.validation import validate
+from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import SHARED_DATA, compose_config
 
@@ -117,7 +117,7 @@ def _train_layer_to_target(adapter: str, cycles: int, steps_per_cycle: int = 60)
 
         built = LoraAdapter(model, 4, 4, [name])
     layer = next(iter(adapter_layers(built).values()))
-    from mora_train.adapters.remora import BaseWeightsState
+    from mora_train.training.restarts import BaseWeightsState
 
     settings = RestartSettings(every_steps=steps_per_cycle)
     callback = RestartCallback(built, settings, BaseWeightsState(built, settings, False), seed=0)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mora_train.errors import ConfigError
-from mora_train.report import build_report, main as report_main
-from mora_train.sweep import failed_job_metric, record_job_failure, safe_dirname
+from mora_train.core.errors import ConfigError
+from mora_train.analysis.report import build_report, main as report_main
+from mora_train.analysis.sweep import failed_job_metric, record_job_failure, safe_dirname
 
 
 def make_run(sweep: Path, name: str, adapter: str, rank: int | None, value: float | None, lr: float = 3e-4) -> Path:

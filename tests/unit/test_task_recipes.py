@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.data import TASKS
+from mora_train.tasks import TASKS
 from mora_train.data import instruction as instruction_recipe
 from mora_train.data import math as math_recipe
 from mora_train.data.common import IGNORE_INDEX
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 from mora_train.models import byte_tokenizer
 from tests.conftest import compose_config
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_train.config import validate
-from mora_train.errors import ConfigError
+from mora_train.config.validation import validate
+from mora_train.core.errors import ConfigError
 from tests.conftest import compose_config
 
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from mora_train.distributed import all_gather_object, is_main_process, world_size
-from mora_train.errors import MoraTrainError
+from mora_train.training.distributed import all_gather_object, is_main_process, world_size
+from mora_train.core.errors import MoraTrainError
 
 if TYPE_CHECKING:
     from transformers import Trainer

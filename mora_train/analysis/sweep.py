@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
 

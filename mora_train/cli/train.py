@@ -12,21 +12,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mora_train.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, run_on_main_process, shutdown
-from mora_train.errors import MoraTrainError
-
-
-def config_dir() -> str:
-    """configs/ of the source checkout (mora-train is installed editable: `pip install -e .`)."""
-    path = Path(__file__).resolve().parent.parent / "configs"
-    if not (path / "config.yaml").is_file():
-        sys.exit(f"mora-train: error: no configs/config.yaml beside the package ({path}); install with `pip install -e .`")
-    return str(path)
+from mora_train.training.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, run_on_main_process, shutdown
+from mora_train.core.errors import MoraTrainError
 
 
 def _run(cfg: DictConfig) -> float | None:
-    from mora_train.pipeline import run
-    from mora_train.sweep import failed_job_metric, in_multirun, record_job_failure
+    from mora_train.pipeline.train import run
+    from mora_train.analysis.sweep import failed_job_metric, in_multirun, record_job_failure
 
     def record_failure(err: BaseException, sweep_goes_on: bool = True) -> float:
         # Rank 0 alone writes the job's error record; the other ranks go on (or stop) with it.
@@ -34,7 +26,7 @@ def _run(cfg: DictConfig) -> float | None:
 
     try:
         if cfg.get("mode", "train") == "eval":
-            from mora_train.evaluation.checkpoint import run_eval
+            from mora_train.pipeline.evaluate import run_eval
 
             metrics = run_on_main_process(lambda: run_eval(cfg))  # evaluation is a one-process job
         else:
@@ -90,13 +82,13 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from mora_train.sweep import register_resolvers
+    from mora_train.analysis.sweep import register_resolvers
 
     register_resolvers()  # before Hydra composes: the sweep subdir uses ${mora_dirname:...}
     # Under a multi-process launcher: join the process group and agree on the run dir before Hydra runs.
     sys.argv = [sys.argv[0], *prepare_cli(sys.argv[1:])]
     try:
-        hydra.main(version_base=None, config_path=config_dir(), config_name="config")(_run)()
+        hydra.main(version_base=None, config_path="pkg://mora_train.configs", config_name="config")(_run)()
     finally:
         shutdown()
 

@@ -18,13 +18,13 @@ from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from mora_train import distributed, faults
+from mora_train.training import distributed, faults
 from mora_train.adapters.base import Adapter, write_json_atomically
-from mora_train.checkpoints import STAGING_DIR, checkpoint_step, is_complete, newest_complete_checkpoint, publish, rotate
+from mora_train.training.checkpoints import STAGING_DIR, checkpoint_step, is_complete, newest_complete_checkpoint, publish, rotate
 from mora_train.data.common import PadCollator, count_tokens
-from mora_train.errors import MoraTrainError, RunStopped
-from mora_train.gather import FinalWeights, collect_final_weights, gather_trainable_state
-from mora_train.resilience import (
+from mora_train.core.errors import MoraTrainError, RunStopped
+from mora_train.training.gather import FinalWeights, collect_final_weights, gather_trainable_state
+from mora_train.training.resilience import (
     FaultInjection,
     NonFiniteLoss,
     StopOnSignal,
@@ -104,7 +104,7 @@ class AdapterTrainer(Trainer):
 
     * Checkpoints hold only the adapter's weights for lora/mora (MBs, not the base model), and no pickled
       TrainingArguments. Each is written to checkpoints/.staging/, marked complete, then renamed into place
-      (mora_train.checkpoints), so resume never meets a half-written one.
+      (mora_train.training.checkpoints), so resume never meets a half-written one.
     * A non-finite loss or gradient norm is caught before the optimizer step that would apply it:
       nonfinite_loss="stop" raises NonFiniteLoss, "skip" drops that step's gradients and goes on.
     """
@@ -115,7 +115,7 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.adapter = adapter
         # Extra state saved into / loaded from every checkpoint beside the adapter (objects with save(dir), load(dir)),
-        # e.g. the base weights that ReMoRA/ReLoRA restarts merged into (mora_train.adapters.remora).
+        # e.g. the base weights that ReMoRA/ReLoRA restarts merged into (mora_train.training.restarts).
         self.checkpoint_state = list(checkpoint_state or [])
         self.nonfinite_loss = nonfinite_loss
         self.skipped_steps: list[int] = []
@@ -289,7 +289,7 @@ def train(
     callbacks = [tensorboard, stop_on_signal]
     if os.environ.get(faults.ENV_VAR):
         callbacks.append(FaultInjection(run_dir))
-    if extras is not None:  # adapter options such as restarts (mora_train.adapters.remora.TrainingExtras)
+    if extras is not None:  # adapter options such as restarts (mora_train.training.restarts.TrainingExtras)
         callbacks += extras.callbacks
     trainer = AdapterTrainer(
         model=model,

@@ -29,7 +29,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mora_train.errors import MoraTrainError
+from mora_train.configs import CONFIG_DIR
+from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,10 @@ def merged_deltas(base_model: nn.Module, merged_model: nn.Module) -> dict[str, t
 
 def base_model_config(base_model: str) -> DictConfig:
     """Model config from a config name (configs/model/NAME.yaml) or a hub id / local folder / .gguf file."""
-    from mora_train.cli import config_dir
-
-    named = Path(config_dir()) / "model" / f"{base_model}.yaml"
+    named = CONFIG_DIR / "model" / f"{base_model}.yaml"
     if named.is_file():
         return OmegaConf.load(named)
-    default = OmegaConf.load(Path(config_dir()) / "model" / "smollm2-135m.yaml")
+    default = OmegaConf.load(CONFIG_DIR / "model" / "smollm2-135m.yaml")
     return OmegaConf.merge(default, {"name_or_path": base_model, "package": None})
 
 

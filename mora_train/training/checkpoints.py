@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mora_train.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
 

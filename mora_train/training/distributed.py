@@ -13,7 +13,7 @@ transformers.Trainer does the data-parallel work (Accelerate underneath: DDP, FS
 * `config_problems`: engine settings and launch environment checked before any model loads; tensor,
   pipeline, context and sequence parallelism are refused.
 
-Gathering sharded weights after training lives in `mora_train.gather`.
+Gathering sharded weights after training lives in `mora_train.training.gather`.
 
 Launchers that set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are supported: `accelerate
 launch` (multi-GPU or multi-node), `torchrun`, and the `deepspeed` launcher.
@@ -32,7 +32,8 @@ from typing import Any, Callable, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from mora_train.errors import MoraTrainError
+from mora_train.configs import CONFIG_DIR
+from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ DISTRIBUTED_SCHEMA: dict[str, tuple[type, ...]] = {
     "ddp_find_unused_parameters": (bool,),
 }
 # Relative deepspeed_config paths are looked up here when they do not exist relative to the working dir.
-DISTRIBUTED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "distributed"
+DISTRIBUTED_CONFIG_DIR = CONFIG_DIR / "distributed"
 # Collectives (the default group) time out after this; rank 0's solo phases (export, evaluation) may take
 # far longer, so the other ranks wait for it on their own gloo group with CONTROL_TIMEOUT. If rank 0 dies,
 # the launcher (torchrun / accelerate launch) stops the other ranks, so a long wait cannot hang forever.

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mora_train.adapters.base import linear_layer_names, match_target_linears
-from mora_train.errors import ConfigError
-from mora_train.resilience import format_bytes, free_bytes
+from mora_train.core.errors import ConfigError
+from mora_train.training.resilience import format_bytes, free_bytes
 
 log = logging.getLogger(__name__)
 

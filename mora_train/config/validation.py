@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mora_train.errors import ConfigError
+from mora_train.core.errors import ConfigError
 
 ADAPTERS = ("lora", "mora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -204,7 +204,7 @@ def _check_adapter(adapter: DictConfig, rank: Any, problems: list[str]) -> None:
             resolve_mora_type(values["mora_type"])
         except ValueError as err:
             problems.append(f"`adapter.mora_type`: {err}")
-    from mora_train.adapters.remora import restart_problems
+    from mora_train.training.restarts import restart_problems
 
     problems.extend(restart_problems(adapter))
 
@@ -267,7 +267,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"`seed={seed}` must be a non-negative integer")
     _check_mode(cfg.get("mode", "train"), cfg.get("checkpoint"), problems)
 
-    from mora_train.data import TASKS
+    from mora_train.tasks import TASKS
 
     task_name = cfg.task.get("name") if isinstance(cfg.get("task"), DictConfig) else None
     if task_name not in TASKS:
@@ -275,7 +275,7 @@ def validate(cfg: DictConfig) -> None:
     else:
         problems.extend(TASKS[task_name].config_problems(cfg.task))
 
-    from mora_train.distributed import config_problems as distributed_problems
+    from mora_train.training.distributed import config_problems as distributed_problems
 
     problems.extend(distributed_problems(cfg))
     if problems:

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from mora_train.adapters.base import Adapter
-from mora_train.errors import ConfigError, MoraTrainError
+from mora_train.core.errors import ConfigError, MoraTrainError
 
 log = logging.getLogger(__name__)
 

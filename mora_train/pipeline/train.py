@@ -12,20 +12,20 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from mora_train import distributed
+from mora_train.training import distributed
 from mora_train.adapters import Adapter, build_adapter
-from mora_train.adapters.remora import setup_training_extras
+from mora_train.training.restarts import setup_training_extras
 from mora_train.adapters.base import count_parameters, write_dir_atomically, write_json_atomically
-from mora_train.checkpoints import checkpoint_step, plan_resume, resume_command
-from mora_train.config import validate
-from mora_train.data import TASKS
-from mora_train.errors import MoraTrainError, RunStopped
+from mora_train.training.checkpoints import checkpoint_step, plan_resume, resume_command
+from mora_train.config.validation import validate
+from mora_train.tasks import TASKS
+from mora_train.core.errors import MoraTrainError, RunStopped
 from mora_train.export import export_merged, probe_batch
-from mora_train.gather import unsharded_adapter
+from mora_train.training.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
-from mora_train.preflight import check_model_fit
-from mora_train.resilience import format_bytes, free_bytes, is_disk_full
-from mora_train.training import TrainResult, plot_loss, train
+from mora_train.training.preflight import check_model_fit
+from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
+from mora_train.training.trainer import TrainResult, plot_loss, train
 
 log = logging.getLogger(__name__)
 

@@ -94,13 +94,13 @@ class StopOnSignal(TrainerCallback):
 
 
 class FaultInjection(TrainerCallback):
-    """Fires MORA_TRAIN_FAULT step faults (tests only; see mora_train.faults)."""
+    """Fires MORA_TRAIN_FAULT step faults (tests only; see mora_train.training.faults)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from mora_train import faults
+        from mora_train.training import faults
 
         faults.at_step_begin(state.global_step + 1, self.run_dir)
 

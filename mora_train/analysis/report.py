@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mora_train.analysis import (
+from mora_train.analysis.spectrum import (
     DEFAULT_THRESHOLD,
     LayerSpectrum,
     cached_run_spectrum,
@@ -36,8 +36,8 @@ from mora_train.analysis import (
     summarize,
     pyplot,
 )
-from mora_train.errors import MoraTrainError
-from mora_train.sweep import ERROR_JSON, METRICS_JSON, read_error
+from mora_train.core.errors import MoraTrainError
+from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, read_error
 
 log = logging.getLogger(__name__)
 

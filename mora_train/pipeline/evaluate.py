@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME, write_json_atomically
-from mora_train.config import validate
-from mora_train.data import TASKS
-from mora_train.errors import MoraTrainError
+from mora_train.config.validation import validate
+from mora_train.tasks import TASKS
+from mora_train.core.errors import MoraTrainError
 from mora_train.models import DTYPES, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def load_checkpoint(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate cfg.checkpoint on cfg.task; return the metrics written to metrics.json."""
-    from mora_train.pipeline import prepare_run_dir
+    from mora_train.pipeline.train import prepare_run_dir
 
     started = time.time()
     validate(cfg)
