@@ -24,7 +24,7 @@ VARIANTS = {
     "lora": ["adapter=lora"],
     "mora": ["adapter=mora", "adapter.mora_type=sharing"],
     "relora": ["adapter=lora"],
-    "remora": ["adapter=mora", "adapter.mora_type=sharing"],
+    "remora": ["adapter=mora", "adapter.mora_type=sharing", "adapter.restart.mora_types=[sharing,grouping]"],
 }
 
 
@@ -58,7 +58,7 @@ def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mora_train.training.restarts import count_singular_values_above
+    from mora_train.analysis.spectrum import count_singular_values_above
     from mora_train.models import load_model_and_tokenizer
 
     cfg = compose([a for a in args if a.startswith(("model", "task="))])

@@ -92,9 +92,9 @@ def main() -> None:
             if reference is None:
                 reference = logits
             diff = (logits - reference).abs().max().item()
-            peak = metrics.get("peak_gpu_memory_gib")
+            peak = (metrics.get("run") or {}).get("peak_gpu_memory_gib")
             rows.append(
-                f"| {adapter} | {metrics['engine']} | {metrics['tokens_per_s']:.0f} | "
+                f"| {adapter} | {metrics['run']['engine']} | {metrics['tokens_per_s']:.0f} | "
                 f"{'-' if peak is None else f'{peak:.2f}'} | {metrics['train_loss']:.4f} | "
                 f"{metrics['merge_max_abs_diff']:.1e} | {diff:.1e} | {wall:.0f} |"
             )

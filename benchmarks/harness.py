@@ -20,6 +20,11 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+# The task configs read the Hugging Face Hub unless data_dir is set: the benchmarks (and the mora-train
+# subprocesses they start, which inherit the environment) read the local copies in ../shared/data.
+SHARED_DATA = REPO.parent / "shared" / "data"
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("MORA_TRAIN_DATA", str(SHARED_DATA))
 
 # The methods compared by the end-to-end benchmarks: name -> adapter overrides (rank is added separately).
 METHODS: dict[str, list[str]] = {

@@ -6,7 +6,7 @@ from mora_train.config.resolvers import register_resolvers as _register_resolver
 
 __version__ = "0.1.0"
 
-_register_resolvers()  # ${repo_dir:...} in configs/config.yaml (data_dir)
+_register_resolvers()  # ${data_file:...}, ${hub_dataset:...}, ${mora_run_dir:...} in configs/*.yaml
 
 __all__ = ["__version__", "load_adapter"]
 

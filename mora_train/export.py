@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.adapters.base import Adapter, write_dir_atomically
+from mora_train.adapters.base import Adapter
 from mora_train.data.common import PadCollator
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_dir_atomically
 
 log = logging.getLogger(__name__)
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.config.validation import looks_like_local_path, package_dir
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_dir_atomically
+from mora_train.core.paths import looks_like_local_path, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +81,14 @@ def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    # Rename last: a killed conversion leaves only a .tmp folder, never a half-written cache entry.
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        # Another process finished the same conversion first; theirs is as good as ours.
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    # A killed conversion leaves only a .tmp folder, never a half-written cache entry; when another
+    # process finished the same conversion first, theirs is kept (it is as good as ours).
+    write_dir_atomically(target, write, keep_existing=True)
     return target
 
 

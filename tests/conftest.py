@@ -16,9 +16,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import mora_train  # noqa: E402,F401 - registers the resolvers the shipped configs use (${data_file:...})
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "mora_train" / "configs"
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The task configs read the Hugging Face Hub unless data_dir is set: the tests (and the CLI subprocesses,
+# which inherit the environment) read the local copies in ../shared/data when that folder is there.
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("MORA_TRAIN_DATA", str(SHARED_DATA))
 
 # Small, fast and still learnable: used by every end-to-end test on the tiny model.
 TINY_RUN = [

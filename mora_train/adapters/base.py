@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,6 +62,28 @@ def find_target_linears(model: nn.Module, target_modules: list[str]) -> dict[str
     return found
 
 
+def svd_factors(
+    delta: torch.Tensor, rank: int | None = None, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U_k S_k, V_k^T) of `delta` (float64 maths, float32 result): ΔW ≈ B @ A.
+
+    k: `rank`; or the fewest singular values holding a fraction `energy` of ΔW's squared Frobenius
+    norm; or (neither) its numerical rank: singular values above 1e-6 x the largest (float32's
+    rounding floor), which drops nothing but rounding noise. At least one column is kept.
+    """
+    U, S, Vh = torch.linalg.svd(delta.detach().double().cpu(), full_matrices=False)
+    if rank is not None:
+        k = min(int(rank), S.numel())
+    elif energy is not None:
+        cumulative = torch.cumsum(S**2, 0) / (S**2).sum().clamp_min(torch.finfo(torch.float64).tiny)
+        k = int((cumulative < energy - 1e-12).sum().item()) + 1
+    else:
+        k = int((S > S[0] * 1e-6).sum().item()) if S.numel() and S[0] > 0 else 1
+    k = max(1, min(k, S.numel()))
+    B = (U[:, :k] * S[:k]).float().to(delta.device)
+    return B.contiguous(), Vh[:k].float().to(delta.device).contiguous()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once."""
     seen: set[int] = set()
@@ -78,36 +97,47 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def write_dir_atomically(target: Path, write: Any) -> None:
-    """Call write(tmp_dir), then rename tmp_dir to target: readers never see a half-written folder."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back, leave no debris
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 class Adapter(ABC):
-    """A base model plus trainable parameters, with one way to save, reload, merge and summarise them."""
+    """What the rest of mora-train may ask of a fine-tuning method (LoRA, MoRA, full fine-tuning).
 
-    name: str
+    Code outside `mora_train.adapters` holds an Adapter and calls these operations; it never asks which
+    method it holds (`name` is recorded in metrics and checkpoints, never branched on). A method's
+    refusals (config keys, engines, layer shapes) are class methods, so they can be checked before a
+    model is loaded.
+    """
+
+    name: ClassVar[str]
     base_model: PreTrainedModel
+    # adapter.* key -> accepted types (bool is never taken for int); unknown keys are refused.
+    settings_schema: ClassVar[dict[str, tuple[type, ...]]] = {}
+    # Why a layer split across ranks (tensor/sequence parallelism) cannot run this method.
+    parallelism_refusal: ClassVar[str] = "mora-train's export gathers data-parallel shards only"
+    # True when the base weights stay frozen beside separate trainable tensors (FSDP1 then needs use_orig_params).
+    freezes_base: ClassVar[bool] = True
+
+    # -- before a model exists --------------------------------------------------------------------------
+
+    @classmethod
+    def config_problems(cls, settings: dict[str, Any], rank: Any) -> list[str]:
+        """Problems of this method's own `adapter.*` keys (plain dict), one message each naming the key and the fix."""
+        return []
+
+    @classmethod
+    def identity(cls, settings: dict[str, Any], rank: Any) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by a run with these settings (written into every checkpoint)."""
+        return {"adapter": cls.name, "rank": rank}
+
+    @classmethod
+    def layer_problems(cls, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> list[str]:
+        """Target layers this method cannot serve at this rank (checked once the model is loaded)."""
+        return []
+
+    @classmethod
+    def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
+        """Parameters this method would train on `layers` of `model` (for disk estimates), without building it."""
+        raise NotImplementedError
+
+    # -- the live adapter ---------------------------------------------------------------------------------
 
     @property
     def model(self) -> nn.Module:
@@ -115,11 +145,41 @@ class Adapter(ABC):
         return self.base_model
 
     @abstractmethod
-    def module_summaries(self) -> list[ModuleSummary]: ...
+    def describe(self) -> dict[str, Any]:
+        """The method and its settings as JSON (adapter_config.json, metrics.json, the run summary)."""
+
+    def title(self) -> str:
+        """One line for the run summary, e.g. `mora (rank 8, type rope)`."""
+        return self.name
+
+    @abstractmethod
+    def identity_now(self) -> dict[str, Any]:
+        """identity() of the live adapter: what its checkpoints record and a resume must match."""
+
+    @abstractmethod
+    def module_summaries(self) -> list[ModuleSummary]:
+        """One row per adapted layer for the run summary (empty: nothing per layer worth showing)."""
 
     @abstractmethod
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Name -> parameter for everything that trains; checkpoints of lora/mora hold exactly these."""
+        """Name -> parameter for everything the method trains; save() writes exactly these."""
+
+    @abstractmethod
+    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trained weights (+ config) into an existing empty folder; load_adapter() reads it back.
+
+        `state_dict` (trainable-parameter name -> tensor) replaces the live weights, for engines whose live
+        weights are shards (ZeRO-3, FSDP): the trainer gathers them first.
+        """
+
+    @abstractmethod
+    def load_weights(self, directory: Path) -> None:
+        """Load weights saved by save(); errors name the module and shapes that disagree."""
+
+    @property
+    def saves_whole_model(self) -> bool:
+        """True when save() writes every weight of the model (then RUN_DIR/adapter would only repeat merged/)."""
+        return False
 
     @abstractmethod
     def delta_weights(self) -> dict[str, torch.Tensor]:
@@ -129,17 +189,35 @@ class Adapter(ABC):
     def merge_and_unload(self) -> PreTrainedModel:
         """Fold ΔW into the base weights and return a plain transformers model (no adapter modules)."""
 
-    @abstractmethod
-    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the adapter (weights + config) into an existing empty folder.
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module name -> (B, A), float32, with ΔW = B @ A (scaling 1): the adapter as a plain LoRA, for
+        serving engines. Exact (to float32 rounding) for every layer; its rank may differ per layer."""
+        raise MoraTrainError(
+            f"adapter={self.name} has no low-rank form to export as LoRA; use the merged model (RUN_DIR/merged)"
+        )
 
-        `state_dict` (trainable-parameter name -> tensor) replaces the live weights, for engines whose live
-        weights are shards (ZeRO-3, FSDP): the trainer gathers them first.
-        """
+    # -- restarts (ReMoRA / ReLoRA) ----------------------------------------------------------------------
 
-    @abstractmethod
-    def load_weights(self, directory: Path) -> None:
-        """Load adapter weights saved by save(); errors name the module and shapes that disagree."""
+    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
+        """Module name -> the frozen base weight under each adapted layer (what fold_and_reset() changes)."""
+        raise MoraTrainError(f"adapter={self.name} has no separate base weights to fold updates into")
 
-    def to_json(self) -> dict[str, Any]:
-        return {"adapter": self.name}
+    def restart_parameters(self) -> list[nn.Parameter]:
+        """The adapter's own parameters, which fold_and_reset() re-initialises."""
+        raise MoraTrainError(f"adapter={self.name} has no adapter parameters to restart")
+
+    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
+        """Add ΔW to the base weights (float32, checked finite) and re-initialise the adapter (ΔW = 0 again)."""
+        raise MoraTrainError(f"adapter={self.name} cannot fold its update into the base weights")
+
+    def operator_types(self) -> dict[str, str]:
+        """Module name -> operator pair, for methods with switchable operators (empty otherwise)."""
+        return {}
+
+    def set_operator(self, kind: str | int) -> None:
+        """Switch every adapted layer to operator pair `kind` (restarts cycle them)."""
+        raise MoraTrainError(f"adapter={self.name} has no operator pairs to switch")
+
+    def resolve_operator(self, kind: str | int) -> str:
+        """The canonical name of operator pair `kind` (raises ValueError when unknown)."""
+        raise ValueError(f"adapter={self.name} has no operator pairs")

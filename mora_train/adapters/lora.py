@@ -1,8 +1,11 @@
-"""LoRA through peft, behind the same Adapter interface as MoRA."""
+"""LoRA through peft, behind the same Adapter protocol as MoRA."""
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
@@ -14,11 +17,39 @@ from transformers import PreTrainedModel
 from mora_train.adapters.base import ADAPTER_WEIGHTS_NAME, Adapter, ModuleSummary, find_target_linears
 from mora_train.core.errors import MoraTrainError
 
+log = logging.getLogger(__name__)
+
 PEFT_ADAPTER = "default"
 
 
 class LoraAdapter(Adapter):
     name = "lora"
+    settings_schema = {
+        "name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int),
+        "restart": (dict, type(None)), "train_embeddings": (bool,),
+    }
+
+    @classmethod
+    def config_problems(cls, settings: dict[str, Any], rank: Any) -> list[str]:
+        problems = []
+        alpha = settings.get("alpha")
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha <= 0:
+            problems.append(f"`adapter.alpha={alpha}` must be positive")
+        if (settings.get("restart") or {}).get("mora_types") is not None:
+            problems.append("`adapter.restart.mora_types` only applies to adapter=mora; remove it")
+        return problems
+
+    @classmethod
+    def layer_problems(cls, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> list[str]:
+        capped = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if rank > min(m.in_features, m.out_features)})
+        if capped:
+            # Not an error (the paper compares LoRA and MoRA at r=256 on layers this narrow), but worth knowing.
+            log.warning("rank=%d exceeds min(d_in, d_out) of %s: LoRA's update there cannot reach that rank", rank, capped)
+        return []
+
+    @classmethod
+    def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
+        return sum(rank * (m.in_features + m.out_features) for m in layers.values())
 
     def __init__(
         self,
@@ -45,6 +76,12 @@ class LoraAdapter(Adapter):
     def model(self) -> nn.Module:
         return self.peft_model
 
+    def title(self) -> str:
+        return f"lora (rank {self.rank})"
+
+    def identity_now(self) -> dict[str, Any]:
+        return {"adapter": self.name, "rank": self.rank}
+
     def _lora_layers(self) -> dict[str, LoraLayer]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)}
 
@@ -67,6 +104,36 @@ class LoraAdapter(Adapter):
         # safe_merge checks the merged weights are finite before writing them.
         return self.peft_model.merge_and_unload(safe_merge=True)
 
+    @torch.no_grad()
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        factors = {}
+        for name, layer in self._lora_layers().items():
+            scaling = layer.scaling[PEFT_ADAPTER]
+            B = layer.lora_B[PEFT_ADAPTER].weight.float() * scaling  # scaling folded in: exported scaling is 1
+            factors[name] = (B, layer.lora_A[PEFT_ADAPTER].weight.float())
+        return factors
+
+    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
+        return {n: layer.get_base_layer().weight for n, layer in self._lora_layers().items()}
+
+    def restart_parameters(self) -> list[nn.Parameter]:
+        return [w for layer in self._lora_layers().values()
+                for w in (layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight)]
+
+    @torch.no_grad()
+    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
+        """peft's merge (safe: refuses non-finite weights), new A and zero B, then peft's unmerge, which
+        subtracts the new ΔW = 0: the base keeps the folded update and the layer trains on through LoRA."""
+        for name, layer in self._lora_layers().items():
+            try:
+                layer.merge(safe_merge=True, adapter_names=[PEFT_ADAPTER])
+            except ValueError as err:  # peft's safe_merge: "NaNs detected in the merged weights"
+                raise MoraTrainError(f"LoRA layer '{name}': {err}; refusing to restart") from None
+            # peft's own initialisation (kaiming-uniform A, zero B), from a generator so that it is reproducible.
+            nn.init.kaiming_uniform_(layer.lora_A[PEFT_ADAPTER].weight, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(layer.lora_B[PEFT_ADAPTER].weight)
+            layer.unmerge()
+
     def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         # With state_dict, peft picks the LoRA entries from it instead of from the live (sharded) model.
         self.peft_model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
@@ -87,5 +154,6 @@ class LoraAdapter(Adapter):
                 f"LoRA adapter in {directory} names modules this model lacks: {sorted(result.unexpected_keys)[:5]}"
             )
 
-    def to_json(self) -> dict:
-        return {"adapter": "lora", "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+    def describe(self) -> dict[str, Any]:
+        return {"adapter": self.name, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": self.target_modules}

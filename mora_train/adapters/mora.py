@@ -5,7 +5,7 @@ For a frozen ``nn.Linear`` ``W`` (d_out x d_in) the adapter adds
     delta(x) = f_decomp(M . f_comp(x)),    M: (r_hat x r_hat), zero-initialised, scale 1,
 
 with ``r_hat = floor(sqrt((d_in + d_out) * rank) + 0.5)`` so that MoRA trains as many
-parameters as LoRA of the same rank. See DESIGN.md section 2 for the operator table.
+parameters as LoRA of the same rank. The operator table (names and official numbers) is in README.md, "Adapters".
 
 Every operator pair is linear, so the whole update is ``delta_W = D . B`` where ``B`` is a
 small "pre-image" matrix (``M C`` for the summing types, a block matrix of ``M R_b`` for the
@@ -646,6 +646,24 @@ class MoRALinear(nn.Module):
         return out
 
     @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) with delta_W = B @ A exactly, B (d_out, r_hat) and A (r_hat, d_in), float32 — or None.
+
+        For the summing types and truncation delta_W = D M C with fixed 0/1 maps C (compression) and
+        D (decompression): A = M C (what ``factor`` computes) and B = D, built by pushing the identity
+        through the decompression, so the factors are the forward's own maps. The chunked types
+        (rope, decouple) apply M to every chunk: delta_W is block-structured, not of this form (None).
+        """
+        if self._ops.comp == "chunk":
+            return None
+        M = self.mora_M.detach().to(self._math_dtype())
+        A = self._ops.factor(M)
+        eye = torch.eye(self.r_hat, dtype=A.dtype, device=A.device)
+        D_t = torch.zeros(self.r_hat, self.out_features, dtype=A.dtype, device=A.device)
+        self._ops.decompress_add_(D_t, eye)  # row k = D e_k
+        return D_t.T.contiguous(), A.contiguous()
+
+    @torch.no_grad()
     def _apply_delta(self, sign: str) -> None:
         weight = self.base_layer.weight
         ops = self._ops
@@ -676,6 +694,15 @@ class MoRALinear(nn.Module):
             return
         self._apply_delta("add")
         self.merged = True
+
+    def fold_delta_(self) -> None:
+        """W += ΔW (float32, checked finite), then M = 0: the layer computes the same function and trains on
+        from ΔW = 0 (a ReMoRA restart). Not while merged."""
+        if self.merged:
+            raise RuntimeError(f"MoRA layer {self.layer_name!r}: fold_delta_ on a merged layer (unmerge first)")
+        self._apply_delta("add")
+        with torch.no_grad():
+            self.mora_M.zero_()
 
     def unmerge(self) -> None:
         """W -= delta_W, restoring W up to float32 rounding. No-op when not merged."""

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,9 +16,11 @@ from mora_train.adapters.base import (
     Adapter,
     ModuleSummary,
     find_target_linears,
+    svd_factors,
 )
-from mora_train.adapters.mora import MoRALinear, mora_shape_problem, resolve_mora_type
+from mora_train.adapters.mora import MoRALinear, mora_shape_problem, mora_square_side, resolve_mora_type
 from mora_train.core.errors import ConfigError, MoraTrainError
+from mora_train.core.io import write_json_atomically
 
 FORMAT = "mora-train"
 FORMAT_VERSION = 1
@@ -42,6 +44,70 @@ def mora_layer_problems(model: nn.Module, target_modules: list[str], rank: int, 
 
 class MoraAdapter(Adapter):
     name = "mora"
+    settings_schema = {
+        "name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int),
+        "restart": (dict, type(None)), "train_embeddings": (bool,),
+    }
+    parallelism_refusal = (
+        "MoRA's compression sums or rotates across a layer's whole input and its decompression tiles across "
+        "its whole output, so a layer split across ranks cannot compute it"
+    )
+
+    @classmethod
+    def config_problems(cls, settings: dict[str, Any], rank: Any) -> list[str]:
+        problems = []
+        mora_type = settings.get("mora_type")
+        try:
+            mora_type = resolve_mora_type(mora_type)
+        except ValueError as err:
+            problems.append(f"`adapter.mora_type`: {err}")
+            mora_type = None
+        restart = settings.get("restart") or {}
+        cycle = restart.get("mora_types") if isinstance(restart, dict) else None
+        if cycle is None:
+            return problems
+        if not isinstance(cycle, list) or not cycle:
+            return problems + [f"`adapter.restart.mora_types={cycle!r}` must be a non-empty list such as [1, 2] or [sharing, grouping]"]
+        resolved = []
+        for value in cycle:
+            try:
+                resolved.append(resolve_mora_type(value))
+            except ValueError as err:
+                problems.append(f"`adapter.restart.mora_types`: {err}")
+        restarts_on = isinstance(restart.get("every_steps"), int) and restart.get("every_steps", 0) > 0
+        if restarts_on and mora_type and len(resolved) == len(cycle) and resolved[0] != mora_type:
+            # Said, not done silently: the layers start with the cycle's first pair.
+            problems.append(
+                f"`adapter.restart.mora_types={cycle}` starts with {resolved[0]}, but `adapter.mora_type={settings.get('mora_type')}`: "
+                f"the restart cycle starts with adapter.mora_type; set adapter.mora_type={resolved[0]} or put "
+                f"{mora_type} first in adapter.restart.mora_types"
+            )
+        return problems
+
+    @classmethod
+    def identity(cls, settings: dict[str, Any], rank: Any) -> dict[str, Any]:
+        return {"adapter": cls.name, "rank": rank}
+
+    @classmethod
+    def layer_problems(cls, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> list[str]:
+        mora_type = settings.get("mora_type")
+        # One message per layer kind and shape (a 30-layer model has 30 identical q_proj problems).
+        failing: dict[tuple, list[str]] = {}
+        for name, layer in layers.items():
+            problem = mora_shape_problem(name, layer.in_features, layer.out_features, rank, mora_type)
+            if problem:
+                failing.setdefault((name.rsplit(".", 1)[-1], layer.in_features, layer.out_features), []).append(problem)
+        problems = []
+        for same_kind in failing.values():
+            more = f" (and {len(same_kind) - 1} more layers like it)" if len(same_kind) > 1 else ""
+            problems.append(f"`rank={rank}` with `adapter.mora_type={mora_type}`: {same_kind[0]}{more}")
+        return problems
+
+    @classmethod
+    def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
+        return sum(
+            mora_square_side(m.in_features, m.out_features, rank, settings.get("mora_type", "rope")) ** 2 for m in layers.values()
+        )
 
     def __init__(
         self,
@@ -67,6 +133,12 @@ class MoraAdapter(Adapter):
                 modules[name] = layer
         self.modules = modules
 
+    def title(self) -> str:
+        return f"mora (rank {self.rank}, type {self.mora_type})"
+
+    def identity_now(self) -> dict[str, Any]:
+        return {"adapter": self.name, "rank": self.rank}
+
     def module_summaries(self) -> list[ModuleSummary]:
         return [
             ModuleSummary(n, m.in_features, m.out_features, f"r̂={m.r_hat}", m.mora_M.numel())
@@ -88,7 +160,45 @@ class MoraAdapter(Adapter):
         self.modules = {}
         return self.base_model
 
-    def to_json(self) -> dict:
+    @torch.no_grad()
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Summing types and truncation: D and M C, rank r̂, exact by construction. Chunked types (rope,
+        decouple): the SVD of ΔW cut at its numerical rank (singular values above float32's rounding floor
+        relative to the largest), exact to rounding — their ΔW has rank up to min(d_in, d_out)."""
+        factors = {}
+        for name, layer in self.modules.items():
+            exact = layer.lora_factors()
+            factors[name] = exact if exact is not None else svd_factors(layer.delta_weight().float())
+        return factors
+
+    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
+        return {n: m.base_layer.weight for n, m in self.modules.items()}
+
+    def restart_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules.values() for p in m.adapter_params().values()]
+
+    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
+        for layer in self.modules.values():
+            try:
+                layer.fold_delta_()  # float32 ΔW, checked finite; M = 0
+            except ValueError as err:
+                raise MoraTrainError(f"{err} (at a restart)") from None
+
+    def operator_types(self) -> dict[str, str]:
+        return {n: m.mora_type for n, m in self.modules.items()}
+
+    def resolve_operator(self, kind: str | int) -> str:
+        return resolve_mora_type(kind)
+
+    def set_operator(self, kind: str | int) -> None:
+        for layer in self.modules.values():
+            try:
+                layer.set_type(kind)
+            except ValueError as err:
+                raise ConfigError([f"{err} (set by `adapter.restart.mora_types`)"]) from None
+        self.mora_type = resolve_mora_type(kind)  # the saved adapter config names the live operator type
+
+    def describe(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -110,7 +220,7 @@ class MoraAdapter(Adapter):
         source = live if state_dict is None else {k: state_dict[k] for k in live}
         tensors = {k: p.detach().contiguous().cpu() for k, p in source.items()}
         save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "adapter": "mora"})
-        (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_json_atomically(directory / ADAPTER_CONFIG_NAME, self.describe())
 
     def load_weights(self, directory: Path) -> None:
         self.load_state(load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME)), str(directory))

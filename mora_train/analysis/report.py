@@ -37,15 +37,14 @@ from mora_train.analysis.spectrum import (
     pyplot,
 )
 from mora_train.core.errors import MoraTrainError
+from mora_train.adapters import adapter_identity
+from mora_train.core.io import write_text_atomically
+from mora_train.core.metrics import best as best_of
+from mora_train.core.metrics import greater_is_better, metrics_of, run_info
 from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, read_error
 
 log = logging.getLogger(__name__)
 
-# metrics.json keys that are not the task's own metrics.
-RUN_KEYS = {
-    "task", "adapter", "rank", "primary_metric", "train_loss", "final_logged_loss", "train_steps",
-    "trainable_params", "total_params", "train_runtime_s", "tokens_per_s", "merge_max_abs_diff", "wall_time_s",
-}
 CSV_COLUMNS = [
     "run", "label", "status", "task", "adapter", "mora_type", "rank", "r_hat_range", "learning_rate", "trainable_params",
     "primary_metric", "primary_value", "secondary_metrics", "final_train_loss", "mean_train_loss",
@@ -89,13 +88,21 @@ class Run:
 
     @property
     def mora_type(self) -> str | None:
-        return str(self.get("adapter.mora_type")) if self.adapter == "mora" and self.get("adapter.mora_type") is not None else None
+        """The operator pair the run's method records (methods without one: None)."""
+        recorded = ((self.metrics or {}).get("adapter_config") or {}).get("mora_type")
+        value = recorded if recorded is not None else self.get("adapter.mora_type")
+        return str(value) if value is not None else None
 
     @property
     def rank(self) -> int | None:
-        if self.adapter == "full":
-            return None
-        rank = (self.metrics or {}).get("rank", self.get("rank"))
+        """The rank the run's method has (None for methods without one, such as full fine-tuning)."""
+        if self.metrics and "rank" in self.metrics:
+            rank = self.metrics["rank"]
+        else:
+            try:
+                rank = adapter_identity(self.get("adapter") or {}, self.get("rank")).get("rank")
+            except MoraTrainError:  # a config without a known adapter (an unreadable run)
+                rank = self.get("rank")
         return rank if isinstance(rank, int) else None
 
     @property
@@ -116,16 +123,15 @@ class Run:
         if not self.metrics:
             return {}
         primary = self.metrics.get("primary_metric")
-        return {
-            k: v for k, v in self.metrics.items()
-            if k not in RUN_KEYS and k != primary and isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+        return {k: v for k, v in metrics_of(self.metrics).items() if k != primary}
+
+    @property
+    def greater_is_better(self) -> bool:
+        return greater_is_better(self.metrics or {})
 
     @property
     def r_hat_range(self) -> str:
-        """'min-max' of MoRA's square sides over the adapted layers (from adapter/adapter_config.json)."""
-        if self.adapter != "mora":
-            return ""
+        """'min-max' of MoRA's square sides over the adapted layers (adapter/adapter_config.json; '' without)."""
         path = self.path / "adapter" / "adapter_config.json"
         try:
             modules = json.loads(path.read_text()).get("modules", {})
@@ -285,7 +291,7 @@ def run_row(run: Run, threshold: float, label: str) -> dict[str, Any]:
         "secondary_metrics": ";".join(f"{k}={_fmt(v)}" for k, v in run.secondary.items()),
         "final_train_loss": metrics.get("final_logged_loss"),
         "mean_train_loss": metrics.get("train_loss"),
-        "wall_time_s": metrics.get("wall_time_s"),
+        "wall_time_s": run_info(metrics, "wall_time_s", metrics.get("wall_time_s")),
         "tokens_per_s": metrics.get("tokens_per_s"),
         "dw_sv_above_mean": round(spectrum["mean"], 2) if spectrum else None,
         "dw_sv_above_max": spectrum["max"] if spectrum else None,
@@ -299,13 +305,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row[k] is None else row[k]) for k in CSV_COLUMNS})
-    _write_text(path, buffer.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomically(path, buffer.getvalue())
 
 
 def _md_escape(text: str) -> str:
@@ -323,14 +323,16 @@ def markdown(runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots
     ok = [r for r, run in zip(rows, runs) if run.ok]
     failed = [(r, run) for r, run in zip(rows, runs) if not run.ok]
     primary = next((r["primary_metric"] for r in ok if r["primary_metric"]), "primary metric")
+    # The direction each run's metrics.json declares for its task's primary metric.
+    greater = next((run.greater_is_better for run in runs if run.ok), True)
     lines = [
         f"# Sweep report: {sweep_dir.name}",
         "",
         f"`{sweep_dir}` — {len(runs)} runs: {len(ok)} finished, {len(failed)} failed. "
-        f"Primary metric: **{primary}** (higher is better). Every run is a row of `report.csv`.",
+        f"Primary metric: **{primary}** ({'higher' if greater else 'lower'} is better). Every run is a row of `report.csv`.",
         "",
     ]
-    best = max((r for r in ok if r["primary_value"] is not None), key=lambda r: r["primary_value"], default=None)
+    best = best_of(ok, lambda r: r["primary_value"], greater)
     if best:
         lines += [f"Best: {best['label']} (`{best['run']}`) with {primary} = {_fmt(best['primary_value'])}.", ""]
     if ok:
@@ -426,8 +428,9 @@ def plot_metric_vs(runs: list[Run], x_of: Any, xlabel: str, path: Path) -> bool:
     for run in ok:
         x = x_of(run)
         if x is None:
-            if run.adapter == "full" and xlabel == "rank":
-                levels[f"full FT{'' if 'full FT' not in levels else ' ' + run.name}"] = run.primary[1]
+            if run.rank is None and xlabel == "rank":  # a method without a rank: one level across the plot
+                label = f"{run.adapter} (no rank)"
+                levels[label if label not in levels else f"{label} {run.name}"] = run.primary[1]
             continue
         series.setdefault(_series_key(run), []).append((x, run.primary[1]))
     if len({x for points in series.values() for x, _ in points}) < 2:
@@ -507,7 +510,7 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, thres
     rows = [run_row(run, threshold, labels[run.name]) for run in runs]
     write_csv(rows, out / "report.csv")
     relative = {k: os.path.relpath(p, out) for k, p in plots.items()}
-    _write_text(out / "report.md", markdown(runs, rows, sweep_dir, relative, threshold))
+    write_text_atomically(out / "report.md", markdown(runs, rows, sweep_dir, relative, threshold))
     return Report(runs, rows, out / "report.md", out / "report.csv", plots)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import time
@@ -31,6 +30,7 @@ from torch import nn
 
 from mora_train.configs import CONFIG_DIR
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import save_figure_atomically, write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def singular_values_of(delta: torch.Tensor) -> torch.Tensor:
     matrix = delta.detach().to("cpu", torch.float64)
     gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
     return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0).to(torch.float32)
+
+
+def count_singular_values_above(delta: torch.Tensor, threshold: float = 0.1) -> int:
+    """Number of singular values of one ΔW above `threshold` (the paper's Fig. 5 rank measure): the one
+    counter the sweep report, `mora-train-spectrum` and the benchmarks share."""
+    return int((singular_values_of(delta) > threshold).sum().item())
 
 
 def singular_values(delta_weights: dict[str, torch.Tensor]) -> list[LayerSpectrum]:
@@ -186,12 +192,9 @@ def _merged_vs_base(merged_dir: Path, model_cfg: DictConfig) -> list[LayerSpectr
 def save_spectra(spectra: list[LayerSpectrum], path: Path, source: str) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({s.name: s.singular_values.contiguous() for s in spectra}, str(tmp), metadata={
-        "source": source,
-        "shapes": ";".join(f"{s.name}={s.d_out}x{s.d_in}" for s in spectra),
-    })
-    os.replace(tmp, path)
+    tensors = {s.name: s.singular_values.contiguous() for s in spectra}
+    metadata = {"source": source, "shapes": ";".join(f"{s.name}={s.d_out}x{s.d_in}" for s in spectra)}
+    write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_spectra(path: Path) -> tuple[list[LayerSpectrum], str]:
@@ -275,14 +278,9 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write atomically (readers never see half a PNG) and free the figure."""
-    plt = pyplot()
-    path = Path(path)
+    """Lay out, write atomically (readers never see half a PNG) and free the figure."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomically(fig, path)
 
 
 # -- command line ---------------------------------------------------------------------------------

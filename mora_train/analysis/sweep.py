@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_json_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,12 @@ def record_job_failure(cfg: DictConfig, err: BaseException, sweep_goes_on: bool 
     if (run_dir / METRICS_JSON).exists():
         log.warning("%s holds a finished run; its error is not recorded there", run_dir)
         return metric
-    from mora_train.adapters.base import write_json_atomically
-
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomically(
         run_dir / ERROR_JSON,
         {"error_type": type(err).__name__, "user_error": user_error, "message": message, "traceback": trace},
     )
-    (run_dir / ERROR_TXT).write_text(message + "\n\n" + trace)
+    write_text_atomically(run_dir / ERROR_TXT, message + "\n\n" + trace)
     return metric
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mora_train.training.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, run_on_main_process, shutdown
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
 
 
 def _run(cfg: DictConfig) -> float | None:
@@ -60,25 +61,29 @@ def _run(cfg: DictConfig) -> float | None:
         if in_multirun():  # out of memory, a bug in one configuration...: recorded with its traceback
             return record_failure(err)
         raise
-    primary = metrics.get(metrics["primary_metric"])
+    # What a sweeper optimises: the task's primary metric signed so that higher is better (losses negated).
+    objective = score(metrics)
     if not is_main_process():
-        return primary
+        return objective
+    print("\n" + summary_line(metrics, Path(cfg.output_dir)), flush=True)
+    return objective
+
+
+def summary_line(metrics: dict, run_dir: Path) -> str:
+    """The run's closing lines: where its output is, the task's declared metric first, then its others."""
+    primary = metrics["primary_metric"]
+    value = primary_value(metrics)
+    direction = "higher" if greater_is_better(metrics) else "lower"
+    shown = [f"{primary}: {value:.4f} ({direction} is better)" if value is not None else f"{primary}: missing"]
+    # A few of the task's other metrics (not its timings and counts), in the order the task reported them.
+    others = [k for k in metrics_of(metrics) if k != primary and not k.endswith(("_s", "_samples", "_truncated"))]
+    shown += [f"{k}: {metrics[k]:.4f}" for k in others[:3]]
+    wall = f"wall time: {run_info(metrics, 'wall_time_s', 0.0):.0f} s"
     if metrics.get("mode") == "eval":
-        print(
-            f"\nevaluated: {metrics['evaluated']} on task {metrics['task']}\n"
-            f"{metrics['primary_metric']}: {primary:.4f}   metrics: {Path(cfg.output_dir, 'metrics.json').resolve()}   "
-            f"wall time: {metrics['wall_time_s']:.0f} s",
-            flush=True,
-        )
-        return primary
-    print(
-        f"\nmerged model: {Path(cfg.output_dir, 'merged').resolve()}\n"
-        f"{metrics['primary_metric']}: {primary:.4f}   exact_match: {metrics.get('exact_match', float('nan')):.4f}   "
-        f"train_loss: {metrics['train_loss']:.4f}   merge_max_abs_diff: {metrics['merge_max_abs_diff']:.2e}   "
-        f"wall time: {metrics['wall_time_s']:.0f} s",
-        flush=True,
-    )
-    return primary
+        where = f"evaluated: {metrics['evaluated']} on task {metrics['task']}"
+        return f"{where}\n" + "   ".join([*shown, f"metrics: {(run_dir / METRICS_JSON).resolve()}", wall])
+    shown += [f"train_loss: {metrics['train_loss']:.4f}", f"merge_max_abs_diff: {metrics['merge_max_abs_diff']:.2e}"]
+    return f"merged model: {(run_dir / 'merged').resolve()}\n" + "   ".join([*shown, wall])
 
 
 def main() -> None:

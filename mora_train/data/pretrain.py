@@ -13,8 +13,8 @@ forwards, sdpa and eager attention). A model that does not use those utilities (
 across documents inside a block; either way the label of each document's first token is masked,
 so no loss term predicts one document from another.
 
-Evaluation (evaluation/pretrain.py): perplexity on held-out text packed the same way, and zero-shot
-multiple-choice benchmarks scored by option log-likelihood (evaluation/multiple_choice.py).
+Evaluation data: held-out text packed the same way (for perplexity, evaluation/pretrain.py), and the
+zero-shot multiple-choice benchmarks' records (data/benchmarks.py; scored by evaluation/multiple_choice.py).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any, Iterable
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from mora_train.data.benchmarks import MCExample, benchmark_problems, load_benchmark
 from mora_train.data.cache import cached, tokenizer_fingerprint
 from mora_train.data.common import IGNORE_INDEX
 from mora_train.data.recipe import check_eval_settings, common_problems
 from mora_train.data.sources import as_plain, as_text, fingerprint_sources, load_records, map_fields
 from mora_train.core.errors import MoraTrainError
-from mora_train.evaluation.multiple_choice import MCExample, benchmark_problems, load_benchmark
 
 log = logging.getLogger(__name__)
 

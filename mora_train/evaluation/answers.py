@@ -17,12 +17,6 @@ from typing import Any
 from math_verify import parse, verify
 
 _ANSWER_IS = re.compile(r"answer is\s*:?", re.IGNORECASE)
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-
-
-def strip_calculator_annotations(solution: str) -> str:
-    """Drop GSM8K's `<<48/2=24>>` calculator annotations (the model should write the arithmetic itself)."""
-    return _CALCULATOR.sub("", solution)
 
 
 def answer_span(solution: str) -> str:

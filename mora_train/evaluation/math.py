@@ -5,26 +5,36 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.data.math import MathData, format_pair
-from mora_train.data.sources import as_plain
-from mora_train.evaluation.answers import answers_match, cut_at_stop, extract_answer
+from mora_train.evaluation.answers import Answer, answers_match, cut_at_stop, extract_answer
 from mora_train.evaluation.generation import greedy_generate
 
 
+class MathQuestion(Protocol):
+    """One evaluation problem: its question, gold final answer (as extract_answer reads it) and source."""
+
+    question: str
+    gold: Answer
+    where: str
+
+
 def evaluate(
-    task_cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: MathData, run_dir: Path
+    task_cfg: DictConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[MathQuestion],
+    prompts: Sequence[str],
+    run_dir: Path,
 ) -> dict[str, Any]:
-    problems = data.problems
-    prompts = [format_pair(task_cfg, p.question, "")[0] for p in problems]
-    stop = list(as_plain(task_cfg.eval.stop))
+    """Answer each problem by greedy generation from its prompt (one per problem); accuracy of the final answers."""
+    stop = [str(s) for s in task_cfg.eval.stop]
     started = time.time()
     outputs = greedy_generate(
-        model, tokenizer, prompts, task_cfg.eval.max_new_tokens, task_cfg.eval.batch_size, f"{task_cfg.name} eval",
+        model, tokenizer, list(prompts), task_cfg.eval.max_new_tokens, task_cfg.eval.batch_size, f"{task_cfg.name} eval",
         stop_strings=stop or None,
     )
     elapsed = time.time() - started

@@ -1,18 +1,9 @@
 """Zero-shot multiple choice by option log-likelihood (PubMedQA, MedQA, MMLU, financial sentiment, ...).
 
-A benchmark is a config (see configs/task/biomed.yaml):
-
-    data:   a source (path/hub, filters, limit), as for task.data.train
-    prompt: "Question: {question}\\nA. {A}\\n...\\nAnswer:"      # a template over the record's fields
-    choices: [" A", " B", " C", " D"]    # one continuation per option, templates too: [" {A}", " {B}", ...]
-    label_field: answer                  # the record field holding the gold label
-    labels: [A, B, C, D]                 # the label value of each choice, in order (compared as strings)
-    score: sum                           # sum of the option's token log-probs, or `mean` (per token)
-    max_samples: 200                     # first N records; null = all
-    sample_seed: 0                       # optional: N records drawn at random with this seed (file order kept),
-                                         # for files grouped by label or subject, where a prefix is not a sample
-
-Each choice is scored as log p(choice tokens | prompt); the prediction is the best-scoring choice.
+The benchmarks' configs and records are read by data/benchmarks.py; here each example (anything
+with prompt, choices, gold and where, such as data.benchmarks.MCExample) is scored.
+Each choice is scored as log p(choice tokens | prompt); the prediction is the best-scoring choice
+(`score: sum` of the option's token log-probs, or `mean` per token).
 Prompt and choice are tokenized separately (the prompt with the tokenizer's special tokens), and a
 prompt too long for `task.eval.max_len` (or the model's context) loses tokens from its start.
 Inputs shared by several choices (every single-token choice of one prompt) are run once.
@@ -23,92 +14,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.data.sources import as_plain, load_records, lookup, render, source_problems, template_fields
 from mora_train.core.errors import MoraTrainError
 
-SCORES = ("sum", "mean")
-BENCHMARK_KEYS = ("data", "prompt", "choices", "label_field", "labels", "score", "max_samples", "sample_seed")
 
+class ChoiceQuestion(Protocol):
+    """One multiple-choice example: a prompt, its options, the index of the right one, and where it came from."""
 
-@dataclass
-class MCExample:
     prompt: str
     choices: list[str]
     gold: int
     where: str
-
-
-def benchmark_problems(bench: Any, key: str) -> list[str]:
-    if not isinstance(bench, DictConfig):
-        return [f"`{key}` must be a mapping with data, prompt, choices, label_field, labels"]
-    problems = []
-    unknown = sorted(set(bench) - set(BENCHMARK_KEYS))
-    if unknown:
-        problems.append(f"`{key}` has unknown keys {unknown}; known keys: {', '.join(BENCHMARK_KEYS)}")
-    problems += source_problems(bench.get("data"), f"{key}.data")
-    prompt, choices, labels = bench.get("prompt"), as_plain(bench.get("choices")), as_plain(bench.get("labels"))
-    if not isinstance(prompt, str):
-        problems.append(f"`{key}.prompt` must be a template string, got {prompt!r}")
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-        problems.append(f"`{key}.choices` must be a list of at least two non-empty strings, got {choices!r}")
-    if not isinstance(labels, list) or (isinstance(choices, list) and len(labels) != len(choices)):
-        problems.append(f"`{key}.labels` must be a list with one label per choice, got {labels!r}")
-    if not isinstance(bench.get("label_field"), str):
-        problems.append(f"`{key}.label_field` must name the record field with the gold label")
-    if bench.get("score", "sum") not in SCORES:
-        problems.append(f"`{key}.score={bench.get('score')}` must be one of {', '.join(SCORES)}")
-    limit = bench.get("max_samples")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        problems.append(f"`{key}.max_samples={limit}` must be a positive integer or null (all)")
-    seed = bench.get("sample_seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        problems.append(f"`{key}.sample_seed={seed}` must be an integer (a random sample of max_samples records) "
-                        "or null (the first max_samples records)")
-    for name, template in [("prompt", prompt), *((f"choices[{i}]", c) for i, c in enumerate(choices or []))]:
-        if isinstance(template, str):
-            try:
-                template_fields(template)
-            except ValueError as err:
-                problems.append(f"`{key}.{name}={template!r}` is not a valid template ({err}); write braces as {{{{ }}}}")
-    return problems
-
-
-def load_benchmark(bench: DictConfig, key: str) -> list[MCExample]:
-    """The benchmark's examples (max_samples of them), prompt and choices rendered, gold resolved."""
-    records = load_records(bench.data, f"{key}.data")
-    limit = bench.get("max_samples")
-    if limit and limit < len(records):
-        if bench.get("sample_seed") is None:
-            records = records[:limit]
-        else:
-            chosen = torch.randperm(len(records), generator=torch.Generator().manual_seed(bench.sample_seed))[:limit]
-            records = [records[i] for i in sorted(chosen.tolist())]
-    labels = [str(label) for label in as_plain(bench.labels)]
-    examples = []
-    for record in records:
-        label = str(lookup(record, bench.label_field, f"{key}.label_field"))
-        if label not in labels:
-            raise MoraTrainError(
-                f"{record.where}: label {label!r} (field '{bench.label_field}') is not one of `{key}.labels` {labels}"
-            )
-        examples.append(
-            MCExample(
-                prompt=render(bench.prompt, record, f"{key}.prompt"),
-                choices=[render(c, record, f"{key}.choices") for c in as_plain(bench.choices)],
-                gold=labels.index(label),
-                where=record.where,
-            )
-        )
-    return examples
 
 
 def model_context(model: PreTrainedModel) -> int | None:
@@ -119,7 +42,7 @@ def model_context(model: PreTrainedModel) -> int | None:
 def score_choices(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[MCExample],
+    examples: Sequence[ChoiceQuestion],
     batch_size: int,
     max_len: int,
     desc: str = "scoring",
@@ -183,7 +106,7 @@ def score_choices(
 def evaluate_benchmark(
     name: str,
     bench: DictConfig,
-    examples: list[MCExample],
+    examples: Sequence[ChoiceQuestion],
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
@@ -215,7 +138,7 @@ def evaluate_benchmark(
 
 
 def evaluate_benchmarks(
-    benchmarks: dict[str, list[MCExample]],
+    benchmarks: Mapping[str, Sequence[ChoiceQuestion]],
     configs: DictConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

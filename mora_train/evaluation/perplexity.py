@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from mora_train.data.common import IGNORE_INDEX, PadCollator
+IGNORE_INDEX = -100  # label value no loss counts (the convention of torch, transformers and mora_train.data)
 
 
 @torch.no_grad()
 def token_nll(
-    model: PreTrainedModel, examples: list[dict], pad_token_id: int, batch_size: int = 4, desc: str = "held-out loss"
+    model: PreTrainedModel,
+    examples: list[dict],
+    collate: Callable[[list[dict]], dict[str, Any]],
+    batch_size: int = 4,
+    desc: str = "held-out loss",
 ) -> tuple[float, int]:
     """(sum of next-token negative log-likelihoods over labelled tokens, number of those tokens).
 
-    Examples are batched with the training collator, so packed blocks keep their per-document
-    attention here too.
+    `collate` batches examples into model inputs + `labels`: the task passes the training collator,
+    so packed blocks keep their per-document attention here too.
     """
     model.eval()
     device = next(model.parameters()).device
-    collate = PadCollator(pad_token_id)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
         batch = collate(examples[start : start + batch_size])

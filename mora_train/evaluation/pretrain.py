@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.data.pretrain import PretrainData
-from mora_train.evaluation.multiple_choice import evaluate_benchmarks
+from mora_train.evaluation.multiple_choice import ChoiceQuestion, evaluate_benchmarks
 from mora_train.evaluation.perplexity import loss_metrics, token_nll
 
 
 def evaluate(
-    task_cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PretrainData, run_dir: Path
+    task_cfg: DictConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_blocks: list[dict],
+    benchmarks: Mapping[str, Sequence[ChoiceQuestion]],
+    collate: Callable[[list[dict]], dict[str, Any]],
+    run_dir: Path,
 ) -> dict[str, Any]:
+    """Held-out loss/perplexity of `eval_blocks` (batched by `collate`), then each benchmark's accuracy."""
     started = time.time()
-    metrics: dict[str, Any] = loss_metrics(*token_nll(model, data.eval_blocks, tokenizer.pad_token_id, task_cfg.eval.batch_size))
+    metrics: dict[str, Any] = loss_metrics(*token_nll(model, eval_blocks, collate, task_cfg.eval.batch_size))
     metrics["perplexity_runtime_s"] = time.time() - started
-    if data.benchmarks:  # task=pretrain has none: perplexity only
+    if benchmarks:  # task=pretrain has none: perplexity only
         metrics.update(evaluate_benchmarks(
-            data.benchmarks, task_cfg.benchmarks, model, tokenizer, task_cfg.eval.batch_size, task_cfg.eval.max_len, run_dir
+            benchmarks, task_cfg.benchmarks, model, tokenizer, task_cfg.eval.batch_size, task_cfg.eval.max_len, run_dir
         ))
     metrics["eval_runtime_s"] = time.time() - started
     return metrics

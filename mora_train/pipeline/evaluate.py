@@ -20,10 +20,12 @@ from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.adapters import load_adapter
-from mora_train.adapters.base import ADAPTER_CONFIG_NAME, write_json_atomically
-from mora_train.config.validation import validate
+from mora_train.adapters.base import ADAPTER_CONFIG_NAME
+from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.metrics import METRICS_JSON, make_record
+from mora_train.core.io import write_json_atomically
 from mora_train.models import DTYPES, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,14 +81,14 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     build = task.build_eval or task.build
     data = build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
     eval_metrics = task.evaluate(cfg.task, model, tokenizer, data, run_dir)
-    metrics = {
+    identity = {
         "mode": "eval",
         "task": task.name,
         "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
         "evaluated": loaded,
-        "primary_metric": task.primary_metric,
-        **eval_metrics,
-        "wall_time_s": time.time() - started,
     }
-    write_json_atomically(run_dir / "metrics.json", metrics)
+    metrics = make_record(
+        identity, task.primary_metric, task.greater_is_better, eval_metrics, run={"wall_time_s": time.time() - started}
+    )
+    write_json_atomically(run_dir / METRICS_JSON, metrics)
     return metrics

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -13,13 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from mora_train.training import distributed
-from mora_train.adapters import Adapter, build_adapter
+from mora_train.adapters import Adapter, adapter_identity, build_adapter
 from mora_train.training.restarts import setup_training_extras
-from mora_train.adapters.base import count_parameters, write_dir_atomically, write_json_atomically
+from mora_train.adapters.base import count_parameters
 from mora_train.training.checkpoints import checkpoint_step, plan_resume, resume_command
-from mora_train.config.validation import validate
+from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.core.errors import MoraTrainError, RunStopped
+from mora_train.core.metrics import METRICS_JSON, make_record
+from mora_train.core.io import write_dir_atomically, write_json_atomically, write_text_atomically
 from mora_train.export import export_merged, probe_batch
 from mora_train.training.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
@@ -36,12 +37,13 @@ def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
     model_name = cfg.model.name_or_path or f"random {cfg.model.random_init.get('architecture', 'llama')}"
     lines = [
         f"model:     {model_name}",
-        f"adapter:   {adapter.name}" + (f" (rank {cfg.rank}" + (f", type {adapter.mora_type})" if adapter.name == "mora" else ")") if adapter.name != "full" else ""),
+        f"adapter:   {adapter.title()}",
         f"trainable: {trainable:,} of {total:,} parameters ({100.0 * trainable / total:.3f}%)",
     ]
-    if adapter.name != "full":
+    rows = adapter.module_summaries()
+    if rows:
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for row in adapter.module_summaries():
+        for row in rows:
             groups[(row.name.rsplit(".", 1)[-1], row.d_out, row.d_in, row.size)].append(row.trainable)
         lines.append(f"  {'layer':<12} {'shape (out x in)':>17} {'size':>8} {'layers':>6} {'params/layer':>13}")
         for (kind, d_out, d_in, size), counts in sorted(groups.items()):
@@ -51,7 +53,7 @@ def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.output_dir)
-    if (run_dir / "metrics.json").exists() and not cfg.get("overwrite", False):
+    if (run_dir / METRICS_JSON).exists() and not cfg.get("overwrite", False):
         raise MoraTrainError(
             f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
             "or pass overwrite=true to replace it"
@@ -59,9 +61,7 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "resolved_config.yaml"
     _warn_config_changes(config_path, cfg)
-    tmp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, config_path)
+    write_text_atomically(config_path, OmegaConf.to_yaml(cfg, resolve=True))
     return run_dir
 
 
@@ -123,9 +123,9 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     # touches the run dir and picks the checkpoint to resume from; the others share its outcome.
     distributed.run_on_main_process(lambda: validate(cfg))
     run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
-    rank = cfg.rank if cfg.adapter.name != "full" else None
+    identity = adapter_identity(cfg.adapter, cfg.rank)
     resume_from = distributed.run_on_main_process(
-        lambda: plan_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), cfg.adapter.name, rank)
+        lambda: plan_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), identity)
     )
     if resume_from is not None and distributed.is_main_process():
         print(f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
@@ -138,7 +138,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     data = task.build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
     if not data.train:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
-    adapter = build_adapter(model, cfg.adapter, cfg.rank)
+    adapter = build_adapter(model, cfg.adapter, cfg.rank, load_base=lambda: load_model_and_tokenizer(cfg.model)[0])
     extras = setup_training_extras(adapter, cfg.adapter, cfg.seed)  # restarts, trained embeddings
     trainable, total = count_parameters(adapter.model)
     if distributed.is_main_process():
@@ -168,21 +168,20 @@ def finish_run(
 
     def rebuild() -> Adapter:
         set_seed(cfg.seed)
-        return build_adapter(load_model_and_tokenizer(cfg.model)[0], cfg.adapter, cfg.rank)
+        return build_adapter(
+            load_model_and_tokenizer(cfg.model)[0], cfg.adapter, cfg.rank, load_base=lambda: load_model_and_tokenizer(cfg.model)[0]
+        )
 
     # After ZeRO / FSDP training the live weights are shards: export a rebuilt copy holding the gathered ones.
     adapter = unsharded_adapter(adapter, result.final_weights, rebuild)
-    if adapter.name != "full":
+    if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
         write_dir_atomically(run_dir / "adapter", adapter.save)
     export = export_merged(adapter, tokenizer, probe_batch(data.train, tokenizer.pad_token_id), run_dir / "merged")
     eval_metrics = task.evaluate(cfg.task, export.model, tokenizer, data, run_dir)
 
-    metrics = {
-        "task": task.name,
-        "adapter": adapter.name,
-        "rank": cfg.rank if adapter.name != "full" else None,
-        "primary_metric": task.primary_metric,
-        **eval_metrics,
+    identity = {"task": task.name, **adapter.identity_now(), "adapter_config": adapter.describe()}
+    identity.setdefault("rank", None)
+    training = {
         "train_loss": result.train_loss,
         "final_logged_loss": next((h["loss"] for h in reversed(result.log_history) if "loss" in h), None),
         "train_steps": result.steps,
@@ -191,11 +190,14 @@ def finish_run(
         "train_runtime_s": result.runtime_s,
         "tokens_per_s": result.tokens_per_s,
         "merge_max_abs_diff": export.max_abs_diff,
+    }
+    run_info = {
         "wall_time_s": time.time() - started,
         "resumed_from_step": result.resumed_from_step,
         "nonfinite_skipped_steps": result.skipped_steps,
         **(result.final_weights.to_json() if result.final_weights else {}),
     }
-    plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.name} rank {cfg.rank} on {task.name}")
-    write_json_atomically(run_dir / "metrics.json", metrics)
+    metrics = make_record(identity, task.primary_metric, task.greater_is_better, eval_metrics, training, run_info)
+    plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
+    write_json_atomically(run_dir / METRICS_JSON, metrics)
     return metrics

@@ -1,13 +1,18 @@
 """Checkpoints that are either complete or absent, and which one a run resumes from.
 
 A checkpoint is written into `checkpoints/.staging/checkpoint-N`, gets a `checkpoint_complete.json`
-listing every file and its size, is fsynced, and only then is renamed to `checkpoints/checkpoint-N`.
+listing every file with its size and sha256, is fsynced, and only then is renamed to `checkpoints/checkpoint-N`.
 A kill at any moment therefore leaves either the previous set of checkpoints or the new one;
 leftovers (`.staging`, `.trash-*`) are never taken for a checkpoint and are removed on the next start.
+
+Resuming verifies the chosen checkpoint against its checksums (`verify`); a corrupt one (bit rot, a
+file changed in place, an unreadable file) is moved aside to `checkpoints/.corrupt-checkpoint-N` (never
+deleted, never listed) and the newest intact one is used instead, with a warning naming what was wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,15 +20,18 @@ import re
 import shlex
 import shutil
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_json_atomically
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"
 TRASH_PREFIX = ".trash-"
+CORRUPT_PREFIX = ".corrupt-"  # a checkpoint that failed verification, moved aside: kept for inspection, never listed
 COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINISHED_RUN_OUTPUTS = ("adapter", "merged")
@@ -42,6 +50,59 @@ def _fsync(path: Path, directory: bool = False) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in 1 MiB chunks (constant memory; ~1-2 GB/s on one core)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(checkpoint: Path) -> str | None:
+    """None when the checkpoint is intact, else what is wrong with it (one line, naming the file).
+
+    Intact: the completion marker lists every file at its size and, when the marker records checksums
+    (every checkpoint since checksums were added), with its sha256. Older markers are checked by size only.
+    """
+    checkpoint = Path(checkpoint)
+    marker = checkpoint / COMPLETE_MARKER
+    try:
+        info = json.loads(marker.read_text())
+        files, sums = info["files"], info.get("sha256") or {}
+        if not isinstance(files, dict) or not isinstance(sums, dict):
+            raise TypeError("malformed file list")
+    except FileNotFoundError:
+        return f"it has no {COMPLETE_MARKER} (a save that did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {COMPLETE_MARKER} is unreadable ({type(err).__name__}: {err})"
+    for name, size in files.items():
+        path = checkpoint / name
+        try:
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{name} is {actual} bytes, the manifest says {size} (truncated or replaced)"
+            if name in sums and file_sha256(path) != sums[name]:
+                return f"{name} does not match its sha256 in {COMPLETE_MARKER} (corrupted in place)"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as err:
+            return f"{name} cannot be read ({err.strerror or err})"
+    return None
+
+
+def move_aside(checkpoint: Path) -> Path:
+    """Rename a corrupt checkpoint to `.corrupt-checkpoint-N` beside it (never deleted: it may be inspected)."""
+    checkpoint = Path(checkpoint)
+    target = checkpoint.with_name(f"{CORRUPT_PREFIX}{checkpoint.name}")
+    number = 1
+    while target.exists():
+        number += 1
+        target = checkpoint.with_name(f"{CORRUPT_PREFIX}{checkpoint.name}-{number}")
+    os.replace(checkpoint, target)
+    return target
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -111,13 +172,15 @@ def _remove_via_trash(path: Path) -> None:
 def publish(staged: Path, final: Path, info: dict[str, Any]) -> None:
     """Mark the staged checkpoint complete (file list + sizes), fsync it, and rename it to `final`."""
     staged, final = Path(staged), Path(final)
-    files = {}
+    files, sums = {}, {}
     for path in sorted(staged.rglob("*")):
         if path.is_file():
             _fsync(path)
-            files[str(path.relative_to(staged))] = path.stat().st_size
+            name = str(path.relative_to(staged))
+            files[name] = path.stat().st_size
+            sums[name] = file_sha256(path)  # read back from the page cache just written: cheap
     marker = staged / COMPLETE_MARKER
-    marker.write_text(json.dumps({**info, "files": files}, indent=2) + "\n")
+    write_json_atomically(marker, {**info, "files": files, "sha256": sums})
     _fsync(marker)
     if final.exists():  # the same step saved twice (e.g. a stop request right after a scheduled save)
         _remove_via_trash(final)
@@ -146,17 +209,20 @@ def _describe(checkpoint: Path) -> dict[str, Any]:
         return {}
 
 
-def _check_matches(checkpoint: Path, adapter_name: str, rank: int | None) -> None:
+def _describe_identity(identity: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in identity.items())
+
+
+def _check_matches(checkpoint: Path, identity: dict[str, Any]) -> None:
+    """Refuse a checkpoint written by another method or rank (compared as Adapter.identity records them)."""
     info = _describe(checkpoint)
-    saved_adapter, saved_rank = info.get("adapter"), info.get("rank")
-    if saved_adapter and (saved_adapter != adapter_name or (adapter_name != "full" and saved_rank != rank)):
+    saved = {key: info.get(key) for key in identity}
+    if info.get("adapter") and saved != identity:
+        written = {key: info[key] for key in info if key in identity or key == "adapter"}
         raise MoraTrainError(
-            f"checkpoint {checkpoint} was written by adapter={saved_adapter}"
-            + (f" rank={saved_rank}" if saved_adapter != "full" else "")
-            + f", but this run is adapter={adapter_name}"
-            + (f" rank={rank}" if adapter_name != "full" else "")
-            + "; resume with the settings it was trained with, or start over with trainer.resume=false overwrite=true "
-            "(or another output_dir)"
+            f"checkpoint {checkpoint} was written by {_describe_identity(written)}, but this run is "
+            f"{_describe_identity(identity)}; resume with the settings it was trained with, or start over with "
+            "trainer.resume=false overwrite=true (or another output_dir)"
         )
 
 
@@ -165,41 +231,81 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def plan_resume(
-    run_dir: Path, resume: Any, overwrite: bool, adapter_name: str, rank: int | None
-) -> Path | None:
-    """The checkpoint this run continues from (None: start from scratch), cleaning up what that requires.
+@dataclass
+class ResumePlan:
+    """What a start will do in its run dir, decided (and refused) before anything there is changed."""
 
-    resume: "auto" (newest complete checkpoint under run_dir/checkpoints, if any), True (the same,
+    run_dir: Path
+    start: Path | None = None  # the checkpoint to continue from; None: from scratch
+    discard: list[Path] = field(default_factory=list)  # old checkpoints deleted when starting over
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)  # moved aside, with what was wrong
+    replace_finished: bool = False  # overwrite=true over a finished run: its outputs are removed
+
+
+def _newest_intact(candidates: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones that did not (with what was wrong)."""
+    corrupt = []
+    for checkpoint in reversed(candidates):
+        problem = verify(checkpoint)
+        if problem is None:
+            return checkpoint, corrupt
+        corrupt.append((checkpoint, problem))
+    return None, corrupt
+
+
+def _all_corrupt_error(where: Path, corrupt: list[tuple[Path, str]]) -> MoraTrainError:
+    listing = "; ".join(f"{p.name}: {why}" for p, why in corrupt)
+    return MoraTrainError(
+        f"no intact checkpoint to resume from in {where}: {listing}. Nothing was deleted. Restore the files, "
+        "or start over with trainer.resume=false overwrite=true (the corrupt checkpoints are then deleted too)"
+    )
+
+
+def decide_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[str, Any]) -> ResumePlan:
+    """Which checkpoint this run continues from, and what that requires; raises before changing anything.
+
+    resume: "auto" (newest intact checkpoint under run_dir/checkpoints, if any), True (the same,
     but one must exist), False (start over), or a path to a checkpoint folder or a run folder.
     Starting over in a run dir that holds checkpoints needs overwrite=true, so a typo never deletes progress.
-    A finished run dir (metrics.json) only gets here with overwrite=true: its outputs are removed first.
+    `identity` (adapters.adapter_identity) is what the checkpoint must have been written by.
     """
     run_dir = Path(run_dir)
     checkpoints_dir = run_dir / CHECKPOINTS_DIR
-    main = is_main_process()
-    if main:
-        remove_run_dir_leftovers(run_dir)
-        remove_leftovers(checkpoints_dir)
     for partial in incomplete_checkpoints(checkpoints_dir):
         log.warning("ignoring %s: it has no completion marker (a save that did not finish)", partial)
     existing = complete_checkpoints(checkpoints_dir)
     finished = (run_dir / "metrics.json").exists()
+    plan = ResumePlan(run_dir, replace_finished=finished)
 
-    # Decide first (raising on any problem), delete afterwards: a refused start deletes nothing.
-    start: Path | None = None
-    discard: list[Path] = []
     if isinstance(resume, str) and resume != "auto":
-        start = Path(resume).expanduser()
-        if checkpoint_step(start) is None and (start / CHECKPOINTS_DIR).is_dir():
-            start = newest_complete_checkpoint(start / CHECKPOINTS_DIR) or start / CHECKPOINTS_DIR
-        if not is_complete(start):
-            raise MoraTrainError(
-                f"trainer.resume={resume}: {start} is not a complete checkpoint (no {COMPLETE_MARKER}, or a file "
-                "it lists is missing or truncated); give a RUN_DIR/checkpoints/checkpoint-N folder, a run dir, "
-                "or trainer.resume=auto"
-            )
-        _check_matches(start, adapter_name, rank)
+        given = Path(resume).expanduser()
+        if checkpoint_step(given) is None and (given / CHECKPOINTS_DIR).is_dir():
+            candidates = complete_checkpoints(given / CHECKPOINTS_DIR)
+            if not candidates:
+                raise MoraTrainError(
+                    f"trainer.resume={resume}: {given / CHECKPOINTS_DIR} holds no complete checkpoint; give a "
+                    "RUN_DIR/checkpoints/checkpoint-N folder, a run dir with checkpoints, or trainer.resume=auto"
+                )
+            plan.start, corrupt = _newest_intact(candidates)
+            if plan.start is None:
+                raise _all_corrupt_error(given / CHECKPOINTS_DIR, corrupt)
+            for path, why in corrupt:  # another run dir's files: reported, not moved
+                log.warning("skipping corrupt checkpoint %s: %s", path, why)
+        else:
+            if not is_complete(given):
+                raise MoraTrainError(
+                    f"trainer.resume={resume}: {given} is not a complete checkpoint (no {COMPLETE_MARKER}, or a file "
+                    "it lists is missing or truncated); give a RUN_DIR/checkpoints/checkpoint-N folder, a run dir, "
+                    "or trainer.resume=auto"
+                )
+            problem = verify(given)
+            if problem is not None:
+                raise MoraTrainError(
+                    f"trainer.resume={resume}: checkpoint {given} is corrupt: {problem}. Give an older checkpoint "
+                    "(trainer.resume=PATH/checkpoint-N) or its run dir, which falls back to the newest intact one"
+                )
+            plan.start = given
+        _check_matches(plan.start, identity)
     elif resume is False or finished:  # start over
         if resume is True:
             raise MoraTrainError(
@@ -212,28 +318,55 @@ def plan_resume(
                 f"{checkpoint_step(existing[-1])}) and trainer.resume=false would discard them; pass overwrite=true "
                 "as well to start over, or drop trainer.resume=false to continue from the newest"
             )
-        discard = existing
+        plan.discard = existing
     elif existing:
-        _check_matches(existing[-1], adapter_name, rank)
-        start = existing[-1]
+        _check_matches(existing[-1], identity)
+        plan.start, plan.corrupt = _newest_intact(existing)
+        if plan.start is None:
+            raise _all_corrupt_error(checkpoints_dir, plan.corrupt)
+        _check_matches(plan.start, identity)
     elif resume is True:
         raise MoraTrainError(
             f"trainer.resume=true but {checkpoints_dir} holds no complete checkpoint; "
             "use trainer.resume=auto to start from scratch when there is none"
         )
+    return plan
 
-    if main and finished:
+
+def apply_resume_plan(plan: ResumePlan) -> Path | None:
+    """Carry out a decided plan (main process only deletes or moves): clean leftovers, move corrupt
+    checkpoints aside, remove a replaced finished run's outputs or discarded checkpoints. Returns plan.start."""
+    run_dir = plan.run_dir
+    checkpoints_dir = run_dir / CHECKPOINTS_DIR
+    if not is_main_process():
+        return plan.start
+    remove_run_dir_leftovers(run_dir)
+    remove_leftovers(checkpoints_dir)
+    for path, why in plan.corrupt:
+        aside = move_aside(path)
+        log.warning("checkpoint %s is corrupt (%s): moved it aside to %s and resuming from %s instead",
+                    path.name, why, aside, plan.start)
+    if plan.replace_finished and (run_dir / "metrics.json").exists():
         # metrics.json goes first: until the new run writes its own, the dir no longer looks finished.
         log.warning("overwrite=true: replacing the finished run in %s", run_dir)
         (run_dir / "metrics.json").unlink()
         for name in FINISHED_RUN_OUTPUTS:
             if (run_dir / name).exists():
                 _remove_via_trash(run_dir / name)
-    if main and discard:
+    if plan.discard:
         log.warning("starting over: deleting the old checkpoints in %s (overwrite=true)", checkpoints_dir)
-        for old in discard:
-            _remove_via_trash(old)
-    return start
+        for old in plan.discard:
+            if old.exists():
+                _remove_via_trash(old)
+    return plan.start
+
+
+def plan_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[str, Any]) -> Path | None:
+    """decide_resume, then apply_resume_plan: the checkpoint to continue from (None: from scratch).
+
+    A finished run dir (metrics.json) only gets here with overwrite=true: its outputs are removed first.
+    """
+    return apply_resume_plan(decide_resume(run_dir, resume, overwrite, identity))
 
 
 def resume_command(run_dir: Path) -> str:

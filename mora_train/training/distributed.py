@@ -28,12 +28,15 @@ import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from mora_train.configs import CONFIG_DIR
 from mora_train.core.errors import MoraTrainError
+
+if TYPE_CHECKING:
+    from mora_train.adapters import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +268,10 @@ def _launched() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _parallelism_problems(dist_cfg: dict, adapter: str | None, ds_config: dict | None) -> list[str]:
+def _parallelism_problems(dist_cfg: dict, method: type[Adapter] | None, ds_config: dict | None) -> list[str]:
     """Anything but data parallelism is refused: MoRA needs every layer's whole rows and columns."""
-    why = (
-        "MoRA's compression sums or rotates across a layer's whole input and its decompression tiles across "
-        "its whole output, so a layer split across ranks cannot compute it"
-        if adapter == "mora"
-        else "mora-train's export gathers data-parallel shards only"
-    )
+    adapter = method.name if method else None
+    why = method.parallelism_refusal if method else "mora-train's export gathers data-parallel shards only"
     found = []
     tp_env = int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1") or 1)
     if tp_env > 1:
@@ -344,7 +343,7 @@ def _deepspeed_problems(dist_cfg: dict, trainer: dict, problems: list[str]) -> d
     return config
 
 
-def _fsdp_problems(dist_cfg: dict, adapter: str | None, problems: list[str]) -> None:
+def _fsdp_problems(dist_cfg: dict, method: type[Adapter] | None, problems: list[str]) -> None:
     import torch
 
     fsdp = dist_cfg.get("fsdp_config")
@@ -354,7 +353,8 @@ def _fsdp_problems(dist_cfg: dict, adapter: str | None, problems: list[str]) -> 
     version = fsdp.get("version", 2)
     if version not in (1, 2):
         problems.append(f"`distributed.fsdp_config.version={version}` must be 1 or 2 (2, per-parameter sharding, is recommended)")
-    if version == 1 and adapter != "full" and str(fsdp.get("use_orig_params", True)).lower() != "true":
+    frozen_base = method.freezes_base if method else True
+    if version == 1 and frozen_base and str(fsdp.get("use_orig_params", True)).lower() != "true":
         problems.append(
             "`distributed.fsdp_config.use_orig_params=false` cannot train adapters with FSDP1 (frozen and "
             "trainable weights share flattened shards); set it to true or use version: 2"
@@ -392,7 +392,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"`distributed.{key}` has the wrong type: {value!r}")
     backend = dist_cfg.get("backend")
     adapter_section = cfg.get("adapter")
-    adapter = adapter_section.get("name") if isinstance(adapter_section, DictConfig) else None
+    # Imported here: the CLI imports this module before Hydra runs, and peft/transformers load slowly.
+    from mora_train.adapters import ADAPTER_TYPES
+
+    method = ADAPTER_TYPES.get(adapter_section.get("name")) if isinstance(adapter_section, DictConfig) else None
     trainer_section = cfg.get("trainer")
     trainer = OmegaConf.to_container(trainer_section, resolve=True) if isinstance(trainer_section, DictConfig) else {}
     if backend not in BACKENDS:
@@ -402,16 +405,16 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if backend == "deepspeed":
         ds_config = _deepspeed_problems(dist_cfg, trainer, problems)
     elif backend == "fsdp":
-        _fsdp_problems(dist_cfg, adapter, problems)
+        _fsdp_problems(dist_cfg, method, problems)
     # An accelerate launch config can pick an engine too (ACCELERATE_USE_*); two different engines conflict.
     launcher_engine = "deepspeed" if _env_flag("ACCELERATE_USE_DEEPSPEED") else "fsdp" if _env_flag("ACCELERATE_USE_FSDP") else None
     if launcher_engine and backend in ("deepspeed", "fsdp"):
         problems.append(
             f"the accelerate launch config selects {launcher_engine} and distributed={dist_cfg.get('name')} selects "
             f"{backend}: choose the engine in one place — launch with a plain multi-GPU accelerate config "
-            "(configs/distributed/accelerate/multi_gpu.json) and pick it with distributed=..."
+            "(mora_train/configs/distributed/accelerate/multi_gpu.json) and pick it with distributed=..."
         )
-    problems.extend(_parallelism_problems(dist_cfg, adapter, ds_config))
+    problems.extend(_parallelism_problems(dist_cfg, method, ds_config))
     engine = backend if backend in ("deepspeed", "fsdp") else launcher_engine
     problems.extend(_adapter_option_problems(adapter_section, engine, ds_config))
     return problems

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mora_train.adapters import adapter_type
 from mora_train.adapters.base import linear_layer_names, match_target_linears
 from mora_train.core.errors import ConfigError
 from mora_train.training.resilience import format_bytes, free_bytes
@@ -37,18 +38,6 @@ def _model_bytes(model: nn.Module) -> tuple[int, int]:
     return count, size
 
 
-def _trainable_count(adapter_cfg: DictConfig, rank: int, model: nn.Module, layers: dict[str, nn.Linear]) -> int:
-    if adapter_cfg.name == "lora":
-        return sum(rank * (m.in_features + m.out_features) for m in layers.values())
-    if adapter_cfg.name == "mora":
-        from mora_train.adapters.mora import mora_square_side
-
-        return sum(mora_square_side(m.in_features, m.out_features, rank, adapter_cfg.mora_type) ** 2 for m in layers.values())
-    if adapter_cfg.target_modules == "all":
-        return _model_bytes(model)[0]
-    return sum(p.numel() for m in layers.values() for p in m.parameters())
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
 
@@ -57,9 +46,13 @@ def estimate_run_bytes(cfg: DictConfig, model: nn.Module, layers: dict[str, nn.L
     """Bytes the run will still write: merged checkpoint, adapter folder, training checkpoints, small files."""
     _, merged = _model_bytes(model)
     element = next(model.parameters()).element_size()
-    trainable = _trainable_count(cfg.adapter, cfg.rank, model, layers) * element
-    full = cfg.adapter.name == "full"
-    checkpoint = (merged if full else trainable) + ADAM_STATES_PER_PARAM * trainable
+    method = adapter_type(cfg.adapter)
+    count = method.trainable_count(model, layers, OmegaConf.to_container(cfg.adapter, resolve=True), cfg.rank)
+    trainable = count * element
+    # A checkpoint holds the trained weights and their two AdamW moments.
+    checkpoint = trainable + ADAM_STATES_PER_PARAM * trainable
+    # RUN_DIR/adapter is not written when it would only repeat merged/ (every weight trained).
+    whole_model = count >= _model_bytes(model)[0]
     trainer = cfg.trainer
     checkpoints = 0
     if trainer.save_steps > 0:
@@ -71,7 +64,7 @@ def estimate_run_bytes(cfg: DictConfig, model: nn.Module, layers: dict[str, nn.L
         checkpoints = max(kept * checkpoint - existing, 0)
     return {
         "merged checkpoint": merged,
-        "adapter": 0 if full else trainable,
+        "adapter": 0 if whole_model else trainable,
         "training checkpoints": checkpoints,
         "logs and small files": SMALL_FILES_BYTES,
     }
@@ -106,23 +99,9 @@ def model_fit_problems(cfg: DictConfig, model: nn.Module) -> list[str]:
             f"`adapter.target_modules`: {unmatched} match no linear layer of this model; its linear layers are "
             f"named {linear_layer_names(model)}: set adapter.target_modules to some of those"
         )
-    if adapter_cfg.name == "mora" and not unmatched:
-        from mora_train.adapters.mora import mora_shape_problem
-
-        # One message per layer kind and shape (a 30-layer model has 30 identical q_proj problems).
-        failing: dict[tuple, list[str]] = {}
-        for name, layer in layers.items():
-            problem = mora_shape_problem(name, layer.in_features, layer.out_features, cfg.rank, adapter_cfg.mora_type)
-            if problem:
-                failing.setdefault((name.rsplit(".", 1)[-1], layer.in_features, layer.out_features), []).append(problem)
-        for same_kind in failing.values():
-            more = f" (and {len(same_kind) - 1} more layers like it)" if len(same_kind) > 1 else ""
-            problems.append(f"`rank={cfg.rank}` with `adapter.mora_type={adapter_cfg.mora_type}`: {same_kind[0]}{more}")
-    if adapter_cfg.name == "lora":
-        capped = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if cfg.rank > min(m.in_features, m.out_features)})
-        if capped:
-            # Not an error (the paper compares LoRA and MoRA at r=256 on layers this narrow), but worth knowing.
-            log.warning("rank=%d exceeds min(d_in, d_out) of %s: LoRA's update there cannot reach that rank", cfg.rank, capped)
+    if not unmatched:
+        settings = OmegaConf.to_container(adapter_cfg, resolve=True)
+        problems.extend(adapter_type(adapter_cfg).layer_problems(layers, settings, cfg.rank))
     problem = disk_problem(cfg, model, layers)
     if problem:
         problems.append(problem)

@@ -37,8 +37,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from mora_train.adapters.base import Adapter
-from mora_train.core.errors import ConfigError, MoraTrainError
+from mora_train.adapters import Adapter
+from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,15 @@ class RestartSettings:
     warmup_steps: int = 0
     lr_schedule: str = "jagged"
     min_lr_ratio: float = 0.1
-    mora_types: list[str] = field(default_factory=lambda: ["sharing", "grouping"])
+    # Operator pairs cycled at each restart (methods with operators, i.e. MoRA); None: keep the one in use.
+    mora_types: list[str | int] | None = None
 
 
 def restart_problems(adapter_cfg: Any) -> list[str]:
-    """Problems of adapter.restart and adapter.train_embeddings, one message each."""
-    if not isinstance(adapter_cfg, DictConfig):
+    """Problems of adapter.restart and adapter.train_embeddings (the keys every method with restarts shares)."""
+    if not isinstance(adapter_cfg, DictConfig) or "restart" not in adapter_cfg and "train_embeddings" not in adapter_cfg:
         return []
     problems: list[str] = []
-    name = adapter_cfg.get("name")
     train_embeddings = adapter_cfg.get("train_embeddings", False)
     if not isinstance(train_embeddings, bool):
         problems.append(f"`adapter.train_embeddings={train_embeddings!r}` must be true or false")
@@ -93,99 +94,25 @@ def restart_problems(adapter_cfg: Any) -> list[str]:
     ratio = restart.get("min_lr_ratio", 0.1)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
         problems.append(f"`adapter.restart.min_lr_ratio={ratio!r}` must be a number in [0, 1]")
-    types = restart.get("mora_types")
-    if types is not None:
-        from mora_train.adapters.mora import resolve_mora_type
-
-        plain = OmegaConf.to_container(types) if OmegaConf.is_config(types) else types
-        if not isinstance(plain, list) or not plain:
-            problems.append(f"`adapter.restart.mora_types={plain!r}` must be a non-empty list such as [1, 2] or [sharing, grouping]")
-        else:
-            for value in plain:
-                try:
-                    resolve_mora_type(value)
-                except ValueError as err:
-                    problems.append(f"`adapter.restart.mora_types`: {err}")
-        if name != "mora":
-            problems.append("`adapter.restart.mora_types` only applies to adapter=mora; remove it")
     return problems
 
 
 def restart_settings(adapter_cfg: DictConfig) -> RestartSettings:
+    """The restart settings; `mora_types` stays as written (the adapter resolves operator names)."""
     restart = adapter_cfg.get("restart")
     if restart is None:
         return RestartSettings()
     values = OmegaConf.to_container(restart, resolve=True)
-    settings = RestartSettings(**{k: v for k, v in values.items() if v is not None})
-    if adapter_cfg.name == "mora":
-        from mora_train.adapters.mora import resolve_mora_type
-
-        settings.mora_types = [resolve_mora_type(t) for t in settings.mora_types]
-    return settings
+    return RestartSettings(**{k: v for k, v in values.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------
-# Adapter operations: which layers, merge-and-reinit, operator switch
+# Optimizer
 
 
-def adapter_layers(adapter: Adapter) -> dict[str, nn.Module]:
-    """Module name -> adapted layer (MoRALinear or peft LoraLayer)."""
-    if adapter.name == "mora":
-        return dict(adapter.modules)  # type: ignore[attr-defined]
-    if adapter.name == "lora":
-        return adapter._lora_layers()  # type: ignore[attr-defined]
-    raise MoraTrainError("adapter.restart works with adapter=mora (ReMoRA) or adapter=lora (ReLoRA), not adapter=full")
-
-
-def base_linear(adapter: Adapter, layer: nn.Module) -> nn.Linear:
-    return layer.base_layer if adapter.name == "mora" else layer.get_base_layer()
-
-
-def restart_parameters(adapter: Adapter) -> list[nn.Parameter]:
-    """The adapter's own parameters (M, or LoRA A and B): what a restart re-initialises."""
-    params: list[nn.Parameter] = []
-    for layer in adapter_layers(adapter).values():
-        if adapter.name == "mora":
-            params += list(layer.adapter_params().values())
-        else:
-            from mora_train.adapters.lora import PEFT_ADAPTER
-
-            params += [layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight]
-    return params
-
-
-def set_mora_type(layer: nn.Module, mora_type: str | int) -> None:
-    """Switch a MoRALinear's operator pair in place (MoRALinear.set_type), as a one-paragraph ConfigError."""
-    try:
-        layer.set_type(mora_type)
-    except ValueError as err:
-        raise ConfigError([f"{err} (set by `adapter.restart.mora_types`)"]) from None
-
-
-def mora_type_at(settings: RestartSettings, restarts_done: int) -> str:
-    return settings.mora_types[restarts_done % len(settings.mora_types)]
-
-
-@torch.no_grad()
-def merge_and_reinit(adapter: Adapter, generator: torch.Generator | None = None) -> None:
-    """Fold the live ΔW into the base weights and start the adapter again from its initial value."""
-    for name, layer in adapter_layers(adapter).items():
-        if adapter.name == "mora":
-            layer.merge()  # float32 ΔW, checked finite
-            layer.merged = False  # keep training through the adapter, now from M = 0
-            layer.mora_M.zero_()
-            continue
-        from mora_train.adapters.lora import PEFT_ADAPTER
-
-        weight = layer.get_base_layer().weight
-        delta = layer.get_delta_weight(PEFT_ADAPTER).float()
-        merged = weight.data.float() + delta.to(weight.device)
-        if not torch.isfinite(merged).all():
-            raise MoraTrainError(f"LoRA layer '{name}': merged weight is not finite; refusing to restart")
-        weight.data.copy_(merged.to(weight.dtype))
-        # peft's initialisation (kaiming-uniform A, zero B), from a generator so that it is reproducible.
-        nn.init.kaiming_uniform_(layer.lora_A[PEFT_ADAPTER].weight, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(layer.lora_B[PEFT_ADAPTER].weight)
+def operator_at(settings: RestartSettings, restarts_done: int) -> str | int | None:
+    """The operator pair the layers use after `restarts_done` restarts (None: the method has no cycle)."""
+    return settings.mora_types[restarts_done % len(settings.mora_types)] if settings.mora_types else None
 
 
 def drop_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> int:
@@ -271,24 +198,19 @@ class BaseWeightsState:
         self.adapter, self.settings = adapter, settings
         self.tensors: dict[str, torch.Tensor] = {}
         if settings.every_steps > 0:
-            for name, layer in adapter_layers(adapter).items():
-                self.tensors[f"{name}.weight"] = base_linear(adapter, layer).weight
+            for name, weight in adapter.adapted_base_weights().items():
+                self.tensors[f"{name}.weight"] = weight
         if train_embeddings:
             for name, param in embedding_parameters(adapter.base_model).items():
                 self.tensors[f"{name}.weight"] = param
         self.restarts_done = 0
 
-    def mora_types(self) -> dict[str, str]:
-        if self.adapter.name != "mora":
-            return {}
-        return {name: layer.mora_type for name, layer in adapter_layers(self.adapter).items()}
-
     def save(self, directory: Path) -> None:
         tensors = {k: t.detach().cpu().contiguous().clone() for k, t in self.tensors.items()}
         save_file(tensors, str(Path(directory) / BASE_WEIGHTS_NAME), metadata={"format": "pt"})
         state = {"restarts_done": self.restarts_done, "every_steps": self.settings.every_steps,
-                 "mora_types": self.mora_types()}
-        (Path(directory) / RESTART_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+                 "mora_types": self.adapter.operator_types()}
+        write_json_atomically(Path(directory) / RESTART_STATE_NAME, state)
 
     @torch.no_grad()
     def load(self, directory: Path) -> None:
@@ -309,11 +231,10 @@ class BaseWeightsState:
             tensor.data.copy_(saved[key].to(dtype=tensor.dtype, device=tensor.device))
         state = json.loads(state_path.read_text())
         self.restarts_done = int(state["restarts_done"])
-        layers = adapter_layers(self.adapter) if self.adapter.name in ("mora", "lora") else {}
-        for name, kind in state.get("mora_types", {}).items():
-            if name in layers:
-                set_mora_type(layers[name], kind)
-                self.adapter.mora_type = kind
+        # Every layer switches together, so one saved operator describes them all.
+        saved_types = set(state.get("mora_types", {}).values())
+        if saved_types:
+            self.adapter.set_operator(saved_types.pop())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +246,7 @@ class RestartCallback(TrainerCallback):
 
     def __init__(self, adapter: Adapter, settings: RestartSettings, state: BaseWeightsState, seed: int) -> None:
         self.adapter, self.settings, self.state, self.seed = adapter, settings, state, seed
-        self.params = restart_parameters(adapter)
+        self.params = adapter.restart_parameters()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any) -> None:
         if lr_scheduler is None:
@@ -346,12 +267,10 @@ class RestartCallback(TrainerCallback):
 
     def restart(self, optimizer: Any, restart_index: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + restart_index)
-        merge_and_reinit(self.adapter, generator)
-        if self.adapter.name == "mora":
-            kind = mora_type_at(self.settings, restart_index)
-            for layer in adapter_layers(self.adapter).values():
-                set_mora_type(layer, kind)
-            self.adapter.mora_type = kind  # the saved adapter config names the live operator type
+        self.adapter.fold_and_reset(generator)
+        kind = operator_at(self.settings, restart_index)
+        if kind is not None:
+            self.adapter.set_operator(kind)
         dropped = drop_optimizer_state(optimizer, self.params) if optimizer is not None else 0
         self.state.restarts_done = restart_index
         log.info("restart %d: merged ΔW, re-initialised the adapter, dropped optimizer state of %d tensors",
@@ -367,11 +286,12 @@ class TrainingExtras:
 
 
 def setup_training_extras(adapter: Adapter, adapter_cfg: DictConfig, seed: int) -> TrainingExtras:
-    """Apply adapter.train_embeddings and adapter.restart to a built adapter."""
+    """Apply adapter.train_embeddings and adapter.restart to a built adapter (config keys only methods with
+    restarts have; validation refuses them for the others)."""
     settings = restart_settings(adapter_cfg)
     train_embeddings = bool(adapter_cfg.get("train_embeddings", False))
     extras = TrainingExtras()
-    if adapter.name == "full" or (settings.every_steps <= 0 and not train_embeddings):
+    if settings.every_steps <= 0 and not train_embeddings:
         return extras
     if train_embeddings:
         for param in embedding_parameters(adapter.base_model).values():
@@ -379,23 +299,9 @@ def setup_training_extras(adapter: Adapter, adapter_cfg: DictConfig, seed: int) 
     state = BaseWeightsState(adapter, settings, train_embeddings)
     extras.checkpoint_state.append(state)
     if settings.every_steps > 0:
-        if adapter.name == "mora":
-            for layer in adapter_layers(adapter).values():
-                set_mora_type(layer, settings.mora_types[0])  # checks every type of the cycle up front
-            for kind in settings.mora_types[1:]:
-                for layer in adapter_layers(adapter).values():
-                    _check_type_fits(layer, kind)
-            adapter.mora_type = settings.mora_types[0]  # the cycle's first type replaces adapter.mora_type
+        if settings.mora_types:
+            # Every operator pair of the cycle must fit every layer: try each now, not at restart 3 of 5.
+            for kind in [*settings.mora_types[1:], settings.mora_types[0]]:
+                adapter.set_operator(kind)
         extras.callbacks.append(RestartCallback(adapter, settings, state, seed))
     return extras
-
-
-def _check_type_fits(layer: nn.Module, kind: str) -> None:
-    original = layer.mora_type
-    set_mora_type(layer, kind)
-    set_mora_type(layer, original)
-
-
-def count_singular_values_above(delta: torch.Tensor, threshold: float = 0.1) -> int:
-    """Number of singular values of ΔW above `threshold` (paper Fig. 5's rank measure)."""
-    return int((torch.linalg.svdvals(delta.double()) > threshold).sum())

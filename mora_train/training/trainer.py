@@ -16,13 +16,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer import TRAINING_ARGS_NAME
 
 from mora_train.training import distributed, faults
-from mora_train.adapters.base import Adapter, write_json_atomically
+from mora_train.adapters.base import Adapter
 from mora_train.training.checkpoints import STAGING_DIR, checkpoint_step, is_complete, newest_complete_checkpoint, publish, rotate
 from mora_train.data.common import PadCollator, count_tokens
 from mora_train.core.errors import MoraTrainError, RunStopped
+from mora_train.core.io import save_figure_atomically, write_json_atomically
 from mora_train.training.gather import FinalWeights, collect_final_weights, gather_trainable_state
 from mora_train.training.resilience import (
     FaultInjection,
@@ -126,38 +126,30 @@ class AdapterTrainer(Trainer):
         self.trained_parameter_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.adapter.name != "full" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            # The live adapter weights are shards ([0]-shaped under ZeRO-3) or bf16 copies: gather the fp32
-            # trained weights alone onto rank 0 (a collective: every rank is here) instead of the whole model.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # The live trained weights are shards ([0]-shaped under ZeRO-3) or bf16 copies: gather the fp32
+            # trained weights alone onto rank 0 (a collective: every rank is here), never the frozen base.
             state = gather_trainable_state(self, self.trained_parameter_names)
             self._save(output_dir, state_dict=state)
             return
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A checkpoint holds what the method trains (Adapter.save: adapter weights, or every weight for full
+        fine-tuning), the extra checkpoint state, and the TrainingArguments as JSON (not the stock pickle)."""
         output_dir = output_dir or self.args.output_dir
-        if self.adapter.name == "full":
-            super()._save(output_dir, state_dict)
-            if self.args.should_save:
-                # The stock _save also pickles TrainingArguments (training_args.bin); keep a JSON copy only.
-                Path(output_dir, TRAINING_ARGS_NAME).unlink(missing_ok=True)
-                Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
-            return
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.adapter.save(Path(output_dir), state_dict=state_dict)
         for extra in self.checkpoint_state:
             extra.save(Path(output_dir))
-        # JSON, not the pickled TrainingArguments the stock Trainer writes.
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        if self.adapter.name == "full":
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.is_fsdp_enabled:
             raise MoraTrainError(
-                "resuming a LoRA/MoRA run under FSDP is not supported (its live weights are shards); "
+                "resuming a run under FSDP is not supported (its live weights are shards); "
                 "resume under DDP (distributed=none/ddp) or DeepSpeed (distributed=zero2/zero3)"
             )
         self.adapter.load_weights(Path(resume_from_checkpoint))
@@ -202,7 +194,7 @@ class AdapterTrainer(Trainer):
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_N.pth) are in staging
         if self.args.should_save:
-            info = {"step": step, "adapter": self.adapter.name, "rank": getattr(self.adapter, "rank", None)}
+            info = {"step": step, **self.adapter.identity_now()}
             publish(staged, checkpoints_dir / staged.name, info)
             rotate(checkpoints_dir, self.args.save_total_limit)
         if self.args.world_size > 1:
@@ -282,7 +274,9 @@ def train(
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(run_dir / "tensorboard")
     model = adapter.model
-    if trainer_cfg.gradient_checkpointing and adapter.name != "full":
+    embeddings = adapter.base_model.get_input_embeddings()
+    if trainer_cfg.gradient_checkpointing and (embeddings is None or not embeddings.weight.requires_grad):
+        # Frozen embeddings give checkpointed blocks inputs without grad; the adapters inside still need it.
         adapter.base_model.enable_input_require_grads()
     signals = StopSignals()
     stop_on_signal = StopOnSignal(signals)
@@ -385,11 +379,8 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> None
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomically(fig, path)
 
 
 def save_json(path: Path, data: Any) -> None:
-    write_json_atomically(path, json.loads(json.dumps(data, default=str)))
+    write_json_atomically(path, data, default=str)

@@ -86,23 +86,23 @@ def test_two_process_run_matches_one_process_and_writes_once(variant: str, tmp_p
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, f"ranks disagreed on the run dir: {run_dirs}"
     run_dir = run_dirs[0]
-    expected = {".hydra", "cli.log", "resolved_config.yaml", "merged", "metrics.json", "predictions.jsonl",
+    expected = {".hydra", "train.log", "resolved_config.yaml", "merged", "metrics.json", "predictions.jsonl",
                 "loss.png", "log_history.json", "tensorboard"}
     expected |= {"adapter"} if variant != "full" else set()
     found = {p.name for p in run_dir.iterdir()} - {"checkpoints"}  # (an empty checkpoints/ may exist)
     assert found == expected  # no half-written or per-rank leftovers
     assert result.stdout.count("merged model:") == 1 and result.stdout.count("trainable:") == 1
-    assert (run_dir / "cli.log").read_text().count("reproduces the adapted logits") == 1  # rank 1 never logs there
+    assert (run_dir / "train.log").read_text().count("reproduces the adapted logits") == 1  # rank 1 never logs there
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["engine"] == "ddp" and metrics["world_size"] == 2
-    checksums = metrics["replica_checksums"]
+    assert metrics["run"]["engine"] == "ddp" and metrics["run"]["world_size"] == 2
+    checksums = metrics["run"]["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1], "ranks ended with different weights"
     assert metrics["merge_max_abs_diff"] <= 1e-4
 
     single_dir = tmp_path / "single"
     single = run(compose_config(args, single_dir))
-    assert single["world_size"] == 1 and single["replica_checksums"] is None
+    assert single["run"]["world_size"] == 1 and single["run"]["replica_checksums"] is None
     assert_same_training(run_dir, single_dir, variant)
 
 
@@ -142,7 +142,7 @@ def test_deepspeed_two_process_run_exports_gathered_weights(option: str, variant
     result = launch("accelerate", [*args, *(zero3_all if option == "zero3" else []), f"output_dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["engine"] == f"deepspeed-{option}" and metrics["world_size"] == 2
+    assert metrics["run"]["engine"] == f"deepspeed-{option}" and metrics["run"]["world_size"] == 2
     assert metrics["merge_max_abs_diff"] <= 1e-4
     if variant != "full":  # mid-run checkpoints hold the gathered adapter too
         checkpoint = load_file(run_dir / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors")
@@ -178,6 +178,6 @@ def test_two_process_run_killed_mid_training_resumes_to_the_same_weights(
     resumed = launch("accelerate", [*args, f"output_dir={resumed_dir}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resuming from") == 1 and "checkpoint-3" in resumed.stdout
-    assert json.loads((resumed_dir / "metrics.json").read_text())["resumed_from_step"] == 3
+    assert json.loads((resumed_dir / "metrics.json").read_text())["run"]["resumed_from_step"] == 3
     whole_weights, resumed_weights = trained_weights(tmp_path / "whole", variant), trained_weights(resumed_dir, variant)
     assert all(torch.equal(whole_weights[k], resumed_weights[k]) for k in whole_weights)

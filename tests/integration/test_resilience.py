@@ -56,10 +56,16 @@ def fresh_faults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faults, "_fired", set())  # each in-process run may fire its fault again
 
 
+def with_run(overrides: tuple[str, ...]) -> list[str]:
+    """RUN plus overrides; full fine-tuning has no adapter input to drop out, so it gets no adapter.dropout."""
+    base = [o for o in RUN if not o.startswith("adapter.dropout")] if "adapter=full" in overrides else RUN
+    return [*base, *overrides]
+
+
 def run_in_process(run_dir: Path, *overrides: str) -> int:
     """The CLI's entry function on the composed config; returns the exit code (0 when it returns)."""
     try:
-        _run(compose_config([*RUN, *overrides], run_dir))
+        _run(compose_config(with_run(overrides), run_dir))
     except SystemExit as stop:
         return int(stop.code)
     return 0
@@ -67,7 +73,7 @@ def run_in_process(run_dir: Path, *overrides: str) -> int:
 
 def run_subprocess(run_dir: Path, fault: str, *overrides: str) -> subprocess.CompletedProcess:
     env = {faults.ENV_VAR: fault, **ONE_THREAD}
-    return run_cli([*RUN, *overrides, f"output_dir={run_dir}"], cwd=run_dir.parent, env=env)
+    return run_cli([*with_run(overrides), f"output_dir={run_dir}"], cwd=run_dir.parent, env=env)
 
 
 def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +126,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted_run(
     assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{newest}'} (step {newest})" in capsys.readouterr().out
     # optimizer.pt, scheduler.pt, rng_state.pth: the only pickles read, and never as arbitrary objects.
     assert len(loads) >= 3 and all(k.get("weights_only") is True for k in loads), loads
-    assert json.loads((run_dir / "metrics.json").read_text())["resumed_from_step"] == newest
+    assert json.loads((run_dir / "metrics.json").read_text())["run"]["resumed_from_step"] == newest
     assert_same_run(run_dir, reference)
     assert any(t.abs().max() > 0 for k, t in adapter_weights(reference).items() if "lora_B" in k), "nothing trained"
 
@@ -211,7 +217,7 @@ def test_nonfinite_loss_skip_mode_drops_the_step_and_finishes(
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir, "trainer.nonfinite_loss=skip") == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["nonfinite_skipped_steps"] == [3] and metrics["train_steps"] == MAX_STEPS
+    assert metrics["run"]["nonfinite_skipped_steps"] == [3] and metrics["train_steps"] == MAX_STEPS
     assert all(torch.isfinite(t).all() for t in adapter_weights(run_dir).values())
     # AdamW counts the updates it applied to each parameter: one fewer than the steps run.
     last = complete_checkpoints(run_dir / "checkpoints")[-1]

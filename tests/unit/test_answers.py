@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from mora_train.data.math import strip_calculator_annotations
 from mora_train.evaluation.answers import (
     answer_span,
     answers_match,
     cut_at_stop,
     extract_answer,
-    strip_calculator_annotations,
 )
 
 

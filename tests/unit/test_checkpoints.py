@@ -64,25 +64,25 @@ def test_auto_resumes_from_the_newest_complete_checkpoint_and_cleans_leftovers(t
     (checkpoints / STAGING_DIR / "checkpoint-8").mkdir(parents=True)  # killed mid-save: removed
     (checkpoints / ".trash-checkpoint-0-123").mkdir()  # killed mid-delete: removed
     (tmp_path / ".merged.tmp-4242").mkdir()  # killed mid-export: removed
-    assert plan_resume(tmp_path, "auto", False, "lora", 8) == checkpoints / "checkpoint-4"
+    assert plan_resume(tmp_path, "auto", False, {"adapter": "lora", "rank": 8}) == checkpoints / "checkpoint-4"
     assert not (checkpoints / STAGING_DIR).exists() and not (checkpoints / ".trash-checkpoint-0-123").exists()
     assert not (tmp_path / ".merged.tmp-4242").exists()
-    assert plan_resume(tmp_path, True, False, "lora", 8) == checkpoints / "checkpoint-4"
+    assert plan_resume(tmp_path, True, False, {"adapter": "lora", "rank": 8}) == checkpoints / "checkpoint-4"
 
 
 def test_resume_settings_without_checkpoints(tmp_path: Path) -> None:
-    assert plan_resume(tmp_path, "auto", False, "lora", 8) is None
-    assert plan_resume(tmp_path, False, False, "lora", 8) is None
+    assert plan_resume(tmp_path, "auto", False, {"adapter": "lora", "rank": 8}) is None
+    assert plan_resume(tmp_path, False, False, {"adapter": "lora", "rank": 8}) is None
     with pytest.raises(MoraTrainError, match="no complete checkpoint"):
-        plan_resume(tmp_path, True, False, "lora", 8)
+        plan_resume(tmp_path, True, False, {"adapter": "lora", "rank": 8})
 
 
 def test_starting_over_needs_overwrite_and_deletes_nothing_without_it(tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "checkpoints", 4)
     with pytest.raises(MoraTrainError, match="overwrite=true"):
-        plan_resume(tmp_path, False, False, "lora", 8)
+        plan_resume(tmp_path, False, False, {"adapter": "lora", "rank": 8})
     assert is_complete(checkpoint)
-    assert plan_resume(tmp_path, False, True, "lora", 8) is None
+    assert plan_resume(tmp_path, False, True, {"adapter": "lora", "rank": 8}) is None
     assert not checkpoint.exists()
 
 
@@ -90,7 +90,7 @@ def test_a_finished_run_replaced_with_overwrite_loses_its_outputs_first(tmp_path
     make_checkpoint(tmp_path / "checkpoints", 4)
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "merged").mkdir()
-    assert plan_resume(tmp_path, "auto", True, "lora", 8) is None
+    assert plan_resume(tmp_path, "auto", True, {"adapter": "lora", "rank": 8}) is None
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "merged").exists()
     assert complete_checkpoints(tmp_path / "checkpoints") == []
 
@@ -99,19 +99,19 @@ def test_explicit_path_to_a_checkpoint_or_run_dir(tmp_path: Path) -> None:
     other_run = tmp_path / "other"
     checkpoint = make_checkpoint(other_run / "checkpoints", 6)
     here = tmp_path / "here"
-    assert plan_resume(here, str(checkpoint), False, "lora", 8) == checkpoint
-    assert plan_resume(here, str(other_run), False, "lora", 8) == checkpoint
+    assert plan_resume(here, str(checkpoint), False, {"adapter": "lora", "rank": 8}) == checkpoint
+    assert plan_resume(here, str(other_run), False, {"adapter": "lora", "rank": 8}) == checkpoint
     (checkpoint / COMPLETE_MARKER).unlink()
     with pytest.raises(MoraTrainError, match="not a complete checkpoint"):
-        plan_resume(here, str(checkpoint), False, "lora", 8)
+        plan_resume(here, str(checkpoint), False, {"adapter": "lora", "rank": 8})
 
 
 def test_a_checkpoint_of_another_adapter_or_rank_is_refused_by_name(tmp_path: Path) -> None:
     make_checkpoint(tmp_path / "checkpoints", 4, adapter="lora", rank=8)
     with pytest.raises(MoraTrainError, match="adapter=lora rank=8, but this run is adapter=mora rank=8"):
-        plan_resume(tmp_path, "auto", False, "mora", 8)
+        plan_resume(tmp_path, "auto", False, {"adapter": "mora", "rank": 8})
     with pytest.raises(MoraTrainError, match="rank=16"):
-        plan_resume(tmp_path, "auto", False, "lora", 16)
+        plan_resume(tmp_path, "auto", False, {"adapter": "lora", "rank": 16})
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.config.validation import validate
+from mora_train.pipeline.validate import validate
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose_config
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -58,13 +58,116 @@ def test_mora_type_accepts_names_and_official_numbers(tmp_path: Path) -> None:
         validate(compose_config(["model=tiny-llama", f"adapter.mora_type={value}"], tmp_path))
 
 
-def test_data_dir_defaults_beside_the_repository_and_follows_the_environment(tmp_path: Path, monkeypatch) -> None:
-    import mora_train  # noqa: F401 - registers the ${repo_dir:...} resolver
+def _resolved_task(overrides: list[str], tmp_path: Path) -> dict:
+    from omegaconf import OmegaConf
 
-    cfg = compose_config(["task=gsm8k"], tmp_path)
-    assert cfg.task.data.train.path == str(CONFIG_DIR.parent.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
+    return OmegaConf.to_container(compose_config(overrides, tmp_path).task, resolve=True)
+
+
+# task -> (hub id, hub_config, split) of task.data.eval when data_dir is null
+HUB_EVAL = {
+    "gsm8k": ("openai/gsm8k", "main", "test"),
+    "metamath": ("openai/gsm8k", "main", "test"),
+    "instruction": ("databricks/databricks-dolly-15k", None, "train[-250:]"),
+    "biomed": ("qiaojin/PubMedQA", "pqa_unlabeled", "train[-100:]"),
+    "pretrain": ("qiaojin/PubMedQA", "pqa_unlabeled", "train[-100:]"),
+    "finance": ("zeroshot/twitter-financial-news-sentiment", None, "validation"),
+}
+
+
+def test_data_dir_defaults_to_null_and_follows_the_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MORA_TRAIN_DATA", raising=False)
+    assert compose_config([], tmp_path).data_dir is None
     monkeypatch.setenv("MORA_TRAIN_DATA", str(tmp_path))
-    assert compose_config(["task=gsm8k"], tmp_path).task.data.eval.path == str(tmp_path / "gsm8k" / "test.jsonl")
+    assert compose_config([], tmp_path).data_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("task", sorted(HUB_EVAL))
+def test_without_data_dir_tasks_read_the_hub(task: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MORA_TRAIN_DATA", raising=False)
+    data = _resolved_task([f"task={task}"], tmp_path)["data"]
+    assert (data["eval"]["hub"], data["eval"]["hub_config"], data["eval"]["split"]) == HUB_EVAL[task]
+    sources = data["train"] if isinstance(data["train"], list) else [data["train"]]
+    for source in [*sources, data["eval"]]:
+        assert source["path"] is None and source["hub"] and source["split"]
+    validate(compose_config(["model=tiny-llama", f"task={task}"], tmp_path))  # no file is needed
+
+
+def test_without_data_dir_benchmarks_read_the_hub(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MORA_TRAIN_DATA", raising=False)
+    task = _resolved_task(["task=biomed"], tmp_path)
+    pubmedqa = task["benchmarks"]["pubmedqa"]
+    assert (pubmedqa["data"]["hub"], pubmedqa["data"]["hub_config"], pubmedqa["data"]["split"]) == (
+        "qiaojin/PubMedQA", "pqa_labeled", "train")
+    # The official test split: the id list shipped with the configs, for Hub and local data alike.
+    ids = Path(pubmedqa["data"]["keep_if_in"]["file"])
+    assert ids.is_file() and ids.is_relative_to(CONFIG_DIR)
+    assert "{question}" in pubmedqa["prompt"] and "{context.contexts}" in pubmedqa["prompt"]
+    mmlu = task["benchmarks"]["mmlu_medical"]
+    assert [s["hub"] for s in mmlu["data"]] == ["cais/mmlu"] * 6 and mmlu["labels"] == [0, 1, 2, 3]
+    assert task["benchmarks"]["medqa_usmle"]["data"]["hub"] == "GBaker/MedQA-USMLE-4-options"
+    finance = _resolved_task(["task=finance"], tmp_path)
+    # FinancialPhraseBank's Hub copy is a loading script (datasets >= 4 refuses it): only with data_dir.
+    assert finance["eval"]["benchmarks"] == ["twitter_sentiment", "gold_headline"]
+    assert finance["benchmarks"]["gold_headline"]["data"]["hub"] == "SaguaroCapital/sentiment-analysis-in-commodity-market-gold"
+
+
+def test_with_data_dir_tasks_read_its_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MORA_TRAIN_DATA", str(tmp_path / "env"))
+    data = _resolved_task(["task=gsm8k", f"data_dir={tmp_path}"], tmp_path)["data"]  # the override wins
+    assert data["train"]["path"] == str(tmp_path / "gsm8k" / "train.jsonl") and data["train"]["hub"] is None
+    assert data["eval"]["path"] == str(tmp_path / "gsm8k" / "test.jsonl") and data["eval"]["hub"] is None
+    data = _resolved_task(["task=gsm8k"], tmp_path)["data"]
+    assert data["eval"]["path"] == str(tmp_path / "env" / "gsm8k" / "test.jsonl")
+    biomed = _resolved_task(["task=biomed", f"data_dir={tmp_path}"], tmp_path)
+    assert [s["path"] for s in biomed["data"]["train"]] == [
+        str(tmp_path / "ncbi_disease_corpus" / "train.jsonl"), str(tmp_path / "pubmedqa" / "ori_pqal.jsonl")]
+    assert biomed["benchmarks"]["mmlu_medical"]["labels"] == ["A", "B", "C", "D"]
+    assert "{QUESTION}" in biomed["benchmarks"]["pubmedqa"]["prompt"]
+    assert _resolved_task(["task=finance", f"data_dir={tmp_path}"], tmp_path)["eval"]["benchmarks"] is None
+
+
+def test_no_shipped_config_points_outside_the_package() -> None:
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        text = path.read_text()
+        assert "shared/data" not in text and "repo_dir" not in text and "${data_dir}/" not in text, path
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+def test_local_copies_give_the_documented_record_counts(tmp_path: Path) -> None:
+    from mora_train.data.sources import load_records
+
+    cfg = compose_config(["task=biomed", f"data_dir={SHARED_DATA}"], tmp_path)
+    counts = {name: len(load_records(cfg.task.benchmarks[name].data, name)) for name in cfg.task.benchmarks}
+    assert counts == {"pubmedqa": 500, "medqa_usmle": 1273, "mmlu_medical": 1089}
+    assert len(load_records(cfg.task.data.train, "train")) == 593 + 500  # NCBI train + non-test PubMedQA-L
+
+
+def test_offline_hub_source_fails_with_one_clean_paragraph(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import mora_train\n"
+        "from tests.conftest import compose_config\n"
+        "from mora_train.core.errors import MoraTrainError\n"
+        "from mora_train.data.sources import load_records\n"
+        "cfg = compose_config(['task=gsm8k', 'data_dir=null'])\n"
+        "assert cfg.task.data.eval.hub == 'openai/gsm8k'\n"
+        "try:\n"
+        "    load_records(cfg.task.data.eval, 'task.data.eval')\n"
+        "except MoraTrainError as err:\n"
+        "    print('ERROR:', err)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=CONFIG_DIR.parent.parent, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip()
+    assert line.startswith("ERROR: could not load hub dataset 'openai/gsm8k'"), result.stdout + result.stderr[-2000:]
+    assert "Offline or gated?" in line and "task.data.eval.hub=null task.data.eval.path=DIR" in line
+    assert "\n" not in line and "Traceback" not in result.stdout
 
 
 def test_mode_and_checkpoint_are_validated(tmp_path: Path) -> None:

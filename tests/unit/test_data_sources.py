@@ -179,8 +179,10 @@ def test_source_config_problems(tmp_path: Path) -> None:
     assert source_problems(None, "task.data.eval") and source_problems([], "task.data.eval")
 
 
-def test_repo_dir_resolver_points_beside_the_repository() -> None:
-    from mora_train.config.resolvers import REPO_DIR, repo_relative
+def test_data_dir_resolvers_pick_the_local_file_or_the_hub() -> None:
+    from mora_train.config.resolvers import data_file, hub_dataset, local_or_hub
 
-    assert repo_relative("../shared/data") == str(REPO_DIR.parent / "shared" / "data")
+    assert data_file(None, "gsm8k/train.jsonl") is None and hub_dataset(None, "openai/gsm8k") == "openai/gsm8k"
+    assert data_file("/data", "gsm8k/train.jsonl") == "/data/gsm8k/train.jsonl" and hub_dataset("/data", "a/b") is None
+    assert local_or_hub("/data", "local", "hub") == "local" and local_or_hub(None, "local", "hub") == "hub"
     assert sources  # the module under test imports cleanly on its own

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mora_train.training import distributed
-from mora_train.config.validation import validate
+from mora_train.pipeline.validate import validate
 from mora_train.core.errors import ConfigError, MoraTrainError
 from tests.conftest import CONFIG_DIR, REPO, TINY_RUN, compose_config
 
@@ -254,7 +254,7 @@ def test_single_process_helpers_are_transparent(monkeypatch) -> None:
 
 
 def test_restarts_and_trained_embeddings_are_refused_where_weights_are_sharded_or_copied(launched: None) -> None:
-    restarts = ["adapter=mora", "adapter.restart.every_steps=4", "adapter.restart.mora_types=[1,2]"]
+    restarts = ["adapter=mora", "adapter.mora_type=sharing", "adapter.restart.every_steps=4", "adapter.restart.mora_types=[1,2]"]
     assert not any("adapter.restart" in p for p in problems_of(*restarts))  # DDP: every rank merges alike
     assert any("adapter.restart.every_steps=4" in p and "distributed=none or ddp" in p for p in problems_of(*restarts, "distributed=fsdp"))
     embeddings = ["adapter=lora", "adapter.train_embeddings=true"]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from mora_train.adapters import build_adapter, load_adapter
-from mora_train.adapters.base import write_dir_atomically
+from mora_train.core.io import write_dir_atomically
 from mora_train.core.errors import MoraTrainError
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import compose_config

@@ -1,4 +1,4 @@
-"""Unit tests for the MoRA layer against a naive, loop-based reading of the spec (DESIGN.md §2)."""
+"""Unit tests for the MoRA layer against a naive, loop-based reading of the operator table (README.md, "Adapters")."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.config.validation import validate
+from mora_train.pipeline.validate import validate
 from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
 from mora_train.adapters.base import match_target_linears

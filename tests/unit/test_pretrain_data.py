@@ -13,7 +13,8 @@ from mora_train.tasks import TASKS
 from mora_train.data import pretrain as pretrain_recipe
 from mora_train.data.common import IGNORE_INDEX, PadCollator
 from mora_train.core.errors import MoraTrainError
-from mora_train.evaluation.multiple_choice import MCExample, load_benchmark, score_choices
+from mora_train.data.benchmarks import MCExample, load_benchmark
+from mora_train.evaluation.multiple_choice import score_choices
 from mora_train.evaluation.perplexity import token_nll
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import compose_config
@@ -58,7 +59,7 @@ def test_packed_documents_do_not_attend_to_each_other(tiny, attention: str) -> N
 def test_perplexity_of_packed_blocks_equals_per_document_loss(tiny) -> None:
     model, _ = tiny
     docs = [[5, 6, 7, 8, 2], [9, 10, 11, 2], [12, 13, 14, 15, 16, 2]]
-    total, count = token_nll(model, pretrain_recipe.pack_documents(docs, block_size=7), pad_token_id=0, batch_size=2)
+    total, count = token_nll(model, pretrain_recipe.pack_documents(docs, block_size=7), PadCollator(pad_token_id=0), batch_size=2)
     expected, expected_count = 0.0, 0
     with torch.no_grad():
         # Same blocks cut by hand: [5 6 7 8 2 | 9 10] [11 2 | 12 13 14 15 16] [2]
@@ -168,4 +169,4 @@ def test_pretrain_build_reads_templates_filters_and_caches(tmp_path: Path, tiny)
     assert all(len(b["input_ids"]) == 16 for b in data.train[:-1])
     assert list(data.benchmarks) == ["twitter_sentiment"] and data.stats["cache"] == "miss"
     assert pretrain_recipe.build(cfg, tokenizer, 16).stats["cache"] == "hit"
-    assert math.isfinite(token_nll(tiny[0], data.eval_blocks, 0)[0])
+    assert math.isfinite(token_nll(tiny[0], data.eval_blocks, PadCollator(0))[0])

@@ -12,23 +12,18 @@ from safetensors.torch import load_file
 
 from mora_train.adapters import build_adapter
 from mora_train.adapters.mora_adapter import MoraAdapter
-from mora_train.training.restarts import (
-    RestartCallback,
-    RestartSettings,
-    adapter_layers,
-    base_linear,
-    count_singular_values_above,
-    restart_lr_factor,
-    restart_parameters,
-    setup_training_extras,
-)
+from mora_train.analysis.spectrum import count_singular_values_above
+from mora_train.training.restarts import RestartCallback, RestartSettings, restart_lr_factor, setup_training_extras
 from mora_train.pipeline.train import run
-from mora_train.config.validation import validate
+from mora_train.pipeline.validate import validate
 from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import SHARED_DATA, compose_config
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+
+# ReMoRA as the paper runs it: sharing <-> grouping (types 1 <-> 2), starting with adapter.mora_type.
+REMORA_CYCLE = ["adapter.mora_type=sharing", "adapter.restart.mora_types=[sharing,grouping]"]
 
 PRETRAIN_RUN = [
     "task=pretrain",
@@ -52,8 +47,9 @@ PRETRAIN_RUN = [
 
 
 def tiny_adapter(adapter: str, *overrides: str):
+    cycle = REMORA_CYCLE if adapter == "mora" else []
     cfg = compose_config(["model=llama-tiny", f"adapter={adapter}", "rank=4", "adapter.restart.every_steps=4",
-                          "adapter.train_embeddings=true", *overrides])
+                          "adapter.train_embeddings=true", *cycle, *overrides])
     model, _ = load_model_and_tokenizer(cfg.model)
     built = build_adapter(model, cfg.adapter, cfg.rank)
     extras = setup_training_extras(built, cfg.adapter, seed=0)
@@ -68,7 +64,7 @@ def test_restart_keeps_the_function_reinitialises_switches_and_keeps_other_optim
     model = built.model
     torch.manual_seed(0)
     with torch.no_grad():  # a non-trivial adapter (the zero init would make the merge check vacuous)
-        for p in restart_parameters(built):
+        for p in built.restart_parameters():
             p.normal_(0, 0.05)
     params = [p for p in model.parameters() if p.requires_grad]
     embed = built.base_model.get_input_embeddings().weight
@@ -86,21 +82,22 @@ def test_restart_keeps_the_function_reinitialises_switches_and_keeps_other_optim
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert (after - before).abs().max() < 1e-5  # merging ΔW and restarting from zero keeps the function
-    layers = adapter_layers(built)
+    layers = {n: built.base_model.get_submodule(n) for n in built.adapted_base_weights()}
     if adapter == "mora":
         assert all(layer.mora_M.abs().max() == 0 for layer in layers.values())
         assert {layer.mora_type for layer in layers.values()} == {"grouping"}  # sharing -> grouping
+        assert set(built.operator_types().values()) == {"grouping"} and built.mora_type == "grouping"
     else:
         assert all(layer.lora_B["default"].weight.abs().max() == 0 for layer in layers.values())
         assert all(layer.lora_A["default"].weight.abs().max() > 0 for layer in layers.values())
-    for p in restart_parameters(built):
+    for p in built.restart_parameters():
         assert p not in optimizer.state  # adapter moments dropped
     assert torch.equal(optimizer.state[embed]["exp_avg"], embed_moment)  # embedding moments kept
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert float(optimizer.state[embed]["step"]) == 2
-    assert all(float(optimizer.state[p]["step"]) == 1 for p in restart_parameters(built))
+    assert all(float(optimizer.state[p]["step"]) == 1 for p in built.restart_parameters())
 
 
 def _train_layer_to_target(adapter: str, cycles: int, steps_per_cycle: int = 60) -> int:
@@ -116,12 +113,13 @@ def _train_layer_to_target(adapter: str, cycles: int, steps_per_cycle: int = 60)
         from mora_train.adapters.lora import LoraAdapter
 
         built = LoraAdapter(model, 4, 4, [name])
-    layer = next(iter(adapter_layers(built).values()))
+    layer = built.base_model.get_submodule(name)
     from mora_train.training.restarts import BaseWeightsState
 
-    settings = RestartSettings(every_steps=steps_per_cycle)
+    cycle = ["sharing", "grouping"] if adapter == "mora" else None  # ReMoRA switches operators at each restart
+    settings = RestartSettings(every_steps=steps_per_cycle, mora_types=cycle)
     callback = RestartCallback(built, settings, BaseWeightsState(built, settings, False), seed=0)
-    params = restart_parameters(built)
+    params = built.restart_parameters()
     optimizer = torch.optim.Adam(params, lr=2e-2)
     x = torch.randn(256, 64)
     for step in range(1, cycles * steps_per_cycle + 1):
@@ -131,7 +129,7 @@ def _train_layer_to_target(adapter: str, cycles: int, steps_per_cycle: int = 60)
         optimizer.step()
         if step % steps_per_cycle == 0 and step < cycles * steps_per_cycle:
             callback.restart(optimizer, step // steps_per_cycle)
-    total = base_linear(built, layer).weight.detach() - start + next(iter(built.delta_weights().values()))
+    total = built.adapted_base_weights()[name].detach() - start + built.delta_weights()[name]
     return count_singular_values_above(total, 0.1)
 
 
@@ -167,6 +165,15 @@ def test_restart_settings_are_validated(tmp_path: Path) -> None:
         setup_training_extras(built, cfg.adapter, 0)
 
 
+def test_a_restart_cycle_that_does_not_start_with_mora_type_is_refused_not_replaced(tmp_path: Path) -> None:
+    cfg = compose_config(["adapter=mora", "rank=4", "adapter.restart.every_steps=4",
+                          "adapter.restart.mora_types=[sharing,grouping]"], tmp_path)  # mora_type stays rope
+    with pytest.raises(ConfigError, match=r"starts with sharing, but `adapter.mora_type=rope`.*adapter.mora_type=sharing"):
+        validate(cfg)
+    ok = compose_config(["adapter=mora", "rank=4", "adapter.restart.every_steps=4", *REMORA_CYCLE], tmp_path)
+    validate(ok)
+
+
 @pytest.mark.parametrize("name", ["pretrain_lora", "pretrain_mora", "pretrain_relora", "pretrain_remora"])
 def test_pretraining_experiment_configs_compose_and_validate(name: str, tmp_path: Path) -> None:
     cfg = compose_config([f"experiment={name}"], tmp_path)
@@ -185,7 +192,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @needs_data
 @pytest.mark.parametrize("adapter", ["mora", "lora"])
 def test_pretrain_with_restarts_resumes_mid_cycle_exactly_and_exports_everything(adapter: str, tmp_path: Path) -> None:
-    overrides = [*PRETRAIN_RUN, f"adapter={adapter}", "trainer.save_steps=6", "trainer.save_total_limit=null"]
+    cycle = REMORA_CYCLE if adapter == "mora" else []
+    overrides = [*PRETRAIN_RUN, f"adapter={adapter}", *cycle, "trainer.save_steps=6", "trainer.save_total_limit=null"]
     reference = tmp_path / "reference"
     metrics = run(compose_config(overrides, reference))
     assert metrics["task"] == "pretrain" and metrics["eval_perplexity"] > 1 and metrics["merge_max_abs_diff"] < 1e-4
@@ -205,7 +213,7 @@ def test_pretrain_with_restarts_resumes_mid_cycle_exactly_and_exports_everything
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(mid, resumed / "checkpoints" / "checkpoint-6")  # as if the run had been killed after step 6
     again = run(compose_config(overrides, resumed))
-    assert again["resumed_from_step"] == 6
+    assert again["run"]["resumed_from_step"] == 6
     for step in range(7, 13):
         assert _losses(resumed)[step] == pytest.approx(losses[step], abs=1e-6)
     ours, ref = load_file(resumed / "merged" / "model.safetensors"), load_file(reference / "merged" / "model.safetensors")

@@ -33,6 +33,11 @@ def task_cfg(tmp_path: Path, task: str, *overrides: str):
     return cfg.task
 
 
+def build_math(cfg, tokenizer, max_seq_len: int):
+    """The math recipe's data as the registry builds it (gold answers read by evaluation.answers)."""
+    return TASKS[cfg.name].build(cfg, tokenizer, max_seq_len)
+
+
 def labelled_text(tokenizer, example: dict) -> str:
     return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
 
@@ -49,7 +54,7 @@ def gsm8k_files(tmp_path: Path) -> tuple[str, str]:
 def test_gsm8k_loss_is_on_the_answer_and_eos_only(tmp_path: Path, gsm8k_files: tuple[str, str]) -> None:
     tokenizer = byte_tokenizer()
     cfg = task_cfg(tmp_path, "gsm8k", f"task.data.train={gsm8k_files[0]}", f"task.data.eval={gsm8k_files[1]}")
-    data = math_recipe.build(cfg, tokenizer, 256)
+    data = build_math(cfg, tokenizer, 256)
     assert len(data.train) == 2
     first = data.train[0]
     assert prompt_text(tokenizer, first) == "Question: Natalia sold 48 clips. How many?\nAnswer:"
@@ -64,7 +69,7 @@ def test_metamath_maps_its_own_fields_and_evaluates_on_gsm8k_fields(tmp_path: Pa
     train = jsonl(tmp_path / "mm.jsonl", [{"query": "What is 3*3?", "response": "3*3 = 9. The answer is: 9", "type": "GSM_Rephrased"}])
     cfg = task_cfg(tmp_path, "metamath", "task.data.train.hub=null", f"task.data.train.path={train}",
                    f"task.data.eval.path={gsm8k_files[1]}")
-    data = math_recipe.build(cfg, tokenizer, 512)
+    data = build_math(cfg, tokenizer, 512)
     assert "### Instruction:\nWhat is 3*3?\n\n### Response:" in prompt_text(tokenizer, data.train[0])
     assert labelled_text(tokenizer, data.train[0]) == " 3*3 = 9. The answer is: 9</s>"
     assert [p.question for p in data.problems] == ["What is 2+2?", "Natalia sold 48 clips. How many?"]
@@ -75,14 +80,14 @@ def test_too_long_drop_and_truncate_are_counted(tmp_path: Path, gsm8k_files: tup
     # The Natalia example is 93 byte-tokens, the 2+2 one 45: max_seq_len=60 makes exactly one over-long.
     common = [f"task.data.train={gsm8k_files[0]}", f"task.data.eval={gsm8k_files[1]}", "task.cache_dir=null"]
     with caplog.at_level(logging.INFO):
-        dropped = math_recipe.build(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=drop"), tokenizer, 60)
+        dropped = build_math(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=drop"), tokenizer, 60)
     assert len(dropped.train) == 1 and dropped.stats["dropped"] == 1
     assert "of 2 examples, 0 were longer than max_seq_len=60 tokens and were truncated, 1 were dropped" in caplog.text
-    truncated = math_recipe.build(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=truncate"), tokenizer, 60)
+    truncated = build_math(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=truncate"), tokenizer, 60)
     assert len(truncated.train) == 2 and truncated.stats["truncated"] == 1
     assert max(len(e["input_ids"]) for e in truncated.train) == 60
     with pytest.raises(MoraTrainError, match="no examples left: all 2 were dropped.*max_seq_len=20"):
-        math_recipe.build(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=drop"), tokenizer, 20)
+        build_math(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=drop"), tokenizer, 20)
 
 
 def test_math_data_errors(tmp_path: Path, gsm8k_files: tuple[str, str]) -> None:
@@ -90,14 +95,14 @@ def test_math_data_errors(tmp_path: Path, gsm8k_files: tuple[str, str]) -> None:
     no_final = jsonl(tmp_path / "nofinal.jsonl", [{"question": "q", "answer": "no number here"}])
     cfg = task_cfg(tmp_path, "gsm8k", f"task.data.train={gsm8k_files[0]}", f"task.data.eval={no_final}")
     with pytest.raises(MoraTrainError, match=r"nofinal\.jsonl line 1: no final answer found"):
-        math_recipe.build(cfg, tokenizer, 256)
+        build_math(cfg, tokenizer, 256)
     renamed = jsonl(tmp_path / "renamed.jsonl", [{"problem": "q", "solution": "#### 1"}])
     cfg = task_cfg(tmp_path, "gsm8k", f"task.data.train={renamed}", f"task.data.eval={gsm8k_files[1]}")
     with pytest.raises(MoraTrainError, match=r"renamed\.jsonl line 1: field 'question' is missing.*fields: problem, solution"):
-        math_recipe.build(cfg, tokenizer, 256)
+        build_math(cfg, tokenizer, 256)
     # eval.max_samples evaluates a prefix.
     cfg = task_cfg(tmp_path, "gsm8k", f"task.data.train={gsm8k_files[0]}", f"task.data.eval={gsm8k_files[1]}", "task.eval.max_samples=1")
-    assert len(math_recipe.build_eval(cfg, tokenizer, 256).problems) == 1
+    assert len(TASKS["gsm8k"].build_eval(cfg, tokenizer, 256).problems) == 1
 
 
 def test_math_config_problems(tmp_path: Path) -> None:
@@ -112,18 +117,18 @@ def test_math_config_problems(tmp_path: Path) -> None:
 def test_tokenized_training_set_is_cached(tmp_path: Path, gsm8k_files: tuple[str, str], monkeypatch) -> None:
     tokenizer = byte_tokenizer()
     cfg = task_cfg(tmp_path, "gsm8k", f"task.data.train={gsm8k_files[0]}", f"task.data.eval={gsm8k_files[1]}")
-    first = math_recipe.build(cfg, tokenizer, 256)
+    first = build_math(cfg, tokenizer, 256)
     assert first.stats["cache"] == "miss"
     real_load = math_recipe.load_records
     read = []
     monkeypatch.setattr(math_recipe, "load_records", lambda node, key: read.append(key) or real_load(node, key))
-    second = math_recipe.build(cfg, tokenizer, 256)
+    second = build_math(cfg, tokenizer, 256)
     assert second.stats["cache"] == "hit" and second.train == first.train
     assert read == ["task.data.eval"]  # the training file was not read again
     # Another sequence length, template or data file is another entry.
-    assert math_recipe.build(cfg, tokenizer, 128).stats["cache"] == "miss"
+    assert build_math(cfg, tokenizer, 128).stats["cache"] == "miss"
     Path(gsm8k_files[0]).write_text(json.dumps(GSM8K_ROWS[0]) + "\n")
-    assert len(math_recipe.build(cfg, tokenizer, 256).train) == 1
+    assert len(build_math(cfg, tokenizer, 256).train) == 1
 
 
 # ---------------------------------------------------------------------------------- instruction

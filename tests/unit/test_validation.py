@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_train.config.validation import validate
+from mora_train.pipeline.validate import validate
 from mora_train.core.errors import ConfigError
 from tests.conftest import compose_config
 

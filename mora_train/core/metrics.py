@@ -1,0 +1,103 @@
+"""The declared schema of metrics.json, read and written only through this module.
+
+A run's record has three parts:
+
+* identity: `mode` (eval runs only), `task`, `adapter`, `rank` (null for methods without one),
+  `adapter_config` (the method's own description), `primary_metric` and `greater_is_better` — the
+  metric the task declares (mora_train.tasks) and its direction, so that every reader (summary line,
+  sweep report, sweep optimisers) ranks runs the same way without knowing the task;
+* results: the task's own metrics (`metrics_of`) and the training results in TRAINING_KEYS;
+* `run`: bookkeeping of how the job ran (engine, world size, resume step, skipped steps, memory,
+  wall time), never taken for a metric.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+METRICS_JSON = "metrics.json"
+
+IDENTITY_KEYS = (
+    "mode", "task", "adapter", "rank", "adapter_config", "checkpoint", "evaluated", "primary_metric", "greater_is_better",
+)
+# Comparable across runs of any task; shown by the report beside the task's metrics.
+TRAINING_KEYS = (
+    "train_loss", "final_logged_loss", "train_steps", "trainable_params", "total_params", "train_runtime_s",
+    "tokens_per_s", "merge_max_abs_diff",
+)
+RUN_SECTION = "run"
+
+
+def make_record(
+    identity: dict[str, Any],
+    primary_metric: str,
+    greater_is_better: bool,
+    task_metrics: dict[str, Any],
+    training: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A metrics.json record from its parts; refuses task metrics whose names the schema reserves."""
+    reserved = set(IDENTITY_KEYS) | set(TRAINING_KEYS) | {RUN_SECTION}
+    clash = sorted(reserved & set(task_metrics))
+    if clash:
+        raise ValueError(f"task metrics {clash} use names metrics.json reserves for run identity or bookkeeping")
+    unknown = sorted(set(training or {}) - set(TRAINING_KEYS))
+    if unknown:
+        raise ValueError(f"{unknown} are not training results of the metrics.json schema (TRAINING_KEYS)")
+    return {
+        **identity,
+        "primary_metric": primary_metric,
+        "greater_is_better": bool(greater_is_better),
+        **task_metrics,
+        **(training or {}),
+        RUN_SECTION: dict(run or {}),
+    }
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def primary_value(record: dict[str, Any]) -> float | None:
+    """The value of the record's declared primary metric (None when absent or not a number)."""
+    name = record.get("primary_metric")
+    return _number(record.get(name)) if name else None
+
+
+def greater_is_better(record: dict[str, Any]) -> bool:
+    """The declared direction of the record's primary metric (records from before the schema: higher)."""
+    return bool(record.get("greater_is_better", True))
+
+
+def score(record: dict[str, Any]) -> float:
+    """The primary metric signed so that higher is always better (a loss is negated); NaN when missing.
+
+    What `mora-train` returns to Hydra sweepers, so an optimiser that maximises is right for every task.
+    """
+    value = primary_value(record)
+    if value is None:
+        return math.nan
+    return value if greater_is_better(record) else -value
+
+
+def metrics_of(record: dict[str, Any]) -> dict[str, float]:
+    """The task's own numeric metrics: everything that is neither identity, training results nor bookkeeping."""
+    skip = set(IDENTITY_KEYS) | set(TRAINING_KEYS) | {RUN_SECTION}
+    return {k: float(v) for k, v in record.items() if k not in skip and _number(v) is not None}
+
+
+def run_info(record: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A bookkeeping value (`run.KEY`)."""
+    return (record.get(RUN_SECTION) or {}).get(key, default)
+
+
+def best(records: list[Any], value: Any, greater: bool) -> Any:
+    """The item of `records` whose value(item) is best in the given direction (None values skipped)."""
+    scored = [(value(r), r) for r in records if value(r) is not None and not math.isnan(value(r))]
+    if not scored:
+        return None
+    pick = max if greater else min
+    return pick(scored, key=lambda pair: pair[0])[1]

@@ -1,0 +1,31 @@
+"""One check of the whole composed config, before any model is loaded: every problem in one ConfigError.
+
+Each layer owns the checks of its own section (config: trainer/model/seed/mode; adapters: adapter.* and
+rank; training: restarts and the distributed engine; tasks: task.*); this collects them in one place.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from mora_train.adapters import adapter_config_problems
+from mora_train.config.validation import config_problems
+from mora_train.core.errors import ConfigError
+from mora_train.tasks import TASKS
+from mora_train.training.distributed import config_problems as engine_problems
+from mora_train.training.restarts import restart_problems
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the composed config; raise ConfigError listing every problem found."""
+    problems = config_problems(cfg)
+    problems += adapter_config_problems(cfg.get("adapter"), cfg.get("rank"))
+    problems += restart_problems(cfg.get("adapter"))
+    task_name = cfg.task.get("name") if isinstance(cfg.get("task"), DictConfig) else None
+    if task_name not in TASKS:
+        problems.append(f"`task.name={task_name}` is unknown; use one of: {', '.join(sorted(TASKS))}")
+    else:
+        problems.extend(TASKS[task_name].config_problems(cfg.task))
+    problems += engine_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
