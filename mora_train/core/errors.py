@@ -1,13 +1,43 @@
-"""User-facing errors: the CLI prints their message as one paragraph and exits non-zero, no traceback."""
+"""User-facing errors: the CLI prints their message as one paragraph and exits non-zero, no traceback.
+
+Exit codes (README "When things go wrong" has the same table):
+
+| code | meaning |
+|---|---|
+| 0 | success |
+| 1 | an unexpected error (a bug): one line on stderr, the traceback in a file whose path it names |
+| 2 | a problem the user can fix: bad config, data, model, checkpoint or output location (MoraTrainError, ConfigError) |
+| 3 | training stopped at a non-finite loss or gradient (RunStopped) |
+| 4 | the disk filled up (RunStopped) |
+| 5 | the merged checkpoint failed the merge check (adapter kept, metrics written) |
+| 130 / 143 | stopped by SIGINT / SIGTERM after saving a checkpoint (RunStopped) |
+"""
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+EXIT_UNEXPECTED = 1
+EXIT_USER = 2
+EXIT_NONFINITE = 3
+EXIT_DISK_FULL = 4
+EXIT_MERGE_CHECK = 5
 
 
 class MoraTrainError(Exception):
     """A problem the user can fix (bad config, missing file, unsupported device...).
 
-    The message must name the bad value and say how to fix it.
+    The message must name the bad value and say how to fix it. `exit_code` is what the CLI exits with.
     """
+
+    exit_code = EXIT_USER
+
+    def __init__(self, message: str = "", exit_code: int | None = None) -> None:
+        if exit_code is not None:
+            self.exit_code = exit_code
+        super().__init__(message)
 
 
 class ConfigError(MoraTrainError):
@@ -28,5 +58,47 @@ class RunStopped(MoraTrainError):
     """
 
     def __init__(self, message: str, exit_code: int) -> None:
-        self.exit_code = exit_code
-        super().__init__(message)
+        super().__init__(message, exit_code)
+
+
+def package_hint(name: str, package: str, folder: object) -> str:
+    """model.name_or_path not found inside model.package (which the model config may have set, not the user)."""
+    return (
+        f"`model.name_or_path={name}` is not a file of package {package} ({folder}): `model.package={package}` "
+        "(set by the model config) makes name_or_path a path inside that package. For a hub id, a folder or a "
+        "GGUF file of your own, add model.package=null (or pick a model config without a package, e.g. model=qwen2.5-0.5b)"
+    )
+
+
+TRACEBACK_FILE = "traceback.txt"
+
+
+def report_unexpected(program: str, err: BaseException, run_dir: Path | None) -> Path | None:
+    """An unexpected error (a bug): one line on stderr naming the error and the file holding its traceback.
+
+    The traceback goes to RUN_DIR/traceback.txt when the run dir exists, else to a temporary file."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    path: Path | None = None
+    try:
+        if run_dir is not None and Path(run_dir).is_dir() and os.access(run_dir, os.W_OK):
+            path = Path(run_dir) / TRACEBACK_FILE
+            path.write_text(text)
+        else:
+            fd, name = tempfile.mkstemp(prefix=f"{program}-traceback-", suffix=".txt")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            path = Path(name)
+    except OSError:
+        path = None
+    first = str(err).splitlines()[0] if str(err) else "no message"
+    where = f"the full traceback is in {path}" if path else "the traceback could not be written to a file"
+    print(
+        f"\n{program}: unexpected error ({type(err).__name__}: {first}); {where}. This is a bug or an unhandled "
+        "case: please report it with that file",
+        file=sys.stderr,
+        flush=True,
+    )
+    return path

@@ -4,6 +4,9 @@ Every helper writes into a temporary sibling named `.NAME.tmp-PID` (a folder for
 write_dir_atomically) and renames it over the target last; on an error the temporary is
 removed, so a full disk leaves no debris. A killed process leaves only a `.tmp-PID` sibling,
 which training/checkpoints.py's cleanup recognises.
+
+Outputs get the permissions of a plain `open()` under the process umask (0644 / 0755 with the usual 022),
+whatever the writer used: safetensors files written by transformers' save_pretrained come out 0600 otherwise.
 """
 
 from __future__ import annotations
@@ -21,12 +24,31 @@ def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_permissions(path: Path) -> None:
+    """Files 0666 & ~umask, folders 0777 & ~umask (recursively): what a plain open()/mkdir() gives."""
+    mask = current_umask()
+    path = Path(path)
+    targets = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for target in targets:
+        if target.is_symlink():
+            continue
+        os.chmod(target, (0o777 if target.is_dir() else 0o666) & ~mask)
+
+
 def write_file_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """Call write(tmp_path) to write the whole file, then rename it to path."""
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
         write(tmp)
+        normalize_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -54,6 +76,7 @@ def write_dir_atomically(target: Path, write: Callable[[Path], Any], keep_existi
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        normalize_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back, leave no debris
         raise

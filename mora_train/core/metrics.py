@@ -24,7 +24,7 @@ IDENTITY_KEYS = (
 # Comparable across runs of any task; shown by the report beside the task's metrics.
 TRAINING_KEYS = (
     "train_loss", "final_logged_loss", "train_steps", "trainable_params", "total_params", "train_runtime_s",
-    "tokens_per_s", "merge_max_abs_diff",
+    "tokens_per_s", "merge_max_abs_diff", "merge_tolerance",
 )
 RUN_SECTION = "run"
 

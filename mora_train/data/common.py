@@ -17,6 +17,32 @@ IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
 TOO_LONG_POLICIES = ("truncate", "drop")
 
 
+# A pathological record (one 50 MB line) must cost about what reading it costs, not what tokenizing all of
+# it costs (~3 µs per character with a byte-level BPE: 150 s for 50 MB), when at most max_seq_len tokens of
+# it can be used: tokenize_capped tokenizes a prefix, growing it until it yields more tokens than needed.
+CAP_CHARS_PER_TOKEN = 16
+CAP_MARGIN_TOKENS = 16  # tokens near the cut may differ from the whole text's: never among those kept
+
+
+def tokenize_capped(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, add_special_tokens: bool = False
+) -> list[int]:
+    """The token ids of `text`, exact up to the first `max_tokens` (more may follow; the caller cuts).
+
+    Texts short enough are tokenized whole. Longer ones: a prefix of CAP_CHARS_PER_TOKEN characters per
+    needed token, grown 4x until it gives max_tokens + CAP_MARGIN_TOKENS tokens (tokenization is local, so
+    the tokens well before the cut are those of the whole text); the cost follows max_tokens, not len(text).
+    """
+    need = max_tokens + CAP_MARGIN_TOKENS
+    limit = need * CAP_CHARS_PER_TOKEN
+    while len(text) > limit:
+        ids = tokenizer(text[:limit], add_special_tokens=add_special_tokens)["input_ids"]
+        if len(ids) >= need:
+            return ids[:need]
+        limit *= 4
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
 def encode_prompt_completion(
     tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_seq_len: int
 ) -> dict[str, list[int]]:
@@ -25,8 +51,8 @@ def encode_prompt_completion(
     Prompt and completion are tokenised separately, exactly as generation will see the prompt.
     Sequences over max_seq_len are cut from the end.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = tokenize_capped(tokenizer, prompt, max_seq_len, add_special_tokens=True)
+    completion_ids = tokenize_capped(tokenizer, completion, max_seq_len) + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + completion_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_seq_len]
     return {"input_ids": input_ids, "labels": labels}

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from mora_train.data.cache import cached, tokenizer_fingerprint
-from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
+from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples, tokenize_capped
 from mora_train.data.recipe import check_eval_settings, check_template, common_problems
 from mora_train.data.sources import Record, as_plain, as_text, fingerprint_sources, load_records, map_fields, render
 from mora_train.core.errors import MoraTrainError
@@ -63,8 +63,17 @@ def _fields(task_cfg: DictConfig) -> dict[str, str]:
     return as_plain(task_cfg.data.fields)
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """ids of prompt + completion + EOS, labels only on completion + EOS (the EOS teaches the model to stop)."""
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
+    """ids of prompt + completion + EOS, labels only on completion + EOS (the EOS teaches the model to stop).
+
+    With max_tokens, each part is tokenized only as far as those tokens (common.tokenize_capped): a huge
+    record costs what its first max_tokens tokens cost; fit_to_length then truncates or drops it as usual."""
+    if max_tokens is not None:
+        prompt_ids = tokenize_capped(tokenizer, prompt, max_tokens, add_special_tokens=True)
+        completion_ids = tokenize_capped(tokenizer, completion, max_tokens) + [tokenizer.eos_token_id]
+        return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
@@ -94,7 +103,7 @@ def tokenize_train(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max
         for record in load_records(task_cfg.data.train, "task.data.train"):
             values = map_fields(record, fields, "task.data.fields", ("question", "answer"))
             prompt, completion = format_pair(task_cfg, as_text(values["question"]), as_text(values["answer"]))
-            example = fit_to_length(*encode_pair(tokenizer, prompt, completion), max_seq_len, task_cfg.too_long, report)
+            example = fit_to_length(*encode_pair(tokenizer, prompt, completion, max_seq_len), max_seq_len, task_cfg.too_long, report)
             if example is not None:
                 examples.append(example)
         return examples, report.as_dict()

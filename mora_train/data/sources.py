@@ -401,14 +401,29 @@ def template_fields(template: str) -> list[str]:
 def render(template: str, record: Record, key: str) -> str:
     """Fill `{field}` / `{a.b.0}` placeholders from the record (lists joined by newlines); `{{`/`}}` are literal braces."""
     parts = []
-    for literal, name, spec, _ in string.Formatter().parse(template):
+    for literal, name, spec, _ in _parse_template(template, key):
         parts.append(literal)
         if name is not None:
             if name == "":
                 raise MoraTrainError(f"`{key}={template!r}` has an empty {{}} placeholder; name a field inside the braces")
             value = as_text(lookup(record, name, key))
-            parts.append(format(value, spec) if spec else value)
+            try:
+                parts.append(format(value, spec) if spec else value)
+            except (ValueError, TypeError) as err:
+                raise MoraTrainError(f"`{key}={template!r}`: format spec {spec!r} does not apply to {record.where}'s "
+                                     f"{name} ({err}); drop the `:{spec}`") from None
     return "".join(parts)
+
+
+def _parse_template(template: str, key: str) -> list[tuple[str, str | None, str | None, str | None]]:
+    """string.Formatter's parse, with a malformed template ("{", "}", "{a") as the project's error."""
+    try:
+        return list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise MoraTrainError(
+            f"`{key}={template!r}` is not a valid template ({err}); write fields as {{name}} and literal braces "
+            "as {{ and }}"
+        ) from None
 
 
 def is_template(spec: str) -> bool:
@@ -446,7 +461,8 @@ def has_field(record: Record, fields: dict[str, str | None], name: str) -> bool:
     if spec is None:
         return False
     if is_template(spec):
-        return all(_get(record.values, f) not in (_MISSING, None) for f in template_fields(spec))
+        names = [name for _, name, _, _ in _parse_template(spec, f"task.data.fields.{name}") if name is not None]
+        return all(_get(record.values, f) not in (_MISSING, None) for f in names)
     return _get(record.values, spec) not in (_MISSING, None)
 
 

@@ -10,6 +10,7 @@ Writes resolved_config.yaml, metrics.json and the task's prediction files into o
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,21 +27,71 @@ from mora_train.tasks import TASKS
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.io import write_json_atomically
-from mora_train.models import DTYPES, load_model_and_tokenizer
+from mora_train.models import DTYPES, load_error, load_model_and_tokenizer
+from mora_train.pipeline.train import CHECKSUMS_JSON, check_run_dir, prepare_run_dir
+from mora_train.training.checkpoints import file_sha256
 
 log = logging.getLogger(__name__)
 
 
 def _plain_model(path: Path, model_cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     dtype = DTYPES[model_cfg.get("dtype") or "float32"]
+    trust = bool(model_cfg.trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=bool(model_cfg.trust_remote_code))
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(model_cfg.trust_remote_code))
-    except (OSError, ValueError) as err:
-        raise MoraTrainError(f"could not load a model and tokenizer from {path}: {err}") from None
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust)
+    except Exception as err:  # noqa: BLE001 - the loading boundary (models.load_error says what and how to fix)
+        raise load_error("model", str(path), err, "checkpoint") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+    except Exception as err:  # noqa: BLE001
+        raise load_error("tokenizer", str(path), err, "checkpoint") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def verify_outputs(run_dir: Path, name: str) -> str | None:
+    """None when RUN_DIR/NAME (merged or adapter) matches RUN_DIR/checksums.json, else what is wrong.
+
+    Run dirs written before checksums.json existed are not checked (None)."""
+    try:
+        entries = json.loads((run_dir / CHECKSUMS_JSON).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f"its {CHECKSUMS_JSON} is unreadable ({type(err).__name__})"
+    for relative, entry in entries.items():
+        if not relative.startswith(f"{name}/"):
+            continue
+        path = run_dir / relative
+        try:
+            if path.stat().st_size != entry["size"]:
+                return f"{relative} is {path.stat().st_size} bytes, {CHECKSUMS_JSON} says {entry['size']}"
+            if file_sha256(path) != entry["sha256"]:
+                return f"{relative} does not match its sha256 in {CHECKSUMS_JSON} (corrupted)"
+        except FileNotFoundError:
+            return f"{relative} is missing"
+        except (OSError, KeyError, TypeError) as err:
+            return f"{relative} cannot be checked ({type(err).__name__}: {err})"
+    return None
+
+
+def run_dir_output(run_dir: Path) -> Path:
+    """The verified output of a run dir to evaluate: merged/, else (missing or corrupt) adapter/."""
+    problems = []
+    for name, marker in (("merged", "config.json"), ("adapter", ADAPTER_CONFIG_NAME)):
+        if not (run_dir / name / marker).is_file():
+            continue
+        problem = verify_outputs(run_dir, name)
+        if problem is None:
+            if problems:
+                log.warning("%s; evaluating %s instead", problems[-1], run_dir / name)
+            return run_dir / name
+        problems.append(f"{run_dir / name} is corrupt: {problem}")
+    raise MoraTrainError(
+        f"checkpoint={run_dir}: {'; '.join(problems)}. Nothing usable to evaluate; rerun the training, or evaluate "
+        "one of its checkpoints (checkpoint=RUN_DIR/checkpoints/checkpoint-N with model=...)"
+    )
 
 
 def load_checkpoint(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
@@ -49,16 +100,23 @@ def load_checkpoint(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         return model, tokenizer, "base model"
     path = Path(cfg.checkpoint).expanduser()
-    if (path / "merged" / "config.json").is_file():
-        path = path / "merged"
-    elif (path / "adapter" / ADAPTER_CONFIG_NAME).is_file():
-        path = path / "adapter"
+    if (path / "merged" / "config.json").is_file() or (path / "adapter" / ADAPTER_CONFIG_NAME).is_file():
+        path = run_dir_output(path)
     if (path / "config.json").is_file():
         model, tokenizer = _plain_model(path, cfg.model)
         return model, tokenizer, f"model folder {path}"
     if (path / ADAPTER_CONFIG_NAME).is_file():
         base, tokenizer = load_model_and_tokenizer(cfg.model)
-        model = load_adapter(base, path).merge_and_unload()
+        try:
+            model = load_adapter(base, path).merge_and_unload()
+        except MoraTrainError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a corrupt adapter file, or one of another base model
+            raise MoraTrainError(
+                f"could not attach the adapter in {path} to model={cfg.model.name_or_path or 'random init'} "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}); its files are "
+                "corrupt or it was trained on another base model (set model=... to that one)"
+            ) from None
         return model, tokenizer, f"adapter {path} merged into model={cfg.model.name_or_path or 'random init'}"
     raise MoraTrainError(
         f"`checkpoint={cfg.checkpoint}` is neither a run dir (with merged/ or adapter/), a model folder "
@@ -68,18 +126,18 @@ def load_checkpoint(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate cfg.checkpoint on cfg.task; return the metrics written to metrics.json."""
-    from mora_train.pipeline.train import prepare_run_dir
 
     started = time.time()
     validate(cfg)
-    run_dir = prepare_run_dir(cfg)
+    check_run_dir(cfg)  # refusals first; the run dir is written only once the model and data are loaded
     task = TASKS[cfg.task.name]
     model, tokenizer, loaded = load_checkpoint(cfg)
     if torch.cuda.is_available():
         model.to("cuda")
-    log.info("evaluating %s on task %s", loaded, task.name)
     build = task.build_eval or task.build
     data = build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
+    run_dir = prepare_run_dir(cfg)
+    log.info("evaluating %s on task %s", loaded, task.name)
     eval_metrics = task.evaluate(cfg.task, model, tokenizer, data, run_dir)
     identity = {
         "mode": "eval",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,10 +18,10 @@ from mora_train.training import distributed
 from mora_train.adapters import Adapter, adapter_identity, build_adapter
 from mora_train.training.restarts import setup_training_extras
 from mora_train.adapters.base import count_parameters
-from mora_train.training.checkpoints import checkpoint_step, plan_resume, resume_command
+from mora_train.training.checkpoints import apply_resume_plan, checkpoint_step, decide_resume, file_sha256, resume_command
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
-from mora_train.core.errors import MoraTrainError, RunStopped
+from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
 from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.io import write_dir_atomically, write_json_atomically, write_text_atomically
 from mora_train.export import export_merged, probe_batch
@@ -51,18 +54,163 @@ def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
     return "\n".join(lines)
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def output_dir_problem(output_dir: str | Path) -> str | None:
+    """Why nothing can be written at output_dir (a regular file, a read-only or foreign location), or None.
+
+    Checked before anything is written (also by the CLI before Hydra creates the folder)."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        return (f"output_dir={output_dir} is an existing file, not a folder; choose a folder path "
+                "(a new one is created) with output_dir=...")
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        return f"output_dir={output_dir}: {existing} is a file, so no folder can be created under it; choose another output_dir=..."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "a read-only filesystem" if _read_only(existing) else "a folder you cannot write to"
+        return (f"output_dir={output_dir}: {existing} is on {what}, so the run cannot write its outputs there; "
+                "choose a writable location with output_dir=...")
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_run_dir(cfg: DictConfig) -> Path:
+    """Every refusal about the run dir itself, before anything is written (prepare_run_dir writes)."""
     run_dir = Path(cfg.output_dir)
+    problem = output_dir_problem(run_dir)
+    if problem:
+        raise MoraTrainError(problem)
     if (run_dir / METRICS_JSON).exists() and not cfg.get("overwrite", False):
         raise MoraTrainError(
             f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
             "or pass overwrite=true to replace it"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "resolved_config.yaml"
-    _warn_config_changes(config_path, cfg)
-    write_text_atomically(config_path, OmegaConf.to_yaml(cfg, resolve=True))
     return run_dir
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    """Create the run dir and write its config records; called only once every refusal has passed.
+
+    Writes resolved_config.yaml, Hydra's .hydra/ records (Hydra itself is told not to write them at startup:
+    configs/config.yaml sets hydra.output_subdir=null) and starts train.log with what was logged so far."""
+    run_dir = check_run_dir(cfg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "resolved_config.yaml"
+        _warn_config_changes(config_path, cfg)
+        write_hydra_records(run_dir, cfg)
+        write_text_atomically(config_path, OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as err:
+        raise output_error(run_dir, err) from None
+    attach_run_log(run_dir)
+    return run_dir
+
+
+def output_error(run_dir: Path, err: OSError) -> MoraTrainError:
+    """A failed write into the run dir as the project's error: what, where, and the fix."""
+    if is_disk_full(err, run_dir):
+        return RunStopped(
+            f"no space left on the disk holding {run_dir} ({format_bytes(free_bytes(run_dir))} free) while writing "
+            f"{err.filename or run_dir}; free some space or choose another output_dir=...",
+            exit_code=4,
+        )
+    return MoraTrainError(
+        f"cannot write the run's outputs in {run_dir}: {err.strerror or err} ({err.filename or run_dir}); "
+        "choose a writable location with output_dir=..."
+    )
+
+
+HYDRA_SUBDIR = ".hydra"
+UNVERIFIED_MERGED = "merged-unverified"  # a merged/ that failed the merge check, kept for inspection
+CHECKSUMS_JSON = "checksums.json"  # sha256 of every file of adapter/ and merged/, checked by mode=eval
+
+
+def write_output_checksums(run_dir: Path) -> None:
+    """RUN_DIR/checksums.json: size and sha256 of every file under adapter/ and merged/ (verify_outputs)."""
+    entries = {}
+    for name in ("adapter", "merged"):
+        folder = Path(run_dir) / name
+        if folder.is_dir():
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    entries[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    write_json_atomically(Path(run_dir) / CHECKSUMS_JSON, entries)
+
+
+def write_hydra_records(run_dir: Path, cfg: DictConfig) -> None:
+    """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them (when running under Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # not under Hydra (pipeline.run called from Python)
+        return
+    folder = Path(run_dir) / HYDRA_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomically(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    write_text_atomically(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+
+
+class EarlyLog(logging.handlers.MemoryHandler):
+    """Holds what is logged before the run dir may be written; attach_run_log replays it into train.log."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=1 << 30, flushLevel=logging.CRITICAL + 1, target=None)
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
+        return False
+
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
+
+
+def attach_run_log(run_dir: Path) -> None:
+    """Start RUN_DIR/train.log (appended to, like Hydra's job log) with the records held so far."""
+    root = logging.getLogger()
+    early = [h for h in root.handlers if isinstance(h, EarlyLog)]
+    if not early and not any(isinstance(h, RunLogHandler) for h in root.handlers):
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return  # called from Python without the CLI: no run log
+    handler = RunLogHandler(Path(run_dir) / "train.log")
+    for buffer in early:
+        for record in buffer.buffer:
+            if record.levelno >= root.getEffectiveLevel():
+                handler.handle(record)
+        buffer.buffer.clear()
+        root.removeHandler(buffer)
+    for old in [h for h in root.handlers if isinstance(h, RunLogHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+
+
+class RunLogHandler(logging.FileHandler):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8")
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+
+def detach_run_log() -> None:
+    """End of a job: close train.log and drop anything still held (a refused run writes no log)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, (EarlyLog, RunLogHandler))]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _warn_config_changes(previous_path: Path, cfg: DictConfig) -> None:
@@ -120,16 +268,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     # Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank),
-    # touches the run dir and picks the checkpoint to resume from; the others share its outcome.
+    # checks the run dir and decides which checkpoint to resume from; the others share its outcome.
+    # Nothing is written into the run dir until every refusal has passed (README: "When things go wrong").
     distributed.run_on_main_process(lambda: validate(cfg))
-    run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
+    run_dir = distributed.run_on_main_process(lambda: check_run_dir(cfg))
     identity = adapter_identity(cfg.adapter, cfg.rank)
-    resume_from = distributed.run_on_main_process(
-        lambda: plan_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), identity)
+    plan = distributed.run_on_main_process(
+        lambda: decide_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), identity)
     )
-    if resume_from is not None and distributed.is_main_process():
-        print(f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
-              "trainer.resume=false overwrite=true starts over instead", flush=True)
     set_seed(cfg.seed)
     task = TASKS[cfg.task.name]
 
@@ -140,6 +286,12 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
     adapter = build_adapter(model, cfg.adapter, cfg.rank, load_base=lambda: load_model_and_tokenizer(cfg.model)[0])
     extras = setup_training_extras(adapter, cfg.adapter, cfg.seed)  # restarts, trained embeddings
+    # Every refusal has passed: from here on the run dir is written.
+    run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
+    resume_from = distributed.run_on_main_process(lambda: apply_resume_plan(plan))
+    if resume_from is not None and distributed.is_main_process():
+        print(f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
+              "trainer.resume=false overwrite=true starts over instead", flush=True)
     trainable, total = count_parameters(adapter.model)
     if distributed.is_main_process():
         print(format_summary(cfg, adapter), flush=True)
@@ -174,10 +326,22 @@ def finish_run(
 
     # After ZeRO / FSDP training the live weights are shards: export a rebuilt copy holding the gathered ones.
     adapter = unsharded_adapter(adapter, result.final_weights, rebuild)
+    adapter_dir = None
     if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
-        write_dir_atomically(run_dir / "adapter", adapter.save)
+        adapter_dir = run_dir / "adapter"
+        write_dir_atomically(adapter_dir, adapter.save)
     export = export_merged(adapter, tokenizer, probe_batch(data.train, tokenizer.pad_token_id), run_dir / "merged")
-    eval_metrics = task.evaluate(cfg.task, export.model, tokenizer, data, run_dir)
+    if export.passed:
+        eval_metrics = task.evaluate(cfg.task, export.model, tokenizer, data, run_dir)
+        write_output_checksums(run_dir)
+    else:
+        # A merge that does not reproduce the trained model is never evaluated nor left where a finished
+        # run's merged/ is expected; the record below says so, and the adapter stays usable.
+        unverified = run_dir / UNVERIFIED_MERGED
+        shutil.rmtree(unverified, ignore_errors=True)
+        os.replace(export.merged_dir, unverified)
+        export.merged_dir = unverified
+        eval_metrics = {}
 
     identity = {"task": task.name, **adapter.identity_now(), "adapter_config": adapter.describe()}
     identity.setdefault("rank", None)
@@ -190,14 +354,18 @@ def finish_run(
         "train_runtime_s": result.runtime_s,
         "tokens_per_s": result.tokens_per_s,
         "merge_max_abs_diff": export.max_abs_diff,
+        "merge_tolerance": export.tolerance,
     }
     run_info = {
         "wall_time_s": time.time() - started,
         "resumed_from_step": result.resumed_from_step,
         "nonfinite_skipped_steps": result.skipped_steps,
+        "merge_check": "passed" if export.passed else "failed",
         **(result.final_weights.to_json() if result.final_weights else {}),
     }
     metrics = make_record(identity, task.primary_metric, task.greater_is_better, eval_metrics, training, run_info)
     plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
     write_json_atomically(run_dir / METRICS_JSON, metrics)
+    if not export.passed:
+        raise MoraTrainError(export.failure_message(adapter_dir), exit_code=EXIT_MERGE_CHECK)
     return metrics

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mora_train.core.errors import MoraTrainError
-from mora_train.core.io import write_json_atomically
+from mora_train.core.io import normalize_permissions, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def _remove_via_trash(path: Path) -> None:
 def publish(staged: Path, final: Path, info: dict[str, Any]) -> None:
     """Mark the staged checkpoint complete (file list + sizes), fsync it, and rename it to `final`."""
     staged, final = Path(staged), Path(final)
+    normalize_permissions(staged)  # 0644/0755 under the usual umask, like every other output
     files, sums = {}, {}
     for path in sorted(staged.rglob("*")):
         if path.is_file():

@@ -93,18 +93,6 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
-class FaultInjection(TrainerCallback):
-    """Fires MORA_TRAIN_FAULT step faults (tests only; see mora_train.training.faults)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from mora_train.training import faults
-
-        faults.at_step_begin(state.global_step + 1, self.run_dir)
-
-
 def _existing_parent(path: Path) -> Path:
     path = Path(path).resolve()
     while not path.exists() and path != path.parent:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from mora_train.training import distributed, faults
+from mora_train.training import distributed
 from mora_train.adapters.base import Adapter
 from mora_train.training.checkpoints import STAGING_DIR, checkpoint_step, is_complete, newest_complete_checkpoint, publish, rotate
 from mora_train.data.common import PadCollator, count_tokens
@@ -25,7 +25,6 @@ from mora_train.core.errors import MoraTrainError, RunStopped
 from mora_train.core.io import save_figure_atomically, write_json_atomically
 from mora_train.training.gather import FinalWeights, collect_final_weights, gather_trainable_state
 from mora_train.training.resilience import (
-    FaultInjection,
     NonFiniteLoss,
     StopOnSignal,
     StopSignals,
@@ -173,8 +172,6 @@ class AdapterTrainer(Trainer):
         self._staging_root = staged.parent
         try:
             super()._save_checkpoint(model, trial)
-            if self.args.should_save:
-                faults.during_save(step, staged)
         except Exception as err:
             disk_full, free = is_disk_full(err, staged), free_bytes(checkpoints_dir)
             if self.args.should_save:
@@ -211,15 +208,6 @@ class AdapterTrainer(Trainer):
             return newest_complete_checkpoint(checkpoints_dir)
         self._save_checkpoint(self.model_wrapped, trial=None)
         return existing
-
-    def compute_loss(
-        self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Any:
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if faults.poison_loss(self.state.global_step + 1):
-            nan = float("nan")
-            result = (result[0] * nan, *result[1:]) if isinstance(result, tuple) else result * nan
-        return result
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -281,8 +269,6 @@ def train(
     signals = StopSignals()
     stop_on_signal = StopOnSignal(signals)
     callbacks = [tensorboard, stop_on_signal]
-    if os.environ.get(faults.ENV_VAR):
-        callbacks.append(FaultInjection(run_dir))
     if extras is not None:  # adapter options such as restarts (mora_train.training.restarts.TrainingExtras)
         callbacks += extras.callbacks
     trainer = AdapterTrainer(
@@ -348,16 +334,37 @@ def train(
 
 
 def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: int | None) -> TrainResult:
-    """TrainResult of a run whose training had already ended, read from its last checkpoint's state."""
+    """TrainResult of a run whose training had already ended (killed during export), as it was first reported.
+
+    The finished training wrote log_history.json, closing entry (train_loss, train_runtime, ...) included,
+    before it exported: that is reused. If it was killed before writing it, the closing entry is rebuilt
+    from the last checkpoint's history (train_loss: the mean of the logged losses)."""
+    steps = int(saved_state["global_step"])
     history = list(saved_state.get("log_history", []))
-    if distributed.is_main_process():
-        write_json_atomically(run_dir / "log_history.json", history)
-    losses = [h["loss"] for h in history if "loss" in h]
+    try:
+        written = json.loads((run_dir / "log_history.json").read_text())
+    except (OSError, ValueError):
+        written = None
+    closing = written[-1] if isinstance(written, list) and written and isinstance(written[-1], dict) else {}
+    if "train_loss" in closing and closing.get("step") == steps:
+        history = written
+    else:
+        losses = [h["loss"] for h in history if "loss" in h]
+        closing = {
+            "train_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
+            "train_runtime": 0.0,
+            "epoch": history[-1].get("epoch") if history else None,
+            "step": steps,
+        }
+        history = [*history, closing]
+        if distributed.is_main_process():
+            write_json_atomically(run_dir / "log_history.json", history)
+    runtime = float(closing.get("train_runtime") or 0.0)
     return TrainResult(
-        train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),  # mean of the logged losses
-        runtime_s=0.0,
-        tokens_per_s=0.0,
-        steps=int(saved_state["global_step"]),
+        train_loss=float(closing["train_loss"]),
+        runtime_s=runtime,
+        tokens_per_s=float(closing.get("train_tokens_per_second") or 0.0),
+        steps=steps,
         log_history=history,
         resumed_from_step=resumed_from,
     )

@@ -1,8 +1,10 @@
 """Fault injection on the tiny model: kills, interrupts, NaN, full disk. Each test checks the exit code,
 the message, and that nothing complete was lost (README: "When things go wrong").
 
-Faults are injected with MORA_TRAIN_FAULT (mora_train/training/faults.py). Runs that must die by a signal run in
-a subprocess; the rest call the CLI's entry function in-process (no interpreter start: ~3x faster).
+Faults are injected by the tests' own hooks (tests/support/faults.py): in-process by monkeypatching the trainer,
+in subprocesses through a test-only sitecustomize plugin; nothing in mora_train reads an environment variable to
+change training. Runs that must die by a signal run in a subprocess; the rest call the CLI's entry function
+in-process (no interpreter start: ~3x faster).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mora_train.training import faults
 from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
 from mora_train.cli.train import _run
 from tests.conftest import compose_config, run_cli
+from tests.support import faults
+from tests.support.faults import fault_env, inject
 
 MAX_STEPS = 7
 SAVE_STEPS = 2
@@ -51,11 +54,6 @@ RUN = [
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_faults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(faults, "_fired", set())  # each in-process run may fire its fault again
-
-
 def with_run(overrides: tuple[str, ...]) -> list[str]:
     """RUN plus overrides; full fine-tuning has no adapter input to drop out, so it gets no adapter.dropout."""
     base = [o for o in RUN if not o.startswith("adapter.dropout")] if "adapter=full" in overrides else RUN
@@ -72,7 +70,7 @@ def run_in_process(run_dir: Path, *overrides: str) -> int:
 
 
 def run_subprocess(run_dir: Path, fault: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {faults.ENV_VAR: fault, **ONE_THREAD}
+    env = {**fault_env(fault), **ONE_THREAD}
     return run_cli([*with_run(overrides), f"output_dir={run_dir}"], cwd=run_dir.parent, env=env)
 
 
@@ -195,7 +193,7 @@ def test_sigint_finishes_the_step_saves_a_checkpoint_says_how_to_resume(tmp_path
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setenv(faults.ENV_VAR, "nan@step=4")
+    inject(monkeypatch, "nan@step=4")
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir) == 3
     err = capsys.readouterr().err
@@ -213,7 +211,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_nonfinite_loss_skip_mode_drops_the_step_and_finishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(faults.ENV_VAR, "nan@step=3")
+    inject(monkeypatch, "nan@step=3")
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir, "trainer.nonfinite_loss=skip") == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -228,7 +226,7 @@ def test_nonfinite_loss_skip_mode_drops_the_step_and_finishes(
 def test_injected_disk_full_during_a_checkpoint_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setenv(faults.ENV_VAR, "enospc@save=4")
+    inject(monkeypatch, "enospc@save=4")
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir) == 4
     err = capsys.readouterr().err
@@ -268,7 +266,7 @@ def test_real_disk_full_on_a_small_tmpfs(
     small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     # The preflight check passes (48 MB is enough), then something else fills the disk during step 3.
-    monkeypatch.setenv(faults.ENV_VAR, "fill@step=3")
+    inject(monkeypatch, "fill@step=3")
     run_dir = small_tmpfs / "run"
     assert run_in_process(run_dir) == 4
     err = capsys.readouterr().err

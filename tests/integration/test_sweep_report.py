@@ -11,6 +11,7 @@ import pytest
 from mora_train.analysis.spectrum import load_spectra
 from mora_train.analysis.report import build_report
 from tests.conftest import run_cli
+from tests.support.faults import fault_env
 
 # Few steps at a high constant learning rate: enough for ΔW to grow well past the 0.1 threshold.
 SWEEP_RUN = [
@@ -100,7 +101,7 @@ def test_failing_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None
     result = run_cli(
         ["-m", "adapter=lora", "rank=0,2,4", *SWEEP_RUN, "trainer.max_steps=3", f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path,
-        env={"MORA_TRAIN_FAULT": "nan@step=2"},
+        env=fault_env("nan@step=2"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -130,7 +131,7 @@ def test_a_stop_signal_ends_the_whole_sweep(tmp_path: Path) -> None:
     result = run_cli(
         ["-m", "adapter=lora", "rank=2,4", *SWEEP_RUN, "trainer.max_steps=2", f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path,
-        env={"MORA_TRAIN_FAULT": "sigint@step=1"},
+        env=fault_env("sigint@step=1"),
     )
     assert result.returncode == 130, result.stderr[-3000:]
     job_dirs = [p for p in sweep_dir.iterdir() if p.is_dir()]
