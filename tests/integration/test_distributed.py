@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from mora_train.pipeline.train import run
 from tests.conftest import REPO, TINY_RUN, compose_config
+from tests.support.faults import fault_env
 
 # Small: 6 optimizer steps of a global batch of 8 (2 ranks x 1 micro-batch of 4, or 1 process x 2 accumulated).
 RUN = [*TINY_RUN, "trainer.max_steps=6", "trainer.logging_steps=1", "task.eval.max_samples=2"]
@@ -87,7 +88,7 @@ def test_two_process_run_matches_one_process_and_writes_once(variant: str, tmp_p
     assert len(run_dirs) == 1, f"ranks disagreed on the run dir: {run_dirs}"
     run_dir = run_dirs[0]
     expected = {".hydra", "train.log", "resolved_config.yaml", "merged", "metrics.json", "predictions.jsonl",
-                "loss.png", "log_history.json", "tensorboard"}
+                "loss.png", "log_history.json", "tensorboard", "checksums.json"}
     expected |= {"adapter"} if variant != "full" else set()
     found = {p.name for p in run_dir.iterdir()} - {"checkpoints"}  # (an empty checkpoints/ may exist)
     assert found == expected  # no half-written or per-rank leftovers
@@ -172,7 +173,8 @@ def test_two_process_run_killed_mid_training_resumes_to_the_same_weights(
 
     resumed_dir = tmp_path / "resumed"
     with monkeypatch.context() as patch:
-        patch.setenv("MORA_TRAIN_FAULT", "sigkill@step=5")  # mora_train.training.faults: each rank kills itself
+        for key, value in fault_env("sigkill@step=5").items():  # tests/support/faults.py: each rank kills itself
+            patch.setenv(key, value)
         killed = launch("accelerate", [*args, f"output_dir={resumed_dir}"], tmp_path)
     assert killed.returncode != 0 and not (resumed_dir / "metrics.json").exists()
     resumed = launch("accelerate", [*args, f"output_dir={resumed_dir}"], tmp_path)
