@@ -84,6 +84,30 @@ def svd_factors(
     return B.contiguous(), Vh[:k].float().to(delta.device).contiguous()
 
 
+def copy_saved_weights(
+    live: dict[str, nn.Parameter], state: dict[str, torch.Tensor], source: str, what: str, cause: str, unknown: str
+) -> None:
+    """Copy saved tensors into the live parameters of the same names; every mismatch (missing, extra,
+    shape) is named in one MoraTrainError and nothing is copied then. `what` names the weights, `cause`
+    the likely reason, `unknown` what a saved name the model lacks means."""
+    problems = [f"{k}: missing from {source}" for k in live if k not in state]
+    problems += [f"{k}: saved in {source} but {unknown}" for k in state if k not in live]
+    problems += [
+        f"{k}: saved shape {tuple(state[k].shape)}, this model's is {tuple(live[k].shape)}"
+        for k in live
+        if k in state and state[k].shape != live[k].shape
+    ]
+    if problems:
+        raise MoraTrainError(
+            f"{what} from {source} does not fit this model ({cause}): "
+            + "; ".join(problems[:8])
+            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        )
+    with torch.no_grad():
+        for key, param in live.items():
+            param.copy_(state[key].to(dtype=param.dtype, device=param.device))
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once."""
     seen: set[int] = set()

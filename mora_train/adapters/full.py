@@ -22,6 +22,7 @@ from mora_train.adapters.base import (
     ADAPTER_WEIGHTS_NAME,
     Adapter,
     ModuleSummary,
+    copy_saved_weights,
     find_target_linears,
 )
 from mora_train.core.errors import MoraTrainError
@@ -110,22 +111,10 @@ class FullFineTune(Adapter):
         if not files:
             raise MoraTrainError(f"{directory} holds no fully fine-tuned weights (model*.safetensors or {ADAPTER_WEIGHTS_NAME})")
         state = {k: v for f in files for k, v in load_file(str(f)).items()}
-        live = self.trainable_parameters()
-        problems = [f"{k}: missing from {directory}" for k in live if k not in state]
-        problems += [f"{k}: saved in {directory} but not trained by this model" for k in state if k not in live]
-        problems += [
-            f"{k}: saved shape {tuple(state[k].shape)}, this model's is {tuple(live[k].shape)}"
-            for k in live
-            if k in state and state[k].shape != live[k].shape
-        ]
-        if problems:
-            raise MoraTrainError(
-                f"fully fine-tuned weights in {directory} do not fit this model (wrong base model or target_modules?): "
-                + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-            )
-        with torch.no_grad():
-            for key, param in live.items():
-                param.copy_(state[key].to(dtype=param.dtype, device=param.device))
+        copy_saved_weights(
+            self.trainable_parameters(), state, str(directory),
+            "fully fine-tuned weights", "wrong base model or target_modules?", "this model does not train it",
+        )
 
     @torch.no_grad()
     def delta_weights(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from mora_train.adapters.base import (
     ADAPTER_WEIGHTS_NAME,
     Adapter,
     ModuleSummary,
+    copy_saved_weights,
     find_target_linears,
     svd_factors,
 )
@@ -227,20 +228,7 @@ class MoraAdapter(Adapter):
 
     def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Copy saved M matrices into the live modules; every mismatch is named, nothing is copied on error."""
-        live = self.trainable_parameters()
-        problems = [f"{k}: missing from {source}" for k in live if k not in state]
-        problems += [f"{k}: saved in {source} but this model has no such MoRA module" for k in state if k not in live]
-        problems += [
-            f"{k}: saved shape {tuple(state[k].shape)}, this model's is {tuple(live[k].shape)}"
-            for k in live
-            if k in state and state[k].shape != live[k].shape
-        ]
-        if problems:
-            raise MoraTrainError(
-                f"MoRA adapter from {source} does not fit this model (wrong base model, rank or target_modules?): "
-                + "; ".join(problems[:8])
-                + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-            )
-        with torch.no_grad():
-            for key, param in live.items():
-                param.copy_(state[key].to(dtype=param.dtype, device=param.device))
+        copy_saved_weights(
+            self.trainable_parameters(), state, source,
+            "MoRA adapter", "wrong base model, rank or target_modules?", "this model has no such MoRA module",
+        )

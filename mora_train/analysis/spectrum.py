@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mora_train.configs import CONFIG_DIR
-from mora_train.core.errors import MoraTrainError
+from mora_train.configs import base_model_config
+from mora_train.core.errors import MoraTrainError, report_unexpected
 from mora_train.core.io import save_figure_atomically, write_file_atomically
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,16 @@ def adapter_deltas(base_model: nn.Module, adapter_dir: str | Path) -> dict[str, 
     """ΔW of every adapted layer of a saved LoRA/MoRA adapter, attached to `base_model` (which it modifies)."""
     from mora_train.adapters import load_adapter
 
-    adapter = load_adapter(base_model, adapter_dir)
+    try:
+        adapter = load_adapter(base_model, adapter_dir)
+    except MoraTrainError:
+        raise
+    except Exception as err:  # noqa: BLE001 - corrupt adapter files, or an adapter of another base model
+        raise MoraTrainError(
+            f"could not attach the adapter in {adapter_dir} to its base model ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no details'}); its files are corrupt or it belongs to "
+            "another base model (pass that one with --base-model)"
+        ) from None
     return adapter.delta_weights()
 
 
@@ -130,15 +139,6 @@ def merged_deltas(base_model: nn.Module, merged_model: nn.Module) -> dict[str, t
     if not deltas:
         raise MoraTrainError("the merged model equals the base model in every block layer: nothing was trained")
     return deltas
-
-
-def base_model_config(base_model: str) -> DictConfig:
-    """Model config from a config name (configs/model/NAME.yaml) or a hub id / local folder / .gguf file."""
-    named = CONFIG_DIR / "model" / f"{base_model}.yaml"
-    if named.is_file():
-        return OmegaConf.load(named)
-    default = OmegaConf.load(CONFIG_DIR / "model" / "smollm2-135m.yaml")
-    return OmegaConf.merge(default, {"name_or_path": base_model, "package": None})
 
 
 def load_base_model(model_cfg: DictConfig) -> nn.Module:
@@ -182,7 +182,12 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
 def _merged_vs_base(merged_dir: Path, model_cfg: DictConfig) -> list[LayerSpectrum]:
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    from mora_train.models import load_error
+
+    try:
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - the loading boundary: corrupt weights, not a model, ...
+        raise load_error("model", str(merged_dir), err, "path") from None
     return singular_values(merged_deltas(load_base_model(model_cfg), merged))
 
 
@@ -310,12 +315,20 @@ def main(argv: list[str] | None = None) -> int:
             spectra.sort(key=_layer_order)
     except MoraTrainError as err:
         print(f"mora-train-spectrum: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
+    except Exception as err:  # noqa: BLE001 - a bug: one line and the traceback in a file, never a bare traceback
+        report_unexpected("mora-train-spectrum", err, None)
+        return 1
     out = Path(args.out) if args.out else (path if is_run else Path.cwd())
-    out.mkdir(parents=True, exist_ok=True)
-    if out != path or not is_run:
-        save_spectra(spectra, out / SPECTRUM_FILE, source)
-    plot_spectrum(spectra, args.threshold, out / SPECTRUM_PLOT, f"{path.name}: ΔW ({source})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if out != path or not is_run:
+            save_spectra(spectra, out / SPECTRUM_FILE, source)
+        plot_spectrum(spectra, args.threshold, out / SPECTRUM_PLOT, f"{path.name}: ΔW ({source})")
+    except OSError as err:
+        print(f"mora-train-spectrum: error: cannot write the spectrum into {out}: {err.strerror or err} "
+              f"({err.filename or out}); choose a writable folder with --out DIR", file=sys.stderr)
+        return 2
     print(f"{'layer':<48} {'shape':>11} {'> ' + format(args.threshold, 'g'):>8} {'max sv':>9}")
     for s in spectra:
         top = s.singular_values[0].item() if s.singular_values.numel() else 0.0

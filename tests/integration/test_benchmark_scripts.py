@@ -35,6 +35,7 @@ def test_bench_train_quick_reports_ratios_to_lora(tmp_path: Path) -> None:
     assert "MoRA type 1 (sharing)" in done.stdout
 
 
+@pytest.mark.slow  # ~30 s: a benchmark script's quick mode (run with `pytest -m slow`)
 def test_bench_memorization_quick_curves_plot_and_reuse(tmp_path: Path) -> None:
     args = ["--quick", "--methods", "lora", "mora_sharing", "--steps", "2", "--eval-every", "1", "--threads", "1",
             "--out", str(tmp_path)]
@@ -60,6 +61,7 @@ def test_bench_memorization_rejects_a_bad_grid(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # ~30 s: a benchmark script's quick mode (run with `pytest -m slow`)
 def test_bench_pretrain_quick_lr_grid_and_reuse(tmp_path: Path) -> None:
     args = ["--quick", "--variants", "remora", "--threads", "1", "--out", str(tmp_path)]
     first = run_script("bench_pretrain.py", *args, "--lr", "3e-3", "1e-2")

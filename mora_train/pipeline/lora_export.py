@@ -1,0 +1,194 @@
+"""`mora-train-export`: a run's adapter as a PEFT LoRA folder, checked like a merge.
+
+1. Find the update: the run's adapter (Adapter.lora_factors: exact for every method that has a low-rank
+   form), or — for runs with restarts (ReMoRA / ReLoRA), whose total update is merged − base and not
+   the live adapter — the SVD of merged − base for every adapted layer.
+2. Write the folder (mora_train.export_lora), exact or truncated (--rank / --energy), with a per-layer
+   error table beside it.
+3. Check it: a separate Python process that never imports mora_train loads the base model and the
+   folder with plain peft and computes logits on a fixed batch; they are compared with the adapted
+   model's (the exact types differ by float32 rounding only).
+4. Truncated exports (or --evaluate): the task's own evaluation of the adapted model and of the base
+   model with the exported LoRA merged, primary metric before / after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mora_train.adapters import load_adapter
+from mora_train.adapters.base import ADAPTER_CONFIG_NAME, match_target_linears, svd_factors
+from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_json_atomically
+from mora_train.export_lora import REPORT_JSON, export_lora, summarize
+from mora_train.configs import base_model_config
+from mora_train.models import load_model_and_tokenizer
+from mora_train.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+# Run in a fresh interpreter: proves the folder needs nothing but torch, transformers and peft.
+PEFT_CHECK = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+ids = torch.load(sys.argv[3])
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+assert not any(name.startswith("mora_train") for name in sys.modules), "mora_train was imported"
+torch.save(logits, sys.argv[4])
+"""
+
+
+def _run_config(source: Path) -> DictConfig | None:
+    path = source / "resolved_config.yaml"
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+def _adapter_folder(source: Path) -> Path:
+    if (source / ADAPTER_CONFIG_NAME).is_file():
+        return source
+    if (source / "adapter" / ADAPTER_CONFIG_NAME).is_file():
+        return source / "adapter"
+    raise MoraTrainError(
+        f"{source} is neither a run dir with adapter/ nor an adapter folder ({ADAPTER_CONFIG_NAME}): give "
+        "RUN_DIR (a finished LoRA or MoRA run) or RUN_DIR/adapter"
+    )
+
+
+def _total_update_factors(run_dir: Path, base: nn.Module, targets: list[str]) -> tuple[dict, nn.Module]:
+    """merged − base for every adapted layer, as SVD factors (exact to rounding at the numerical rank)."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
+    layers, unmatched = match_target_linears(base, targets)
+    if unmatched:
+        raise MoraTrainError(f"{run_dir}: its adapter's target_modules {unmatched} match no layer of the base model")
+    factors = {}
+    merged_modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            delta = merged_modules[name].weight.float() - layer.weight.float()
+            factors[name] = svd_factors(delta)
+    return factors, merged
+
+
+def _probe(vocab_size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(3, max(4, vocab_size), (2, 16), generator=generator)
+
+
+def check_with_peft(base: nn.Module, folder: Path, reference: nn.Module) -> float:
+    """Max |logit difference| between `reference` and plain peft's base + exported folder (other process)."""
+    ids = _probe(base.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits.float()
+    with tempfile.TemporaryDirectory(prefix="mora-export-check-") as tmp:
+        tmp = Path(tmp)
+        base.save_pretrained(tmp / "base")
+        torch.save(ids, tmp / "ids.pt")
+        done = subprocess.run(
+            [sys.executable, "-c", PEFT_CHECK, str(tmp / "base"), str(folder), str(tmp / "ids.pt"), str(tmp / "out.pt")],
+            capture_output=True, text=True,
+        )
+        if done.returncode != 0:
+            raise MoraTrainError(f"plain peft could not load the exported folder {folder}: {done.stderr.strip()[-1500:]}")
+        got = torch.load(tmp / "out.pt")
+    return float((got.float() - expected).abs().max())
+
+
+def _evaluate(cfg: DictConfig, model: nn.Module, tokenizer: Any, out_dir: Path) -> tuple[str, float | None, dict]:
+    task = TASKS[cfg.task.name]
+    build = task.build_eval or task.build
+    data = build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = task.evaluate(cfg.task, model.eval(), tokenizer, data, out_dir)
+    return task.primary_metric, metrics.get(task.primary_metric), metrics
+
+
+def export_run(
+    source: str | Path,
+    out_dir: str | Path,
+    rank: int | None = None,
+    energy: float | None = None,
+    base_model: str | None = None,
+    check: bool = True,
+    evaluate: bool | None = None,
+) -> dict[str, Any]:
+    """Export SOURCE (a run dir or an adapter folder) as a PEFT LoRA folder in OUT_DIR; return the report."""
+    started = time.time()
+    source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
+    if not source.exists():
+        raise MoraTrainError(f"{source} does not exist; give a run dir (RUN_DIR) or an adapter folder (RUN_DIR/adapter)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise MoraTrainError(f"--rank {rank!r} must be a positive integer (the LoRA rank to keep per layer)")
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise MoraTrainError(f"--energy {energy!r} must be in (0, 1]: the share of each layer's ΔW energy to keep")
+    run_cfg = _run_config(source)
+    if base_model is not None:
+        model_cfg = base_model_config(base_model)
+    elif run_cfg is not None:
+        model_cfg = run_cfg.model
+    else:
+        raise MoraTrainError(f"{source} is not a run dir (no resolved_config.yaml): pass --base-model (config name, Hub id or folder)")
+    adapter_dir = _adapter_folder(source)
+    saved = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    base, tokenizer = load_model_and_tokenizer(model_cfg)
+    base = base.float().eval()
+
+    restarted = run_cfg is not None and ((run_cfg.adapter.get("restart") or {}).get("every_steps") or 0) > 0
+    if run_cfg is not None and run_cfg.adapter.get("train_embeddings", False):
+        raise MoraTrainError(
+            f"{source} also trained the input embeddings and the LM head (adapter.train_embeddings=true), which a "
+            "LoRA adapter cannot carry; serve its merged model (RUN_DIR/merged) instead"
+        )
+    if restarted:
+        # The live adapter holds only the last cycle: the update the run made is merged − base.
+        targets = saved.get("target_modules") or list(run_cfg.adapter.target_modules)
+        factors, reference = _total_update_factors(source, base, list(targets))
+        how = "SVD of merged - base (a run with restarts)"
+        fresh_base = load_model_and_tokenizer(model_cfg)[0].float().eval()
+    else:
+        fresh_base = load_model_and_tokenizer(model_cfg)[0].float().eval()  # kept clean for the peft check
+        adapter = load_adapter(base, adapter_dir)
+        factors = adapter.lora_factors()
+        reference = adapter.model.eval()
+        how = f"{adapter.title()}: exact LoRA factors"
+    rows = export_lora(
+        factors, out_dir, rank=rank, energy=energy, base_model=getattr(fresh_base.config, "_name_or_path", None) or None,
+        source={"path": str(source.resolve()), "how": how},
+    )
+    report: dict[str, Any] = {"source": str(source), "how": how, **summarize(rows)}
+    report["rank"] = max(r.rank for r in rows)
+    report["truncated"] = rank is not None or energy is not None
+    if check:
+        report["peft_max_abs_logit_diff"] = check_with_peft(fresh_base, out_dir, reference)
+    if evaluate is None:
+        evaluate = report["truncated"]
+    if evaluate:
+        if run_cfg is None:
+            raise MoraTrainError("--evaluate needs a run dir (its task config says how to evaluate)")
+        from peft import PeftModel
+
+        eval_root = out_dir / "evaluation"
+        name, before, _ = _evaluate(run_cfg, reference, tokenizer, eval_root / "adapter")
+        exported = PeftModel.from_pretrained(fresh_base, str(out_dir)).merge_and_unload()
+        _, after, _ = _evaluate(run_cfg, exported, tokenizer, eval_root / "exported_lora")
+        report["evaluation"] = {"metric": name, "adapter": before, "exported_lora": after}
+    report["export_time_s"] = time.time() - started
+    table = json.loads((out_dir / REPORT_JSON).read_text())
+    write_json_atomically(out_dir / REPORT_JSON, {**table, "summary": report})
+    return report
