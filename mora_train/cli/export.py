@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from mora_train.core.errors import EXIT_UNEXPECTED, MoraTrainError, report_unexpected
+from mora_train.core.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,17 +30,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="re-run the task's evaluation on the adapter and on the export (default: for truncated exports)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def work():  # the pipeline is imported here, so that --help stays fast (no torch import)
         from mora_train.pipeline.lora_export import export_run
 
-        report = export_run(args.source, args.out_dir, rank=args.rank, energy=args.energy, base_model=args.base_model,
-                            check=not args.no_check, evaluate=args.evaluate)
-    except MoraTrainError as err:
-        print(f"mora-train-export: error: {err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 2))
-    except Exception as err:  # a bug or an unhandled case: one line + the traceback in a file, never a bare traceback
-        report_unexpected("mora-train-export", err, None)
-        sys.exit(EXIT_UNEXPECTED)
+        return export_run(args.source, args.out_dir, rank=args.rank, energy=args.energy, base_model=args.base_model,
+                          check=not args.no_check, evaluate=args.evaluate)
+
+    report = run_command("mora-train-export", work)
     lines = [
         f"exported {report['layers']} layers as LoRA rank {report['rank']} to {args.out_dir} ({report['how']})",
         f"relative Frobenius error of ΔW: max {report['max_relative_error']:.2e}, mean {report['mean_relative_error']:.2e} "

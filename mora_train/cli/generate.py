@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from mora_train.core.errors import EXIT_UNEXPECTED, MoraTrainError, report_unexpected
+from mora_train.core.errors import run_command
 
 
 def _adapter(text: str) -> tuple[str, Path]:
@@ -32,17 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    try:
+
+    def work():  # the pipeline is imported here, so that --help stays fast (no torch import)
         from mora_train.pipeline.generate import run_generate
 
-        results = run_generate(args.base_model, dict(args.adapter), args.input, args.output,
-                               args.max_new_tokens, args.batch_size)
-    except MoraTrainError as err:
-        print(f"mora-train-generate: error: {err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 2))
-    except Exception as err:  # a bug or an unhandled case: one line + the traceback in a file, never a bare traceback
-        report_unexpected("mora-train-generate", err, None)
-        sys.exit(EXIT_UNEXPECTED)
+        return run_generate(args.base_model, dict(args.adapter), args.input, args.output,
+                            args.max_new_tokens, args.batch_size)
+
+    results = run_command("mora-train-generate", work)
     print(f"{len(results)} completions from {len({r['adapter'] for r in results})} adapters -> {args.output}")
 
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 EXIT_UNEXPECTED = 1
 EXIT_USER = 2
@@ -102,3 +105,17 @@ def report_unexpected(program: str, err: BaseException, run_dir: Path | None) ->
         flush=True,
     )
     return path
+
+
+def run_command(program: str, work: "Callable[[], T]") -> "T":
+    """Run a command's work: a MoraTrainError exits with its one paragraph and exit code, anything else with
+    one line and a traceback file (report_unexpected) — never a bare traceback."""
+    try:
+        return work()
+    except MoraTrainError as err:
+        print(f"{program}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(getattr(err, "exit_code", EXIT_USER))
+    except Exception as err:  # a bug or an unhandled case
+        report_unexpected(program, err, None)
+        sys.exit(EXIT_UNEXPECTED)
+
