@@ -69,8 +69,9 @@ def truncate(
     return B_new.float().contiguous(), A_new.float().contiguous(), error
 
 
-def peft_config(rank: int, target_modules: list[str], base_model: str | None, source: dict[str, Any]) -> dict[str, Any]:
-    """adapter_config.json as peft's LoraConfig writes it, scaling lora_alpha / r = 1."""
+def peft_config(rank: int, target_modules: list[str], base_model: str | None) -> dict[str, Any]:
+    """adapter_config.json as peft's LoraConfig writes it, scaling lora_alpha / r = 1 — peft keys only: peft
+    warns about any other key as if the folder came from a newer peft (provenance is in export_report.json)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -88,8 +89,6 @@ def peft_config(rank: int, target_modules: list[str], base_model: str | None, so
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": True,
-        # Not a peft key (peft and the engines ignore unknown keys): where this LoRA came from.
-        "exported_from": source,
     }
 
 
@@ -135,8 +134,9 @@ def export_lora(
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A_full.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B_full.contiguous()
     targets = sorted({name.rsplit(".", 1)[-1] for name in kept})
-    config = peft_config(uniform, targets, base_model, source or {})
-    table = {"rank": uniform, "truncation": {"rank": rank, "energy": energy}, "layers": [asdict(r) for r in rows]}
+    config = peft_config(uniform, targets, base_model)
+    table = {"rank": uniform, "truncation": {"rank": rank, "energy": energy}, "source": source or {},
+             "layers": [asdict(r) for r in rows]}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -131,10 +131,11 @@ def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Pa
     cut = export_run(sharing, tmp_path / "exp-cut", rank=2)  # truncated: evaluated before / after by default
     assert cut["max_relative_error"] > 0 and set(cut["evaluation"]) == {"metric", "adapter", "exported_lora"}
 
-    adapters = {"sharing": tmp_path / "exp-sharing", "lora": tmp_path / "exp-lora"}
+    # (peft warns about adapter names inside its own "lora_" prefix: call the LoRA run's export "plain")
+    adapters = {"sharing": tmp_path / "exp-sharing", "plain": tmp_path / "exp-lora"}
     model, tokenizer = load_many("tiny-llama", adapters)
-    requests = [{"adapter": "sharing", "prompt": "key 1 ->"}, {"adapter": "lora", "prompt": "another key ->"},
-                {"adapter": None, "prompt": "k"}, {"adapter": "lora", "prompt": "key 1 ->"}]
+    requests = [{"adapter": "sharing", "prompt": "key 1 ->"}, {"adapter": "plain", "prompt": "another key ->"},
+                {"adapter": None, "prompt": "k"}, {"adapter": "plain", "prompt": "key 1 ->"}]
     mixed = generate(model, tokenizer, requests, max_new_tokens=6, batch_size=4)
     alone = [generate(model, tokenizer, [r], max_new_tokens=6, batch_size=1)[0] for r in requests]
     assert mixed == alone
