@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, singular_values_kept
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_dir_atomically, write_json_atomically, write_text_atomically
 
@@ -47,21 +47,14 @@ def truncate(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B', A', relative Frobenius error) keeping the top singular directions of B @ A.
 
-    Neither rank nor energy: the numerical rank of B @ A (singular values above 1e-6 x the largest), which
-    is exact to float32 rounding and never wider than min(d_in, d_out).
+    How many: adapters.base.singular_values_kept (neither rank nor energy: the numerical rank of B @ A, exact
+    to float32 rounding and never wider than min(d_in, d_out)).
     """
     Qb, Rb = torch.linalg.qr(B.double())
     Qa, Ra = torch.linalg.qr(A.double().T)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
     total = float((S**2).sum())
-    if rank is not None:
-        k = min(int(rank), S.numel())
-    elif energy is not None:
-        cumulative = torch.cumsum(S**2, 0) / max(total, torch.finfo(torch.float64).tiny)
-        k = int((cumulative < energy - 1e-12).sum()) + 1
-    else:
-        k = int((S > S[0] * 1e-6).sum()) if S.numel() and S[0] > 0 else 1
-    k = max(1, min(k, S.numel()))
+    k = singular_values_kept(S, rank, energy)
     dropped = float((S[k:] ** 2).sum())
     error = math.sqrt(dropped / total) if total > 0 else 0.0
     B_new = (Qb @ U[:, :k]) * S[:k]

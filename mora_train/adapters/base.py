@@ -62,16 +62,10 @@ def find_target_linears(model: nn.Module, target_modules: list[str]) -> dict[str
     return found
 
 
-def svd_factors(
-    delta: torch.Tensor, rank: int | None = None, energy: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) = (U_k S_k, V_k^T) of `delta` (float64 maths, float32 result): ΔW ≈ B @ A.
-
-    k: `rank`; or the fewest singular values holding a fraction `energy` of ΔW's squared Frobenius
-    norm; or (neither) its numerical rank: singular values above 1e-6 x the largest (float32's
-    rounding floor), which drops nothing but rounding noise. At least one column is kept.
-    """
-    U, S, Vh = torch.linalg.svd(delta.detach().double().cpu(), full_matrices=False)
+def singular_values_kept(S: torch.Tensor, rank: int | None = None, energy: float | None = None) -> int:
+    """How many of the descending singular values `S` to keep: `rank`; or the fewest holding a fraction
+    `energy` of the squared Frobenius norm; or (neither) the numerical rank — values above 1e-6 x the
+    largest (float32's rounding floor), which drops nothing but rounding noise. At least one."""
     if rank is not None:
         k = min(int(rank), S.numel())
     elif energy is not None:
@@ -79,7 +73,18 @@ def svd_factors(
         k = int((cumulative < energy - 1e-12).sum().item()) + 1
     else:
         k = int((S > S[0] * 1e-6).sum().item()) if S.numel() and S[0] > 0 else 1
-    k = max(1, min(k, S.numel()))
+    return max(1, min(k, S.numel()))
+
+
+def svd_factors(
+    delta: torch.Tensor, rank: int | None = None, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U_k S_k, V_k^T) of `delta` (float64 maths, float32 result): ΔW ≈ B @ A.
+
+    k: singular_values_kept(S, rank, energy).
+    """
+    U, S, Vh = torch.linalg.svd(delta.detach().double().cpu(), full_matrices=False)
+    k = singular_values_kept(S, rank, energy)
     B = (U[:, :k] * S[:k]).float().to(delta.device)
     return B.contiguous(), Vh[:k].float().to(delta.device).contiguous()
 

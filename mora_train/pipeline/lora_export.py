@@ -155,14 +155,13 @@ def export_run(
             f"{source} also trained the input embeddings and the LM head (adapter.train_embeddings=true), which a "
             "LoRA adapter cannot carry; serve its merged model (RUN_DIR/merged) instead"
         )
+    fresh_base = load_model_and_tokenizer(model_cfg)[0].float().eval()  # never wrapped: for the peft check
     if restarted:
         # The live adapter holds only the last cycle: the update the run made is merged − base.
         targets = saved.get("target_modules") or list(run_cfg.adapter.target_modules)
         factors, reference = _total_update_factors(source, base, list(targets))
         how = "SVD of merged - base (a run with restarts)"
-        fresh_base = load_model_and_tokenizer(model_cfg)[0].float().eval()
     else:
-        fresh_base = load_model_and_tokenizer(model_cfg)[0].float().eval()  # kept clean for the peft check
         adapter = load_adapter(base, adapter_dir)
         factors = adapter.lora_factors()
         reference = adapter.model.eval()
