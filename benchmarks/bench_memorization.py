@@ -57,8 +57,8 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
     overrides = [f"model={opts.model}", "task=uuid", f"task.num_pairs={opts.pairs}", *method_overrides(method, opts.rank),
                  f"trainer.max_steps={opts.steps}", f"trainer.batch_size={opts.batch}",
                  f"trainer.micro_batch_size={opts.batch}", f"trainer.learning_rate={lr}", "trainer.save_steps=0",
-                 f"trainer.logging_steps={opts.eval_every}", f"seed={opts.seed}"]
-    run_dir = out / f"{method}_lr{lr:g}"
+                 f"trainer.logging_steps={opts.eval_every}", f"seed={opts.seed}", *getattr(opts, "extra_overrides", [])]
+    run_dir = out / (f"{method}_lr{lr:g}" + getattr(opts, "run_suffix", ""))
     done = run_dir / "record.json"
     record = None if opts.redo else finished_record(done, overrides)
     if record is not None:  # the same run finished before: reuse it (--redo to rerun)

@@ -37,14 +37,19 @@ from harness import compose, method_overrides
 
 SPEC_PEAK_TFLOPS = 989.0  # NVIDIA H100/H200 SXM, dense BF16 (no sparsity)
 MEASURED_PEAK_TFLOPS = 790.0  # bf16 matmul peak measured on the H200 (device docs)
-CASES = [("full", 0), ("lora", 8), ("mora_sharing", 8), ("mora_rope", 8), ("mora_sharing", 256), ("mora_rope", 256)]
+# (method, rank, model.quantization)
+CASES = [("full", 0, "none"), ("lora", 8, "none"), ("mora_sharing", 8, "none"), ("mora_rope", 8, "none"),
+         ("mora_sharing", 256, "none"), ("mora_rope", 256, "none")]
+# --quantized (issue 15): QMoRA vs QLoRA on an nf4 base (bf16 compute), and MoRA on the bf16 base beside them.
+QUANTIZED_CASES = [("lora", 8, "nf4"), ("mora_rope", 8, "nf4"), ("mora_rope", 8, "none")]
 
 
-def label(method: str, rank: int) -> str:
-    return "full FT" if method == "full" else f"{method.replace('_', ' ')} r={rank}"
+def label(method: str, rank: int, quantization: str = "none") -> str:
+    name = "full FT" if method == "full" else f"{method.replace('_', ' ')} r={rank}"
+    return name if quantization == "none" else f"{name}, {quantization} base"
 
 
-def measure(method: str, rank: int, opts: argparse.Namespace, device) -> dict:
+def measure(method: str, rank: int, opts: argparse.Namespace, device, quantization: str = "none") -> dict:
     import torch
 
     from mora_train.adapters import build_adapter
@@ -54,12 +59,17 @@ def measure(method: str, rank: int, opts: argparse.Namespace, device) -> dict:
     overrides = [f"model={opts.model}", "model.tokenizer=byte", *method_overrides(method, max(rank, 1))]
     if opts.model != "tiny-llama":
         overrides.append(f"model.random_init.max_position_embeddings={max(opts.seq, 1024)}")
+    if quantization != "none":
+        compute = "bfloat16" if opts.precision == "bf16" else "float32"
+        overrides += [f"model.quantization={quantization}", f"model.quantization_options.compute_dtype={compute}"]
     cfg = compose(overrides)
     with torch.device(device):  # random init straight on the device: seconds instead of a CPU init + copy
         model, _ = load_model_and_tokenizer(cfg.model)
         base_params = count_parameters(model)[1]
         model = build_adapter(model, cfg.adapter, cfg.rank).model
-    model.to(device).train()
+    if quantization == "none":
+        model.to(device)  # a bitsandbytes model is placed by its loader and refuses .to()
+    model.train()
     trainable, _ = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -89,7 +99,8 @@ def measure(method: str, rank: int, opts: argparse.Namespace, device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return {
-        "method": method, "rank": rank if method != "full" else None, "label": label(method, rank),
+        "method": method, "rank": rank if method != "full" else None, "label": label(method, rank, quantization),
+        "quantization": quantization,
         "base_params": base_params, "trainable_params": trainable, "batch": opts.batch, "seq": opts.seq,
         "step_s": step_s, "tokens_per_s": tokens_per_s, "peak_gpu_memory_gib": peak,
         "mfu_spec": 6 * base_params * tokens_per_s / (opts.peak_tflops * 1e12),
@@ -137,6 +148,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs=2, default=[8, 256], metavar=("SMALL", "LARGE"))
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--peak-tflops", type=float, default=SPEC_PEAK_TFLOPS)
+    parser.add_argument("--quantized", action="store_true", help="QMoRA vs QLoRA on an nf4 base, and bf16 MoRA")
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every measurement)")
     parser.add_argument("--md", type=Path, help="write the markdown table here")
     opts = parser.parse_args()
@@ -150,7 +162,7 @@ def main() -> None:
     else:
         sys.exit("gpu_throughput: no CUDA device; use --dry-run on CPU")
     small, large = opts.ranks
-    cases = [(m, {8: small, 256: large}.get(r, r)) for m, r in CASES]
+    cases = [(m, {8: small, 256: large}.get(r, r), q) for m, r, q in (QUANTIZED_CASES if opts.quantized else CASES)]
     result = {
         "model": opts.model, "precision": opts.precision, "seq": opts.seq, "batch": opts.batch, "steps": opts.steps,
         "warmup": opts.warmup, "rounds": opts.rounds, "peak_tflops": opts.peak_tflops,
@@ -169,14 +181,14 @@ def main() -> None:
     for round_no in range(opts.rounds):
         order = list(cases)
         rng.shuffle(order)
-        if round_no == 0:  # full FT first: it needs the most memory and fixes the batch for everyone
-            order.remove(("full", 0))
-            order.insert(0, ("full", 0))
+        if round_no == 0 and ("full", 0, "none") in order:  # full FT first: it needs the most memory and fixes the batch
+            order.remove(("full", 0, "none"))
+            order.insert(0, ("full", 0, "none"))
         measured = {}
-        for method, rank in order:
+        for method, rank, quantization in order:
             while True:
                 try:
-                    row = measure(method, rank, opts, device)
+                    row = measure(method, rank, opts, device, quantization)
                     break
                 except Exception as err:  # noqa: BLE001 - recorded in the table, the other methods go on
                     gc.collect()
@@ -187,12 +199,14 @@ def main() -> None:
                         result["batch"] = opts.batch
                         print(f"full FT out of memory: batch halved to {opts.batch}", flush=True)
                         continue
-                    row = {"method": method, "rank": rank, "label": label(method, rank), "error": f"{type(err).__name__}: {err}"}
+                    row = {"method": method, "rank": rank, "label": label(method, rank, quantization),
+                           "error": f"{type(err).__name__}: {err}"}
                     break
-            measured[(method, rank)] = row
+            measured[(method, rank, quantization)] = row
             result["base_params"] = row.get("base_params", result["base_params"])
             print(json.dumps({"round": round_no, **row}), flush=True)
-        lora = measured.get(("lora", small), {})
+        # The LoRA row on the same kind of base (nf4 with --quantized) is the reference.
+        lora = next((row for (m, _, _), row in measured.items() if m == "lora"), {})
         for row in measured.values():
             if "error" not in row and "error" not in lora and lora:
                 row["speed_vs_lora"] = row["tokens_per_s"] / lora["tokens_per_s"]

@@ -13,6 +13,7 @@ from mora_train.adapters.base import Adapter
 from mora_train.data.common import PadCollator
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_dir_atomically
+from mora_train.models.quantization import compute_dtype, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class ExportResult:
     model: PreTrainedModel  # the merged model as reloaded from disk
     tolerance: float = 0.0  # the merge check's tolerance for this model (see FLOOR_FACTOR)
     passed: bool = True  # whether the reloaded checkpoint reproduced the adapted logits within it
+    # Quantized base: max |logit difference| between the quantized kernels' forward and the same adapted model
+    # on their de-quantized weights (0 for 4-bit on CPU; LLM.int8 quantizes activations too). None: float base.
+    quantized_kernel_diff: float | None = None
 
     def failure_message(self, adapter_dir: Path | None) -> str:
         keep = (f"The adapter in {adapter_dir} is intact: re-attach it with mora_train.load_adapter(base_model, "
@@ -113,20 +117,39 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targ
 
 
 def export_merged(
-    adapter: Adapter, tokenizer: PreTrainedTokenizerBase, probe: dict[str, torch.Tensor], target: Path
+    adapter: Adapter,
+    tokenizer: PreTrainedTokenizerBase,
+    probe: dict[str, torch.Tensor],
+    target: Path,
+    dtype: torch.dtype | None = None,
 ) -> ExportResult:
-    """Merge, save to `target`, reload it with plain transformers and compare logits with the adapted model.
+    """Merge, save to `target` in `dtype` (default: the dtype the model computed in — on a quantized base its
+    compute dtype, never the 4-/8-bit codes), reload it with plain transformers and compare logits with the
+    adapted model.
 
     The result says whether the reloaded checkpoint reproduces the adapted logits within the model's
     tolerance (`merge_tolerance`); on a failure the caller keeps the adapter, records the outcome and stops.
     """
+    trained_dtype = compute_dtype(adapter.model)
+    kernel_diff = None
+    if is_quantized(adapter.model):
+        # The merge goes into the de-quantized weights (adapter.dequantize_base); what the quantized kernels
+        # computed differently from those weights is measured here and recorded, not hidden in the tolerance.
+        quantized_logits = logits_of(adapter.model, probe)
+        adapter.dequantize_base()
+        kernel_diff = float((logits_of(adapter.model, probe) - quantized_logits).abs().max().item())
     compare_dtype = check_dtype(adapter.model)
     adapted_logits = logits_of(adapter.model, probe, compare_dtype)
-    dtype = next(adapter.model.parameters()).dtype
     floor = rounding_floor(adapter.model, probe, adapted_logits) if compare_dtype is not None else 0.0
-    tolerance = merge_tolerance(dtype, floor, adapted_logits)
     merged = adapter.merge_and_unload()
-    dtype = next(merged.parameters()).dtype
+    dtype = dtype or trained_dtype
+    merged.to(dtype)
+    # Writing in a coarser dtype than the model computed in rounds every weight: the check can then only be
+    # as strict as that dtype's rounding (README "Export dtype").
+    if torch.finfo(dtype).eps > torch.finfo(trained_dtype).eps:
+        floor = 0.0
+    tolerance = merge_tolerance(dtype if torch.finfo(dtype).eps > torch.finfo(trained_dtype).eps else trained_dtype,
+                                floor, adapted_logits)
     save_merged(merged, tokenizer, target)
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
@@ -142,4 +165,5 @@ def export_merged(
         "merged checkpoint %s %s the adapted logits: max |difference| %.3g, tolerance %.3g (rounding floor %.3g x %g)",
         target, "reproduces" if passed else "does NOT reproduce", diff, tolerance, floor, FLOOR_FACTOR,
     )
-    return ExportResult(merged_dir=target, max_abs_diff=diff, model=reloaded, tolerance=tolerance, passed=passed)
+    return ExportResult(merged_dir=target, max_abs_diff=diff, model=reloaded, tolerance=tolerance, passed=passed,
+                        quantized_kernel_diff=kernel_diff)

@@ -17,7 +17,10 @@
 # Left out on purpose:
 #   * datasets (+ pyarrow, pandas: ~60 MiB): imported lazily, only by data sources that read the Hub or
 #     local files (mora_train/data/sources.py); the check's jobs (task=uuid, random-init models) never do.
-#   * bitsandbytes: only for a quantized base (QMoRA), which has not landed.
+#   * bitsandbytes: only for a quantized base (QMoRA); its wheel alone is 41 MiB, which does not fit in the
+#     64 MiB carry beside the rest. device_check.sh skips its `quantized` step (and says so) without it;
+#     to run that step, carry a folder with just `pip download --only-binary=:all: --no-deps --python-version
+#     3.12 --platform manylinux_2_24_x86_64 bitsandbytes` and install it there first.
 # It also writes device_wheels/requirements.txt (the top-level requirements, pyproject's specifiers) that
 # scripts/device_check.sh installs with `pip install --no-index --find-links device_wheels -r ...`: pip
 # keeps whatever the machine already has that satisfies them.

@@ -21,6 +21,7 @@ from mora_train.adapters.full import FullFineTune
 from mora_train.adapters.lora import LoraAdapter
 from mora_train.adapters.mora_adapter import MoraAdapter
 from mora_train.core.errors import MoraTrainError
+from mora_train.models.quantization import is_quantized, prepare_for_adapter_training
 
 __all__ = [
     "ADAPTER_TYPES",
@@ -53,8 +54,10 @@ def adapter_type(adapter_cfg: Any) -> type[Adapter]:
     return ADAPTER_TYPES[name]
 
 
-def adapter_config_problems(adapter_cfg: Any, rank: Any) -> list[str]:
-    """Every problem of the `adapter` section and `rank`, one message each naming the key and the fix."""
+def adapter_config_problems(adapter_cfg: Any, rank: Any, quantization: str = "none") -> list[str]:
+    """Every problem of the `adapter` section and `rank`, one message each naming the key and the fix.
+
+    `quantization`: model.quantization; a method that cannot train on a quantized base says why."""
     if not isinstance(adapter_cfg, (DictConfig, dict)):
         return [f"`adapter` must be a mapping, got {adapter_cfg!r}"]
     settings = _plain(adapter_cfg)
@@ -79,6 +82,8 @@ def adapter_config_problems(adapter_cfg: Any, rank: Any) -> list[str]:
         problems.append(f"`adapter.target_modules={targets}` must be a list of module names, e.g. [q_proj, v_proj]")
     if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
         problems.append(f"`adapter.target_modules={targets}` must be a non-empty list of module names")
+    if quantization != "none" and cls.quantized_base_refusal:
+        problems.append(f"`adapter={name}` with `model.quantization={quantization}`: {cls.quantized_base_refusal}")
     return problems + cls.config_problems(settings, rank)
 
 
@@ -102,6 +107,10 @@ def build_adapter(
     """
     cls = adapter_type(adapter_cfg)
     dropout = adapter_cfg.get("dropout", 0.0)
+    if is_quantized(model):
+        if cls.quantized_base_refusal:
+            raise MoraTrainError(f"`adapter={cls.name}` with a quantized base (model.quantization): {cls.quantized_base_refusal}")
+        prepare_for_adapter_training(model)
     if cls is LoraAdapter:
         return LoraAdapter(model, rank, adapter_cfg.alpha, _targets(adapter_cfg), dropout)
     if cls is MoraAdapter:

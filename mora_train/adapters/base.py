@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.core.errors import MoraTrainError
+from mora_train.models.quantization import compute_dtype, dequantize_linears, forget_quantization, is_quantized
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -121,8 +122,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        # A packed 4-bit weight (bitsandbytes Params4bit) counts the d_out x d_in entries it stands for.
+        quant_state = getattr(param, "quant_state", None)
+        count = int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+        total += count
+        trainable += count if param.requires_grad else 0
     return trainable, total
 
 
@@ -143,6 +147,10 @@ class Adapter(ABC):
     parallelism_refusal: ClassVar[str] = "mora-train's export gathers data-parallel shards only"
     # True when the base weights stay frozen beside separate trainable tensors (FSDP1 then needs use_orig_params).
     freezes_base: ClassVar[bool] = True
+    # Why this method cannot train on a 4-/8-bit base (model.quantization); None: it can.
+    quantized_base_refusal: ClassVar[str | None] = None
+    # Set by dequantize_base: the base was loaded quantized and now holds its de-quantized weights.
+    base_was_quantized: bool = False
 
     # -- before a model exists --------------------------------------------------------------------------
 
@@ -216,7 +224,20 @@ class Adapter(ABC):
 
     @abstractmethod
     def merge_and_unload(self) -> PreTrainedModel:
-        """Fold ΔW into the base weights and return a plain transformers model (no adapter modules)."""
+        """Fold ΔW into the base weights and return a plain transformers model (no adapter modules).
+
+        On a quantized base (model.quantization) the base is de-quantized first (`dequantize_base`)."""
+
+    def dequantize_base(self) -> bool:
+        """On a quantized base: replace each 4-/8-bit layer under the adapter by a float layer holding the weight
+        its forward multiplied by (models.quantization.dequantize_linears, in the compute dtype). The adapter
+        then sits on a float base, and merges by adding ΔW to those weights — never re-quantizing W + ΔW,
+        which would lose most of a small ΔW. Returns whether the base was quantized (now or by an earlier call)."""
+        if is_quantized(self.base_model):
+            dequantize_linears(self.model, compute_dtype(self.model))
+            forget_quantization(self.base_model)
+            self.base_was_quantized = True
+        return self.base_was_quantized
 
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module name -> (B, A), float32, with ΔW = B @ A (scaling 1): the adapter as a plain LoRA, for

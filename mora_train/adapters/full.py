@@ -35,6 +35,11 @@ class FullFineTune(Adapter):
     name = "full"
     settings_schema = {"name": (str,), "target_modules": (list, str)}
     freezes_base = False
+    quantized_base_refusal = (
+        "full fine-tuning updates the base weights themselves, and 4-/8-bit weights cannot take gradient steps "
+        "(bitsandbytes stores them as integer codes); use adapter=lora or adapter=mora on the quantized base, "
+        "or keep adapter=full with model.quantization=none"
+    )
 
     @classmethod
     def identity(cls, settings: dict[str, Any], rank: Any) -> dict[str, Any]:

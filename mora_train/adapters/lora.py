@@ -101,6 +101,17 @@ class LoraAdapter(Adapter):
             return {n: m.get_delta_weight(PEFT_ADAPTER).float() for n, m in self._lora_layers().items()}
 
     def merge_and_unload(self) -> PreTrainedModel:
+        if self.dequantize_base():
+            # peft's wrappers of bitsandbytes layers merge by re-quantizing W + ΔW (most of a small ΔW lost); the
+            # base under them is float now, so ΔW goes into it here and peft only removes the wrappers.
+            with torch.no_grad():
+                for name, layer in self._lora_layers().items():
+                    weight = layer.get_base_layer().weight
+                    merged = weight.float() + layer.get_delta_weight(PEFT_ADAPTER).float()
+                    if not torch.isfinite(merged).all():
+                        raise MoraTrainError(f"LoRA layer '{name}': the merged weight is not finite (NaN/Inf in the adapter)")
+                    weight.copy_(merged.to(weight.dtype))
+            return self.peft_model.unload()
         # safe_merge checks the merged weights are finite before writing them.
         return self.peft_model.merge_and_unload(safe_merge=True)
 

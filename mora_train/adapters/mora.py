@@ -102,6 +102,24 @@ def resolve_mora_type(value: str | int) -> str:
     raise ValueError(f"Unknown MoRA type {value!r}: {_valid_types_text()}.")
 
 
+# adapter.mora_type=auto: the paper's recommendation by rank. The official README: "type 6 (RoPE based) for
+# small ranks", type 1 (Eq. 6) otherwise; the paper's runs use RoPE at r=8 (UUID memorization, MetaMath) and
+# sharing at r=256 (memorization) and r=128 (pretraining, with ReMoRA's types 1/2). Ranks below the smallest
+# rank it ran with sharing get RoPE; from there on, sharing (which also costs T·r̂² instead of RoPE's T·d_in·r̂).
+AUTO = "auto"
+AUTO_SHARING_FROM_RANK = 128
+
+
+def choose_mora_type(value: str | int, rank: int) -> str:
+    """The canonical type for adapter.mora_type=value at this rank: `auto` follows the paper's rule (rope
+    below rank AUTO_SHARING_FROM_RANK, sharing from it on); anything else is resolve_mora_type(value)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        if isinstance(rank, bool) or not isinstance(rank, Integral) or rank <= 0:
+            raise ValueError(f"adapter.mora_type=auto chooses by rank, which must be a positive integer (got {rank!r})")
+        return "rope" if rank < AUTO_SHARING_FROM_RANK else "sharing"
+    return resolve_mora_type(value)
+
+
 def mora_square_side(d_in: int, d_out: int, rank: int, mora_type: str | int) -> int:
     """r_hat = floor(sqrt((d_in + d_out) * rank) + 0.5), rounded down to even for 'rope'."""
     kind = resolve_mora_type(mora_type)
@@ -547,7 +565,10 @@ class MoRALinear(nn.Module):
         self.rank, self.mora_type, self.layer_name = int(rank), kind, layer_name
         self.r_hat = mora_square_side(d_in, d_out, rank, kind)
         weight = base_layer.weight
-        self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, dtype=weight.dtype, device=weight.device))
+        # A quantized base (bitsandbytes 4-bit/8-bit codes) stores integers: M is then kept in float32, and
+        # the branch runs in the base layer's compute dtype (the dtype of its output; see forward).
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, dtype=dtype, device=weight.device))
         self.mora_dropout: nn.Module = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
         self.merged = False
         self._ops = _Operators(d_in, d_out, self.r_hat, kind)
@@ -584,7 +605,9 @@ class MoRALinear(nn.Module):
             result = result.contiguous()
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if autocast else self.mora_M.dtype
+        # Without autocast the branch computes in the base output's dtype: M's own dtype on a float base,
+        # the compute dtype on a quantized one (M.to() below is differentiable, so M's gradient stays float32).
+        dtype = torch.get_autocast_dtype(device_type) if autocast else result.dtype
         xd = self.mora_dropout(x2).to(dtype)
         mix = self._ops.mixing(self.mora_M.to(dtype))
         if autocast:
@@ -666,6 +689,12 @@ class MoRALinear(nn.Module):
     @torch.no_grad()
     def _apply_delta(self, sign: str) -> None:
         weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            # Adding ΔW to 4-/8-bit codes would re-quantize it away; the adapter's merge_and_unload de-quantizes.
+            raise ValueError(
+                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': its base weight is quantized ({weight.dtype}); "
+                "merge through the adapter (MoraAdapter.merge_and_unload de-quantizes), not into the codes"
+            )
         ops = self._ops
         factor = ops.factor(self.mora_M.detach().to(self._math_dtype()))
         # Only rows of the factor that reach delta_W matter (r_hat may exceed d_out).

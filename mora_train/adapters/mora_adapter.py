@@ -19,18 +19,21 @@ from mora_train.adapters.base import (
     find_target_linears,
     svd_factors,
 )
-from mora_train.adapters.mora import MoRALinear, mora_shape_problem, mora_square_side, resolve_mora_type
+from mora_train.adapters.mora import (
+    AUTO,
+    AUTO_SHARING_FROM_RANK,
+    MoRALinear,
+    choose_mora_type,
+    mora_shape_problem,
+    mora_square_side,
+    resolve_mora_type,
+)
 from mora_train.core.errors import ConfigError, MoraTrainError
 from mora_train.core.io import write_json_atomically
+from mora_train.models.quantization import set_submodule
 
 FORMAT = "mora-train"
 FORMAT_VERSION = 1
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def mora_layer_problems(model: nn.Module, target_modules: list[str], rank: int, mora_type: str | int) -> list[str]:
@@ -41,6 +44,14 @@ def mora_layer_problems(model: nn.Module, target_modules: list[str], rank: int, 
         if problem:
             problems.append(problem)
     return problems
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def _positive(rank: Any) -> bool:
+    return isinstance(rank, int) and not isinstance(rank, bool) and rank > 0
 
 
 class MoraAdapter(Adapter):
@@ -59,14 +70,20 @@ class MoraAdapter(Adapter):
         problems = []
         mora_type = settings.get("mora_type")
         try:
-            mora_type = resolve_mora_type(mora_type)
+            # auto with an invalid rank: the rank's own problem is reported (adapter_config_problems).
+            mora_type = None if _is_auto(mora_type) and not _positive(rank) else choose_mora_type(mora_type, rank)
         except ValueError as err:
-            problems.append(f"`adapter.mora_type`: {err}")
+            problems.append(f"`adapter.mora_type`: {err}; or adapter.mora_type=auto (chosen by rank)")
             mora_type = None
         restart = settings.get("restart") or {}
         cycle = restart.get("mora_types") if isinstance(restart, dict) else None
         if cycle is None:
             return problems
+        if _is_auto(settings.get("mora_type")):
+            return problems + [
+                f"`adapter.mora_type=auto` with `adapter.restart.mora_types={cycle}`: the restart cycle names the types "
+                "itself; set adapter.mora_type to the cycle's first type"
+            ]
         if not isinstance(cycle, list) or not cycle:
             return problems + [f"`adapter.restart.mora_types={cycle!r}` must be a non-empty list such as [1, 2] or [sharing, grouping]"]
         resolved = []
@@ -91,7 +108,7 @@ class MoraAdapter(Adapter):
 
     @classmethod
     def layer_problems(cls, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> list[str]:
-        mora_type = settings.get("mora_type")
+        mora_type = choose_mora_type(settings.get("mora_type"), rank)
         # One message per layer kind and shape (a 30-layer model has 30 identical q_proj problems).
         failing: dict[tuple, list[str]] = {}
         for name, layer in layers.items():
@@ -107,7 +124,8 @@ class MoraAdapter(Adapter):
     @classmethod
     def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
         return sum(
-            mora_square_side(m.in_features, m.out_features, rank, settings.get("mora_type", "rope")) ** 2 for m in layers.values()
+            mora_square_side(m.in_features, m.out_features, rank, choose_mora_type(settings.get("mora_type", "rope"), rank)) ** 2
+            for m in layers.values()
         )
 
     def __init__(
@@ -120,7 +138,9 @@ class MoraAdapter(Adapter):
         modules: dict[str, MoRALinear] | None = None,
     ) -> None:
         self.base_model = model
-        self.rank, self.mora_type, self.dropout = rank, resolve_mora_type(mora_type), dropout
+        # mora_type=auto is decided here, once, from the rank; the chosen type is what is saved and reported.
+        self.requested_type = mora_type
+        self.rank, self.mora_type, self.dropout = rank, choose_mora_type(mora_type, rank), dropout
         self.target_modules = list(target_modules)
         if modules is None:
             problems = mora_layer_problems(model, self.target_modules, rank, self.mora_type)
@@ -130,12 +150,13 @@ class MoraAdapter(Adapter):
             modules = {}
             for name, linear in find_target_linears(model, self.target_modules).items():
                 layer = MoRALinear(linear, rank, self.mora_type, dropout=dropout, layer_name=name)
-                _set_submodule(model, name, layer)
+                set_submodule(model, name, layer)
                 modules[name] = layer
         self.modules = modules
 
     def title(self) -> str:
-        return f"mora (rank {self.rank}, type {self.mora_type})"
+        chosen = ", chosen by mora_type=auto" if _is_auto(self.requested_type) else ""
+        return f"mora (rank {self.rank}, type {self.mora_type}{chosen})"
 
     def identity_now(self) -> dict[str, Any]:
         return {"adapter": self.name, "rank": self.rank}
@@ -154,10 +175,11 @@ class MoraAdapter(Adapter):
             return {n: m.delta_weight() for n, m in self.modules.items()}
 
     def merge_and_unload(self) -> PreTrainedModel:
+        self.dequantize_base()  # a quantized base: merged into its de-quantized weights, never re-quantized
         with torch.no_grad():
             for name, layer in self.modules.items():
                 layer.merge()  # fp32 ΔW, checked finite
-                _set_submodule(self.base_model, name, layer.base_layer)
+                set_submodule(self.base_model, name, layer.base_layer)
         self.modules = {}
         return self.base_model
 
@@ -206,6 +228,8 @@ class MoraAdapter(Adapter):
             "adapter": "mora",
             "rank": self.rank,
             "mora_type": self.mora_type,
+            **({"mora_type_requested": AUTO, "mora_type_rule": f"auto: rope below rank {AUTO_SHARING_FROM_RANK}, "
+                "sharing from it on (paper §5 runs; official README)"} if _is_auto(self.requested_type) else {}),
             "dropout": self.dropout,
             "target_modules": self.target_modules,
             "base_model": getattr(self.base_model.config, "_name_or_path", None),

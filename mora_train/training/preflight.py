@@ -16,7 +16,9 @@ from torch import nn
 
 from mora_train.adapters import adapter_type
 from mora_train.adapters.base import linear_layer_names, match_target_linears
+from mora_train.config.validation import export_dtype
 from mora_train.core.errors import ConfigError
+from mora_train.models.quantization import compute_dtype, is_quantized, logical_parameter_count
 from mora_train.training.resilience import format_bytes, free_bytes
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,21 @@ def _dir_bytes(path: Path) -> int:
 
 def estimate_run_bytes(cfg: DictConfig, model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, int]:
     """Bytes the run will still write: merged checkpoint, adapter folder, training checkpoints, small files."""
-    _, merged = _model_bytes(model)
+    parameters, merged = _model_bytes(model)
     element = next(model.parameters()).element_size()
+    if is_quantized(model):
+        # The merged checkpoint is de-quantized: every weight at export.dtype (default the compute dtype), not
+        # the packed 4-/8-bit codes in memory; adapters train in float32 beside them.
+        parameters = logical_parameter_count(model)
+        merged = parameters * (export_dtype(cfg) or compute_dtype(model)).itemsize
+        element = 4
     method = adapter_type(cfg.adapter)
     count = method.trainable_count(model, layers, OmegaConf.to_container(cfg.adapter, resolve=True), cfg.rank)
     trainable = count * element
     # A checkpoint holds the trained weights and their two AdamW moments.
     checkpoint = trainable + ADAM_STATES_PER_PARAM * trainable
     # RUN_DIR/adapter is not written when it would only repeat merged/ (every weight trained).
-    whole_model = count >= _model_bytes(model)[0]
+    whole_model = count >= parameters
     trainer = cfg.trainer
     checkpoints = 0
     if trainer.save_steps > 0:

@@ -63,11 +63,23 @@ class RestartSettings:
     mora_types: list[str | int] | None = None
 
 
-def restart_problems(adapter_cfg: Any) -> list[str]:
-    """Problems of adapter.restart and adapter.train_embeddings (the keys every method with restarts shares)."""
+def restart_problems(adapter_cfg: Any, quantization: str = "none") -> list[str]:
+    """Problems of adapter.restart and adapter.train_embeddings (the keys every method with restarts shares).
+
+    `quantization`: model.quantization. Restarts fold ΔW into the base weights; a 4-/8-bit base would have
+    to be re-quantized at every restart, losing most of each small ΔW, so the combination is refused."""
     if not isinstance(adapter_cfg, DictConfig) or "restart" not in adapter_cfg and "train_embeddings" not in adapter_cfg:
         return []
     problems: list[str] = []
+    restart_section = adapter_cfg.get("restart")
+    every_steps = restart_section.get("every_steps", 0) if isinstance(restart_section, DictConfig) else 0
+    if quantization != "none" and isinstance(every_steps, int) and not isinstance(every_steps, bool) and every_steps > 0:
+        problems.append(
+            f"`adapter.restart.every_steps={every_steps}` (ReMoRA/ReLoRA) with `model.quantization={quantization}`: "
+            "each restart folds ΔW into the base weights, which on a 4-/8-bit base means re-quantizing them, and a "
+            "small ΔW is mostly lost in that rounding (one 4-bit step is ~1/8 of a block's largest weight). Use "
+            "adapter.restart.every_steps=0 on a quantized base, or model.quantization=none for restarts"
+        )
     train_embeddings = adapter_cfg.get("train_embeddings", False)
     if not isinstance(train_embeddings, bool):
         problems.append(f"`adapter.train_embeddings={train_embeddings!r}` must be true or false")

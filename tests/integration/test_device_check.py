@@ -7,6 +7,7 @@ skipped and say so, and the results folder holds the markdown table and the raw 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,8 +30,9 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
     record = json.loads((results / "results.json").read_text())
     assert record["dry_run"] is True
     status = {s["step"]: s["status"] for s in record["steps"]}
+    has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
     assert status == {"environment": "passed", "install": "skipped", "gpu-tests": "passed", "throughput": "passed",
-                      "quantized": "skipped"}, record["steps"]
+                      "quantized": "passed" if has_bitsandbytes else "skipped"}, record["steps"]
     outcomes = {t["test"]: t["outcome"] for t in record["tests"]}
     assert "failed" not in outcomes.values() and "error" not in outcomes.values()
     assert outcomes["test_engines_device::test_engine_matches_plain_run[fsdp]"] == "skipped"  # CUDA only
@@ -45,6 +47,8 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
     for heading in ("| step | status |", "## GPU tests", "## MoRA layers", "## Training runs", "## Engines", "## Throughput"):
         assert heading in table, heading
     assert "| deepspeed-zero3 |" in table and "MFU" in table
+    if has_bitsandbytes:
+        assert "## QMoRA: nf4 base vs bf16 base" in table and "| mora rope r=4, nf4 base |" in table
     assert "device_check: done" in (results / "check.log").read_text()
 
 

@@ -134,3 +134,33 @@ def test_official_fixture_with_diverging_alias_is_refused(tmp_path: Path) -> Non
     fresh, _ = tiny_model()
     with pytest.raises(MoraTrainError, match="lora_A alias"):
         load_adapter(fresh, tmp_path / "official")
+
+
+@pytest.mark.parametrize(("rank", "expected"), [(1, "rope"), (8, "rope"), (64, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing"), (1024, "sharing")])
+def test_mora_type_auto_follows_the_papers_rule_by_rank(rank: int, expected: str) -> None:
+    from mora_train.adapters.mora import choose_mora_type
+
+    assert choose_mora_type("auto", rank) == expected
+    assert choose_mora_type("AUTO", rank) == expected
+    assert choose_mora_type(1, rank) == "sharing"  # an explicit type is never overridden
+
+
+def test_mora_type_auto_is_recorded_in_title_adapter_config_and_metrics(tmp_path) -> None:
+    from omegaconf import OmegaConf
+
+    from mora_train.adapters import adapter_config_problems, build_adapter, load_adapter
+    from mora_train.core.io import write_dir_atomically
+    from tests.conftest import compose_config
+
+    model, _ = load_model_and_tokenizer(compose_config(["model=tiny-llama"]).model)
+    settings = OmegaConf.create({"name": "mora", "mora_type": "auto", "target_modules": ["q_proj"], "dropout": 0.0})
+    assert adapter_config_problems(settings, 8) == []
+    adapter = build_adapter(model, settings, 8)
+    assert adapter.title() == "mora (rank 8, type rope, chosen by mora_type=auto)"
+    described = adapter.describe()
+    assert described["mora_type"] == "rope" and described["mora_type_requested"] == "auto"
+    write_dir_atomically(tmp_path / "adapter", adapter.save)
+    fresh, _ = load_model_and_tokenizer(compose_config(["model=tiny-llama"]).model)
+    assert load_adapter(fresh, tmp_path / "adapter").mora_type == "rope"
+    cycle = OmegaConf.create({**settings, "restart": {"every_steps": 4, "mora_types": [1, 2]}})
+    assert any("mora_type=auto" in p for p in adapter_config_problems(cycle, 8))

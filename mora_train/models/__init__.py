@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from mora_train.core.errors import MoraTrainError, package_hint
 from mora_train.core.io import write_dir_atomically
 from mora_train.core.paths import looks_like_local_path, package_dir
+from mora_train.models.quantization import bitsandbytes_config, is_quantized_config, quantized_device_map
 
 log = logging.getLogger(__name__)
 
@@ -211,29 +214,54 @@ def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> PreTrained
 
 
 def load_model_and_tokenizer(model_cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build or load the frozen-to-be base model and its tokenizer, as the model config says."""
+    """Build or load the frozen-to-be base model and its tokenizer, as the model config says.
+
+    With model.quantization (nf4 | fp4 | int8) the linear layers are loaded quantized through transformers'
+    bitsandbytes integration (models/quantization.py); a random-init model is built in float first and
+    quantized from those weights, so a rebuilt base is quantized identically."""
     dtype = DTYPES[model_cfg.get("dtype") or "float32"]
     if model_cfg.get("random_init") is not None:
         tokenizer = load_tokenizer(model_cfg)
         init = OmegaConf.to_container(model_cfg.random_init, resolve=True)
         try:
-            return _random_model(init, tokenizer, dtype), tokenizer
+            model = _random_model(init, tokenizer, dtype)
         except (ValueError, TypeError, KeyError) as err:
             raise MoraTrainError(
                 f"model.random_init cannot build a model ({type(err).__name__}: {_first_line(err)}); check its "
                 "architecture and sizes (e.g. hidden_size divisible by num_attention_heads)"
             ) from None
+        if is_quantized_config(model_cfg):
+            model = _quantized_copy(model, model_cfg, dtype)
+        return model, tokenizer
 
     path = resolve_model_path(model_cfg)
     _require_model_folder(path)
     tokenizer = load_tokenizer(model_cfg, path)
+    return _load_pretrained(path, model_cfg, dtype), tokenizer
+
+
+def _load_pretrained(path: str, model_cfg: DictConfig, dtype: Any) -> PreTrainedModel:
+    quantized = {}
+    if is_quantized_config(model_cfg):
+        quantized = {"quantization_config": bitsandbytes_config(model_cfg), "device_map": quantized_device_map()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code),
+            **quantized,
         )
     except Exception as err:  # noqa: BLE001 - the loading boundary: every failure becomes a MoraTrainError
         raise load_error("model", path, err) from None
-    return model, tokenizer
+
+
+def _quantized_copy(model: PreTrainedModel, model_cfg: DictConfig, dtype: Any) -> PreTrainedModel:
+    """`model` loaded back quantized (transformers quantizes while loading a checkpoint, not in memory)."""
+    name = model.config._name_or_path
+    with tempfile.TemporaryDirectory(prefix="mora-train-quantize-") as folder:
+        model.save_pretrained(folder)
+        del model
+        quantized = _load_pretrained(folder, model_cfg, dtype)
+    quantized.config._name_or_path = name  # not the temporary folder, which is gone
+    return quantized
 
 
 def _require_model_folder(path: str) -> None:

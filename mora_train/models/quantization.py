@@ -1,0 +1,262 @@
+"""4-bit and 8-bit base models through bitsandbytes: load, prepare for adapter training, de-quantize.
+
+`model.quantization` = none | nf4 | fp4 | int8 (README "QMoRA"). The base's linear layers become
+bitsandbytes `Linear4bit` / `Linear8bitLt` (both subclasses of `nn.Linear`, so adapters find and wrap them
+like any linear layer); everything else (embeddings, norms, the LM head) stays in `model.dtype`.
+
+Export never re-quantizes: `dequantize_linears` turns every quantized layer back into a float `nn.Linear`
+holding exactly the weight its forward used (bitsandbytes computes `x @ dequantize(W)` on the base path),
+and the adapter's ΔW is added to that. The merged checkpoint is therefore the model that was trained, up
+to float rounding — unlike merging into the 4-bit weight, which re-quantizes W + ΔW and loses most of a
+small ΔW (one nf4 step is ~1/8 of a block's absmax; a typical ΔW entry is far below it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+FOUR_BIT = ("nf4", "fp4")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Bits per base weight as stored, for estimates: 4-bit codes + one absmax per 64-weight block (fp32, or
+# 8-bit with double quantization); int8 codes + one fp32 scale per output row (counted per weight: ~0).
+BITS_PER_WEIGHT = {"nf4": 4.0 + 32 / 64, "fp4": 4.0 + 32 / 64, "int8": 8.0}
+BITS_PER_WEIGHT_DOUBLE_QUANT = 4.0 + 8 / 64 + 32 / (64 * 256)
+
+
+def quantization_of(model_cfg: Any) -> str:
+    """The model config's quantization name ("none" when the key is absent, e.g. an older user config)."""
+    value = model_cfg.get("quantization") if model_cfg is not None else None
+    return "none" if value in (None, False) else str(value)
+
+
+def is_quantized_config(model_cfg: Any) -> bool:
+    return quantization_of(model_cfg) != "none"
+
+
+def _options(model_cfg: Any) -> dict[str, Any]:
+    options = model_cfg.get("quantization_options") if model_cfg is not None else None
+    if isinstance(options, DictConfig):
+        options = OmegaConf.to_container(options, resolve=True)
+    return dict(options or {})
+
+
+def quantization_problems(model_cfg: Any, cuda_available: bool | None = None) -> list[str]:
+    """Every problem of model.quantization and model.quantization_options, one message each (key and fix)."""
+    name = quantization_of(model_cfg)
+    if name not in QUANTIZATIONS:
+        return [f"`model.quantization={name}` is unknown; use one of {', '.join(QUANTIZATIONS)} (none: no quantization)"]
+    if name == "none":
+        return []
+    problems = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            f"`model.quantization={name}` needs bitsandbytes, which is not installed; `pip install "
+            "'mora-train[quantization]'` (bitsandbytes>=0.45: 4-bit and 8-bit layers on CUDA and on CPU)"
+        )
+    options = _options(model_cfg)
+    known = {"double_quant", "compute_dtype", "storage_dtype", "int8_threshold"}
+    for key in sorted(set(options) - known):
+        problems.append(f"`model.quantization_options.{key}` is unknown; the options are {', '.join(sorted(known))}")
+    compute = options.get("compute_dtype")
+    if compute is not None and compute not in COMPUTE_DTYPES:
+        problems.append(
+            f"`model.quantization_options.compute_dtype={compute}` is unknown; use null (model.dtype) or one of "
+            f"{', '.join(COMPUTE_DTYPES)}"
+        )
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if compute_dtype_name(model_cfg) == "float16" and not cuda:
+        problems.append(
+            "`model.quantization_options.compute_dtype=float16` needs a CUDA GPU (float16 matmuls on CPU are "
+            "unsupported or very slow); use compute_dtype=float32 or bfloat16 here"
+        )
+    storage = options.get("storage_dtype", "uint8")
+    if storage not in STORAGE_DTYPES:
+        problems.append(
+            f"`model.quantization_options.storage_dtype={storage}` is unknown; use one of {', '.join(STORAGE_DTYPES)}"
+        )
+    if not isinstance(options.get("double_quant", True), bool):
+        problems.append(f"`model.quantization_options.double_quant={options.get('double_quant')}` must be true or false")
+    threshold = options.get("int8_threshold", 6.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+        problems.append(f"`model.quantization_options.int8_threshold={threshold}` must be a number >= 0 (6.0 is LLM.int8's)")
+    return problems
+
+
+def compute_dtype_name(model_cfg: Any) -> str:
+    """The dtype the quantized layers compute in: quantization_options.compute_dtype, else model.dtype."""
+    compute = _options(model_cfg).get("compute_dtype")
+    if compute is None:
+        compute = model_cfg.get("dtype") or "float32"
+    return "float32" if compute == "auto" else str(compute)
+
+
+def bitsandbytes_config(model_cfg: Any) -> Any:
+    """transformers' BitsAndBytesConfig for this model config (None when not quantized)."""
+    name = quantization_of(model_cfg)
+    if name == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    options = _options(model_cfg)
+    if name == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(options.get("int8_threshold", 6.0)))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=name,
+        bnb_4bit_use_double_quant=bool(options.get("double_quant", True)),
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[compute_dtype_name(model_cfg)],
+        bnb_4bit_quant_storage=STORAGE_DTYPES[options.get("storage_dtype", "uint8")],
+    )
+
+
+def quantized_device_map() -> dict[str, Any]:
+    """Where bitsandbytes puts the quantized model: this process's GPU (LOCAL_RANK under a launcher), or the CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+# -- a loaded model ------------------------------------------------------------------------------------
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (by class name: bitsandbytes is imported only when used)."""
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4") and isinstance(module, nn.Linear)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any linear layer of `model` is a bitsandbytes quantized layer."""
+    return any(is_quantized_linear(m) for m in model.modules())
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its quantized layers' compute dtype, else its first float parameter's."""
+    for module in model.modules():
+        if is_quantized_linear(module) and getattr(module, "compute_dtype", None) is not None:
+            return module.compute_dtype
+    for param in model.parameters():
+        if param.dtype.is_floating_point:
+            return param.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 weight a quantized linear layer's forward multiplies by (d_out x d_in); a float layer's own weight."""
+    weight = module.weight
+    if not is_quantized_linear(module):
+        return weight.detach().float()
+    import bitsandbytes.functional as F
+
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # 4-bit: packed codes + per-block absmax (itself quantized with double_quant)
+        return F.dequantize_4bit(weight.data, quant_state).float()
+    # LLM.int8: int8 codes with one absmax scale per output row; before the layer first moves to its device
+    # the weight is still float (Int8Params quantizes on .to/.cuda).
+    if weight.dtype != torch.int8:
+        return weight.detach().float()
+    scale = getattr(weight, "SCB", None)
+    if scale is None:
+        scale = module.state.SCB
+    return F.int8_vectorwise_dequant(weight.data, scale).float()
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized linear layer of `model` (also inside adapter wrappers) by a float `nn.Linear`
+    holding its de-quantized weight, in `dtype` (default: the compute dtype). The model then computes what it
+    did, minus the quantized kernels' own rounding (none for 4-bit, whose forward is x @ dequantize(W))."""
+    target = dtype or compute_dtype(model)
+    for name, module in list(model.named_modules()):
+        if not is_quantized_linear(module):
+            continue
+        weight = dequantized_weight(module)
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=weight.device, dtype=target)
+        plain.weight.copy_(weight.to(target))
+        if module.bias is not None:
+            plain.bias.copy_(module.bias.detach().to(target))
+        plain.requires_grad_(False)
+        set_submodule(model, name, plain)
+    return model
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Drop transformers' record that the model was loaded quantized (its layers are float now), so that
+    save_pretrained writes a plain checkpoint and `.to(dtype)` is allowed."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    if hasattr(model, "quantization_method"):
+        with contextlib.suppress(AttributeError):
+            del model.quantization_method
+
+
+def prepare_for_adapter_training(model: nn.Module) -> None:
+    """peft's k-bit preparation for every adapter method: freeze the base, cast non-quantized half-precision
+    weights (norms, embeddings) to float32 for stable training. Gradient checkpointing is left to the trainer
+    (trainer.gradient_checkpointing), which enables input gradients itself."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+@contextlib.contextmanager
+def adapters_attached(model: nn.Module) -> Iterator[None]:
+    """Tell transformers' Trainer that trainable adapters sit on this quantized model.
+
+    Its constructor refuses a quantized model unless it is a peft model ("purely quantized models" cannot be
+    fine-tuned); MoRA's layers are not peft's, so the flag peft's own integration sets is set while the
+    Trainer is built, and restored after (it changes what save_pretrained writes, which we never call on
+    the live model, but nothing else should see it)."""
+    if not is_quantized(model) or getattr(model, "_hf_peft_config_loaded", False):
+        yield
+        return
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        model._hf_peft_config_loaded = False
+
+
+def logical_parameter_count(model: nn.Module) -> int:
+    """Parameters as the unquantized model has them (a packed 4-bit weight counts its d_out x d_in entries)."""
+    seen: set[int] = set()
+    count = 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            quant_state = getattr(param, "quant_state", None)
+            count += int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+    return count
+
+
+def base_weight_bits(quantization: str, double_quant: bool = True) -> float:
+    """Bits per quantized base weight as held in memory (4-bit codes + block scales; int8 codes)."""
+    if quantization in FOUR_BIT and double_quant:
+        return BITS_PER_WEIGHT_DOUBLE_QUANT
+    return BITS_PER_WEIGHT.get(quantization, 32.0)
