@@ -16,7 +16,14 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned, so the project install below never pulls a multi-GB CUDA build by accident.
 pip install "$TORCH_SPEC"
-pip install -e ".[dev]"
+# dev: the test tools; lm_eval: lm-evaluation-harness (eval.backend=lm_eval), so its tests run too.
+pip install -e ".[dev,lm_eval]"
+# Optional extras, installed here so their tests run: slurm (Hydra's submitit launcher: hydra/launcher=slurm|local),
+# wandb and mlflow (logging.report_to=[wandb,mlflow]; the tests use W&B offline and a local MLflow store).
+pip install -e ".[slurm,wandb,mlflow]"
+# quantization: bitsandbytes for 4-/8-bit bases (model.quantization=nf4|fp4|int8); it runs these layers on CPU
+# too, so the QMoRA tests run here.
+pip install -e ".[quantization]"
 # DeepSpeed (the `deepspeed` extra), CPU build: no compiled ops (DS_BUILD_OPS=0), and --no-build-isolation
 # so that building it uses the torch installed above instead of downloading another one. With it, the
 # ZeRO-2/ZeRO-3 tests run (on CPU, gloo) instead of being skipped.

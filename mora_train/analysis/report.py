@@ -40,7 +40,7 @@ from mora_train.core.errors import MoraTrainError, report_unexpected
 from mora_train.adapters import adapter_identity
 from mora_train.core.io import write_text_atomically
 from mora_train.core.metrics import best as best_of
-from mora_train.core.metrics import greater_is_better, metrics_of, run_info
+from mora_train.core.metrics import greater_is_better, metrics_of, primary_value, run_info
 from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, read_error
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,8 @@ class Run:
     def primary(self) -> tuple[str | None, float | None]:
         if not self.metrics:
             return None, None
-        name = self.metrics.get("primary_metric")
-        value = self.metrics.get(name) if name else None
-        return name, float(value) if isinstance(value, (int, float)) else None
+        # primary_value also finds a primary metric of lm-evaluation-harness's section (eval.backend=lm_eval).
+        return self.metrics.get("primary_metric"), primary_value(self.metrics)
 
     @property
     def secondary(self) -> dict[str, float]:

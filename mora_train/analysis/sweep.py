@@ -63,6 +63,21 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def jobs_run_apart() -> bool:
+    """True when the sweep's launcher runs every job in a process of its own (submitit, Ray: anything but
+    Hydra's basic launcher). A job stopped by a signal there (a SLURM time limit) ends only itself: it must
+    hand its launcher a result, or the launcher fails the whole `mora-train -m` without a summary."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    target = str(HydraConfig.get().launcher.get("_target_") or BASIC_LAUNCHER)
+    return target != BASIC_LAUNCHER
+
+
 def _job_label() -> str:
     from hydra.core.hydra_config import HydraConfig
 

@@ -43,7 +43,8 @@ def _run(cfg: DictConfig) -> float | None:
 
 def _job(cfg: DictConfig) -> float | None:
     from mora_train.pipeline.train import run, write_hydra_records
-    from mora_train.analysis.sweep import failed_job_metric, in_multirun, record_job_failure
+    from mora_train.pipeline.relaunch import run_relaunched, wants_relaunch
+    from mora_train.analysis.sweep import failed_job_metric, in_multirun, jobs_run_apart, record_job_failure
 
     def record_failure(err: BaseException, sweep_goes_on: bool = True) -> float:
         # Rank 0 alone writes the job's error record; the other ranks go on (or stop) with it.
@@ -61,6 +62,8 @@ def _job(cfg: DictConfig) -> float | None:
             from mora_train.pipeline.evaluate import run_eval
 
             metrics = run_on_main_process(lambda: run_eval(cfg))  # evaluation is a one-process job
+        elif wants_relaunch(cfg):  # accelerate.num_processes=N: this job as an N-process accelerate launch
+            return score(run_relaunched(cfg))  # whose rank 0 has printed the summary
         else:
             metrics = run(cfg)
     except MainProcessFailed:
@@ -72,6 +75,8 @@ def _job(cfg: DictConfig) -> float | None:
         if in_multirun():
             if getattr(err, "exit_code", EXIT_USER) < 128:  # one bad job must not end the sweep: record it, go on
                 return record_failure(err)
+            if jobs_run_apart():  # a job in a process of its own (submitit, Ray) stopped by a signal: only this job
+                return record_failure(err, sweep_goes_on=False)
             # SIGINT/SIGTERM: the user stops the whole sweep; the job's record says so
             record_failure(err, sweep_goes_on=False)
         logging.getLogger("mora_train").debug("user error", exc_info=True)
@@ -134,8 +139,9 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
     direction = "higher" if greater_is_better(metrics) else "lower"
     shown = [f"{primary}: {value:.4f} ({direction} is better)" if value is not None else f"{primary}: missing"]
     # A few of the task's other metrics (not its timings and counts), in the order the task reported them.
-    others = [k for k in metrics_of(metrics) if k != primary and not k.endswith(("_s", "_samples", "_truncated"))]
-    shown += [f"{k}: {metrics[k]:.4f}" for k in others[:3]]
+    # (metrics_of also holds lm-evaluation-harness's, as lm_eval/TASK/METRIC, after the task's)
+    others = [(k, v) for k, v in metrics_of(metrics).items() if k != primary and not k.endswith(("_s", "_samples", "_truncated"))]
+    shown += [f"{k}: {v:.4f}" for k, v in others[:3]]
     wall = f"wall time: {run_info(metrics, 'wall_time_s', 0.0):.0f} s"
     if metrics.get("mode") == "eval":
         where = f"evaluated: {metrics['evaluated']} on task {metrics['task']}"

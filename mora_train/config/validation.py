@@ -62,7 +62,12 @@ MODEL_SCHEMA: dict[str, tuple[type, ...]] = {
     "revision": (str, type(None)),
     "cache_dir": (str,),
     "random_init": (dict, type(None)),
+    # 4-/8-bit base (bitsandbytes): checked by mora_train.models.quantization.quantization_problems
+    "quantization": (str, type(None)),
+    "quantization_options": (dict, type(None)),
 }
+# export.dtype: the merged checkpoint's dtype (null: the dtype the model computed in)
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -205,6 +210,62 @@ def _check_mode(mode: Any, checkpoint: Any, problems: list[str]) -> None:
         )
 
 
+# logging.report_to: the trackers mora-train feeds (mora_train.training.tracking), each with the package it needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+LOGGING_SCHEMA = {"report_to": None, "group": (str, type(None)), "wandb": ("project", "entity"),
+                  "mlflow": ("tracking_uri", "experiment")}
+
+
+def tracker_names(report_to: Any) -> list[str]:
+    """`logging.report_to` as a list of names: a list, one name or "a,b"; null, [] and none mean none."""
+    if report_to is None:
+        return []
+    items = str(report_to).split(",") if isinstance(report_to, str) else [str(item) for item in report_to]
+    names = [item.strip() for item in items if item.strip() and item.strip().lower() != "none"]
+    return list(dict.fromkeys(names))  # once each, in the order given
+
+
+def logging_problems(section: Any) -> list[str]:
+    """The `logging` section: known trackers only, each one installed; string-valued tracker settings."""
+    if section is None:
+        return []
+    if not isinstance(section, DictConfig):
+        return [f"`logging` must be a mapping with keys {', '.join(LOGGING_SCHEMA)}, got {section!r}"]
+    problems: list[str] = []
+    values = OmegaConf.to_container(section, resolve=True)
+    for key, value in values.items():
+        if key not in LOGGING_SCHEMA:
+            problems.append(f"`logging.{key}` is not a known key; known keys: {', '.join(LOGGING_SCHEMA)}")
+        elif key == "group" and not isinstance(value, (str, type(None))):
+            problems.append(f"`logging.group` must be a name (str) or null, got {value!r}")
+        elif key in ("wandb", "mlflow") and value is not None:
+            if not isinstance(value, dict):
+                problems.append(f"`logging.{key}` must be a mapping with keys {', '.join(LOGGING_SCHEMA[key])}")
+                continue
+            for sub, setting in value.items():
+                if sub not in LOGGING_SCHEMA[key]:
+                    problems.append(f"`logging.{key}.{sub}` is not a known key; known keys: {', '.join(LOGGING_SCHEMA[key])}")
+                elif not isinstance(setting, (str, type(None))):
+                    problems.append(f"`logging.{key}.{sub}` must be a string or null, got {setting!r}")
+    report_to = values.get("report_to")
+    if not (report_to is None or isinstance(report_to, str)
+            or (isinstance(report_to, list) and all(isinstance(name, str) for name in report_to))):
+        problems.append(f"`logging.report_to` must be a list of tracker names such as [tensorboard,wandb], got {report_to!r}")
+        return problems
+    for name in tracker_names(report_to):
+        if name not in TRACKERS:
+            problems.append(
+                f"`logging.report_to` names {name!r}, which is not a tracker mora-train feeds; use any of "
+                f"{', '.join(TRACKERS)} (e.g. logging.report_to=[tensorboard,wandb]), or logging.report_to=[] for none"
+            )
+        elif importlib.util.find_spec(TRACKERS[name]) is None:
+            problems.append(
+                f"`logging.report_to` includes {name}, whose package is not installed: pip install 'mora-train[{name}]' "
+                f"(or pip install {TRACKERS[name]}), or drop {name} from logging.report_to"
+            )
+    return problems
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Problems of the run-wide keys (trainer, model, seed, mode); each layer checks its own section
     (adapters, tasks, engines), and pipeline.validate collects them all into one error."""
@@ -213,8 +274,34 @@ def config_problems(cfg: DictConfig) -> list[str]:
     _check_trainer(trainer, problems)
     model = _check_section(cfg.get("model"), MODEL_SCHEMA, "model", problems)
     _check_model(model, problems)
+    problems += logging_problems(cfg.get("logging"))
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"`seed={seed}` must be a non-negative integer")
     _check_mode(cfg.get("mode", "train"), cfg.get("checkpoint"), problems)
+    _check_export(cfg.get("export"), problems)
     return problems
+
+
+def _check_export(export: Any, problems: list[str]) -> None:
+    if export is None:
+        return
+    if not isinstance(export, DictConfig):
+        problems.append(f"`export` must be a mapping with key dtype, got {export!r}")
+        return
+    for key in export:
+        if key != "dtype":
+            problems.append(f"`export.{key}` is not a known key; the export section has: dtype")
+    dtype = export.get("dtype")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        problems.append(
+            f"`export.dtype={dtype}` is unknown; use one of {', '.join(EXPORT_DTYPES)} or null (the dtype the model "
+            "computed in: model.dtype, or model.quantization_options.compute_dtype on a quantized base)"
+        )
+
+
+def export_dtype(cfg: DictConfig) -> torch.dtype | None:
+    """The merged checkpoint's dtype from export.dtype (None: the dtype the model computed in)."""
+    export = cfg.get("export")
+    dtype = export.get("dtype") if isinstance(export, DictConfig) else None
+    return EXPORT_DTYPES[dtype] if dtype is not None else None

@@ -3,12 +3,15 @@
 A run's record has three parts:
 
 * identity: `mode` (eval runs only), `task`, `adapter`, `rank` (null for methods without one),
-  `adapter_config` (the method's own description), `primary_metric` and `greater_is_better` — the
+  `adapter_config` (the method's own description), `quantization` (model.quantization of the base), `primary_metric` and `greater_is_better` — the
   metric the task declares (mora_train.tasks) and its direction, so that every reader (summary line,
   sweep report, sweep optimisers) ranks runs the same way without knowing the task;
 * results: the task's own metrics (`metrics_of`) and the training results in TRAINING_KEYS;
 * `run`: bookkeeping of how the job ran (engine, world size, resume step, skipped steps, memory,
-  wall time), never taken for a metric.
+  wall time), never taken for a metric;
+* `lm_eval` (only with `eval.backend=lm_eval` or `both`): lm-evaluation-harness's results, its version
+  and the settings it ran with (mora_train.evaluation.lm_harness). Its numbers count as metrics of the run
+  under flat names `lm_eval/TASK/METRIC` (`lm_eval_metrics`), which `primary_metric` may name.
 """
 
 from __future__ import annotations
@@ -19,14 +22,19 @@ from typing import Any
 METRICS_JSON = "metrics.json"
 
 IDENTITY_KEYS = (
-    "mode", "task", "adapter", "rank", "adapter_config", "checkpoint", "evaluated", "primary_metric", "greater_is_better",
+    "mode", "task", "adapter", "rank", "adapter_config", "quantization", "checkpoint", "evaluated", "primary_metric",
+    "greater_is_better",
 )
 # Comparable across runs of any task; shown by the report beside the task's metrics.
 TRAINING_KEYS = (
     "train_loss", "final_logged_loss", "train_steps", "trainable_params", "total_params", "train_runtime_s",
     "tokens_per_s", "merge_max_abs_diff", "merge_tolerance",
+    # quantized base: max |logit difference| between its quantized kernels and its de-quantized weights
+    "quantized_kernel_max_abs_diff",
 )
 RUN_SECTION = "run"
+LM_EVAL_SECTION = "lm_eval"
+LM_EVAL_PREFIX = "lm_eval/"
 
 
 def make_record(
@@ -36,9 +44,10 @@ def make_record(
     task_metrics: dict[str, Any],
     training: dict[str, Any] | None = None,
     run: dict[str, Any] | None = None,
+    lm_eval: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A metrics.json record from its parts; refuses task metrics whose names the schema reserves."""
-    reserved = set(IDENTITY_KEYS) | set(TRAINING_KEYS) | {RUN_SECTION}
+    reserved = set(IDENTITY_KEYS) | set(TRAINING_KEYS) | {RUN_SECTION, LM_EVAL_SECTION}
     clash = sorted(reserved & set(task_metrics))
     if clash:
         raise ValueError(f"task metrics {clash} use names metrics.json reserves for run identity or bookkeeping")
@@ -52,6 +61,7 @@ def make_record(
         **task_metrics,
         **(training or {}),
         RUN_SECTION: dict(run or {}),
+        **({LM_EVAL_SECTION: lm_eval} if lm_eval is not None else {}),
     }
 
 
@@ -64,7 +74,9 @@ def _number(value: Any) -> float | None:
 def primary_value(record: dict[str, Any]) -> float | None:
     """The value of the record's declared primary metric (None when absent or not a number)."""
     name = record.get("primary_metric")
-    return _number(record.get(name)) if name else None
+    if not name:
+        return None
+    return _number(record[name]) if name in record else _number(lm_eval_metrics(record).get(name))
 
 
 def greater_is_better(record: dict[str, Any]) -> bool:
@@ -84,9 +96,23 @@ def score(record: dict[str, Any]) -> float:
 
 
 def metrics_of(record: dict[str, Any]) -> dict[str, float]:
-    """The task's own numeric metrics: everything that is neither identity, training results nor bookkeeping."""
-    skip = set(IDENTITY_KEYS) | set(TRAINING_KEYS) | {RUN_SECTION}
-    return {k: float(v) for k, v in record.items() if k not in skip and _number(v) is not None}
+    """The run's numeric metrics: the task's own (everything that is neither identity, training results nor
+    bookkeeping), then lm-evaluation-harness's (`lm_eval_metrics`)."""
+    skip = set(IDENTITY_KEYS) | set(TRAINING_KEYS) | {RUN_SECTION, LM_EVAL_SECTION}
+    own = {k: float(v) for k, v in record.items() if k not in skip and _number(v) is not None}
+    return {**own, **lm_eval_metrics(record)}
+
+
+def lm_eval_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """lm-evaluation-harness's numbers as `lm_eval/TASK/METRIC` (its metric names, e.g.
+    `lm_eval/gsm8k/exact_match,strict-match`), standard errors left out; {} when the harness did not run."""
+    results = (record.get(LM_EVAL_SECTION) or {}).get("results") or {}
+    return {
+        f"{LM_EVAL_PREFIX}{task}/{metric}": float(value)
+        for task, metrics in results.items()
+        for metric, value in metrics.items()
+        if "_stderr" not in metric and _number(value) is not None
+    }
 
 
 def run_info(record: dict[str, Any], key: str, default: Any = None) -> Any:

@@ -1,6 +1,6 @@
 """Standalone evaluation (`mora-train mode=eval checkpoint=...`, or `mora-train-eval checkpoint=...`).
 
-Evaluates, with the task's own evaluation config:
+Evaluates, with the task's own evaluation config and/or lm-evaluation-harness (eval.backend):
   - a run dir (uses RUN_DIR/merged, or RUN_DIR/adapter on top of model=... when there is no merged/),
   - a merged or any plain transformers model folder (has config.json),
   - an adapter folder (adapter_config.json: mora-train MoRA, peft LoRA, official MoRA fork) on top of model=...,
@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME
+from mora_train.pipeline.scoring import evaluate_model, uses_task_evaluation
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.core.errors import MoraTrainError
@@ -134,11 +135,12 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer, loaded = load_checkpoint(cfg)
     if torch.cuda.is_available():
         model.to("cuda")
+    # The task's evaluation data, unless only lm-evaluation-harness evaluates (eval.backend=lm_eval).
     build = task.build_eval or task.build
-    data = build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
+    data = build(cfg.task, tokenizer, cfg.trainer.max_seq_len) if uses_task_evaluation(cfg) else None
     run_dir = prepare_run_dir(cfg)
     log.info("evaluating %s on task %s", loaded, task.name)
-    eval_metrics = task.evaluate(cfg.task, model, tokenizer, data, run_dir)
+    scores = evaluate_model(cfg, task, model, tokenizer, data, run_dir)
     identity = {
         "mode": "eval",
         "task": task.name,
@@ -146,7 +148,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "evaluated": loaded,
     }
     metrics = make_record(
-        identity, task.primary_metric, task.greater_is_better, eval_metrics, run={"wall_time_s": time.time() - started}
+        identity, scores.primary_metric, scores.greater_is_better, scores.metrics,
+        run={"wall_time_s": time.time() - started}, lm_eval=scores.lm_eval,
     )
     write_json_atomically(run_dir / METRICS_JSON, metrics)
     return metrics

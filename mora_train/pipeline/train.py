@@ -14,11 +14,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from mora_train.training import distributed
+from mora_train.training import distributed, tracking
 from mora_train.adapters import Adapter, adapter_identity, build_adapter
 from mora_train.training.restarts import setup_training_extras
 from mora_train.adapters.base import count_parameters
 from mora_train.training.checkpoints import apply_resume_plan, checkpoint_step, decide_resume, file_sha256, resume_command
+from mora_train.pipeline.scoring import evaluate_model, not_evaluated
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
@@ -27,6 +28,8 @@ from mora_train.core.io import write_dir_atomically, write_json_atomically, writ
 from mora_train.export import export_merged, probe_batch
 from mora_train.training.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
+from mora_train.models.quantization import quantization_of
+from mora_train.config.validation import export_dtype
 from mora_train.training.preflight import check_model_fit
 from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
 from mora_train.training.trainer import TrainResult, plot_loss, train
@@ -38,6 +41,9 @@ def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
     """One screen: model, adapter, per-layer-kind size (r or r̂) and trainable parameters."""
     trainable, total = count_parameters(adapter.model)
     model_name = cfg.model.name_or_path or f"random {cfg.model.random_init.get('architecture', 'llama')}"
+    quantization = quantization_of(cfg.model)
+    if quantization != "none":
+        model_name += f" ({quantization} base, de-quantized in the merged checkpoint)"
     lines = [
         f"model:     {model_name}",
         f"adapter:   {adapter.title()}",
@@ -263,6 +269,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"resume: {resume_command(run_dir)}",
             exit_code=4,
         ) from err
+    finally:
+        tracking.close(failed=True)  # what a run that ended early left open (a finished run has closed its own)
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
@@ -288,6 +296,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     extras = setup_training_extras(adapter, cfg.adapter, cfg.seed)  # restarts, trained embeddings
     # Every refusal has passed: from here on the run dir is written.
     run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
+    if distributed.is_main_process():
+        tracking.start(cfg, run_dir)  # the W&B / MLflow runs of logging.report_to, grouped by sweep
     resume_from = distributed.run_on_main_process(lambda: apply_resume_plan(plan))
     if resume_from is not None and distributed.is_main_process():
         print(f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
@@ -297,7 +307,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         print(format_summary(cfg, adapter), flush=True)
 
     result = train(
-        adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, resume_from, extras, cfg.get("distributed")
+        adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, resume_from, extras, cfg.get("distributed"),
+        logging_cfg=cfg.get("logging"),
     )
     return distributed.run_on_main_process(
         lambda: finish_run(cfg, task, adapter, tokenizer, data, result, run_dir, trainable, total, started)
@@ -330,9 +341,11 @@ def finish_run(
     if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
         adapter_dir = run_dir / "adapter"
         write_dir_atomically(adapter_dir, adapter.save)
-    export = export_merged(adapter, tokenizer, probe_batch(data.train, tokenizer.pad_token_id), run_dir / "merged")
+    export = export_merged(
+        adapter, tokenizer, probe_batch(data.train, tokenizer.pad_token_id), run_dir / "merged", export_dtype(cfg)
+    )
     if export.passed:
-        eval_metrics = task.evaluate(cfg.task, export.model, tokenizer, data, run_dir)
+        scores = evaluate_model(cfg, task, export.model, tokenizer, data, run_dir)  # eval.backend's evaluators
         write_output_checksums(run_dir)
     else:
         # A merge that does not reproduce the trained model is never evaluated nor left where a finished
@@ -341,9 +354,10 @@ def finish_run(
         shutil.rmtree(unverified, ignore_errors=True)
         os.replace(export.merged_dir, unverified)
         export.merged_dir = unverified
-        eval_metrics = {}
+        scores = not_evaluated(task)
 
-    identity = {"task": task.name, **adapter.identity_now(), "adapter_config": adapter.describe()}
+    identity = {"task": task.name, **adapter.identity_now(), "adapter_config": adapter.describe(),
+                "quantization": quantization_of(cfg.model)}
     identity.setdefault("rank", None)
     training = {
         "train_loss": result.train_loss,
@@ -355,6 +369,7 @@ def finish_run(
         "tokens_per_s": result.tokens_per_s,
         "merge_max_abs_diff": export.max_abs_diff,
         "merge_tolerance": export.tolerance,
+        "quantized_kernel_max_abs_diff": export.quantized_kernel_diff,
     }
     run_info = {
         "wall_time_s": time.time() - started,
@@ -363,9 +378,12 @@ def finish_run(
         "merge_check": "passed" if export.passed else "failed",
         **(result.final_weights.to_json() if result.final_weights else {}),
     }
-    metrics = make_record(identity, task.primary_metric, task.greater_is_better, eval_metrics, training, run_info)
+    metrics = make_record(
+        identity, scores.primary_metric, scores.greater_is_better, scores.metrics, training, run_info, lm_eval=scores.lm_eval
+    )
     plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
     write_json_atomically(run_dir / METRICS_JSON, metrics)
+    tracking.finish(metrics)  # the final metrics and the merge check, to the trackers of logging.report_to
     if not export.passed:
         raise MoraTrainError(export.failure_message(adapter_dir), exit_code=EXIT_MERGE_CHECK)
     return metrics

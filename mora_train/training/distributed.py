@@ -153,8 +153,15 @@ def launch_time() -> datetime:
 
 
 def register_launch_time_resolver() -> None:
-    """`${launch_time:%Y-%m-%d}`: Hydra's `${now:...}`, but one instant shared by all ranks (and all patterns)."""
-    OmegaConf.register_new_resolver("launch_time", lambda pattern: launch_time().strftime(pattern), replace=True)
+    """`${launch_time:%Y-%m-%d}`: Hydra's `${now:...}`, but one instant shared by all ranks (and all patterns).
+
+    Cached in the config, as Hydra caches `${now:...}`: a launcher that runs the jobs of a sweep in other
+    processes (submitit, Ray) hands them the sweep's config, and Hydra copies its resolver cache into each
+    job's config, so every job resolves the sweep dir the parent created instead of its own start time.
+    """
+    OmegaConf.register_new_resolver(
+        "launch_time", lambda pattern: launch_time().strftime(pattern), replace=True, use_cache=True
+    )
 
 
 # Available as soon as this module is imported (the CLI imports it before Hydra composes configs/config.yaml).
@@ -417,7 +424,25 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems.extend(_parallelism_problems(dist_cfg, method, ds_config))
     engine = backend if backend in ("deepspeed", "fsdp") else launcher_engine
     problems.extend(_adapter_option_problems(adapter_section, engine, ds_config))
+    problems.extend(_quantized_base_problems(cfg.get("model"), engine, dist_cfg.get("name")))
     return problems
+
+
+def _quantized_base_problems(model_section: Any, engine: str | None, engine_name: Any) -> list[str]:
+    """A 4-/8-bit base trains on one GPU or under DDP (each rank holds the whole quantized model); DeepSpeed
+    and FSDP shard or cast flat parameter groups, which bitsandbytes' packed codes and their quantization
+    state do not survive in our setup (untested: refused rather than silently wrong)."""
+    from mora_train.models.quantization import quantization_of
+
+    quantization = quantization_of(model_section) if isinstance(model_section, DictConfig) else "none"
+    if engine is None or quantization == "none":
+        return []
+    return [
+        f"`model.quantization={quantization}` with `distributed={engine_name}` ({engine}): a quantized base trains "
+        "on one GPU or with distributed=ddp (each GPU holds the whole 4-/8-bit model, which is what makes it "
+        f"small); {engine} would shard or cast bitsandbytes' packed weights. Use distributed=ddp or none, or "
+        "model.quantization=none with this engine"
+    ]
 
 
 def _adapter_option_problems(adapter_section: Any, engine: str | None, ds_config: dict | None) -> list[str]:

@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from transformers import Trainer, TrainingArguments
-from transformers.integrations import TensorBoardCallback
 
-from mora_train.training import distributed
+from mora_train.training import distributed, tracking
 from mora_train.adapters.base import Adapter
 from mora_train.training.checkpoints import STAGING_DIR, checkpoint_step, is_complete, newest_complete_checkpoint, publish, rotate
 from mora_train.data.common import PadCollator, count_tokens
 from mora_train.core.errors import MoraTrainError, RunStopped
 from mora_train.core.io import save_figure_atomically, write_json_atomically
+from mora_train.models.quantization import adapters_attached
 from mora_train.training.gather import FinalWeights, collect_final_weights, gather_trainable_state
 from mora_train.training.resilience import (
     NonFiniteLoss,
@@ -85,7 +85,7 @@ def training_arguments(
         save_strategy="steps" if save_steps > 0 else "no",
         save_steps=save_steps if save_steps > 0 else 500,
         save_total_limit=trainer_cfg.save_total_limit,
-        report_to="none",  # TensorBoard is added as an explicit callback writing into the run dir
+        report_to="none",  # the trackers of logging.report_to are added as explicit callbacks (training.tracking)
         seed=seed + distributed.rank(),
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
@@ -256,11 +256,12 @@ def train(
     resume_from_checkpoint: str | Path | None = None,
     extras: Any = None,
     distributed_cfg: DictConfig | None = None,
+    logging_cfg: DictConfig | None = None,
 ) -> TrainResult:
-    """Train; raise RunStopped (with a checkpoint kept) on SIGINT/SIGTERM, a non-finite loss or a full disk."""
+    """Train; raise RunStopped (with a checkpoint kept) on SIGINT/SIGTERM, a non-finite loss or a full disk.
+
+    `logging_cfg` (the config's `logging` section) picks the trackers the training log goes to (None: TensorBoard)."""
     args = training_arguments(trainer_cfg, seed, run_dir / "checkpoints", distributed_cfg)
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(run_dir / "tensorboard")
     model = adapter.model
     embeddings = adapter.base_model.get_input_embeddings()
     if trainer_cfg.gradient_checkpointing and (embeddings is None or not embeddings.weight.requires_grad):
@@ -268,19 +269,20 @@ def train(
         adapter.base_model.enable_input_require_grads()
     signals = StopSignals()
     stop_on_signal = StopOnSignal(signals)
-    callbacks = [tensorboard, stop_on_signal]
+    callbacks = [*tracking.trainer_callbacks(logging_cfg, run_dir), stop_on_signal]  # logging.report_to
     if extras is not None:  # adapter options such as restarts (mora_train.training.restarts.TrainingExtras)
         callbacks += extras.callbacks
-    trainer = AdapterTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=callbacks,
-        adapter=adapter,
-        nonfinite_loss=trainer_cfg.get("nonfinite_loss", "stop"),
-        checkpoint_state=extras.checkpoint_state if extras is not None else None,
-    )
+    with adapters_attached(model):  # transformers refuses a quantized base it does not see adapters on
+        trainer = AdapterTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=PadCollator(tokenizer.pad_token_id),
+            callbacks=callbacks,
+            adapter=adapter,
+            nonfinite_loss=trainer_cfg.get("nonfinite_loss", "stop"),
+            checkpoint_state=extras.checkpoint_state if extras is not None else None,
+        )
     resumed_from = checkpoint_step(Path(resume_from_checkpoint)) if resume_from_checkpoint else None
     if resume_from_checkpoint and trainer_cfg.max_steps > 0:
         saved = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())

@@ -54,6 +54,17 @@ def test_bench_memorization_quick_curves_plot_and_reuse(tmp_path: Path) -> None:
     assert "best learning rate" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow  # ~75 s: four tiny runs in their own processes (run with `pytest -m slow`)
+def test_bench_qmora_quick_runs_four_processes_and_tabulates(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    done = run_script("bench_qmora.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    records = json.loads((tmp_path / "quick" / "results.json").read_text())["records"]
+    assert [(r["method"], r["quantization"]) for r in records] == [
+        ("lora", "none"), ("lora", "nf4"), ("mora_rope", "none"), ("mora_rope", "nf4")]
+    assert all(r["peak_rss_bytes"] > 100 * 2**20 and r["tokens_per_s"] > 0 for r in records)
+    assert "| MoRA rope r=8 | nf4 |" in done.stdout
+
+
 def test_bench_memorization_rejects_a_bad_grid(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_memorization.py"), "--quick",
                            "--grid", "dora=1e-3", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
@@ -90,7 +101,23 @@ def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
     assert bench_tasks.run_stage("gsm8k_base", overrides, tmp_path) == {"accuracy": 0.25}
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_memorization.py", "bench_pretrain.py", "bench_tasks.py"])
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_memorization.py", "bench_pretrain.py", "bench_tasks.py",
+                                    "bench_qmora.py"])
 def test_help_names_the_command(script: str) -> None:
     done = run_script(script, "--help")
     assert f"python benchmarks/{script}" in done.stdout
+
+
+@pytest.mark.slow  # ~25 s: one tiny evaluation by both GSM8K evaluators in its own process (run with `pytest -m slow`)
+def test_bench_gsm8k_evaluators_quick_compares_per_problem(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    if not (REPO.parent / "shared" / "data" / "gsm8k").is_dir():
+        pytest.skip("../shared/data/gsm8k is absent")
+    done = run_script("bench_gsm8k_evaluators.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["summary"]["problems"] == 3 and len(summary["rows"]) == 3
+    for f in ("strict-match", "flexible-extract"):
+        counts = summary["summary"][f]
+        assert counts["agree"] + counts["ours_only"] + counts["harness_only"] == 3
+    assert summary["summary"]["same_prompt_text"] == 3
+    assert "| ours (task=gsm8k, math-verify) |" in (tmp_path / "summary.md").read_text() and "Disagreements:" in done.stdout

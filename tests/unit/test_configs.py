@@ -198,6 +198,27 @@ def test_every_sweep_config_is_tested() -> None:
     assert set(group_options("sweep")) == set(SWEEP_JOBS) | {"optuna_lr"}
 
 
+LAUNCHERS = {"slurm": "SlurmLauncher", "local": "LocalLauncher"}  # configs/hydra/launcher -> the plugin's class
+
+
+def test_every_launcher_config_is_tested() -> None:
+    assert sorted(p.stem for p in (CONFIG_DIR / "hydra" / "launcher").glob("*.yaml")) == sorted(LAUNCHERS)
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launcher_config_extends_the_submitit_plugin_and_jobs_validate(launcher: str, tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher not installed (optional: pip install -e '.[slurm]')")
+    cfg = compose_with_hydra([f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=30"]).hydra.launcher
+    assert cfg._target_.endswith(LAUNCHERS[launcher]) and cfg.timeout_min == 30
+    assert cfg.name == "mora-train"
+    assert cfg._get_node("submitit_folder")._value() == "${hydra.sweep.dir}/.submitit/%j"  # inside the sweep dir
+    if launcher == "slurm":  # the plugin's keys, with ours as defaults
+        assert (cfg.partition, cfg.account, cfg.nodes, cfg.gpus_per_node, cfg.tasks_per_node) == (None, None, 1, 1, 1)
+        assert compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher.partition == "gpu"
+    validate(compose_config(["model=tiny-llama", f"hydra/launcher={launcher}", "accelerate.num_processes=2"], tmp_path))
+
+
 def test_optuna_sweep_config_composes_when_the_plugin_is_installed(tmp_path: Path) -> None:
     import importlib.util
 
@@ -276,3 +297,39 @@ def test_mora_sharing_adapter_is_mora_type_1_and_lora_keeps_its_schema(tmp_path:
     validate(cfg)
     # The reason it exists: a sweep mixing it with LoRA leaves the LoRA jobs' config untouched.
     assert "mora_type" not in compose_config(["model=tiny-llama", "adapter=lora"], tmp_path).adapter
+
+
+# -- configs/lm_eval: lm-evaluation-harness task files, not a Hydra config group --------------------------------
+
+LM_EVAL_TASK_FILES = sorted(p.name for p in (CONFIG_DIR / "lm_eval").glob("*.yaml"))
+
+
+def test_lm_eval_folder_holds_harness_tasks_not_hydra_options() -> None:
+    """Hydra lists configs/lm_eval as a group (its files end in .yaml), but they are picked with
+    eval.lm_eval.tasks=[...]: every one is an lm-eval task or group, and none is composed by the defaults."""
+    from mora_train.evaluation.lm_harness import read_task_file
+
+    assert LM_EVAL_TASK_FILES
+    for name in LM_EVAL_TASK_FILES:
+        cfg = read_task_file(CONFIG_DIR / "lm_eval" / name)
+        assert "task" in cfg or "group" in cfg, name
+        assert "defaults" not in cfg and "# Run: mora-train " in (CONFIG_DIR / "lm_eval" / name).read_text(), name
+    assert "lm_eval" not in compose_config([])  # composition ignores the folder
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+def test_every_shipped_lm_eval_task_loads_in_the_harness(tmp_path: Path) -> None:
+    """lm-eval itself indexes and builds every shipped task on the local data (offline), with the documented sizes."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (optional extra; scripts/setup.sh installs it)")
+    from lm_eval.tasks import TaskManager
+
+    from mora_train.evaluation.lm_harness import write_task_dirs
+
+    folders = write_task_dirs({"data_dir": str(SHARED_DATA), "include_path": []}, tmp_path / "tasks")
+    manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
+    loaded = manager.load(["gsm8k", "pubmedqa", "mmlu_medical"])
+    sizes = {name: len(task.eval_docs) for name, task in loaded["tasks"].items()}
+    assert sizes == {"gsm8k": 1319, "pubmedqa": 500, "mmlu_anatomy": 135, "mmlu_clinical_knowledge": 265,
+                     "mmlu_college_biology": 144, "mmlu_college_medicine": 173, "mmlu_medical_genetics": 100,
+                     "mmlu_professional_medicine": 272}
+    assert "mmlu_medical" in loaded["groups"]

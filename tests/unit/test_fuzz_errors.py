@@ -81,6 +81,11 @@ VALID = {
     "task.eval.max_samples": st.sampled_from([None, 1]),
     "mode": st.sampled_from(["train", "eval", "predict"]),
     "checkpoint": st.sampled_from([None, "/no/such/run"]),
+    "eval.backend": st.sampled_from(["task", "lm_eval", "both", "harness"]),
+    "eval.lm_eval.tasks": st.sampled_from([None, ["gsm8k"], ["mmlu_medical", "nope"], "gsm8k"]),
+    "eval.lm_eval.limit": st.sampled_from([None, 3, 0.5, 0, 2.5]),
+    "eval.lm_eval.data_dir": st.sampled_from([None, "/no/such/data"]),
+    "eval.lm_eval.include_path": st.sampled_from([[], ["/no/such/tasks"], "tasks"]),
 }
 ADAPTERS = ["lora", "mora", "full"]
 _BASE: dict[str, Any] = {}
