@@ -16,8 +16,8 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned, so the project install below never pulls a multi-GB CUDA build by accident.
 pip install "$TORCH_SPEC"
-# dev: the test tools; lm_eval: lm-evaluation-harness (eval.backend=lm_eval), so its tests run too.
-pip install -e ".[dev,lm_eval]"
+# dev: the test tools; lm-eval: lm-evaluation-harness (eval.backend=lm_eval), so its tests run too.
+pip install -e ".[dev,lm-eval]"
 # Optional extras, installed here so their tests run: slurm (Hydra's submitit launcher: hydra/launcher=slurm|local),
 # wandb and mlflow (logging.report_to=[wandb,mlflow]; the tests use W&B offline and a local MLflow store).
 pip install -e ".[slurm,wandb,mlflow]"

@@ -10,7 +10,7 @@ before a run the task files are copied into RUN_DIR/lm_eval/tasks/ with those pa
 (`write_task_dirs`), and only that folder is indexed (lm-eval's built-in tasks, which read the Hugging Face
 Hub, are not), so the evaluation runs offline and the run dir records exactly what was evaluated.
 
-lm-eval is an optional dependency (`pip install 'mora-train[lm_eval]'`): it is imported only to evaluate,
+lm-eval is an optional dependency (`pip install 'mora-train[lm-eval]'`): it is imported only to evaluate,
 and `config_problems` reports its absence (with every other problem of `eval.*`) before a model is loaded.
 """
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SHIPPED_TASK_DIR = CONFIG_DIR / "lm_eval"
 BACKENDS = ("task", "lm_eval", "both")
-INSTALL_HINT = "pip install 'mora-train[lm_eval]' (or pip install 'lm-eval>=0.4'; scripts/setup.sh installs it)"
+INSTALL_HINT = "pip install 'mora-train[lm-eval]' (or pip install 'lm-eval>=0.4'; scripts/setup.sh installs it)"
 # eval.lm_eval.* -> accepted Python types (bool is checked apart: it is an int in Python)
 SCHEMA: dict[str, tuple[type, ...]] = {
     "tasks": (list, type(None)),

@@ -62,7 +62,7 @@ def test_all_problems_at_once_each_naming_key_and_fix(tmp_path: Path, monkeypatc
     assert "`eval.lm_eval.limit=0` must be at least 1" in text
     assert "`eval.lm_eval.batch_size=big` must be a positive integer or auto" in text
     assert "`eval.lm_eval.num_fewshot=-1` must be 0 or more" in text
-    assert "lm-evaluation-harness, which is not installed: pip install 'mora-train[lm_eval]'" in text
+    assert "lm-evaluation-harness, which is not installed: pip install 'mora-train[lm-eval]'" in text
     assert "or use eval.backend=task" in text
     unknown = next(p for p in found if "unknown lm-eval tasks" in p)
     assert "hellaswag" in unknown and ", ".join(sorted(SHIPPED)) in unknown and "eval.lm_eval.include_path" in unknown
