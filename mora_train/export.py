@@ -145,11 +145,11 @@ def export_merged(
     dtype = dtype or trained_dtype
     merged.to(dtype)
     # Writing in a coarser dtype than the model computed in rounds every weight: the check can then only be
-    # as strict as that dtype's rounding (README "Export dtype").
+    # as strict as that dtype's (estimated) rounding, not the measured floor of the trained dtype.
     if torch.finfo(dtype).eps > torch.finfo(trained_dtype).eps:
-        floor = 0.0
-    tolerance = merge_tolerance(dtype if torch.finfo(dtype).eps > torch.finfo(trained_dtype).eps else trained_dtype,
-                                floor, adapted_logits)
+        tolerance = merge_tolerance(dtype, 0.0, adapted_logits)
+    else:
+        tolerance = merge_tolerance(trained_dtype, floor, adapted_logits)
     save_merged(merged, tokenizer, target)
     try:
         reloaded = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)

@@ -12,7 +12,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.core.errors import MoraTrainError
-from mora_train.models.quantization import compute_dtype, dequantize_linears, forget_quantization, is_quantized
+from mora_train.models.quantization import (
+    compute_dtype,
+    dequantize_linears,
+    forget_quantization,
+    is_quantized,
+    logical_numel,
+)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -122,9 +128,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        # A packed 4-bit weight (bitsandbytes Params4bit) counts the d_out x d_in entries it stands for.
-        quant_state = getattr(param, "quant_state", None)
-        count = int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+        count = logical_numel(param)  # a packed 4-bit weight counts the d_out x d_in entries it stands for
         total += count
         trainable += count if param.requires_grad else 0
     return trainable, total

@@ -23,13 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-FOUR_BIT = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Bits per base weight as stored, for estimates: 4-bit codes + one absmax per 64-weight block (fp32, or
-# 8-bit with double quantization); int8 codes + one fp32 scale per output row (counted per weight: ~0).
-BITS_PER_WEIGHT = {"nf4": 4.0 + 32 / 64, "fp4": 4.0 + 32 / 64, "int8": 8.0}
-BITS_PER_WEIGHT_DOUBLE_QUANT = 4.0 + 8 / 64 + 32 / (64 * 256)
 
 
 def quantization_of(model_cfg: Any) -> str:
@@ -241,22 +236,9 @@ def adapters_attached(model: nn.Module) -> Iterator[None]:
         model._hf_peft_config_loaded = False
 
 
-def logical_parameter_count(model: nn.Module) -> int:
-    """Parameters as the unquantized model has them (a packed 4-bit weight counts its d_out x d_in entries)."""
-    seen: set[int] = set()
-    count = 0
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            quant_state = getattr(param, "quant_state", None)
-            count += int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
-    return count
+def logical_numel(param: torch.Tensor) -> int:
+    """Entries of the weight a parameter stands for: a packed 4-bit weight (bitsandbytes Params4bit, with a
+    quant_state) counts its d_out x d_in entries, not its bytes of codes; any other tensor its numel()."""
+    quant_state = getattr(param, "quant_state", None)
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
-
-def base_weight_bits(quantization: str, double_quant: bool = True) -> float:
-    """Bits per quantized base weight as held in memory (4-bit codes + block scales; int8 codes)."""
-    if quantization in FOUR_BIT and double_quant:
-        return BITS_PER_WEIGHT_DOUBLE_QUANT
-    return BITS_PER_WEIGHT.get(quantization, 32.0)

@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mora_train.adapters import adapter_type
-from mora_train.adapters.base import linear_layer_names, match_target_linears
+from mora_train.adapters.base import count_parameters, linear_layer_names, match_target_linears
 from mora_train.config.validation import export_dtype
 from mora_train.core.errors import ConfigError
-from mora_train.models.quantization import compute_dtype, is_quantized, logical_parameter_count
+from mora_train.models.quantization import compute_dtype, is_quantized
 from mora_train.training.resilience import format_bytes, free_bytes
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def estimate_run_bytes(cfg: DictConfig, model: nn.Module, layers: dict[str, nn.L
     if is_quantized(model):
         # The merged checkpoint is de-quantized: every weight at export.dtype (default the compute dtype), not
         # the packed 4-/8-bit codes in memory; adapters train in float32 beside them.
-        parameters = logical_parameter_count(model)
+        parameters = count_parameters(model)[1]  # packed 4-bit weights at their unquantized size
         merged = parameters * (export_dtype(cfg) or compute_dtype(model)).itemsize
         element = 4
     method = adapter_type(cfg.adapter)
