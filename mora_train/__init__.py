@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from mora_train.config.quiet import quiet_optional_packages as _quiet_optional_packages
 from mora_train.config.resolvers import register_resolvers as _register_resolvers
 
 __version__ = "0.1.0"
 
 _register_resolvers()  # ${data_file:...}, ${hub_dataset:...}, ${mora_run_dir:...} in configs/*.yaml
+_quiet_optional_packages()  # before anything imports transformers, which imports them
 
 __all__ = ["__version__", "load_adapter"]
 

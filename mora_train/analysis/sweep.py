@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mora_train.config.overrides import shell_override, shell_quote
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically, write_text_atomically
 
@@ -150,8 +151,42 @@ except ImportError:  # pragma: no cover - hydra < 1.1
     Callback = object  # type: ignore[misc,assignment]
 
 
+MULTIRUN_YAML = "multirun.yaml"  # what Hydra's basic sweeper writes into the sweep dir before any job
+_started_sweep_dir: Path | None = None  # the sweep dir of the `mora-train -m` running in this process
+
+
+def remove_refused_sweep_dir() -> None:
+    """A sweep Hydra refused before its first job (a job's config did not compose) leaves no folder behind."""
+    sweep_dir = _started_sweep_dir
+    if sweep_dir is None or not sweep_dir.is_dir() or [p.name for p in sweep_dir.iterdir()] != [MULTIRUN_YAML]:
+        return
+    try:
+        (sweep_dir / MULTIRUN_YAML).unlink()
+        sweep_dir.rmdir()
+    except OSError:
+        pass
+
+
+def unfinished_sweep_hint(argv: list[str]) -> str:
+    """How to finish a sweep that SIGINT/SIGTERM stopped in one of its jobs (Hydra's basic launcher runs them one
+    after another in this process, so the jobs after it never started): the same command, its sweep dir pinned."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(str(hydra_cfg.sweep.dir)).resolve()
+    kept = [arg for arg in argv if arg.split("=", 1)[0].lstrip("+") != "hydra.sweep.dir"]
+    command = " ".join(["mora-train", *(shell_quote(arg) for arg in kept), shell_override("hydra.sweep.dir", str(sweep_dir))])
+    return (f"The sweep stopped in job {hydra_cfg.job.get('num', '?')}; the jobs after it never started. To finish the "
+            f"sweep, run it again in the same sweep dir: {command}\nThere finished jobs are not run again (each is "
+            "refused as a finished run), the stopped job resumes from its checkpoint and the others run")
+
+
 class SweepSummary(Callback):
     """After a multirun: how many jobs finished or failed, and the command that makes the report."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _started_sweep_dir
+        _started_sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

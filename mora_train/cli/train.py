@@ -12,7 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from mora_train.cli.config_errors import hydra_error_problem, hydra_errors_raised, user_environment
+from mora_train.config.overrides import parse_override, shell_override
 from mora_train.training.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, run_on_main_process, shutdown
+from mora_train.core.run_lock import RunDirBusy
 from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, MoraTrainError, report_unexpected
 from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
 
@@ -30,7 +33,8 @@ def _run(cfg: DictConfig) -> float | None:
     run_dir = Path(str(cfg.get("output_dir") or "."))
     was_absent_or_empty = not run_dir.is_dir() or not any(run_dir.iterdir())
     try:
-        return _job(cfg)
+        with user_environment():
+            return _job(cfg)
     finally:
         detach_run_log()
         # A refused run leaves no trace: the (empty) folder Hydra created for it goes again.
@@ -44,11 +48,12 @@ def _run(cfg: DictConfig) -> float | None:
 def _job(cfg: DictConfig) -> float | None:
     from mora_train.pipeline.train import run, write_hydra_records
     from mora_train.pipeline.relaunch import run_relaunched, wants_relaunch
-    from mora_train.analysis.sweep import failed_job_metric, in_multirun, jobs_run_apart, record_job_failure
+    from mora_train.analysis.sweep import failed_job_metric, in_multirun, jobs_run_apart, record_job_failure, unfinished_sweep_hint
 
     def record_failure(err: BaseException, sweep_goes_on: bool = True) -> float:
-        # Rank 0 alone writes the job's error record; the other ranks go on (or stop) with it.
-        if not is_main_process():
+        # Rank 0 alone writes the job's error record; the other ranks go on (or stop) with it. A job refused
+        # because another live run holds its dir writes nothing there: that folder is the other run's.
+        if not is_main_process() or isinstance(err, RunDirBusy):
             return failed_job_metric()
         try:  # the sweep report finds jobs by .hydra/config.yaml, which a refused job has not written yet
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -72,6 +77,7 @@ def _job(cfg: DictConfig) -> float | None:
             return failed_job_metric()
         sys.exit(EXIT_USER)
     except MoraTrainError as err:
+        after = ""
         if in_multirun():
             if getattr(err, "exit_code", EXIT_USER) < 128:  # one bad job must not end the sweep: record it, go on
                 return record_failure(err)
@@ -79,19 +85,14 @@ def _job(cfg: DictConfig) -> float | None:
                 return record_failure(err, sweep_goes_on=False)
             # SIGINT/SIGTERM: the user stops the whole sweep; the job's record says so
             record_failure(err, sweep_goes_on=False)
+            after = "\n" + unfinished_sweep_hint(sys.argv[1:])
         logging.getLogger("mora_train").debug("user error", exc_info=True)
         where = "" if is_main_process() else f" (rank {rank()})"
-        print(f"\nmora-train: error{where}: {err}", file=sys.stderr, flush=True)
+        print(f"\nmora-train: error{where}: {err}{after}", file=sys.stderr, flush=True)
         sys.exit(getattr(err, "exit_code", EXIT_USER))  # README: "When things go wrong" lists the codes
     except KeyboardInterrupt:
         # Outside training, or a second Ctrl-C: stop now. Outputs are renamed into place only when complete.
-        print(
-            f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
-            f"{Path(cfg.output_dir, 'checkpoints')} (if any) are kept: rerun with output_dir={Path(cfg.output_dir).resolve()} "
-            "to resume",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(_interrupted(Path(cfg.output_dir)), file=sys.stderr, flush=True)
         sys.exit(130)
     except Exception as err:
         if in_multirun():  # out of memory, a bug in one configuration...: recorded with its traceback
@@ -106,30 +107,50 @@ def _job(cfg: DictConfig) -> float | None:
     return objective
 
 
-def _argv_value(argv: list[str], key: str) -> str | None:
-    """The value of a `key=value` command-line override (last one wins), `+key=`/`++key=` included."""
-    value = None
+def _interrupted(run_dir: Path) -> str:
+    return (f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
+            f"{run_dir / 'checkpoints'} (if any) are kept: rerun with "
+            f"{shell_override('output_dir', str(run_dir.resolve()))} to resume")
+
+
+SHOW_ONLY_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
+
+
+def _override_values(argv: list[str]) -> dict[str, object]:
+    """key -> value of the one-value overrides on the command line, as Hydra reads them (last one wins)."""
+    values: dict[str, object] = {}
     for arg in argv:
-        name, sep, rest = arg.partition("=")
-        if sep and name.lstrip("+") == key:
-            value = rest
-    return value
+        override = parse_override(arg)
+        if override is not None and not override.is_sweep_override() and not override.is_delete():
+            values[override.get_key_element().lstrip("+")] = override.value()
+    return values
 
 
 def precheck_output_dir(argv: list[str]) -> None:
-    """Before Hydra creates the run dir (it makes output_dir=... its hydra.run.dir): refuse one that cannot be."""
-    if any(a in ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg")
-           for a in argv):
-        return
-    output_dir = _argv_value(argv, "output_dir") or _argv_value(argv, "hydra.run.dir")
-    if not output_dir or "${" in output_dir:
-        return
-    from mora_train.pipeline.train import output_dir_problem
+    """Before Hydra creates the run dir (it makes output_dir=... its hydra.run.dir): refuse one that cannot be.
 
-    problem = output_dir_problem(output_dir.strip("'\""))
-    if problem:
-        print(f"\nmora-train: error: {problem}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER)
+    With -m only an empty output_dir and hydra.sweep.dir are checked: each job's folder is made under the latter."""
+    if any(a in SHOW_ONLY_FLAGS or a.startswith("--cfg=") for a in argv):
+        return
+    values = _override_values(argv)
+    multirun = "-m" in argv or "--multirun" in argv
+    keys = ("output_dir", "hydra.sweep.dir") if multirun else ("output_dir", "hydra.run.dir")
+    from mora_train.config.output_dir import output_dir_problem
+
+    for key in keys:
+        if key not in values:
+            continue
+        value = values[key]
+        if isinstance(value, str) and "${" in value:  # resolved by Hydra later
+            continue
+        if multirun and key == "output_dir" and value is not None and str(value).strip():
+            continue
+        problem = output_dir_problem(value if value is None else str(value), key)
+        if problem:
+            print(f"\nmora-train: error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER)
+        if key == "output_dir":
+            return  # output_dir is the run dir; a hydra.run.dir beside it is not used
 
 
 def summary_line(metrics: dict, run_dir: Path) -> str:
@@ -154,13 +175,32 @@ def main() -> None:
     from mora_train.analysis.sweep import register_resolvers
 
     register_resolvers()  # before Hydra composes: the sweep subdir uses ${mora_dirname:...}
-    precheck_output_dir(sys.argv[1:])
+    argv = sys.argv[1:]
+    precheck_output_dir(argv)
     # Under a multi-process launcher: join the process group and agree on the run dir before Hydra runs.
-    sys.argv = [sys.argv[0], *prepare_cli(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *prepare_cli(argv)]
     try:
-        hydra.main(version_base=None, config_path="pkg://mora_train.configs", config_name="config")(_run)()
+        with hydra_errors_raised() as reported_here:
+            hydra.main(version_base=None, config_path="pkg://mora_train.configs", config_name="config")(_run)()
+    except Exception as err:  # what Hydra raised before or after the job (the job reports its own)
+        if not reported_here:
+            raise  # HYDRA_FULL_ERROR=1 from the user: Hydra's full traceback, as Hydra documents
+        _exit_on_hydra_error(err, argv)
     finally:
         shutdown()
+
+
+def _exit_on_hydra_error(err: Exception, argv: list[str]) -> None:
+    """A config Hydra refused: one paragraph and the fix, exit 2. Anything else is a bug: its traceback in a file."""
+    from mora_train.analysis.sweep import remove_refused_sweep_dir
+
+    problem = hydra_error_problem(err, argv)
+    if problem is None:
+        report_unexpected("mora-train", err, None)
+        sys.exit(EXIT_UNEXPECTED)
+    remove_refused_sweep_dir()  # a sweep refused before its first job leaves no folder behind
+    print(f"\nmora-train: error: {problem}", file=sys.stderr, flush=True)
+    sys.exit(problem.exit_code)
 
 
 def eval_main() -> None:

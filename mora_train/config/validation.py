@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mora_train.configs import CONFIG_DIR
 from mora_train.core.errors import package_hint
 from mora_train.core.paths import looks_like_local_path, package_dir
 
@@ -173,10 +174,25 @@ def _check_resilience(trainer: dict, problems: list[str]) -> None:
         )
 
 
+def model_source_conflict(name_or_path: Any, random_init: Any) -> str | None:
+    """Both model sources set: the model would be one and the summary name the other, so neither wins silently."""
+    if name_or_path is None or random_init is None:
+        return None
+    return (
+        f"`model.name_or_path={name_or_path}` and `model.random_init` are both set, so it is unclear which model to "
+        "train (random_init builds a random model and would ignore name_or_path). To load name_or_path add "
+        "model.random_init=null (and model.tokenizer=null for its own tokenizer, if the model config set one); "
+        "to train from a random start, drop model.name_or_path (or set it to null)"
+    )
+
+
 def _check_model(model: dict, problems: list[str]) -> None:
     name, package, random_init = model.get("name_or_path"), model.get("package"), model.get("random_init")
     if name is None and random_init is None:
         problems.append("set `model.name_or_path` (hub id, local folder or .gguf file) or `model.random_init`")
+    conflict = model_source_conflict(name, random_init)
+    if conflict:
+        problems.append(conflict)
     if model.get("dtype") is not None and model.get("dtype") not in MODEL_DTYPES:
         problems.append(f"`model.dtype={model.get('dtype')}` is unknown; use one of {', '.join(MODEL_DTYPES)}")
     if isinstance(package, str):
@@ -266,10 +282,22 @@ def logging_problems(section: Any) -> list[str]:
     return problems
 
 
+def top_level_keys() -> set[str]:
+    """The keys of the composed config: config.yaml's own, and one per config group its defaults list fills
+    (experiment files, `# @package _global_`, add none)."""
+    main = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    groups = {group for entry in main.get("defaults", []) if isinstance(entry, DictConfig)
+              for group, option in entry.items() if option is not None and "/" not in group and " " not in group}
+    return {str(key) for key in main if key not in ("defaults", "hydra")} | groups
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Problems of the run-wide keys (trainer, model, seed, mode); each layer checks its own section
     (adapters, tasks, engines), and pipeline.validate collects them all into one error."""
-    problems: list[str] = []
+    known = top_level_keys()
+    # A key added with +key=value that nothing reads would be ignored without a word.
+    problems = [f"`{key}` is not a key mora-train reads (added with +{key}=...?); the top-level keys are "
+                f"{', '.join(sorted(known))}" for key in cfg if key not in known]
     trainer = _check_section(cfg.get("trainer"), TRAINER_SCHEMA, "trainer", problems)
     _check_trainer(trainer, problems)
     model = _check_section(cfg.get("model"), MODEL_SCHEMA, "model", problems)

@@ -15,7 +15,10 @@ Exit codes (README "When things go wrong" has the same table):
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -29,10 +32,38 @@ EXIT_DISK_FULL = 4
 EXIT_MERGE_CHECK = 5
 
 
+# A value echoed into a message is shown whole up to this many characters. Longer ones are cut to their start
+# and end: a paragraph must stay readable when a value is a pasted file or a runaway command substitution. The
+# limit sits far above any real path or resume command line, which must stay whole to be pasted.
+LONG_VALUE_CHARS = 1000
+SHOWN_CHARS = 200  # what is left of a cut value: its first and last characters around the cut
+
+
+def shorten(text: str, limit: int = LONG_VALUE_CHARS) -> str:
+    """`text` itself, or its first and last characters around '…' and its length when longer than `limit`."""
+    if len(text) <= limit:
+        return text
+    head, tail = SHOWN_CHARS * 3 // 4, SHOWN_CHARS // 4
+    return f"{text[:head]}…{text[-tail:]} ({len(text):,} characters)"
+
+
+# A run of characters without a space or quote, after the `key=` that may name it.
+_LONG_VALUE = re.compile(r"([^\s`'\"=]{1,100}=)?([^\s`'\"]{%d,})" % (LONG_VALUE_CHARS + 1))
+
+
+def shorten_long_values(message: str) -> str:
+    """Every over-long value in `message` shortened (see shorten): a run of characters without a space, and a
+    line (a value with spaces, such as a prompt or a record)."""
+    message = _LONG_VALUE.sub(lambda match: (match.group(1) or "") + shorten(match.group(2)), message)
+    line_limit = 4 * LONG_VALUE_CHARS  # a list of known keys or layer names stays whole
+    return "\n".join(shorten(line, line_limit) for line in message.split("\n"))
+
+
 class MoraTrainError(Exception):
     """A problem the user can fix (bad config, missing file, unsupported device...).
 
     The message must name the bad value and say how to fix it. `exit_code` is what the CLI exits with.
+    Over-long values in it are shortened here, the one place every user-facing error passes.
     """
 
     exit_code = EXIT_USER
@@ -40,7 +71,7 @@ class MoraTrainError(Exception):
     def __init__(self, message: str = "", exit_code: int | None = None) -> None:
         if exit_code is not None:
             self.exit_code = exit_code
-        super().__init__(message)
+        super().__init__(shorten_long_values(str(message)))
 
 
 class ConfigError(MoraTrainError):
@@ -96,7 +127,7 @@ def report_unexpected(program: str, err: BaseException, run_dir: Path | None) ->
             path = Path(name)
     except OSError:
         path = None
-    first = str(err).splitlines()[0] if str(err) else "no message"
+    first = shorten_long_values(str(err).splitlines()[0]) if str(err) else "no message"
     where = f"the full traceback is in {path}" if path else "the traceback could not be written to a file"
     print(
         f"\n{program}: unexpected error ({type(err).__name__}: {first}); {where}. This is a bug or an unhandled "
@@ -119,3 +150,24 @@ def run_command(program: str, work: "Callable[[], T]") -> "T":
         report_unexpected(program, err, None)
         sys.exit(EXIT_UNEXPECTED)
 
+
+# argparse types of the commands' numeric options: a bad value exits 2 with argparse's usage line, naming the
+# option and the value, instead of failing later inside the work as an "unexpected error" (exit 1).
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shorten(text)!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shorten(text)!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value

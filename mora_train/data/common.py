@@ -103,15 +103,22 @@ def log_length_report(name: str, report: LengthReport, max_seq_len: int) -> None
         log.info("%s: %d examples, none longer than max_seq_len=%d", name, report.total, max_seq_len)
 
 
-def require_examples(examples: list[Any], key: str, report: LengthReport, max_seq_len: int) -> None:
-    """An empty dataset after filtering is a user error, never a silent zero-step run."""
+def require_examples(examples: list[Any], key: str, report: LengthReport, max_seq_len: int, too_long: str) -> None:
+    """An empty dataset after filtering is a user error, never a silent zero-step run.
+
+    `too_long` is the policy the examples went through: it decides why they were dropped, hence the fix."""
     if examples:
         return
-    if report.dropped:
+    if report.dropped and too_long == "drop":
         raise MoraTrainError(
             f"`{key}`: no examples left: all {report.total} were dropped as longer than max_seq_len={max_seq_len} "
-            "tokens (or with no response tokens left after truncation); raise trainer.max_seq_len or set "
-            "task.too_long=truncate"
+            "tokens (task.too_long=drop); raise trainer.max_seq_len or set task.too_long=truncate"
+        )
+    if report.dropped:
+        raise MoraTrainError(
+            f"`{key}`: no examples left: all {report.total} were longer than max_seq_len={max_seq_len} tokens, and "
+            "cut to that length none kept a response token to learn from (the prompt alone fills it); raise "
+            "trainer.max_seq_len or shorten the prompts"
         )
     raise MoraTrainError(f"`{key}`: the dataset is empty; check the files/split and any filters")
 

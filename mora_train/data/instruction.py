@@ -242,7 +242,7 @@ def _eval_part(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq
     conversations = load_conversations(task_cfg, "task.data.eval", task_cfg.eval.get("max_samples"))
     examples, report = tokenize(conversations, tokenizer, chat_template, max_seq_len, "truncate")
     log_length_report(f"{task_cfg.name} held-out set", report, max_seq_len)
-    require_examples(examples, "task.data.eval", report, max_seq_len)
+    require_examples(examples, "task.data.eval", report, max_seq_len, "truncate")
     return conversations, examples
 
 
@@ -268,7 +268,7 @@ def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len:
     train, meta = cached(task_cfg.get("cache_dir"), f"{task_cfg.name}-train", key, build_train)
     report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
     log_length_report(f"{task_cfg.name} training set", report, max_seq_len)
-    require_examples(train, "task.data.train", report, max_seq_len)
+    require_examples(train, "task.data.train", report, max_seq_len, task_cfg.too_long)
     return InstructionData(train, eval_examples, conversations, {**meta, "chat_template": chat_template})
 
 

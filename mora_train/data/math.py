@@ -119,7 +119,7 @@ def tokenize_train(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max
     examples, meta = cached(task_cfg.get("cache_dir"), f"{task_cfg.name}-train", key, build)
     report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
     log_length_report(f"{task_cfg.name} training set", report, max_seq_len)
-    require_examples(examples, "task.data.train", report, max_seq_len)
+    require_examples(examples, "task.data.train", report, max_seq_len, task_cfg.too_long)
     return examples, meta
 
 

@@ -116,7 +116,7 @@ def source_problems(node: Any, key: str) -> list[str]:
             if not isinstance(spec, dict) or not isinstance(spec.get("field"), str) or not isinstance(spec.get("file"), str):
                 problems.append(f"`{where}.{filter_key}` must be a mapping {{field: NAME, file: PATH}}, got {spec!r}")
             elif not Path(spec["file"]).expanduser().is_file():
-                problems.append(f"`{where}.{filter_key}.file={spec['file']}` does not exist")
+                problems.append(_missing_path_message(f"{where}.{filter_key}.file", spec["file"], folders=False))
     return problems
 
 
@@ -131,13 +131,37 @@ def fields_problems(fields: Any, key: str, required: Iterable[str] = ()) -> list
     return problems
 
 
-def _missing_path_message(key: str, path: str) -> str:
+def _missing_path_message(key: str, path: str, folders: bool = True) -> str:
+    """Why `path` gives no data file: nothing there, a folder without data files (`folders`: a folder is read for
+    its data files; else only a file will do), or not a regular file."""
     if GLOB_CHARS & set(path):
         return f"`{key}={path}` matches no file; check the pattern"
+    found = Path(os.path.expanduser(path))
+    if found.is_dir() and not folders:
+        return f"`{key}={path}` is a folder; give a file"
+    if found.is_dir():
+        others = sorted({f.suffix or f.name for f in found.rglob("*") if f.is_file()})[:8]
+        held = f"it holds only {', '.join(others)} files" if others else "it is empty"
+        return (f"`{key}={path}` is a folder with no data file in it ({held}); a folder is read for its "
+                f"{', '.join(LOCAL_FORMATS)} files (in subfolders too): add some, or give the file itself")
+    if found.is_symlink() and not found.exists():
+        return f"`{key}={path}` is a symbolic link to {os.readlink(found)}, which does not exist; fix the link or give the file"
+    if found.exists():  # neither a regular file nor a folder
+        return (f"`{key}={path}` is {_file_kind(found)}, not a regular file: its content can be read only once and "
+                "has no size or date to fingerprint for the data cache; save it to a file and give that file's path")
     hint = ""
     if "shared/data" in path:
         hint = " (the shipped configs read ../shared/data beside the repository; set MORA_TRAIN_DATA=/path/to/data or data_dir=... to use another folder)"
     return f"`{key}={path}` does not exist{hint}"
+
+
+def _file_kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _expand_path(path: str) -> list[Path]:

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.config.validation import model_source_conflict
 from mora_train.core.errors import MoraTrainError, package_hint
 from mora_train.core.io import write_dir_atomically
 from mora_train.core.paths import looks_like_local_path, package_dir
@@ -220,6 +221,9 @@ def load_model_and_tokenizer(model_cfg: DictConfig) -> tuple[PreTrainedModel, Pr
     bitsandbytes integration (models/quantization.py); a random-init model is built in float first and
     quantized from those weights, so a rebuilt base is quantized identically."""
     dtype = DTYPES[model_cfg.get("dtype") or "float32"]
+    conflict = model_source_conflict(model_cfg.get("name_or_path"), model_cfg.get("random_init"))
+    if conflict:  # also when called from Python, past the config validation
+        raise MoraTrainError(conflict)
     if model_cfg.get("random_init") is not None:
         tokenizer = load_tokenizer(model_cfg)
         init = OmegaConf.to_container(model_cfg.random_init, resolve=True)
@@ -236,6 +240,7 @@ def load_model_and_tokenizer(model_cfg: DictConfig) -> tuple[PreTrainedModel, Pr
 
     path = resolve_model_path(model_cfg)
     _require_model_folder(path)
+    warn_if_custom_code_unused(path, bool(model_cfg.get("trust_remote_code")))
     tokenizer = load_tokenizer(model_cfg, path)
     return _load_pretrained(path, model_cfg, dtype), tokenizer
 
@@ -262,6 +267,31 @@ def _quantized_copy(model: PreTrainedModel, model_cfg: DictConfig, dtype: Any) -
         quantized = _load_pretrained(folder, model_cfg, dtype)
     quantized.config._name_or_path = name  # not the temporary folder, which is gone
     return quantized
+
+
+def warn_if_custom_code_unused(path: str, trust_remote_code: bool) -> None:
+    """A model folder that ships its own code (`auto_map` in config.json) for a `model_type` transformers also
+    knows loads without trust_remote_code: as the built-in class, which may differ from what the folder's author
+    wrote. Say so, since nothing else would."""
+    if trust_remote_code:
+        return
+    try:
+        config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a local folder, or no readable config.json: loading reports it
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        classes = ", ".join(f"{auto} -> {target}" for auto, target in dict(config["auto_map"]).items())
+        log.warning(
+            "%s ships custom code (auto_map in config.json: %s), which is NOT used: model.trust_remote_code is false, "
+            "so transformers loads its built-in %r class instead, and that is what trains. Add "
+            "model.trust_remote_code=true to use the folder's own code (it runs that code: only if you trust its author)",
+            path, classes, model_type,
+        )
 
 
 def _require_model_folder(path: str) -> None:

@@ -30,3 +30,8 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path: Path) -> None:
     metrics = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(metrics) == 2
     assert sorted(json.loads(m.read_text())["adapter"] for m in metrics) == ["lora", "mora"]
+    # Jobs without quantization or DeepSpeed print nothing from those packages (which transformers, peft and
+    # accelerate import whenever they are installed): not bitsandbytes' kernel-download notice, which talks of
+    # trust_remote_code (on CPUs with AVX512-BF16), nor DeepSpeed's "Setting accelerator to CPU" (on stdout).
+    for notice in ("gemm_4bit_forward", "trust_remote_code=True", "Setting accelerator to CPU"):
+        assert notice not in result.stdout + result.stderr, notice

@@ -333,3 +333,15 @@ def test_every_shipped_lm_eval_task_loads_in_the_harness(tmp_path: Path) -> None
                      "mmlu_college_biology": 144, "mmlu_college_medicine": 173, "mmlu_medical_genetics": 100,
                      "mmlu_professional_medicine": 272}
     assert "mmlu_medical" in loaded["groups"]
+
+
+@pytest.mark.parametrize("option", group_options("model"))
+def test_every_model_config_names_one_model_source(option: str) -> None:
+    """name_or_path and random_init together are refused (config.validation.model_source_conflict): none ships both."""
+    from omegaconf import OmegaConf
+
+    from mora_train.config.validation import model_source_conflict
+
+    model = OmegaConf.load(CONFIG_DIR / "model" / f"{option}.yaml")
+    assert (model.get("name_or_path") is None) != (model.get("random_init") is None)
+    assert model_source_conflict(model.get("name_or_path"), model.get("random_init")) is None

@@ -186,3 +186,49 @@ def test_data_dir_resolvers_pick_the_local_file_or_the_hub() -> None:
     assert data_file("/data", "gsm8k/train.jsonl") == "/data/gsm8k/train.jsonl" and hub_dataset("/data", "a/b") is None
     assert local_or_hub("/data", "local", "hub") == "local" and local_or_hub(None, "local", "hub") == "hub"
     assert sources  # the module under test imports cleanly on its own
+
+
+# -- a path that gives no data file says what it is, not "does not exist" ------------------------------------
+
+
+def test_a_folder_without_data_files_is_described(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    write(tmp_path / "notes" / "readme.md", "hello")
+    (empty,) = source_problems(str(tmp_path / "empty"), "task.data.train")
+    (notes,) = source_problems(str(tmp_path / "notes"), "task.data.train")
+    assert "is a folder with no data file" in empty and "it is empty" in empty and "does not exist" not in empty
+    assert "only .md files" in notes and ".jsonl" in notes
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_a_fifo_or_a_device_is_not_a_regular_file(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (pipe,) = source_problems(str(tmp_path / "pipe.jsonl"), "task.data.train")
+    assert "named pipe (FIFO)" in pipe and "not a regular file" in pipe and "does not exist" not in pipe
+    if Path("/dev/null").exists():
+        (device,) = source_problems("/dev/null", "task.data.train")
+        assert "character device" in device
+
+
+def test_a_dangling_link_and_a_folder_for_an_id_file(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (link,) = source_problems(str(tmp_path / "data.jsonl"), "task.data.train")
+    assert "symbolic link" in link and "gone.jsonl" in link
+    jsonl(tmp_path / "ok.jsonl", [{"id": 1}])
+    (ids,) = source_problems({"path": str(tmp_path / "ok.jsonl"), "keep_if_in": {"field": "id", "file": str(tmp_path)}}, "k")
+    assert "keep_if_in.file" in ids and "is a folder; give a file" in ids
+
+
+def test_too_long_advice_follows_the_policy_in_force() -> None:
+    from mora_train.data.common import LengthReport, require_examples
+
+    report = LengthReport(total=3, truncated=0, dropped=3)
+    with pytest.raises(MoraTrainError) as dropped:
+        require_examples([], "task.data.train", report, 64, "drop")
+    assert "set task.too_long=truncate" in str(dropped.value)
+    with pytest.raises(MoraTrainError) as truncated:  # already truncating: what is left to change is the length
+        require_examples([], "task.data.train", report, 64, "truncate")
+    message = str(truncated.value)
+    assert "too_long=truncate" not in message and "response token" in message and "max_seq_len" in message

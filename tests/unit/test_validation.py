@@ -54,3 +54,43 @@ def test_fp16_refused_without_gpu(tmp_path: Path) -> None:
 def test_task_without_eval_data_is_refused(tmp_path: Path) -> None:
     problems = problems_of(["task=gsm8k", "task.data.eval=null"], tmp_path)
     assert any("task.data.eval" in p and "not set" in p for p in problems)
+
+
+def test_random_init_and_name_or_path_together_are_refused(tmp_path: Path) -> None:
+    (problem,) = problems_of([f"model.name_or_path={tmp_path}"], tmp_path)  # tiny-llama keeps its random_init
+    assert f"model.name_or_path={tmp_path}" in problem and "model.random_init" in problem
+    assert "model.random_init=null" in problem  # the fix for loading the folder
+
+
+def test_loading_refuses_the_same_conflict_past_validation(tmp_path: Path) -> None:
+    from omegaconf import open_dict
+
+    from mora_train.core.errors import MoraTrainError
+    from mora_train.models import load_model_and_tokenizer
+
+    model_cfg = compose_config(["model=tiny-llama"]).model
+    with open_dict(model_cfg):
+        model_cfg.name_or_path = str(tmp_path)
+    with pytest.raises(MoraTrainError, match="random_init"):
+        load_model_and_tokenizer(model_cfg)
+
+
+def test_a_huge_value_is_shortened_in_the_message(tmp_path: Path) -> None:
+    huge = "x" * 100_000
+    problems = problems_of([f"trainer.lr_scheduler={huge}"], tmp_path)
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(["model=tiny-llama", f"trainer.lr_scheduler={huge}"], tmp_path))
+    message = str(info.value)
+    assert any(huge in p for p in problems)  # the problem list keeps the value; what is shown is shortened
+    assert len(message) < 3_000 and "(100,000 characters)" in message and "trainer.lr_scheduler" in message
+
+
+def test_a_top_level_key_nothing_reads_is_refused(tmp_path: Path) -> None:
+    (problem,) = problems_of(["+learning_rate=1e-3"], tmp_path)  # Hydra accepts it with +; it would be ignored
+    assert "`learning_rate` is not a key mora-train reads" in problem and "trainer" in problem
+
+
+def test_the_known_top_level_keys_are_those_of_the_composed_config(tmp_path: Path) -> None:
+    from mora_train.config.validation import top_level_keys
+
+    assert top_level_keys() == set(compose_config(["model=tiny-llama"], tmp_path).keys())
