@@ -4,9 +4,13 @@
 
 A run is any folder under SWEEP_DIR (at any depth) that holds metrics.json, error.json,
 resolved_config.yaml or Hydra's .hydra/config.yaml; so several sweeps (or single runs) collected
-under one parent folder make one report. A run without metrics.json is listed as failed with
-its error (error.json, written by the CLI in multirun mode) or as "no metrics.json" (killed,
-crashed outside the pipeline, or still running).
+under one parent folder make one report. A run that a live process is still writing (its run-dir
+lock, mora_train.core.run_lock) is listed as running, and its files are not read further. A run
+without metrics.json is listed as failed with its error (error.json, written by the CLI in multirun
+mode) or as "no metrics.json" (killed, or crashed outside the pipeline).
+
+The report's files go into --out (default: the sweep dir); a folder holding files of those names that
+an earlier report did not write is refused, as is a place inside a run's adapter/, merged/ or checkpoints/.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from mora_train.analysis.spectrum import (
     summarize,
     pyplot,
 )
-from mora_train.core.errors import MoraTrainError, report_unexpected
+from mora_train.core.errors import MoraTrainError, non_negative_float, report_unexpected
 from mora_train.adapters import adapter_identity
 from mora_train.core.io import write_text_atomically
+from mora_train.core.outputs import FILES, check_output_target
+from mora_train.core.run_lock import holder_of
 from mora_train.core.metrics import best as best_of
 from mora_train.core.metrics import greater_is_better, metrics_of, primary_value, run_info
 from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, read_error
@@ -64,14 +70,19 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     spectra: list[LayerSpectrum] | None = None
     spectrum_error: str | None = None
+    writer: str | None = None  # the live process still writing the run (its run-dir lock), if any
 
     @property
     def ok(self) -> bool:
         return self.metrics is not None
 
     @property
+    def running(self) -> bool:
+        return self.writer is not None
+
+    @property
     def status(self) -> str:
-        return "ok" if self.ok else "failed"
+        return "ok" if self.ok else "running" if self.running else "failed"
 
     def get(self, dotted: str, default: Any = None) -> Any:
         """A config value by dotted key ('adapter.name'), from metrics.json when it has it."""
@@ -145,6 +156,8 @@ class Run:
     def error_line(self) -> str:
         if self.ok:
             return ""
+        if self.running:
+            return f"still being written by {self.writer}"
         if self.error is None:
             return "no metrics.json and no error.json: the job was killed, crashed outside the pipeline, or is still running"
         return " ".join(str(self.error.get("message", "")).split())  # one line, for tables and CSV
@@ -196,7 +209,8 @@ def find_runs(sweep_dir: Path) -> list[Run]:
             config_path = path / ".hydra" / "config.yaml"
         config = _load_yaml(config_path) if config_path.is_file() else {}
         metrics = None
-        if (path / METRICS_JSON).is_file():
+        holder = holder_of(path)
+        if holder is None and (path / METRICS_JSON).is_file():  # a running run's metrics.json may be replaced
             try:
                 metrics = json.loads((path / METRICS_JSON).read_text())
             except json.JSONDecodeError:
@@ -204,7 +218,8 @@ def find_runs(sweep_dir: Path) -> list[Run]:
         overrides_path = path / ".hydra" / "overrides.yaml"
         overrides = [str(o) for o in (_load_yaml_list(overrides_path) if overrides_path.is_file() else [])]
         name = str(path.relative_to(sweep_dir)) if path != sweep_dir else path.name
-        runs.append(Run(path, name, config, metrics, read_error(path), overrides))
+        runs.append(Run(path, name, config, metrics, read_error(path), overrides,
+                        writer=holder.describe() if holder else None))
     runs.sort(key=lambda r: _natural_key(r.name))
     return runs
 
@@ -320,14 +335,16 @@ def _run_link(row: dict[str, Any]) -> str:
 
 def markdown(runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots: dict[str, str], threshold: float) -> str:
     ok = [r for r, run in zip(rows, runs) if run.ok]
-    failed = [(r, run) for r, run in zip(rows, runs) if not run.ok]
+    failed = [(r, run) for r, run in zip(rows, runs) if not run.ok and not run.running]
+    running = [(r, run) for r, run in zip(rows, runs) if run.running]
     primary = next((r["primary_metric"] for r in ok if r["primary_metric"]), "primary metric")
     # The direction each run's metrics.json declares for its task's primary metric.
     greater = next((run.greater_is_better for run in runs if run.ok), True)
     lines = [
         f"# Sweep report: {sweep_dir.name}",
         "",
-        f"`{sweep_dir}` — {len(runs)} runs: {len(ok)} finished, {len(failed)} failed. "
+        f"`{sweep_dir}` — {len(runs)} runs: {len(ok)} finished, {len(failed)} failed"
+        f"{f', {len(running)} still running' if running else ''}. "
         f"Primary metric: **{primary}** ({'higher' if greater else 'lower'} is better). Every run is a row of `report.csv`.",
         "",
     ]
@@ -359,6 +376,8 @@ def markdown(runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots
             if run.error and not run.error.get("user_error", True):
                 lines.append(f"  (traceback in `{run.name}/error.txt`)")
         lines.append("")
+    if running:
+        lines += ["## Still running", ""] + [f"- {_run_link(row)}: {_md_escape(run.error_line)}" for row, run in running] + [""]
     notes = [(r["run"], r["error"]) for r, run in zip(rows, runs) if run.ok and r["error"]]
     if notes:
         lines += ["## Notes", ""] + [f"- `{name}`: {_md_escape(text)}" for name, text in notes] + [""]
@@ -485,14 +504,37 @@ class Report:
     plots: dict[str, Path]
 
 
+REPORT_FILES = ("report.md", "report.csv", "loss_curves.png", "metric_vs_rank.png", "metric_vs_lr.png", "spectrum.png")
+RUN_OUTPUTS = ("adapter", "merged", "merged-unverified", "checkpoints")  # never written into
+
+
+def is_earlier_report(folder: Path, sweep_dir: Path) -> bool:
+    """The sweep dir itself (the report's documented home), or a folder whose report.csv this command wrote."""
+    if os.path.realpath(folder) == os.path.realpath(sweep_dir):
+        return True
+    try:
+        with open(Path(folder) / "report.csv", encoding="utf-8", errors="replace") as handle:
+            return handle.readline().strip() == ",".join(CSV_COLUMNS)
+    except OSError:
+        return False
+
+
+def check_report_target(out_dir: str | Path | None, sweep_dir: Path, runs: list[Run]) -> Path:
+    """--out (default: the sweep dir), refused before anything is written (mora_train.core.outputs)."""
+    target = sweep_dir if out_dir is None else out_dir
+    protected = [run.path / name for run in runs for name in RUN_OUTPUTS]
+    return check_output_target(target, "mora-train-report", "--out", FILES, protected,
+                               ours=lambda folder: is_earlier_report(folder, sweep_dir), names=REPORT_FILES)
+
+
 def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
                  spectrum: bool = True) -> Report:
     """Read every run under sweep_dir; write report.md, report.csv and the PNG plots into out_dir (default sweep_dir)."""
     sweep_dir = Path(sweep_dir)
-    out = Path(out_dir) if out_dir else sweep_dir
     runs = find_runs(sweep_dir)
     if not runs:
         raise MoraTrainError(f"no runs found under {sweep_dir} (no folder holds metrics.json, error.json or .hydra/config.yaml)")
+    out = check_report_target(out_dir, sweep_dir, runs)
     out.mkdir(parents=True, exist_ok=True)
     if spectrum:
         attach_spectra(runs)
@@ -520,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("sweep_dir", help="the multirun folder (multirun/DATE/TIME), or any folder holding runs")
     parser.add_argument("--out", help="where to write the report (default: the sweep dir)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    parser.add_argument("--threshold", type=non_negative_float, default=DEFAULT_THRESHOLD,
                         help="count singular values of ΔW above this (default %(default)s, the paper's)")
     parser.add_argument("--no-spectrum", action="store_true", help="skip the ΔW spectrum (it loads each run's base model)")
     args = parser.parse_args(argv)
@@ -537,8 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a bug: one line and the traceback in a file, never a bare traceback
         report_unexpected("mora-train-report", err, None)
         return 1
-    failed = sum(not r.ok for r in report.runs)
-    print(f"{len(report.runs)} runs ({failed} failed): {report.markdown_path}, {report.csv_path}"
+    failed = sum(not r.ok and not r.running for r in report.runs)
+    running = sum(r.running for r in report.runs)
+    print(f"{len(report.runs)} runs ({failed} failed{f', {running} still running' if running else ''}): "
+          f"{report.markdown_path}, {report.csv_path}"
           + "".join(f", {p.name}" for p in report.plots.values()))
     return 0
 

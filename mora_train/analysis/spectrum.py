@@ -12,6 +12,10 @@ can recount them at any threshold for free.
     mora-train-spectrum RUN_DIR [--threshold 0.1]
     mora-train-spectrum ADAPTER_DIR --base-model smollm2-135m
     mora-train-spectrum MERGED_DIR --base-model /path/to/base --threshold 0.05
+
+A run still being written (its run-dir lock) is refused. --out never lies inside what is read (a run's
+adapter/, merged/ or checkpoints/, an adapter or model folder) and never overwrites spectrum files this
+command did not write.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mora_train.configs import base_model_config
-from mora_train.core.errors import MoraTrainError, report_unexpected
+from mora_train.core.errors import MoraTrainError, non_negative_float, report_unexpected
 from mora_train.core.io import save_figure_atomically, write_file_atomically
+from mora_train.core.outputs import FILES, check_output_target
+from mora_train.core.run_lock import refuse_if_being_written
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +191,9 @@ def _merged_vs_base(merged_dir: Path, model_cfg: DictConfig) -> list[LayerSpectr
     from mora_train.models import load_error
 
     try:
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+        merged = AutoModelForCausalLM.from_pretrained(
+            merged_dir, dtype=torch.float32, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+        )
     except Exception as err:  # noqa: BLE001 - the loading boundary: corrupt weights, not a model, ...
         raise load_error("model", str(merged_dir), err, "path") from None
     return singular_values(merged_deltas(load_base_model(model_cfg), merged))
@@ -290,6 +298,31 @@ def save_figure(fig, path: Path) -> None:
 
 # -- command line ---------------------------------------------------------------------------------
 
+RUN_OUTPUTS = ("adapter", "merged", "merged-unverified", "checkpoints")
+
+
+def is_earlier_spectrum(folder: Path) -> bool:
+    """A folder whose spectrum.safetensors this command wrote (save_spectra records the layer shapes)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(folder) / SPECTRUM_FILE), framework="pt") as f:
+            return "shapes" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - missing, not safetensors, unreadable: not ours
+        return False
+
+
+def check_spectrum_target(out: str | None, path: Path, is_run: bool, base_model: str | None) -> Path:
+    """--out (default: the run dir, where the cache lives, else the current folder), checked before loading."""
+    target = out if out is not None else (path if is_run else Path.cwd())
+    read = [path / name for name in RUN_OUTPUTS] if is_run else [path]
+    home = Path(path).resolve() if is_run else None
+    return check_output_target(
+        target, "mora-train-spectrum", "--out", FILES, [*read, base_model],
+        ours=lambda folder: Path(folder).resolve() == home or is_earlier_spectrum(folder),
+        names=(SPECTRUM_FILE, SPECTRUM_PLOT),
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -299,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", help="a run dir, an adapter folder, or a merged-model folder")
     parser.add_argument("--base-model", help="base model: config name (smollm2-135m, tiny-llama), hub id or folder; "
                         "default: the run's own (resolved_config.yaml)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="default %(default)s (the paper's)")
+    parser.add_argument("--threshold", type=non_negative_float, default=DEFAULT_THRESHOLD, help="default %(default)s (the paper's)")
     parser.add_argument("--out", help="folder for spectrum.png/.safetensors (default: the run dir, else the current dir)")
     parser.add_argument("--refresh", action="store_true", help="recompute even if the run dir has a cached spectrum")
     args = parser.parse_args(argv)
@@ -308,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.path)
     try:
         is_run = (path / "resolved_config.yaml").is_file()
+        refuse_if_being_written(path, "PATH", "mora-train-spectrum")
+        out = check_spectrum_target(args.out, path, is_run, args.base_model)
         if is_run and args.base_model is None:
             spectra, source = cached_run_spectrum(path, refresh=args.refresh)
         else:
@@ -319,7 +354,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a bug: one line and the traceback in a file, never a bare traceback
         report_unexpected("mora-train-spectrum", err, None)
         return 1
-    out = Path(args.out) if args.out else (path if is_run else Path.cwd())
     try:
         out.mkdir(parents=True, exist_ok=True)
         if out != path or not is_run:

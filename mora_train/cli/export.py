@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Example: mora-train-export outputs/2026-11-30/12-00-00 exported/ --rank 32",
     )
     parser.add_argument("source", help="a run dir (RUN_DIR) or an adapter folder (RUN_DIR/adapter; needs --base-model)")
-    parser.add_argument("out_dir", help="where to write the PEFT LoRA folder")
+    parser.add_argument("out_dir", help="where to write the PEFT LoRA folder: a new or empty folder, or one an earlier "
+                        "export wrote (replaced whole); never SOURCE, inside it, or a folder of other files")
     cut = parser.add_mutually_exclusive_group()
     cut.add_argument("--rank", type=int, help="keep at most R singular directions per layer (truncated SVD)")
     cut.add_argument("--energy", type=float, help="keep the singular values holding this share of each layer's ΔW energy, in (0, 1]")

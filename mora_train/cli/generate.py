@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mora_train.core.errors import run_command
+from mora_train.core.errors import positive_int, run_command
 
 
 def _adapter(text: str) -> tuple[str, Path]:
@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--base-model", required=True, help="config name (smollm2-135m), Hub id or model folder")
     parser.add_argument("--adapter", action="append", type=_adapter, default=[], metavar="NAME=FOLDER")
-    parser.add_argument("--input", required=True, type=Path, help="JSONL of {adapter, prompt}")
-    parser.add_argument("--output", required=True, type=Path, help="JSONL of {adapter, prompt, completion}")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    # Plain strings, not Path: Path("") is ".", and an empty --output must be refused, not taken for the current folder.
+    parser.add_argument("--input", required=True, help="JSONL of {adapter, prompt}")
+    parser.add_argument("--output", required=True,
+                        help="JSONL of {adapter, prompt, completion}: a new file, or one this command wrote before "
+                        "(never --input, nor a file inside an adapter folder)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     args = parser.parse_args(argv)
 
     def work():  # the pipeline is imported here, so that --help stays fast (no torch import)

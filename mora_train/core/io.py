@@ -68,7 +68,8 @@ def write_dir_atomically(target: Path, write: Callable[[Path], Any], keep_existi
     """Call write(tmp_dir), then rename tmp_dir to target: readers never see a half-written folder.
 
     An existing target is replaced; with keep_existing=True it is kept instead and ours discarded
-    (for caches that another process may fill with the same content first).
+    (for caches that another process may fill with the same content first). Replacing deletes whatever the
+    target held: a command writing a folder the user named checks it first (core/outputs.check_output_target).
     """
     target = Path(target)
     tmp = temporary_sibling(target)

@@ -28,8 +28,9 @@ from mora_train.tasks import TASKS
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.io import write_json_atomically
+from mora_train.core.run_lock import RunDirLock, refuse_if_being_written
 from mora_train.models import DTYPES, load_error, load_model_and_tokenizer
-from mora_train.pipeline.train import CHECKSUMS_JSON, check_run_dir, prepare_run_dir
+from mora_train.pipeline.train import CHECKSUMS_JSON, claim_run_dir, prepare_run_dir
 from mora_train.training.checkpoints import file_sha256
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,22 @@ def load_checkpoint(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate cfg.checkpoint on cfg.task; return the metrics written to metrics.json."""
+    """Evaluate cfg.checkpoint on cfg.task; return the metrics written to metrics.json.
 
+    Holds output_dir's writer lock while it runs (mora_train.core.run_lock), and refuses a checkpoint that
+    belongs to a run still being written: its files may change or vanish under the reader."""
+    lock = RunDirLock(Path(str(cfg.output_dir)), "mora-train mode=eval")  # taken by claim_run_dir
+    try:
+        return _run_eval(cfg, lock)
+    finally:
+        lock.release()
+
+
+def _run_eval(cfg: DictConfig, lock: RunDirLock) -> dict[str, Any]:
     started = time.time()
     validate(cfg)
-    check_run_dir(cfg)  # refusals first; the run dir is written only once the model and data are loaded
+    refuse_if_being_written(cfg.get("checkpoint"), "checkpoint=", "mora-train mode=eval")
+    claim_run_dir(cfg, lock)  # refusals first; the run dir is written only once the model and data are loaded
     task = TASKS[cfg.task.name]
     model, tokenizer, loaded = load_checkpoint(cfg)
     if torch.cuda.is_available():

@@ -16,6 +16,7 @@ import torch
 from mora_train.configs import base_model_config
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_text_atomically
+from mora_train.core.outputs import FILE, check_output_target
 from mora_train.models import load_model_and_tokenizer
 
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
@@ -25,9 +26,12 @@ def read_requests(path: Path, adapters: dict[str, Path]) -> list[dict[str, Any]]
     """JSONL records {"adapter": NAME or null, "prompt": TEXT}; every problem named with its line."""
     requests = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise MoraTrainError(f"cannot read the requests file {path}: {err}") from None
+    except UnicodeDecodeError as err:  # bad input, not a bug: say where
+        raise MoraTrainError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save the requests "
+                             "file as UTF-8 JSONL") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -55,11 +59,11 @@ def load_many(base_model: str, adapters: dict[str, Path]) -> tuple[Any, Any]:
 
     if not adapters:
         raise MoraTrainError("give at least one --adapter NAME=FOLDER (an exported LoRA folder)")
-    base, tokenizer = load_model_and_tokenizer(base_model_config(base_model))
     items = list(adapters.items())
-    for name, folder in items:
+    for name, folder in items:  # before the base model loads: a wrong folder is refused at once
         if not (Path(folder) / "adapter_config.json").is_file():
             raise MoraTrainError(f"--adapter {name}={folder}: not a PEFT adapter folder (export one with mora-train-export)")
+    base, tokenizer = load_model_and_tokenizer(base_model_config(base_model))
     model = PeftModel.from_pretrained(base, str(items[0][1]), adapter_name=items[0][0])
     for name, folder in items[1:]:
         model.load_adapter(str(folder), adapter_name=name)
@@ -83,8 +87,22 @@ def generate(model: Any, tokenizer: Any, requests: list[dict[str, Any]], max_new
     return completions
 
 
+def is_earlier_answers(path: Path) -> bool:
+    """True for a file this command wrote: JSONL whose first record has a prompt and a completion."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(1 << 16)  # bounded: the file may be anything, a huge binary one included
+        record = json.loads(next((line for line in head.splitlines() if line.strip()), ""))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"prompt", "completion"} <= record.keys()
+
+
 def run_generate(base_model: str, adapters: dict[str, Path], requests_path: Path, output: Path,
                  max_new_tokens: int = 64, batch_size: int = 8) -> list[dict[str, Any]]:
+    # Before the model loads: the answers never replace the requests, an adapter's files or a file of the user's.
+    output = check_output_target(output, "mora-train-generate", "--output", FILE,
+                                 [requests_path, base_model, *adapters.values()], ours=is_earlier_answers)
     requests = read_requests(requests_path, adapters)
     model, tokenizer = load_many(base_model, adapters)
     completions = generate(model, tokenizer, requests, max_new_tokens, batch_size)

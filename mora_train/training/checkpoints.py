@@ -5,9 +5,12 @@ listing every file with its size and sha256, is fsynced, and only then is rename
 A kill at any moment therefore leaves either the previous set of checkpoints or the new one;
 leftovers (`.staging`, `.trash-*`) are never taken for a checkpoint and are removed on the next start.
 
-Resuming verifies the chosen checkpoint against its checksums (`verify`); a corrupt one (bit rot, a
-file changed in place, an unreadable file) is moved aside to `checkpoints/.corrupt-checkpoint-N` (never
-deleted, never listed) and the newest intact one is used instead, with a warning naming what was wrong.
+Since only complete checkpoints are ever renamed to `checkpoint-N`, every `checkpoint-N` that does not verify is
+corrupt, whatever happened to it: a file truncated, emptied, deleted or changed in place (same size, another
+sha256), the marker deleted or unreadable, a file that cannot be read. Resuming verifies the checkpoint it picks
+against its checksums (`verify`) and looks at the others cheaply (marker, files, sizes); every corrupt one is
+moved aside to `checkpoints/.corrupt-checkpoint-N` (never deleted, never listed, never rotated away) with a
+warning naming the file and what is wrong with it, and the newest intact one is used.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import logging
 import os
 import re
-import shlex
 import shutil
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -61,11 +63,12 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify(checkpoint: Path) -> str | None:
+def verify(checkpoint: Path, checksums: bool = True) -> str | None:
     """None when the checkpoint is intact, else what is wrong with it (one line, naming the file).
 
     Intact: the completion marker lists every file at its size and, when the marker records checksums
-    (every checkpoint since checksums were added), with its sha256. Older markers are checked by size only.
+    (every checkpoint since checksums were added), with its sha256. Older markers are checked by size only,
+    and so is every checkpoint with checksums=False (a cheap look that reads no file's content).
     """
     checkpoint = Path(checkpoint)
     marker = checkpoint / COMPLETE_MARKER
@@ -75,7 +78,7 @@ def verify(checkpoint: Path) -> str | None:
         if not isinstance(files, dict) or not isinstance(sums, dict):
             raise TypeError("malformed file list")
     except FileNotFoundError:
-        return f"it has no {COMPLETE_MARKER} (a save that did not finish)"
+        return f"it has no {COMPLETE_MARKER} (its save never finished, or the marker was deleted)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its {COMPLETE_MARKER} is unreadable ({type(err).__name__}: {err})"
     for name, size in files.items():
@@ -84,7 +87,7 @@ def verify(checkpoint: Path) -> str | None:
             actual = path.stat().st_size
             if actual != size:
                 return f"{name} is {actual} bytes, the manifest says {size} (truncated or replaced)"
-            if name in sums and file_sha256(path) != sums[name]:
+            if checksums and name in sums and file_sha256(path) != sums[name]:
                 return f"{name} does not match its sha256 in {COMPLETE_MARKER} (corrupted in place)"
         except FileNotFoundError:
             return f"{name} is missing"
@@ -123,12 +126,12 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted((p for p in found if is_complete(p)), key=checkpoint_step)
 
 
-def incomplete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+def checkpoint_folders(checkpoints_dir: Path) -> list[Path]:
+    """Every folder named checkpoint-N under checkpoints_dir, complete or not, oldest step first."""
     if not Path(checkpoints_dir).is_dir():
         return []
-    return sorted(
-        p for p in Path(checkpoints_dir).iterdir() if p.is_dir() and checkpoint_step(p) is not None and not is_complete(p)
-    )
+    found = [p for p in Path(checkpoints_dir).iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def newest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -243,9 +246,17 @@ class ResumePlan:
     replace_finished: bool = False  # overwrite=true over a finished run: its outputs are removed
 
 
-def _newest_intact(candidates: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint that verifies, and the newer ones that did not (with what was wrong)."""
+def _newest_intact(candidates: list[Path], everyone: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the corrupt ones met on the way (with what was wrong).
+
+    Checksums are computed newest first until one checkpoint verifies. With everyone=True every candidate
+    also gets the cheap look (marker, files, sizes: no content read), so that a truncated, emptied or
+    unmarked checkpoint-N older than the one resumed from is found too, and kept aside rather than later
+    deleted by rotation."""
     corrupt = []
+    if everyone:
+        corrupt = [(c, why) for c in reversed(candidates) if (why := verify(c, checksums=False)) is not None]
+        candidates = [c for c in candidates if c not in {path for path, _ in corrupt}]
     for checkpoint in reversed(candidates):
         problem = verify(checkpoint)
         if problem is None:
@@ -272,9 +283,8 @@ def decide_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[st
     """
     run_dir = Path(run_dir)
     checkpoints_dir = run_dir / CHECKPOINTS_DIR
-    for partial in incomplete_checkpoints(checkpoints_dir):
-        log.warning("ignoring %s: it has no completion marker (a save that did not finish)", partial)
-    existing = complete_checkpoints(checkpoints_dir)
+    found = checkpoint_folders(checkpoints_dir)  # a checkpoint-N was published complete: if it is not, it is corrupt
+    existing = [p for p in found if is_complete(p)]
     finished = (run_dir / "metrics.json").exists()
     plan = ResumePlan(run_dir, replace_finished=finished)
 
@@ -319,10 +329,11 @@ def decide_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[st
                 f"{checkpoint_step(existing[-1])}) and trainer.resume=false would discard them; pass overwrite=true "
                 "as well to start over, or drop trainer.resume=false to continue from the newest"
             )
-        plan.discard = existing
-    elif existing:
-        _check_matches(existing[-1], identity)
-        plan.start, plan.corrupt = _newest_intact(existing)
+        plan.discard = found
+    elif found:
+        if existing:
+            _check_matches(existing[-1], identity)
+        plan.start, plan.corrupt = _newest_intact(found, everyone=True)
         if plan.start is None:
             raise _all_corrupt_error(checkpoints_dir, plan.corrupt)
         _check_matches(plan.start, identity)
@@ -345,8 +356,8 @@ def apply_resume_plan(plan: ResumePlan) -> Path | None:
     remove_leftovers(checkpoints_dir)
     for path, why in plan.corrupt:
         aside = move_aside(path)
-        log.warning("checkpoint %s is corrupt (%s): moved it aside to %s and resuming from %s instead",
-                    path.name, why, aside, plan.start)
+        log.warning("checkpoint %s is corrupt: %s; moved it aside to %s (kept for inspection) and resuming from %s",
+                    path, why, aside, plan.start)
     if plan.replace_finished and (run_dir / "metrics.json").exists():
         # metrics.json goes first: until the new run writes its own, the dir no longer looks finished.
         log.warning("overwrite=true: replacing the finished run in %s", run_dir)
@@ -371,14 +382,16 @@ def plan_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[str,
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command line that continues this run (Hydra's overrides, with output_dir pinned)."""
-    pinned = f"output_dir={Path(run_dir).resolve()}"
+    """The command line that continues this run (Hydra's overrides, with output_dir pinned), paste-able as printed."""
+    from mora_train.config.overrides import hydra_override, shell_quote  # a sweep job's dir name holds = and ,
+
+    pinned = hydra_override("output_dir", str(Path(run_dir).resolve()))
     try:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):  # not running under Hydra (e.g. pipeline.run called from Python)
-        return f"run it again with {pinned} (trainer.resume=auto, the default, picks up the newest checkpoint)"
+        return f"run it again with {shell_quote(pinned)} (trainer.resume=auto, the default, picks up the newest checkpoint)"
     dropped = ("output_dir", "trainer.resume", "overwrite")
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in dropped]
-    return "mora-train " + " ".join(shlex.quote(a) for a in [*kept, pinned])
+    return "mora-train " + " ".join(shell_quote(a) for a in [*kept, pinned])

@@ -1,5 +1,6 @@
-"""Fault injection on the tiny model: kills, interrupts, NaN, full disk. Each test checks the exit code,
-the message, and that nothing complete was lost (README: "When things go wrong").
+"""Fault injection on the tiny model: kills, interrupts, NaN, full disk, corrupt checkpoints, a second run on a
+live run dir. Each test checks the exit code, the message, and that nothing complete was lost (README: "When
+things go wrong").
 
 Faults are injected by the tests' own hooks (tests/support/faults.py): in-process by monkeypatching the trainer,
 in subprocesses through a test-only sitecustomize plugin; nothing in mora_train reads an environment variable to
@@ -10,10 +11,13 @@ in-process (no interpreter start: ~3x faster).
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,8 @@ from safetensors.torch import load_file
 
 from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
 from mora_train.cli.train import _run
+from mora_train.core.run_lock import LOCK_FILE
+from mora_train.pipeline.validate import validate
 from tests.conftest import compose_config, run_cli
 from tests.support import faults
 from tests.support.faults import fault_env, inject
@@ -277,3 +283,58 @@ def test_real_disk_full_on_a_small_tmpfs(
     assert all(is_complete(p) for p in complete_checkpoints(checkpoints))
     assert not (checkpoints / STAGING_DIR).exists()
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_a_truncated_checkpoint_is_moved_aside_naming_the_file_and_outlives_rotation(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    assert run_in_process(run_dir, "trainer.max_steps=4") == 0
+    for name in ("metrics.json", "adapter", "merged", "checksums.json"):  # as if killed during the export
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    weights = run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+
+    with caplog.at_level("WARNING"):
+        assert run_in_process(run_dir, "trainer.max_steps=4") == 0
+    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    aside = run_dir / "checkpoints" / ".corrupt-checkpoint-4"
+    assert (f"checkpoint {run_dir / 'checkpoints' / 'checkpoint-4'} is corrupt: adapter_model.safetensors is "
+            f"{size // 2} bytes, the manifest says {size} (truncated or replaced)") in caplog.text
+    assert f"moved it aside to {aside}" in caplog.text
+    # The resumed run saved a new checkpoint-4 and rotated (save_total_limit=2): the corrupt one is still kept.
+    assert (aside / "adapter_model.safetensors").stat().st_size == size // 2
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((run_dir / "metrics.json").read_text())["run"]["resumed_from_step"] == 2
+
+
+def test_a_second_run_on_a_run_dir_still_training_is_refused_naming_it(tmp_path: Path, capsys) -> None:
+    """The second `mora-train` on a live run's output_dir: exit 2 naming the first's PID, which finishes untouched."""
+    run_dir = tmp_path / "run"
+    overrides = ("trainer.max_steps=60", "trainer.save_steps=20")  # long enough to be still training when refused
+    second = compose_config(with_run(overrides), run_dir)
+    validate(second)  # this process's imports done beforehand: the refusal then takes well under a second
+    log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would stall the first run
+    first = subprocess.Popen([sys.executable, "-m", "mora_train", *with_run(overrides), f"output_dir={run_dir}"],
+                             cwd=tmp_path, env={**os.environ, **ONE_THREAD}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / LOCK_FILE).is_file() or not (run_dir / LOCK_FILE).read_text().strip():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before taking its lock"
+            time.sleep(0.05)
+        with pytest.raises(SystemExit) as stop:  # the same command again, while the first trains
+            _run(second)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err, err
+        assert f"output_dir={run_dir} is being written by PID {first.pid} (mora-train" in err, err
+        assert first.poll() is None, "the first run had already ended: the refusal proves nothing"
+        first.wait(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["run"]["resumed_from_step"] is None
+    assert not (run_dir / "traceback.txt").exists() and not (run_dir / LOCK_FILE).exists()

@@ -124,3 +124,70 @@ def test_first_signal_requests_a_stop_and_the_second_aborts(sig: int) -> None:
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), sig)
     assert signal.getsignal(sig) is previous
+
+
+def _truncate(checkpoint: Path) -> None:
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"w" * 50)
+
+
+def _same_size_change(checkpoint: Path) -> None:
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"x" + b"w" * 99)
+
+
+def _unreadable(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mora_train.training.checkpoints as checkpoints
+
+    real = checkpoints.file_sha256
+
+    def denied(path: Path, *args, **kwargs):
+        if Path(path).parent == checkpoint and Path(path).name == "adapter_model.safetensors":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "file_sha256", denied)
+
+
+# What went wrong with checkpoint-4, and the words the warning must say about it (naming the file).
+CORRUPTIONS = {
+    "truncated": (_truncate, "adapter_model.safetensors is 50 bytes, the manifest says 100"),
+    "same-size change": (_same_size_change, "adapter_model.safetensors does not match its sha256"),
+    "missing file": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    "missing marker": (lambda c: (c / COMPLETE_MARKER).unlink(), f"it has no {COMPLETE_MARKER}"),
+    "unreadable marker": (lambda c: (c / COMPLETE_MARKER).write_text("{not json"), f"its {COMPLETE_MARKER} is unreadable"),
+    "unreadable file": (_unreadable, "adapter_model.safetensors cannot be read (Permission denied)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_every_corrupt_checkpoint_is_moved_aside_with_its_true_reason(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    make_checkpoint(checkpoints, 2)
+    corrupt = make_checkpoint(checkpoints, 4)
+    damage, reason = CORRUPTIONS[kind]
+    damage(corrupt, monkeypatch) if kind == "unreadable file" else damage(corrupt)
+    with caplog.at_level("WARNING"):
+        assert plan_resume(tmp_path, "auto", False, {"adapter": "lora", "rank": 8}) == checkpoints / "checkpoint-2"
+    aside = checkpoints / ".corrupt-checkpoint-4"
+    assert aside.is_dir() and not corrupt.exists()
+    assert f"checkpoint {corrupt} is corrupt: {reason}" in caplog.text and f"moved it aside to {aside}" in caplog.text
+    assert "no completion marker" not in caplog.text  # the old catch-all reason, wrong for most kinds
+    # Kept for good: rotation and later starts never touch it.
+    make_checkpoint(checkpoints, 6)
+    make_checkpoint(checkpoints, 8)
+    rotate(checkpoints, 1)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".corrupt-checkpoint-4", "checkpoint-8"]
+
+
+def test_an_older_truncated_checkpoint_is_moved_aside_too_and_all_corrupt_is_refused(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    _truncate(make_checkpoint(checkpoints, 2))  # older than the one resumed from: rotation would delete it later
+    make_checkpoint(checkpoints, 4)
+    assert plan_resume(tmp_path, "auto", False, {"adapter": "lora", "rank": 8}) == checkpoints / "checkpoint-4"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".corrupt-checkpoint-2", "checkpoint-4"]
+
+    _truncate(checkpoints / "checkpoint-4")  # now nothing intact is left: refused, nothing moved or deleted
+    with pytest.raises(MoraTrainError, match="no intact checkpoint .* checkpoint-4: adapter_model.safetensors is 50 bytes"):
+        plan_resume(tmp_path, "auto", False, {"adapter": "lora", "rank": 8})
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".corrupt-checkpoint-2", "checkpoint-4"]

@@ -1,7 +1,9 @@
 """Fuzzing the error boundary (issue 18): random config overrides (valid and invalid values of every key) and
 random corruptions of data files, checkpoints and model folders, run in-process through validation and
 loading. The property: a clean project error (MoraTrainError, ConfigError included) or success — never any
-other exception (which the CLI would report as a bug).
+other exception (which the CLI would report as a bug). Two families check more than that: output targets
+(each writing command refuses exactly the targets it must not write, naming them, and touches nothing) and
+concurrent writers (a run dir held by another live process is refused to writers and readers, naming it).
 
 The default run keeps each fuzzer to a few seconds (FAST examples); `pytest -m slow` runs the long profile.
 """
@@ -254,3 +256,188 @@ def test_fuzz_model_folders(budget: int, tmp_path: Path) -> None:
         load_model_and_tokenizer(model_cfg)
 
     fuzz("model folders", budget, st.tuples(st.sampled_from(names), corruption, st.booleans()), check)
+
+
+# -- output targets ----------------------------------------------------------------------------------------
+# Every command that writes a path the user named, through its own check (before any model loads): a target it
+# must not write is a MoraTrainError naming the path, never an OSError or a traceback, and nothing is touched.
+
+TARGETS = ["blank", "spaces", "new", "empty", "file", "foreign", "source", "inside", "source_file", "root",
+           "link_to_source", "inside_link", "under_file", "foreign_link", "dev_null", "ours", "random"]
+REFUSED_BY_ALL = {"blank", "spaces", "file", "foreign", "source", "inside", "source_file", "link_to_source",
+                  "inside_link", "under_file", "foreign_link", "dev_null"}
+ACCEPTED_BY_ALL = {"new", "empty", "ours"}
+COMMANDS = ["export", "generate", "report", "spectrum"]
+
+
+def _output_area(root: Path, command: str) -> dict[str, Path]:
+    """A source (what `command` reads), a foreign folder with files of every command's names, a plain file, an
+    earlier output of `command`, and symlinks; the same layout for each command."""
+    from mora_train.analysis.spectrum import LayerSpectrum, save_spectra
+
+    source = root / "source"
+    (source / "sub").mkdir(parents=True)
+    (source / "requests.jsonl").write_text('{"adapter": null, "prompt": "hi"}\n')
+    foreign = root / "foreign"
+    foreign.mkdir()
+    for name in ("report.md", "spectrum.png", "adapter_config.json", "notes.txt"):
+        (foreign / name).write_text("the user's")
+    (root / "empty").mkdir()
+    (root / "plain.txt").write_text("the user's")
+    (root / "link").symlink_to(source)
+    (root / "foreign-link").symlink_to(foreign)
+    ours = root / ("ours.jsonl" if command == "generate" else "ours")
+    if command == "generate":
+        ours.write_text('{"adapter": null, "prompt": "p", "completion": "c"}\n')
+    else:
+        ours.mkdir()
+    if command == "export":
+        (ours / "export_report.json").write_text("{}")
+        (ours / "adapter_config.json").write_text("{}")
+    if command == "report":
+        from mora_train.analysis.report import CSV_COLUMNS
+
+        (ours / "report.csv").write_text(",".join(CSV_COLUMNS) + "\n")
+        (ours / "report.md").write_text("# Sweep report\n")
+    if command == "spectrum":
+        import torch
+
+        save_spectra([LayerSpectrum("model.layers.0.q_proj", 4, 4, torch.ones(2))], ours / "spectrum.safetensors", "adapter")
+    if command == "report":  # a sweep whose one run keeps its adapter/ in the source folder
+        run = root / "sweep" / "0_run"
+        run.mkdir(parents=True)
+        (run / "error.json").write_text(json.dumps({"error_type": "ConfigError", "message": "x"}))
+        (run / "adapter").symlink_to(source)
+    return {"source": source, "ours": ours}
+
+
+def _target(root: Path, kind: str, name: str) -> str:
+    return {
+        "blank": "", "spaces": " \t ", "new": str(root / "new" / "out"), "empty": str(root / "empty"),
+        "file": str(root / "plain.txt"), "foreign": str(root / "foreign"), "source": str(root / "source"),
+        "inside": str(root / "source" / "sub"), "source_file": str(root / "source" / "requests.jsonl"),
+        "root": str(root), "link_to_source": str(root / "link"), "inside_link": str(root / "link" / "new"),
+        "under_file": str(root / "plain.txt" / "out"), "foreign_link": str(root / "foreign-link"),
+        "dev_null": "/dev/null", "ours": str(root / ("ours.jsonl" if "generate" in name else "ours")),
+        "random": str(root / name.split("|", 1)[1]) if "|" in name else str(root / "x"),
+    }[kind]
+
+
+def _check_command(command: str, root: Path, target: str, source: Path) -> None:
+    """The command's own check, reached the way the command reaches it; MoraTrainError when refused."""
+    if command == "export":
+        from mora_train.pipeline.lora_export import export_run
+
+        export_run(source, target)  # an acceptable target gets as far as "not a run dir": nothing loads
+    elif command == "generate":
+        from mora_train.pipeline.generate import run_generate
+
+        run_generate("tiny-llama", {"a": source}, source / "requests.jsonl", target)  # then: "not a PEFT adapter folder"
+    elif command == "report":
+        from mora_train.analysis.report import check_report_target, find_runs
+
+        check_report_target(target, root / "sweep", find_runs(root / "sweep"))
+    else:
+        from mora_train.analysis.spectrum import check_spectrum_target
+
+        check_spectrum_target(target, source, False, None)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_fuzz_output_targets(budget: int, tmp_path: Path) -> None:
+    def check(example: tuple[str, str]) -> None:
+        kind, random_name = example
+        for command in COMMANDS:
+            check_one(command, kind, random_name)
+
+    def check_one(command: str, kind: str, random_name: str) -> None:
+        root = tmp_path / "area"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        places = _output_area(root, command)
+        target = _target(root, kind, f"{command}|{random_name}" if kind == "random" else command)
+        before = _tree(root)
+        try:
+            _check_command(command, root, target, places["source"])
+            refused = None
+        except MoraTrainError as err:
+            refused = str(err)
+        assert _tree(root) == before, f"{command} {kind}: files changed"
+        option = {"export": "OUT_DIR", "generate": "--output", "report": "--out", "spectrum": "--out"}[command]
+        target_refused = refused is not None and refused.startswith(option)
+        if kind in REFUSED_BY_ALL:
+            assert target_refused, f"{command} accepted {kind} target {target!r}: {refused}"
+            assert (target in refused or repr(target) in refused or repr(target.replace("\0", "")) in refused
+                    or not target.strip()), refused
+        if kind in ACCEPTED_BY_ALL and not (kind == "empty" and command == "generate"):
+            assert not target_refused, f"{command} refused {kind} target {target!r}: {refused}"
+        if kind == "empty" and command == "generate":  # a folder where a file is written
+            assert target_refused and "is a folder" in refused, refused
+        if kind == "root":  # it holds the source: replaced whole (export) or not a file (generate) -> refused
+            assert target_refused == (command in ("export", "generate")), refused
+
+    names = st.text(st.characters(codec="utf-8", exclude_characters="/"), min_size=1, max_size=300)
+    fuzz("output targets", budget, st.tuples(st.sampled_from(TARGETS), names), check)
+
+
+# -- concurrent writers ------------------------------------------------------------------------------------
+# Another live process takes and drops run-dir locks (or is killed) at random; this process's writers and
+# readers must be refused exactly while that process holds the run dir, naming its PID, and accepted otherwise.
+
+ACTIONS = st.lists(st.tuples(st.sampled_from(["hold", "drop", "write", "read", "kill"]), st.sampled_from([0, 1])),
+                   min_size=1, max_size=8)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_fuzz_concurrent_writers(budget: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mora_train.core import run_lock
+    from mora_train.core.run_lock import RunDirLock, refuse_if_being_written
+    from tests.support.lock_holder import LockHolder
+
+    monkeypatch.setattr(run_lock, "RETRY_S", 0.02)  # a refused writer retries this long first: keep examples fast
+    holders = [LockHolder()]
+    dirs = [tmp_path / "run0", tmp_path / "sweep" / "run1"]
+
+    def check(actions: list[tuple[str, int]]) -> None:
+        held: set[int] = set()
+        try:
+            play(actions, held)
+        finally:  # the next example starts with nothing held, even after a failed one (hypothesis shrinks)
+            for which in sorted(held):
+                holders[-1].unlock(dirs[which])
+
+    def play(actions: list[tuple[str, int]], held: set[int]) -> None:
+        for action, which in actions:
+            run_dir, holder = dirs[which], holders[-1]
+            if action == "hold" and which not in held:
+                holder.lock(run_dir)
+                held.add(which)
+            elif action == "drop" and which in held:
+                holder.unlock(run_dir)
+                held.discard(which)
+            elif action == "kill":
+                holder.kill()
+                holders.append(LockHolder())
+                held.clear()
+            elif action in ("write", "read"):
+                try:
+                    if action == "write":
+                        RunDirLock(run_dir).acquire().release()
+                    else:
+                        refuse_if_being_written(run_dir / "checkpoints" / "checkpoint-2", "checkpoint=", "a reader")
+                    refused = None
+                except MoraTrainError as err:
+                    refused = str(err)
+                assert (refused is not None) == (which in held), (actions, refused)
+                if refused:
+                    assert f"PID {holder.pid}" in refused and str(run_dir) in refused, refused
+
+    try:
+        fuzz("concurrent writers", budget, ACTIONS, check)
+    finally:
+        for holder in holders:
+            holder.kill()
