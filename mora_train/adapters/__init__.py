@@ -132,6 +132,10 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:
             "(a run writes them to RUN_DIR/adapter)"
         )
     config = json.loads(config_path.read_text())
+    if is_quantized(model):
+        # A re-attached adapter must compute what it trained with: build_adapter's k-bit preparation (norms and
+        # embeddings of a 16-bit base in float32) and no in-place repack of a 4-bit base by an eval forward.
+        prepare_for_adapter_training(model)
     adapter: Adapter
     if config.get("format") == "mora-train" and config.get("adapter") == MoraAdapter.name:
         adapter = MoraAdapter(model, config["rank"], config["mora_type"], config["target_modules"], config["dropout"])

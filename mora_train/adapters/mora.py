@@ -601,8 +601,10 @@ class MoRALinear(nn.Module):
         # into in place without autograd's CopySlices cloning the whole gradient.
         x2 = x.reshape(-1, self.in_features)
         result = self.base_layer(x2)
-        if not result.is_contiguous():
-            result = result.contiguous()
+        if not result.is_contiguous() or result._is_view():
+            # The branch adds into this output in place, which autograd refuses on a view (a quantized kernel
+            # may return its output reshaped from another tensor): a copy holds the same values.
+            result = result.clone(memory_format=torch.contiguous_format)
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
         # Without autocast the branch computes in the base output's dtype: M's own dtype on a float base,

@@ -29,8 +29,10 @@ IDENTITY_KEYS = (
 TRAINING_KEYS = (
     "train_loss", "final_logged_loss", "train_steps", "trainable_params", "total_params", "train_runtime_s",
     "tokens_per_s", "merge_max_abs_diff", "merge_tolerance",
+    # merged/ in a coarser dtype than the model computed in: the merge checked before that cast (else null)
+    "merge_before_cast_max_abs_diff", "merge_before_cast_tolerance",
     # quantized base: max |logit difference| between its quantized kernels and its de-quantized weights
-    "quantized_kernel_max_abs_diff",
+    "quantized_kernel_max_abs_diff", "quantized_kernel_tolerance",
 )
 RUN_SECTION = "run"
 LM_EVAL_SECTION = "lm_eval"

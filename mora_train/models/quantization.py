@@ -9,18 +9,31 @@ holding exactly the weight its forward used (bitsandbytes computes `x @ dequanti
 and the adapter's ΔW is added to that. The merged checkpoint is therefore the model that was trained, up
 to float rounding — unlike merging into the 4-bit weight, which re-quantizes W + ΔW and loses most of a
 small ΔW (one nf4 step is ~1/8 of a block's absmax; a typical ΔW entry is far below it).
+
+One thing can change what a 4-bit layer holds without anyone asking: on a CPU with AVX512-BF16
+(bitsandbytes 0.50), the first forward in eval mode without gradients rewrites the weight in place
+into a CPU-kernel layout (`quant_state.packing_format_for_cpu`: the codes re-ordered in blocks, the
+per-block scales turned into a transposed bfloat16 tensor) and computes from then on in bfloat16.
+`keep_training_layout` switches that off for every layer we train or export (build_adapter and
+load_adapter call it), so evaluation computes with the weights training used; `dequantized_weight` still
+reads either layout correctly, so a layer repacked before we saw it is exported as the weights its kernel
+used (bf16 scales), and the merge check then compares against an independent reference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,15 +159,69 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def is_repacked_for_cpu(module: nn.Module) -> bool:
+    """Whether bitsandbytes rewrote this 4-bit layer's weight into its AVX512-BF16 CPU-kernel layout."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def _training_layout_of_repacked(weight: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:
+    """(codes, quant state) in the plain layout for a weight bitsandbytes repacked for its CPU kernel, built
+    on copies: the layer itself is not changed. The scales are the bf16 ones that kernel used, as float32 —
+    the float32 (or double-quantized) scales of before the repack are gone."""
+    import bitsandbytes.functional as F
+
+    # bitsandbytes' own inverse re-orders the codes exactly, but would re-quantize bf16 scales that had been
+    # double-quantized (a lossy 8-bit round trip): give it a copy of the state that does not ask for that,
+    # and undo the scales' transposed [K / blocksize, N] layout here.
+    state = copy.copy(quant_state)
+    state.original_nested = False
+    codes, _ = F._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    scales = quant_state.absmax.T.reshape(-1).float()
+    plain = F.QuantState(
+        absmax=scales, shape=quant_state.shape, code=quant_state.code, blocksize=quant_state.blocksize,
+        quant_type=quant_state.quant_type, dtype=getattr(quant_state, "original_dtype", quant_state.dtype),
+    )
+    return codes, plain
+
+
+def keep_training_layout(model: nn.Module) -> int:
+    """Keep every 4-bit layer of `model` in the layout it trains with: no in-place repack for bitsandbytes'
+    AVX512-BF16 CPU kernel on eval forwards, and any layer already repacked put back into the plain layout
+    (with the bf16 scales its kernel used: the earlier scales are gone). Returns how many were put back."""
+    restored = 0
+    for module in model.modules():
+        if not is_quantized_linear(module) or not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        if is_repacked_for_cpu(module):
+            codes, plain = _training_layout_of_repacked(module.weight, module.weight.quant_state)
+            module.weight.data = codes
+            module.weight.quant_state = plain
+            module.quant_state = plain
+            restored += 1
+    if restored:
+        log.warning(
+            "%d 4-bit layers had been repacked in place by bitsandbytes for its AVX512-BF16 CPU kernel (an eval "
+            "forward before mora-train saw the model); they are back in the training layout, with the bfloat16 "
+            "block scales that kernel used (the original float32 scales are gone)", restored,
+        )
+    return restored
+
+
 @torch.no_grad()
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The float32 weight a quantized linear layer's forward multiplies by (d_out x d_in); a float layer's own weight."""
+    """The float32 weight a quantized linear layer's forward multiplies by (d_out x d_in); a float layer's own
+    weight. Either 4-bit layout (plain, or repacked for the CPU kernel) is read as what it holds."""
     weight = module.weight
     if not is_quantized_linear(module):
         return weight.detach().float()
     import bitsandbytes.functional as F
 
     quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None and is_repacked_for_cpu(module):
+        codes, plain = _training_layout_of_repacked(weight, quant_state)
+        return F.dequantize_4bit(codes, plain).float()
     if quant_state is not None:  # 4-bit: packed codes + per-block absmax (itself quantized with double_quant)
         return F.dequantize_4bit(weight.data, quant_state).float()
     # LLM.int8: int8 codes with one absmax scale per output row; before the layer first moves to its device
@@ -167,24 +234,84 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return F.int8_vectorwise_dequant(weight.data, scale).float()
 
 
+@contextlib.contextmanager
+def training_kernels(model: nn.Module) -> Iterator[None]:
+    """Run the quantized layers of `model` in training mode (everything else as it is) for the forwards inside.
+
+    bitsandbytes picks its kernel by the layer's mode, and only the training one computes the model that
+    trained: on CPU an int8 layer trains with de-quantize + float matmul (MatMul8bitFp) but evaluates with
+    LLM.int8's int8 activations, and a 4-bit layer in eval mode may be repacked for the AVX512-BF16 kernel."""
+    switched = [m for m in model.modules() if is_quantized_linear(m) and not m.training]
+    for module in switched:
+        module.train()
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.eval()
+
+
+# The export's kernel check (export.check_quantized_kernels) compares the training-time quantized forward with
+# the same adapted model on its de-quantized weights; its tolerance is this fraction of the largest |logit|.
+# 4-bit layers (and int8 on CPU, which trains with de-quantize + float matmul) compute x @ dequantize(W) in the
+# compute dtype, as the de-quantized model does. Measured on CPU: 0.0 for 4-bit (tiny Llama and SmolLM2-135M,
+# float32 and bfloat16 compute), 1.4-1.8e-6 x for int8 on SmolLM2 (the scales applied in another order). The
+# tolerance leaves room for kernels that sum in another order (GPU) while a misread de-quantization, which moves
+# the logits by their own size (0.8-1.3 x the largest |logit|, tiny Llama and SmolLM2), fails in every dtype,
+# and so, in float32, do bfloat16 block scales (a base repacked for the AVX512-BF16 kernel before the adapter
+# was attached: 1.1-1.6e-3 x on the tiny Llama, 7.3e-3 x on SmolLM2).
+KERNEL_RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+# LLM.int8 on a GPU trains with int8 activations (outliers above int8_threshold kept in float16): its kernel then
+# differs from the de-quantized model by that quantization. bitsandbytes' CPU emulation of it (the eval-mode
+# kernel there) moves SmolLM2-135M's logits by 9-12 % of the largest on text, 15-19 % on random tokens (not
+# measured on a GPU); 0.5 leaves room for that on deeper models and still fails a misread de-quantization.
+INT8_ACTIVATIONS_RELATIVE_TOLERANCE = 0.5
+
+
+def kernel_relative_tolerance(model: nn.Module) -> float:
+    """The kernel check's tolerance for `model`, relative to its largest |logit| (see the constants above)."""
+    int8_activations = any(
+        type(m).__name__ == "Linear8bitLt" and m.weight.device.type not in ("cpu", "xpu") for m in model.modules()
+    )
+    if int8_activations:
+        return INT8_ACTIVATIONS_RELATIVE_TOLERANCE
+    return KERNEL_RELATIVE_TOLERANCE.get(compute_dtype(model), KERNEL_RELATIVE_TOLERANCE[torch.bfloat16])
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
+class DequantizedLinear(nn.Linear):
+    """A float `nn.Linear` standing in for a de-quantized bitsandbytes layer, computing as that layer did: the
+    input cast to the weight's dtype (the compute dtype), the output cast back to the input's dtype. peft's
+    k-bit preparation leaves the hidden states in float32, so a plain bfloat16 `nn.Linear` there would be fed
+    float32 inputs. Its state dict is a plain `nn.Linear`'s: a saved model reloads with `nn.Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 @torch.no_grad()
 def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized linear layer of `model` (also inside adapter wrappers) by a float `nn.Linear`
+    """Replace every quantized linear layer of `model` (also inside adapter wrappers) by a `DequantizedLinear`
     holding its de-quantized weight, in `dtype` (default: the compute dtype). The model then computes what it
-    did, minus the quantized kernels' own rounding (none for 4-bit, whose forward is x @ dequantize(W))."""
+    did, minus the quantized kernels' own rounding (none for 4-bit on CPU, whose forward is x @ dequantize(W))."""
     target = dtype or compute_dtype(model)
+    repacked = sum(is_repacked_for_cpu(m) for m in model.modules() if is_quantized_linear(m))
+    if repacked:
+        log.warning(
+            "%d 4-bit layers are in bitsandbytes' AVX512-BF16 CPU-kernel layout (repacked in place by an eval "
+            "forward): they are de-quantized from it, with the bfloat16 block scales that kernel used", repacked,
+        )
     for name, module in list(model.named_modules()):
         if not is_quantized_linear(module):
             continue
         weight = dequantized_weight(module)
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                          device=weight.device, dtype=target)
+        plain = DequantizedLinear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device=weight.device, dtype=target)
         plain.weight.copy_(weight.to(target))
         if module.bias is not None:
             plain.bias.copy_(module.bias.detach().to(target))
@@ -201,20 +328,34 @@ def forget_quantization(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):  # is_quantized: `.float()` refuses
         if getattr(model, flag, False):
             setattr(model, flag, False)
+    if getattr(config, "_is_quantized", False):
+        config._is_quantized = False
     if hasattr(model, "quantization_method"):
         with contextlib.suppress(AttributeError):
             del model.quantization_method
 
 
+def as_float32(model: nn.Module) -> nn.Module:
+    """`model` in float32, in place: its quantized layers de-quantized (the weights their kernels multiply by),
+    transformers' record of the quantization dropped, everything else cast (`.float()` alone is refused on a
+    quantized model)."""
+    if is_quantized(model):
+        dequantize_linears(model, torch.float32)
+        forget_quantization(model)
+    return model.float()
+
+
 def prepare_for_adapter_training(model: nn.Module) -> None:
-    """peft's k-bit preparation for every adapter method: freeze the base, cast non-quantized half-precision
-    weights (norms, embeddings) to float32 for stable training. Gradient checkpointing is left to the trainer
+    """peft's k-bit preparation for every adapter method: keep the 4-bit layers in their training layout
+    (`keep_training_layout`), freeze the base, cast non-quantized half-precision weights (norms, embeddings)
+    to float32 for stable training. Gradient checkpointing is left to the trainer
     (trainer.gradient_checkpointing), which enables input gradients itself."""
     from peft import prepare_model_for_kbit_training
 
+    keep_training_layout(model)
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

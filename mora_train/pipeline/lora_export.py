@@ -10,6 +10,11 @@
    model's (the exact types differ by float32 rounding only).
 4. Truncated exports (or --evaluate): the task's own evaluation of the adapted model and of the base
    model with the exported LoRA merged, primary metric before / after.
+
+A run on a quantized base (model.quantization) is exported from its de-quantized weights: the LoRA holds
+ΔW, and the check runs on the base as the kernels saw it (de-quantized to float32). Serving it needs that
+same base — loaded with the same quantization, or de-quantized — not the original full-precision weights,
+which differ from it by the quantization error (the report names the base's quantization).
 """
 
 from __future__ import annotations
@@ -30,20 +35,24 @@ from torch import nn
 from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME, match_target_linears, svd_factors
 from mora_train.core.errors import MoraTrainError
-from mora_train.core.io import write_json_atomically
+from mora_train.core.io import write_json_atomically, write_text_atomically
+from mora_train.core.outputs import FOLDER, check_output_target, holds_file
+from mora_train.core.run_lock import refuse_if_being_written
 from mora_train.export_lora import REPORT_JSON, export_lora, summarize
 from mora_train.configs import base_model_config
 from mora_train.models import load_model_and_tokenizer
+from mora_train.models.quantization import as_float32, quantization_of
 from mora_train.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-# Run in a fresh interpreter: proves the folder needs nothing but torch, transformers and peft.
+# Run in a fresh interpreter: proves the folder needs nothing but torch, transformers and peft. argv[5] is
+# model.trust_remote_code, always given: left unset, transformers asks on stdin before running custom code.
 PEFT_CHECK = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=sys.argv[5] == "1")
 model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
 ids = torch.load(sys.argv[3])
 with torch.no_grad():
@@ -69,11 +78,15 @@ def _adapter_folder(source: Path) -> Path:
     )
 
 
-def _total_update_factors(run_dir: Path, base: nn.Module, targets: list[str]) -> tuple[dict, nn.Module]:
+def _total_update_factors(
+    run_dir: Path, base: nn.Module, targets: list[str], trust_remote_code: bool = False
+) -> tuple[dict, nn.Module]:
     """merged − base for every adapted layer, as SVD factors (exact to rounding at the numerical rank)."""
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        run_dir / "merged", dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).eval()
     layers, unmatched = match_target_linears(base, targets)
     if unmatched:
         raise MoraTrainError(f"{run_dir}: its adapter's target_modules {unmatched} match no layer of the base model")
@@ -91,7 +104,10 @@ def _probe(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, max(4, vocab_size), (2, 16), generator=generator)
 
 
-def check_with_peft(base: nn.Module, folder: Path, reference: nn.Module) -> float:
+PEFT_CHECK_LOG = "peft_check_stderr.log"  # in the export folder when the plain-peft check fails
+
+
+def check_with_peft(base: nn.Module, folder: Path, reference: nn.Module, trust_remote_code: bool = False) -> float:
     """Max |logit difference| between `reference` and plain peft's base + exported folder (other process)."""
     ids = _probe(base.config.vocab_size)
     with torch.no_grad():
@@ -101,13 +117,30 @@ def check_with_peft(base: nn.Module, folder: Path, reference: nn.Module) -> floa
         base.save_pretrained(tmp / "base")
         torch.save(ids, tmp / "ids.pt")
         done = subprocess.run(
-            [sys.executable, "-c", PEFT_CHECK, str(tmp / "base"), str(folder), str(tmp / "ids.pt"), str(tmp / "out.pt")],
-            capture_output=True, text=True,
+            [sys.executable, "-c", PEFT_CHECK, str(tmp / "base"), str(folder), str(tmp / "ids.pt"), str(tmp / "out.pt"),
+             "1" if trust_remote_code else "0"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
         )
         if done.returncode != 0:
-            raise MoraTrainError(f"plain peft could not load the exported folder {folder}: {done.stderr.strip()[-1500:]}")
+            log_path = Path(folder) / PEFT_CHECK_LOG
+            write_text_atomically(log_path, done.stderr)
+            raise MoraTrainError(
+                f"plain peft could not load the exported folder {folder}: {_last_error_line(done.stderr)} "
+                f"(its whole output: {log_path})"
+            )
         got = torch.load(tmp / "out.pt")
     return float((got.float() - expected).abs().max())
+
+
+def _last_error_line(stderr: str, limit: int = 400) -> str:
+    """A Python traceback's final exception (its message's lines joined into one), else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for start in range(len(lines) - 1, -1, -1):
+        name = lines[start].split(":", 1)[0]
+        if ":" in lines[start] and " " not in name and name.endswith(("Error", "Exception")):
+            text = " ".join(lines[start:])
+            return text if len(text) <= limit else text[: limit - 3] + "..."
+    return lines[-1] if lines else "no output"
 
 
 def _evaluate(cfg: DictConfig, model: nn.Module, tokenizer: Any, out_dir: Path) -> tuple[str, float | None, dict]:
@@ -129,6 +162,9 @@ def export_run(
     evaluate: bool | None = None,
 ) -> dict[str, Any]:
     """Export SOURCE (a run dir or an adapter folder) as a PEFT LoRA folder in OUT_DIR; return the report."""
+    # Before anything loads: OUT_DIR is replaced whole, so never a folder the export did not write, nor the source.
+    check_output_target(out_dir, "mora-train-export", "OUT_DIR", FOLDER, [source, base_model], holds_file(REPORT_JSON))
+    refuse_if_being_written(source, "SOURCE", "mora-train-export")
     started = time.time()
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
     if not source.exists():
@@ -146,8 +182,9 @@ def export_run(
         raise MoraTrainError(f"{source} is not a run dir (no resolved_config.yaml): pass --base-model (config name, Hub id or folder)")
     adapter_dir = _adapter_folder(source)
     saved = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    trust_remote_code = bool(model_cfg.get("trust_remote_code", False))
     base, tokenizer = load_model_and_tokenizer(model_cfg)
-    base = base.float().eval()
+    base = as_float32(base).eval()  # a quantized base: its de-quantized weights, which the LoRA's ΔW adds to
 
     restarted = run_cfg is not None and ((run_cfg.adapter.get("restart") or {}).get("every_steps") or 0) > 0
     if run_cfg is not None and run_cfg.adapter.get("train_embeddings", False):
@@ -155,11 +192,11 @@ def export_run(
             f"{source} also trained the input embeddings and the LM head (adapter.train_embeddings=true), which a "
             "LoRA adapter cannot carry; serve its merged model (RUN_DIR/merged) instead"
         )
-    fresh_base = load_model_and_tokenizer(model_cfg)[0].float().eval()  # never wrapped: for the peft check
+    fresh_base = as_float32(load_model_and_tokenizer(model_cfg)[0]).eval()  # never wrapped: for the peft check
     if restarted:
         # The live adapter holds only the last cycle: the update the run made is merged − base.
         targets = saved.get("target_modules") or list(run_cfg.adapter.target_modules)
-        factors, reference = _total_update_factors(source, base, list(targets))
+        factors, reference = _total_update_factors(source, base, list(targets), trust_remote_code)
         how = "SVD of merged - base (a run with restarts)"
     else:
         adapter = load_adapter(base, adapter_dir)
@@ -173,8 +210,9 @@ def export_run(
     report: dict[str, Any] = {"source": str(source), "how": how, **summarize(rows)}
     report["rank"] = max(r.rank for r in rows)
     report["truncated"] = rank is not None or energy is not None
+    report["base_quantization"] = quantization_of(model_cfg)
     if check:
-        report["peft_max_abs_logit_diff"] = check_with_peft(fresh_base, out_dir, reference)
+        report["peft_max_abs_logit_diff"] = check_with_peft(fresh_base, out_dir, reference, trust_remote_code)
     if evaluate is None:
         evaluate = report["truncated"]
     if evaluate:

@@ -25,10 +25,12 @@ from mora_train.tasks import TASKS
 from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
 from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.io import write_dir_atomically, write_json_atomically, write_text_atomically
-from mora_train.export import export_merged, probe_batch
+from mora_train.core.run_lock import RunDirLock
+from mora_train.export import ExportResult, export_merged, probe_batch, quantized_reference_logits
 from mora_train.training.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
 from mora_train.models.quantization import quantization_of
+from mora_train.config.output_dir import output_dir_problem
 from mora_train.config.validation import export_dtype
 from mora_train.training.preflight import check_model_fit
 from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
@@ -60,38 +62,6 @@ def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
     return "\n".join(lines)
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def output_dir_problem(output_dir: str | Path) -> str | None:
-    """Why nothing can be written at output_dir (a regular file, a read-only or foreign location), or None.
-
-    Checked before anything is written (also by the CLI before Hydra creates the folder)."""
-    path = Path(output_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        return (f"output_dir={output_dir} is an existing file, not a folder; choose a folder path "
-                "(a new one is created) with output_dir=...")
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        return f"output_dir={output_dir}: {existing} is a file, so no folder can be created under it; choose another output_dir=..."
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "a read-only filesystem" if _read_only(existing) else "a folder you cannot write to"
-        return (f"output_dir={output_dir}: {existing} is on {what}, so the run cannot write its outputs there; "
-                "choose a writable location with output_dir=...")
-    return None
-
-
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 def check_run_dir(cfg: DictConfig) -> Path:
     """Every refusal about the run dir itself, before anything is written (prepare_run_dir writes)."""
     run_dir = Path(cfg.output_dir)
@@ -104,6 +74,19 @@ def check_run_dir(cfg: DictConfig) -> Path:
             "or pass overwrite=true to replace it"
         )
     return run_dir
+
+
+def claim_run_dir(cfg: DictConfig, lock: RunDirLock | None) -> Path:
+    """check_run_dir, after taking the run dir's writer lock (None: a process that does not write the run dir).
+
+    The lock comes before every refusal that reads the run dir (finished run, resume plan), so that no decision
+    is taken on files another live run is changing; a second writer is refused naming the first one's PID."""
+    problem = output_dir_problem(cfg.output_dir)
+    if problem:
+        raise MoraTrainError(problem)
+    if lock is not None:
+        lock.acquire()
+    return check_run_dir(cfg)
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
@@ -253,8 +236,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with the command that resumes it.
     """
     run_dir = Path(cfg.output_dir)
+    # One writer per run dir, held until the run ends (the main process writes; the other ranks only read).
+    lock = RunDirLock(run_dir, "mora-train") if distributed.is_main_process() else None
     try:
-        return _run(cfg)
+        return _run(cfg, lock)
     except RunStopped as err:
         raise RunStopped(f"{err}: {resume_command(run_dir)}", err.exit_code) from err.__cause__
     except MoraTrainError:
@@ -271,15 +256,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ) from err
     finally:
         tracking.close(failed=True)  # what a run that ended early left open (a finished run has closed its own)
+        if lock is not None:
+            lock.release()
 
 
-def _run(cfg: DictConfig) -> dict[str, Any]:
+def _run(cfg: DictConfig, lock: RunDirLock | None) -> dict[str, Any]:
     started = time.time()
     # Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank),
     # checks the run dir and decides which checkpoint to resume from; the others share its outcome.
     # Nothing is written into the run dir until every refusal has passed (README: "When things go wrong").
     distributed.run_on_main_process(lambda: validate(cfg))
-    run_dir = distributed.run_on_main_process(lambda: check_run_dir(cfg))
+    run_dir = distributed.run_on_main_process(lambda: claim_run_dir(cfg, lock))
     identity = adapter_identity(cfg.adapter, cfg.rank)
     plan = distributed.run_on_main_process(
         lambda: decide_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), identity)
@@ -328,48 +315,100 @@ def finish_run(
     started: float,
 ) -> dict[str, Any]:
     """Rank 0: export the adapter and the merged model, verify, evaluate, write metrics and the loss plot."""
-
-    def rebuild() -> Adapter:
-        set_seed(cfg.seed)
-        return build_adapter(
-            load_model_and_tokenizer(cfg.model)[0], cfg.adapter, cfg.rank, load_base=lambda: load_model_and_tokenizer(cfg.model)[0]
-        )
-
     # After ZeRO / FSDP training the live weights are shards: export a rebuilt copy holding the gathered ones.
-    adapter = unsharded_adapter(adapter, result.final_weights, rebuild)
+    adapter = unsharded_adapter(adapter, result.final_weights, lambda: rebuilt_adapter(cfg))
     adapter_dir = None
     if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
         adapter_dir = run_dir / "adapter"
         write_dir_atomically(adapter_dir, adapter.save)
-    export = export_merged(
-        adapter, tokenizer, probe_batch(data.train, tokenizer.pad_token_id), run_dir / "merged", export_dtype(cfg)
-    )
-    if export.passed:
-        scores = evaluate_model(cfg, task, export.model, tokenizer, data, run_dir)  # eval.backend's evaluators
-        write_output_checksums(run_dir)
-    else:
-        # A merge that does not reproduce the trained model is never evaluated nor left where a finished
-        # run's merged/ is expected; the record below says so, and the adapter stays usable.
-        unverified = run_dir / UNVERIFIED_MERGED
-        shutil.rmtree(unverified, ignore_errors=True)
-        os.replace(export.merged_dir, unverified)
-        export.merged_dir = unverified
-        scores = not_evaluated(task)
+    export = export_checked_merge(cfg, adapter, tokenizer, data, run_dir, adapter_dir)
+    scores = evaluate_verified_merge(cfg, task, export, tokenizer, data, run_dir)
+    metrics = run_record(cfg, task, adapter, result, export, scores, (trainable, total), started)
+    plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
+    write_json_atomically(run_dir / METRICS_JSON, metrics)
+    tracking.finish(metrics)  # the final metrics and the merge check, to the trackers of logging.report_to
+    if not export.passed:
+        raise MoraTrainError(export.failure_message(adapter_dir), exit_code=EXIT_MERGE_CHECK)
+    return metrics
 
+
+def rebuilt_adapter(cfg: DictConfig) -> Adapter:
+    """The run's adapter built afresh on a freshly loaded base (same seed), for the gathered weights."""
+    set_seed(cfg.seed)
+
+    def load_base() -> Any:
+        return load_model_and_tokenizer(cfg.model)[0]
+
+    return build_adapter(load_base(), cfg.adapter, cfg.rank, load_base=load_base)
+
+
+def export_checked_merge(
+    cfg: DictConfig, adapter: Adapter, tokenizer: Any, data: Any, run_dir: Path, adapter_dir: Path | None
+) -> ExportResult:
+    """Merge into run_dir/merged and check it against the trained model (see mora_train.export)."""
+    probe = probe_batch(data.train, tokenizer.pad_token_id)
+    quantized_reference = None
+    whole_in_adapter = adapter_dir is not None and not cfg.adapter.get("train_embeddings", False)
+    if quantization_of(cfg.model) != "none" and whole_in_adapter:
+        # The merge check's reference on a quantized base: the saved adapter on a freshly loaded quantized base,
+        # which nothing done to the live model (an eval forward, the export's de-quantization) can reach.
+        # Trained embeddings are not in adapter/: such runs are checked against the live model's forward.
+        quantized_reference = quantized_reference_logits(
+            lambda: load_model_and_tokenizer(cfg.model)[0], adapter_dir, probe
+        )
+    return export_merged(
+        adapter, tokenizer, probe, run_dir / "merged", export_dtype(cfg), quantized_reference=quantized_reference,
+        trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
+    )
+
+
+def evaluate_verified_merge(
+    cfg: DictConfig, task: Any, export: ExportResult, tokenizer: Any, data: Any, run_dir: Path
+) -> Any:
+    """The task's scores of a merge that passed its check (eval.backend's evaluators); otherwise none, and the
+    merge moved out of the way."""
+    if export.passed:
+        scores = evaluate_model(cfg, task, export.model, tokenizer, data, run_dir)
+        write_output_checksums(run_dir)
+        return scores
+    # A merge that does not reproduce the trained model is never evaluated nor left where a finished
+    # run's merged/ is expected; the record says so, and the adapter stays usable.
+    unverified = run_dir / UNVERIFIED_MERGED
+    shutil.rmtree(unverified, ignore_errors=True)
+    os.replace(export.merged_dir, unverified)
+    export.merged_dir = unverified
+    return not_evaluated(task)
+
+
+def run_record(
+    cfg: DictConfig,
+    task: Any,
+    adapter: Adapter,
+    result: TrainResult,
+    export: ExportResult,
+    scores: Any,
+    parameter_counts: tuple[int, int],
+    started: float,
+) -> dict[str, Any]:
+    """The run's metrics.json record: identity, scores, training results and merge checks, bookkeeping."""
     identity = {"task": task.name, **adapter.identity_now(), "adapter_config": adapter.describe(),
                 "quantization": quantization_of(cfg.model)}
     identity.setdefault("rank", None)
+    before_cast = export.before_cast
     training = {
         "train_loss": result.train_loss,
         "final_logged_loss": next((h["loss"] for h in reversed(result.log_history) if "loss" in h), None),
         "train_steps": result.steps,
-        "trainable_params": trainable,
-        "total_params": total,
+        "trainable_params": parameter_counts[0],
+        "total_params": parameter_counts[1],
         "train_runtime_s": result.runtime_s,
         "tokens_per_s": result.tokens_per_s,
         "merge_max_abs_diff": export.max_abs_diff,
         "merge_tolerance": export.tolerance,
+        "merge_before_cast_max_abs_diff": before_cast.max_abs_diff if before_cast is not None else None,
+        "merge_before_cast_tolerance": before_cast.tolerance if before_cast is not None else None,
         "quantized_kernel_max_abs_diff": export.quantized_kernel_diff,
+        "quantized_kernel_tolerance": export.quantized_kernel_tolerance,
     }
     run_info = {
         "wall_time_s": time.time() - started,
@@ -378,12 +417,6 @@ def finish_run(
         "merge_check": "passed" if export.passed else "failed",
         **(result.final_weights.to_json() if result.final_weights else {}),
     }
-    metrics = make_record(
+    return make_record(
         identity, scores.primary_metric, scores.greater_is_better, scores.metrics, training, run_info, lm_eval=scores.lm_eval
     )
-    plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
-    write_json_atomically(run_dir / METRICS_JSON, metrics)
-    tracking.finish(metrics)  # the final metrics and the merge check, to the trackers of logging.report_to
-    if not export.passed:
-        raise MoraTrainError(export.failure_message(adapter_dir), exit_code=EXIT_MERGE_CHECK)
-    return metrics

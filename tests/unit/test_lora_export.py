@@ -93,6 +93,7 @@ def test_truncated_export_error_falls_with_rank_and_vanishes_at_full_rank() -> N
     assert at_energy <= (0.1**0.5) + 1e-9  # keeps at least 90 % of the energy
 
 
+@pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_bad_export_arguments_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mora_train.cli.export import main
 
@@ -121,6 +122,7 @@ def _train(tmp_path: Path, name: str, *overrides: str) -> Path:
     return tmp_path / name
 
 
+@pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Path) -> None:
     sharing = _train(tmp_path, "sharing", "adapter=mora", "adapter.mora_type=sharing")
     lora = _train(tmp_path, "lora", "adapter=lora")
@@ -142,6 +144,7 @@ def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Pa
     assert mixed[0] != mixed[3] or mixed[1] != alone[3]  # different adapters answer differently here
 
 
+@pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_a_run_with_restarts_exports_its_total_update(tmp_path: Path) -> None:
     remora = _train(tmp_path, "remora", "adapter=mora", "adapter.mora_type=sharing", "adapter.restart.every_steps=4",
                     "adapter.restart.mora_types=[sharing,grouping]")
@@ -149,6 +152,7 @@ def test_a_run_with_restarts_exports_its_total_update(tmp_path: Path) -> None:
     assert report["how"].startswith("SVD of merged - base") and report["peft_max_abs_logit_diff"] < 1e-4
 
 
+@pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_check_with_peft_catches_a_wrong_export(tmp_path: Path) -> None:
     cfg, adapter = _mora_model("sharing")
     factors = adapter.lora_factors()

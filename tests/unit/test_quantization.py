@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from mora_train.adapters import build_adapter, load_adapter
 from mora_train.adapters.mora import MORA_TYPES
 from mora_train.core.io import write_dir_atomically
-from mora_train.export import export_merged
+from mora_train.export import export_merged, quantized_logits
 from mora_train.models import load_model_and_tokenizer
-from mora_train.models.quantization import dequantized_weight, is_quantized, is_quantized_linear
+from mora_train.models.quantization import dequantized_weight, is_quantized, is_quantized_linear, keep_training_layout
 from tests.conftest import compose_config
 
 pytest.importorskip("bitsandbytes")
@@ -91,11 +91,13 @@ def test_quantized_base_trains_only_the_adapter_and_merges_exactly(case, tmp_pat
     reloaded = load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(reloaded.model(**probe).logits.detach(), trained_logits)
 
-    # The merged export: de-quantized, float, and the trained model's logits within the check's tolerance.
-    result = export_merged(adapter, tokenizer, probe, tmp_path / "merged")
-    assert result.passed, f"max |diff| {result.max_abs_diff} > tolerance {result.tolerance}"
+    # The merged export: de-quantized, float, and the trained model's logits within the check's tolerance,
+    # checked against the re-attached adapter's quantized forward (independent of the export).
+    result = export_merged(adapter, tokenizer, probe, tmp_path / "merged",
+                           quantized_reference=quantized_logits(reloaded.model, probe))
+    assert result.passed, result.failure_message(tmp_path / "adapter")
     assert result.max_abs_diff <= 1e-4
-    assert result.quantized_kernel_diff is not None
+    assert result.quantized_kernel_diff <= result.quantized_kernel_tolerance
     assert not is_quantized(result.model)
     assert not hasattr(result.model.config, "quantization_config")
     assert result.model.dtype == torch.float32
@@ -103,6 +105,7 @@ def test_quantized_base_trains_only_the_adapter_and_merges_exactly(case, tmp_pat
 
 def test_dequantized_weight_is_what_the_4bit_forward_multiplies_by() -> None:
     model, _ = load_model_and_tokenizer(tiny_model_cfg("nf4"))
+    keep_training_layout(model)  # as build_adapter does: no repack for the AVX512-BF16 kernel (test_quantized_export)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(5, layer.in_features)
     assert torch.allclose(layer(x), x @ dequantized_weight(layer).T, atol=1e-6)
