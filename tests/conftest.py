@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 
 # One thread for the whole suite (and the CLI subprocesses, which inherit it): tiny models gain nothing
 # from more, and on a 2-core CI machine OpenMP threads of parallel processes only fight each other.
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -68,3 +71,65 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
         timeout=timeout,
         env=full_env,
     )
+
+
+# -- several xdist workers (pyproject: `-n 2 --dist loadscope --no-loadscope-reorder`) ---------------------------
+# The work units handed to a worker, in collection order (the long integration modules first, the short unit
+# tests filling the end):
+# * a test module that defines a wider-than-function fixture (a trained run, a sweep, a built wheel): the whole
+#   module, so that the fixture is set up once, as in a one-process run;
+# * every module holding tests marked `multiprocess` (process groups of their own: DDP, FSDP2, DeepSpeed,
+#   2-process launches): one unit, run one test after another by one worker, so that two of them never put four
+#   busy processes on the 2-core CI machine while the other worker goes on with the rest;
+# * any other test: alone, so that the two workers finish together.
+# (Not --dist loadgroup with xdist_group marks: pytest 9.2's node ids no longer take the group suffix xdist 3.8
+# adds, so the marks are silently ignored.)
+MULTIPROCESS_UNIT = "modules with multiprocess tests"
+WIDE_FIXTURE = re.compile(r"""scope\s*=\s*["'](class|module|package|session)["']""")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns -n into worker processes
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """`pytest -m gpu` runs in one process unless -n is on the command line: its tests time and fill a device.
+
+    (tests/gpu/conftest.py selects the GPU tests whenever the -m expression names gpu; so does this.)
+    """
+    explicit = any(arg.startswith(("-n", "--numprocesses")) for arg in config.invocation_params.args)
+    if not explicit and hasattr(config.option, "numprocesses") and "gpu" in (config.option.markexpr or ""):
+        config.option.numprocesses = 0
+
+
+@functools.cache
+def _module_unit(module: Path) -> str | None:
+    """MULTIPROCESS_UNIT, the module's own path when its tests share a fixture, or None (each test alone).
+
+    The controller schedules node ids before, and without, the workers' collected items and their marks: it
+    reads the module's source (`pytest.mark.multiprocess` on a test or as its pytestmark both match)."""
+    source = module.read_text(encoding="utf-8") if module.is_file() else ""
+    if "mark.multiprocess" in source:
+        return MULTIPROCESS_UNIT
+    return str(module) if WIDE_FIXTURE.search(source) else None
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own choice; optional: `-p no:xdist` works
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureAndMultiprocessUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _module_unit(config.rootpath / nodeid.split("::", 1)[0]) or nodeid
+
+    return SharedFixtureAndMultiprocessUnits(config, log)
+
+
+@pytest.fixture(autouse=True)
+def one_multiprocess_test_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """With another --dist than loadscope too, tests marked `multiprocess` take turns across xdist workers."""
+    if request.node.get_closest_marker("multiprocess") is None or not hasattr(request.config, "workerinput"):
+        yield
+        return
+    # Each worker's basetemp is <this run's basetemp>/popen-gwN: the lock is this run's, not other runs'.
+    with FileLock(tmp_path_factory.getbasetemp().parent / "multiprocess-tests.lock"):
+        yield

@@ -14,11 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 SCRIPT = REPO / "scripts" / "device_check.sh"
 
 
+@pytest.mark.multiprocess  # its GPU tests include 2-process ZeRO-3 runs
 def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path) -> None:
     results = tmp_path / "results"
     env = {**os.environ, "PYTHON": sys.executable}
@@ -55,8 +58,9 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
 def test_usage_errors_and_gpu_tests_left_out_of_the_default_run(tmp_path: Path) -> None:
     usage = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and "usage:" in usage.stderr
-    # Without `-m gpu` the GPU tests are deselected (not skipped), even when their folder is named.
-    default = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider"], cwd=REPO,
+    # Without `-m gpu` the GPU tests are deselected (not skipped), even when their folder is named. In one
+    # process (-n 0): xdist workers deselect silently, and starting them costs more than the check.
+    default = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", "-n", "0"], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert default.returncode == 5, default.stdout[-2000:]  # 5: no test ran
     assert "deselected" in default.stdout and "passed" not in default.stdout

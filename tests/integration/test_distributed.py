@@ -23,6 +23,9 @@ from mora_train.pipeline.train import run
 from tests.conftest import REPO, TINY_RUN, compose_config
 from tests.support.faults import fault_env
 
+# Each test starts two training processes: one such test at a time (tests/conftest.py).
+pytestmark = pytest.mark.multiprocess
+
 # Small: 6 optimizer steps of a global batch of 8 (2 ranks x 1 micro-batch of 4, or 1 process x 2 accumulated).
 RUN = [*TINY_RUN, "trainer.max_steps=6", "trainer.logging_steps=1", "task.eval.max_samples=2"]
 ADAPTER_ARGS = {

@@ -1,32 +1,38 @@
-"""End-to-end CLI runs on the tiny model: loss falls, outputs land, merged checkpoint stands alone."""
+"""End-to-end runs on the tiny model: loss falls, outputs land, merged checkpoint stands alone."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mora_train.adapters import load_adapter
+from mora_train.cli.train import _run
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import TINY_RUN, compose_config, run_cli
 
-# Runs in a fresh interpreter that must never import mora_train: the merged folder alone must do.
+# Runs in a fresh interpreter that must never import mora_train: the merged folders alone must do.
 PLAIN_TRANSFORMERS_SCRIPT = r"""
 import sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-merged, batch_file, out_file = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-AutoTokenizer.from_pretrained(merged)
+batch_file, out_file, *merged_folders = sys.argv[1:]
 batch = load_file(batch_file)
-with torch.no_grad():
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-save_file({"logits": logits.contiguous()}, out_file)
+logits = {}
+for i, merged in enumerate(merged_folders):
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    AutoTokenizer.from_pretrained(merged)
+    with torch.no_grad():
+        logits[str(i)] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.contiguous()
+save_file(logits, out_file)
 assert not any(m == "mora_train" or m.startswith("mora_train.") for m in sys.modules), "mora_train was imported"
 """
 
@@ -36,6 +42,57 @@ ADAPTER_ARGS = {
     "mora-sharing": ["adapter=mora", "rank=4", "adapter.mora_type=1"],
     "full": ["adapter=full", "trainer.learning_rate=3e-3"],
 }
+VARIANTS = sorted(ADAPTER_ARGS)
+# The default MoRA runs as `python -m mora_train`; the other variants through the same job function in this
+# process (what differs between them is the adapter, not the command: the CLI's own behaviour is
+# tests/integration/test_cli_contract.py's and test_run_dirs_and_user_configs.py's).
+THROUGH_THE_COMMAND = "mora-rope"
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    stdout: str
+    plain_logits: torch.Tensor  # what plain transformers computes from merged/ for BATCH_TEXTS
+
+
+BATCH_TEXTS = ["Key: 0123\nValue: abc", "hello"]
+
+
+def train_variant(variant: str, root: Path) -> tuple[Path, str]:
+    run_dir = root / variant / "run"
+    args = [*TINY_RUN, *ADAPTER_ARGS[variant]]
+    if variant == THROUGH_THE_COMMAND:
+        (root / variant).mkdir()
+        result = run_cli([*args, f"output_dir={run_dir}"], cwd=root / variant)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return run_dir, result.stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _run(compose_config(args, run_dir))  # a failure exits (SystemExit) with its message on stderr
+    return run_dir, printed.getvalue()
+
+
+def encode(tokenizer) -> dict[str, torch.Tensor]:
+    batch = tokenizer(BATCH_TEXTS, return_tensors="pt", padding=True)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainedRun]:
+    """Every variant trained once, and all merged folders read back by one plain-transformers process."""
+    root = tmp_path_factory.mktemp("end_to_end")
+    trained = {variant: train_variant(variant, root) for variant in VARIANTS}
+    _, tokenizer = load_model_and_tokenizer(compose_config(TINY_RUN).model)  # model=tiny-llama's, every variant's
+    save_file(encode(tokenizer), root / "batch.safetensors")
+    script = root / "plain.py"
+    script.write_text(PLAIN_TRANSFORMERS_SCRIPT)
+    merged = [str(trained[variant][0] / "merged") for variant in VARIANTS]
+    plain = subprocess.run([sys.executable, str(script), str(root / "batch.safetensors"), str(root / "out.safetensors"),
+                            *merged], cwd=root, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    logits = load_file(root / "out.safetensors")
+    return {v: TrainedRun(*trained[v], plain_logits=logits[str(i)]) for i, v in enumerate(VARIANTS)}
 
 
 def logged_losses(run_dir: Path) -> list[float]:
@@ -43,13 +100,10 @@ def logged_losses(run_dir: Path) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
 
-@pytest.mark.parametrize("variant", sorted(ADAPTER_ARGS))
-def test_cli_run_trains_exports_and_merged_model_stands_alone(variant: str, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    args = [*TINY_RUN, *ADAPTER_ARGS[variant], f"output_dir={run_dir}"]
-    result = run_cli(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "merged model:" in result.stdout
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_run_trains_exports_and_merged_model_stands_alone(variant: str, trained_runs: dict[str, TrainedRun]) -> None:
+    run_dir, stdout = trained_runs[variant].run_dir, trained_runs[variant].stdout
+    assert "merged model:" in stdout
 
     losses = logged_losses(run_dir)
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"
@@ -65,8 +119,7 @@ def test_cli_run_trains_exports_and_merged_model_stands_alone(variant: str, tmp_
     # The adapted model, rebuilt from the base + saved adapter (the documented reload call)...
     cfg = compose_config([*TINY_RUN, *ADAPTER_ARGS[variant]], run_dir)
     base, tokenizer = load_model_and_tokenizer(cfg.model)
-    batch = tokenizer(["Key: 0123\nValue: abc", "hello"], return_tensors="pt", padding=True)
-    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    batch = encode(tokenizer)
     if variant == "full":
         assert not (run_dir / "adapter").exists()
         from transformers import AutoModelForCausalLM
@@ -87,20 +140,7 @@ def test_cli_run_trains_exports_and_merged_model_stands_alone(variant: str, tmp_
     with torch.no_grad():
         reference = reference_model(**batch).logits
 
-    # ...equals what plain transformers computes from merged/ in a process that never imports mora_train.
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / "batch.safetensors")
-    script = tmp_path / "plain.py"
-    script.write_text(PLAIN_TRANSFORMERS_SCRIPT)
-    plain = subprocess.run(
-        [sys.executable, str(script), str(run_dir / "merged"), str(tmp_path / "batch.safetensors"), str(tmp_path / "out.safetensors")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    merged_logits = load_file(tmp_path / "out.safetensors")["logits"]
+    # ...equals what plain transformers computed from merged/ in a process that never imported mora_train.
+    merged_logits = trained_runs[variant].plain_logits
     mask = batch["attention_mask"].bool()
     assert (merged_logits[mask] - reference[mask]).abs().max().item() <= 1e-4

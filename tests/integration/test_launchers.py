@@ -59,6 +59,7 @@ def report_rows(sweep_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.multiprocess  # the two jobs run side by side, each in its own process
 def test_local_submitit_sweep_runs_each_job_in_its_own_process_and_reports_like_any_sweep(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
     # No hydra.sweep.dir: the dated default, ${launch_time:...}, which each job's process must resolve as the
@@ -100,6 +101,7 @@ def test_local_submitit_sweep_runs_each_job_in_its_own_process_and_reports_like_
 FAKE_SLURM = Path(__file__).resolve().parents[1] / "support" / "fake_slurm"
 
 
+@pytest.mark.multiprocess  # one job is a 2-process accelerate launch
 def test_slurm_sweep_goes_through_sbatch_and_a_job_can_be_a_multi_process_accelerate_launch(tmp_path: Path) -> None:
     """hydra/launcher=slurm against a stand-in for sbatch/srun/sacct (tests/support/fake_slurm): the launcher's
     keys reach the sbatch script, the jobs run as a SLURM job array (job ids ARRAY_TASK), and the job with

@@ -1,4 +1,4 @@
-"""Every task recipe end to end on the tiny model with a slice of ../shared/data; standalone evaluation; CLI errors."""
+"""Every task recipe end to end on the tiny model with a slice of ../shared/data; standalone evaluation; bad data."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mora_train.cli.train import _run
 from mora_train.pipeline.evaluate import run_eval
 from mora_train.pipeline.train import run
-from tests.conftest import REPO, SHARED_DATA, compose_config, run_cli
+from tests.conftest import SHARED_DATA, compose_config
 
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent: the task integration tests read slices of the shared datasets"
@@ -118,18 +119,28 @@ def test_standalone_eval_of_run_dir_adapter_and_base_model(gsm8k_run, tmp_path: 
     assert [p["completion"] for p in results["adapter"][1]] == completions
 
 
+# The CLI's job function, in this process: what it prints and its exit code are the command's (the command's
+# own start-up, Hydra's composition and its errors, is tests/integration/test_cli_errors.py's).
+def run_job(overrides: list[str], run_dir: Path) -> int:
+    try:
+        _run(compose_config(overrides, run_dir))
+    except SystemExit as stop:
+        return int(stop.code)
+    return 0
+
+
 @needs_shared_data
-def test_cli_eval_mode_prints_the_metric(tmp_path: Path) -> None:
-    result = run_cli([*TINY_TASK_RUN, *GSM8K_SLICE, "mode=eval", f"output_dir={tmp_path}", f"task.cache_dir={tmp_path}/c"], REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "evaluated: base model on task gsm8k" in result.stdout and "accuracy:" in result.stdout
+def test_cli_eval_mode_prints_the_metric(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_job([*TINY_TASK_RUN, *GSM8K_SLICE, "mode=eval", f"task.cache_dir={tmp_path}/c"], tmp_path / "eval") == 0
+    out = capsys.readouterr().out
+    assert "evaluated: base model on task gsm8k" in out and "accuracy:" in out
 
 
-def test_cli_bad_data_fails_cleanly(tmp_path: Path) -> None:
+def test_cli_bad_data_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q", "answer": \n')
-    result = run_cli([*TINY_TASK_RUN, "task=gsm8k", f"task.data.train={bad}", f"task.data.eval={bad}",
-                      f"output_dir={tmp_path / 'run'}"], REPO)
-    assert result.returncode == 2
-    assert f"{bad} line 2: not valid JSON" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    code = run_job([*TINY_TASK_RUN, "task=gsm8k", f"task.data.train={bad}", f"task.data.eval={bad}"], tmp_path / "run")
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"{bad} line 2: not valid JSON" in captured.err
+    assert "Traceback" not in captured.err + captured.out

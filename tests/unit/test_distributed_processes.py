@@ -7,7 +7,11 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch.multiprocessing as mp
+
+# Two processes of its own: one such test at a time (tests/conftest.py), and not in the inner loop.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.integration]
 
 
 def _free_port() -> int:
