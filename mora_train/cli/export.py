@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-model", help="the base model (config name, Hub id or folder) when SOURCE is not a run dir")
     parser.add_argument("--no-check", action="store_true", help="skip loading the export with plain peft and comparing logits")
     parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
-                        help="re-run the task's evaluation on the adapter and on the export (default: for truncated exports)")
+                        help="re-run the task's evaluation on the adapter and on the export (default: for truncated exports of a run dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

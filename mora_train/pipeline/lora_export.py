@@ -152,6 +152,55 @@ def _evaluate(cfg: DictConfig, model: nn.Module, tokenizer: Any, out_dir: Path) 
     return task.primary_metric, metrics.get(task.primary_metric), metrics
 
 
+def _refuse_bad_arguments(source: Path, rank: int | None, energy: float | None) -> None:
+    if not source.exists():
+        raise MoraTrainError(f"{source} does not exist; give a run dir (RUN_DIR) or an adapter folder (RUN_DIR/adapter)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise MoraTrainError(f"--rank {rank!r} must be a positive integer (the LoRA rank to keep per layer)")
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise MoraTrainError(f"--energy {energy!r} must be in (0, 1]: the share of each layer's ΔW energy to keep")
+
+
+def _model_config(source: Path, run_cfg: DictConfig | None, base_model: str | None) -> DictConfig:
+    """The base model's config: --base-model's, else the run's; a run that trained its embeddings is refused."""
+    if run_cfg is not None and run_cfg.adapter.get("train_embeddings", False):
+        raise MoraTrainError(
+            f"{source} also trained the input embeddings and the LM head (adapter.train_embeddings=true), which a "
+            "LoRA adapter cannot carry; serve its merged model (RUN_DIR/merged) instead"
+        )
+    if base_model is not None:
+        return base_model_config(base_model)
+    if run_cfg is not None:
+        return run_cfg.model
+    raise MoraTrainError(f"{source} is not a run dir (no resolved_config.yaml): pass --base-model (config name, Hub id or folder)")
+
+
+def _update_factors(
+    source: Path, run_cfg: DictConfig | None, adapter_dir: Path, base: nn.Module, trust_remote_code: bool
+) -> tuple[dict, nn.Module, str]:
+    """The LoRA factors of the run's update, the model they reproduce, and how they were found."""
+    restarted = run_cfg is not None and ((run_cfg.adapter.get("restart") or {}).get("every_steps") or 0) > 0
+    if restarted:
+        # The live adapter holds only the last cycle: the update the run made is merged − base.
+        saved = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+        targets = saved.get("target_modules") or list(run_cfg.adapter.target_modules)
+        factors, reference = _total_update_factors(source, base, list(targets), trust_remote_code)
+        return factors, reference, "SVD of merged - base (a run with restarts)"
+    adapter = load_adapter(base, adapter_dir)
+    return adapter.lora_factors(), adapter.model.eval(), f"{adapter.title()}: exact LoRA factors"
+
+
+def _evaluate_export(run_cfg: DictConfig, reference: nn.Module, fresh_base: nn.Module, tokenizer: Any, out_dir: Path) -> dict:
+    """The task's primary metric of the adapted model and of the base with the exported LoRA merged."""
+    from peft import PeftModel
+
+    eval_root = out_dir / "evaluation"
+    name, before, _ = _evaluate(run_cfg, reference, tokenizer, eval_root / "adapter")
+    exported = PeftModel.from_pretrained(fresh_base, str(out_dir)).merge_and_unload()
+    _, after, _ = _evaluate(run_cfg, exported, tokenizer, eval_root / "exported_lora")
+    return {"metric": name, "adapter": before, "exported_lora": after}
+
+
 def export_run(
     source: str | Path,
     out_dir: str | Path,
@@ -161,48 +210,26 @@ def export_run(
     check: bool = True,
     evaluate: bool | None = None,
 ) -> dict[str, Any]:
-    """Export SOURCE (a run dir or an adapter folder) as a PEFT LoRA folder in OUT_DIR; return the report."""
+    """Export SOURCE (a run dir or an adapter folder) as a PEFT LoRA folder in OUT_DIR; return the report.
+
+    `evaluate` (default: for truncated exports of a run dir) re-runs the run's task on the adapted model and
+    on the export; an adapter folder has no task to run, so it is evaluated only when asked, and refused then."""
     # Before anything loads: OUT_DIR is replaced whole, so never a folder the export did not write, nor the source.
     check_output_target(out_dir, "mora-train-export", "OUT_DIR", FOLDER, [source, base_model], holds_file(REPORT_JSON))
     refuse_if_being_written(source, "SOURCE", "mora-train-export")
     started = time.time()
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
-    if not source.exists():
-        raise MoraTrainError(f"{source} does not exist; give a run dir (RUN_DIR) or an adapter folder (RUN_DIR/adapter)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise MoraTrainError(f"--rank {rank!r} must be a positive integer (the LoRA rank to keep per layer)")
-    if energy is not None and not (0.0 < energy <= 1.0):
-        raise MoraTrainError(f"--energy {energy!r} must be in (0, 1]: the share of each layer's ΔW energy to keep")
+    _refuse_bad_arguments(source, rank, energy)
     run_cfg = _run_config(source)
-    if base_model is not None:
-        model_cfg = base_model_config(base_model)
-    elif run_cfg is not None:
-        model_cfg = run_cfg.model
-    else:
-        raise MoraTrainError(f"{source} is not a run dir (no resolved_config.yaml): pass --base-model (config name, Hub id or folder)")
+    if evaluate and run_cfg is None:
+        raise MoraTrainError("--evaluate needs a run dir (its task config says how to evaluate)")
+    model_cfg = _model_config(source, run_cfg, base_model)
     adapter_dir = _adapter_folder(source)
-    saved = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
     trust_remote_code = bool(model_cfg.get("trust_remote_code", False))
     base, tokenizer = load_model_and_tokenizer(model_cfg)
     base = as_float32(base).eval()  # a quantized base: its de-quantized weights, which the LoRA's ΔW adds to
-
-    restarted = run_cfg is not None and ((run_cfg.adapter.get("restart") or {}).get("every_steps") or 0) > 0
-    if run_cfg is not None and run_cfg.adapter.get("train_embeddings", False):
-        raise MoraTrainError(
-            f"{source} also trained the input embeddings and the LM head (adapter.train_embeddings=true), which a "
-            "LoRA adapter cannot carry; serve its merged model (RUN_DIR/merged) instead"
-        )
     fresh_base = as_float32(load_model_and_tokenizer(model_cfg)[0]).eval()  # never wrapped: for the peft check
-    if restarted:
-        # The live adapter holds only the last cycle: the update the run made is merged − base.
-        targets = saved.get("target_modules") or list(run_cfg.adapter.target_modules)
-        factors, reference = _total_update_factors(source, base, list(targets), trust_remote_code)
-        how = "SVD of merged - base (a run with restarts)"
-    else:
-        adapter = load_adapter(base, adapter_dir)
-        factors = adapter.lora_factors()
-        reference = adapter.model.eval()
-        how = f"{adapter.title()}: exact LoRA factors"
+    factors, reference, how = _update_factors(source, run_cfg, adapter_dir, base, trust_remote_code)
     rows = export_lora(
         factors, out_dir, rank=rank, energy=energy, base_model=getattr(fresh_base.config, "_name_or_path", None) or None,
         source={"path": str(source.resolve()), "how": how},
@@ -213,18 +240,8 @@ def export_run(
     report["base_quantization"] = quantization_of(model_cfg)
     if check:
         report["peft_max_abs_logit_diff"] = check_with_peft(fresh_base, out_dir, reference, trust_remote_code)
-    if evaluate is None:
-        evaluate = report["truncated"]
-    if evaluate:
-        if run_cfg is None:
-            raise MoraTrainError("--evaluate needs a run dir (its task config says how to evaluate)")
-        from peft import PeftModel
-
-        eval_root = out_dir / "evaluation"
-        name, before, _ = _evaluate(run_cfg, reference, tokenizer, eval_root / "adapter")
-        exported = PeftModel.from_pretrained(fresh_base, str(out_dir)).merge_and_unload()
-        _, after, _ = _evaluate(run_cfg, exported, tokenizer, eval_root / "exported_lora")
-        report["evaluation"] = {"metric": name, "adapter": before, "exported_lora": after}
+    if evaluate or (evaluate is None and report["truncated"] and run_cfg is not None):
+        report["evaluation"] = _evaluate_export(run_cfg, reference, fresh_base, tokenizer, out_dir)
     report["export_time_s"] = time.time() - started
     table = json.loads((out_dir / REPORT_JSON).read_text())
     write_json_atomically(out_dir / REPORT_JSON, {**table, "summary": report})

@@ -14,6 +14,7 @@ from torch import nn
 
 from mora_train.adapters import build_adapter
 from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem
+from mora_train.core.errors import MoraTrainError
 from mora_train.export_lora import export_lora, truncate
 from mora_train.models import load_model_and_tokenizer
 from mora_train.pipeline.generate import generate, load_many
@@ -162,3 +163,15 @@ def test_check_with_peft_catches_a_wrong_export(tmp_path: Path) -> None:
     export_lora(factors, tmp_path / "bad")
     base, _ = load_model_and_tokenizer(cfg.model)
     assert check_with_peft(base, tmp_path / "bad", adapter.model.eval()) > 1e-3
+
+
+def test_a_truncated_export_of_an_adapter_folder_is_written_without_an_evaluation(tmp_path: Path) -> None:
+    """An adapter folder has no task: a truncated export of it is not evaluated by default (it used to write the
+    folder and then fail), and --evaluate on it is refused before anything is written."""
+    run_dir = _train(tmp_path, "sharing", "adapter=mora", "adapter.mora_type=sharing")
+    with pytest.raises(MoraTrainError, match="--evaluate needs a run dir"):
+        export_run(run_dir / "adapter", tmp_path / "asked", rank=2, base_model="tiny-llama", check=False, evaluate=True)
+    assert not (tmp_path / "asked").exists()
+    report = export_run(run_dir / "adapter", tmp_path / "cut", rank=2, base_model="tiny-llama", check=False)
+    assert report["truncated"] and report["rank"] == 2 and "evaluation" not in report
+    assert not (tmp_path / "cut" / "evaluation").exists()
