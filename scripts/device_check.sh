@@ -14,7 +14,8 @@
 #                this folder via PYTHONPATH (no build, no install); skipped in the dry run (.venv has it all)
 #   environment  python, torch, CUDA, GPU name and memory, package versions (after the install)
 #   gpu-tests    pytest -m gpu tests/gpu: MoRA types vs the float64 reference, a training run per adapter,
-#                bf16 + gradient checkpointing, ZeRO-2 / ZeRO-3 / FSDP in one process vs the plain run.
+#                bf16 + gradient checkpointing, ZeRO-2 / ZeRO-3 / FSDP in one process vs the plain run, nf4 MoRA
+#                and int8 LoRA runs with both merge checks (the int8 kernel tolerance measured on a GPU).
 #                Dry run: the same tests on CPU (MORA_TRAIN_TEST_DEVICE=cpu) with tiny sizes, FSDP skipped
 #                (CUDA only) and ZeRO-2 deselected (same test code as ZeRO-3, 30 s of CPU; CI runs ZeRO-2)
 #   throughput   benchmarks/gpu_throughput.py: llama-1b, bf16, seq 2048: full FT, LoRA r=8, MoRA sharing/rope
@@ -167,6 +168,14 @@ if runs:
         peak = "-" if m["peak_gpu_memory_gib"] is None else f"{m['peak_gpu_memory_gib']:.2f}"
         md.append(f"| {m['run']} | {m['first_loss']:.4f} | {m['last_loss']:.4f} | {m['merge_check']} "
                   f"({m['merge_max_abs_diff']:.1e} / {m['merge_tolerance']:.1e}) | {m['reload_device_vs_cpu']:.1e} | {peak} |")
+quantized = [m for m in measurements if m["kind"] == "quantized_merge"]
+if quantized:
+    md += ["", "## Quantized runs: kernel check and merge check (tiny-llama, 6 steps)", "",
+           "| run | kernel diff / tolerance (ratio) | merge diff / tolerance | merge check |", "|---|---|---|---|"]
+    for m in quantized:
+        ratio = "-" if m["kernel_ratio"] is None else f"{m['kernel_ratio']:.2f}"
+        md.append(f"| {m['run']} | {m['kernel_diff']:.1e} / {m['kernel_tolerance']:.1e} ({ratio}) | "
+                  f"{m['merge_max_abs_diff']:.1e} / {m['merge_tolerance']:.1e} | {m['merge_check']} |")
 engines = [m for m in measurements if m["kind"] == "engine"]
 if engines:
     md += ["", "## Engines in one process vs the plain run (MoRA, tiny-llama, 6 steps, fp32)", "",

@@ -42,7 +42,7 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
     assert outcomes["test_engines_device::test_engine_matches_plain_run[zero3]"] == "passed"
     assert sum(o == "passed" for o in outcomes.values()) >= 60
     kinds = {m["kind"] for m in record["measurements"]}
-    assert kinds == {"mora_layer", "training", "engine"}
+    assert kinds == {"mora_layer", "training", "engine"} | ({"quantized_merge"} if has_bitsandbytes else set())
     methods = [(row["method"], row["rank"]) for row in record["throughput"]["rows"]]
     assert len(methods) == 6 and all("error" not in row for row in record["throughput"]["rows"])
 
@@ -52,6 +52,7 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
     assert "| deepspeed-zero3 |" in table and "MFU" in table
     if has_bitsandbytes:
         assert "## QMoRA: nf4 base vs bf16 base" in table and "| mora rope r=4, nf4 base |" in table
+        assert "## Quantized runs: kernel check and merge check" in table and "| int8 lora |" in table
     assert "device_check: done" in (results / "check.log").read_text()
 
 
