@@ -30,7 +30,7 @@ from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.io import write_json_atomically
 from mora_train.core.run_lock import RunDirLock, refuse_if_being_written
 from mora_train.models import DTYPES, load_error, load_model_and_tokenizer
-from mora_train.pipeline.train import CHECKSUMS_JSON, claim_run_dir, prepare_run_dir
+from mora_train.pipeline.train import CHECKSUMS_JSON, check_run_dir, prepare_run_dir
 from mora_train.training.checkpoints import file_sha256
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
     Holds output_dir's writer lock while it runs (mora_train.core.run_lock), and refuses a checkpoint that
     belongs to a run still being written: its files may change or vanish under the reader."""
-    lock = RunDirLock(Path(str(cfg.output_dir)), "mora-train mode=eval")  # taken by claim_run_dir
+    lock = RunDirLock(Path(str(cfg.output_dir)), "mora-train mode=eval")  # taken by check_run_dir
     try:
         return _run_eval(cfg, lock)
     finally:
@@ -142,7 +142,7 @@ def _run_eval(cfg: DictConfig, lock: RunDirLock) -> dict[str, Any]:
     started = time.time()
     validate(cfg)
     refuse_if_being_written(cfg.get("checkpoint"), "checkpoint=", "mora-train mode=eval")
-    claim_run_dir(cfg, lock)  # refusals first; the run dir is written only once the model and data are loaded
+    check_run_dir(cfg, lock)  # refusals first; the run dir is written only once the model and data are loaded
     task = TASKS[cfg.task.name]
     model, tokenizer, loaded = load_checkpoint(cfg)
     if torch.cuda.is_available():

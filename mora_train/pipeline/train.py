@@ -62,31 +62,24 @@ def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
     return "\n".join(lines)
 
 
-def check_run_dir(cfg: DictConfig) -> Path:
-    """Every refusal about the run dir itself, before anything is written (prepare_run_dir writes)."""
+def check_run_dir(cfg: DictConfig, lock: RunDirLock | None = None) -> Path:
+    """Every refusal about the run dir itself, before anything is written (prepare_run_dir writes).
+
+    With `lock` (the process that writes the run dir) the writer lock is taken once the location is known to be
+    usable and before every refusal that reads the run dir (finished run; the caller's resume plan), so that no
+    decision is taken on files another live run is changing: a second writer is refused naming the first's PID."""
     run_dir = Path(cfg.output_dir)
     problem = output_dir_problem(run_dir)
     if problem:
         raise MoraTrainError(problem)
+    if lock is not None:
+        lock.acquire()
     if (run_dir / METRICS_JSON).exists() and not cfg.get("overwrite", False):
         raise MoraTrainError(
             f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
             "or pass overwrite=true to replace it"
         )
     return run_dir
-
-
-def claim_run_dir(cfg: DictConfig, lock: RunDirLock | None) -> Path:
-    """check_run_dir, after taking the run dir's writer lock (None: a process that does not write the run dir).
-
-    The lock comes before every refusal that reads the run dir (finished run, resume plan), so that no decision
-    is taken on files another live run is changing; a second writer is refused naming the first one's PID."""
-    problem = output_dir_problem(cfg.output_dir)
-    if problem:
-        raise MoraTrainError(problem)
-    if lock is not None:
-        lock.acquire()
-    return check_run_dir(cfg)
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
@@ -266,7 +259,7 @@ def _run(cfg: DictConfig, lock: RunDirLock | None) -> dict[str, Any]:
     # checks the run dir and decides which checkpoint to resume from; the others share its outcome.
     # Nothing is written into the run dir until every refusal has passed (README: "When things go wrong").
     distributed.run_on_main_process(lambda: validate(cfg))
-    run_dir = distributed.run_on_main_process(lambda: claim_run_dir(cfg, lock))
+    run_dir = distributed.run_on_main_process(lambda: check_run_dir(cfg, lock))
     identity = adapter_identity(cfg.adapter, cfg.rank)
     plan = distributed.run_on_main_process(
         lambda: decide_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), identity)
