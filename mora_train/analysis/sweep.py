@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mora_train.config.overrides import shell_override, shell_quote
+from mora_train.config.overrides import paste_command
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically, write_text_atomically
 
@@ -174,8 +174,7 @@ def unfinished_sweep_hint(argv: list[str]) -> str:
 
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(str(hydra_cfg.sweep.dir)).resolve()
-    kept = [arg for arg in argv if arg.split("=", 1)[0].lstrip("+") != "hydra.sweep.dir"]
-    command = " ".join(["mora-train", *(shell_quote(arg) for arg in kept), shell_override("hydra.sweep.dir", str(sweep_dir))])
+    command = paste_command(argv, "hydra.sweep.dir", str(sweep_dir))
     return (f"The sweep stopped in job {hydra_cfg.job.get('num', '?')}; the jobs after it never started. To finish the "
             f"sweep, run it again in the same sweep dir: {command}\nThere finished jobs are not run again (each is "
             "refused as a finished run), the stopped job resumes from its checkpoint and the others run")

@@ -37,6 +37,14 @@ def shell_override(key: str, value: str) -> str:
     return shell_quote(hydra_override(key, value))
 
 
+def paste_command(arguments: list[str], pinned_key: str, pinned_value: str, dropped: tuple[str, ...] = ()) -> str:
+    """`mora-train ARGUMENTS pinned_key=pinned_value`, each argument shell-quoted, leaving out the arguments that
+    set `pinned_key` or a key in `dropped`: a command printed for the user to paste as it is."""
+    left_out = {pinned_key, *dropped}
+    kept = [a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in left_out]
+    return " ".join(["mora-train", *(shell_quote(a) for a in kept), shell_override(pinned_key, pinned_value)])
+
+
 def shell_quote(argument: str) -> str:
     """`argument` quoted for a POSIX shell: as it is when safe, else in double quotes when nothing in it is
     special there (easier to read around Hydra's single quotes), else as shlex quotes it."""

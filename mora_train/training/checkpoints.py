@@ -25,6 +25,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
+from mora_train.config.overrides import paste_command, shell_override
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import normalize_permissions, write_json_atomically
 
@@ -383,15 +384,12 @@ def plan_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[str,
 
 def resume_command(run_dir: Path) -> str:
     """The command line that continues this run (Hydra's overrides, with output_dir pinned), paste-able as printed."""
-    from mora_train.config.overrides import hydra_override, shell_quote  # a sweep job's dir name holds = and ,
-
-    pinned = hydra_override("output_dir", str(Path(run_dir).resolve()))
+    output_dir = str(Path(run_dir).resolve())
     try:
         from hydra.core.hydra_config import HydraConfig
 
         overrides = list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):  # not running under Hydra (e.g. pipeline.run called from Python)
-        return f"run it again with {shell_quote(pinned)} (trainer.resume=auto, the default, picks up the newest checkpoint)"
-    dropped = ("output_dir", "trainer.resume", "overwrite")
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in dropped]
-    return "mora-train " + " ".join(shell_quote(a) for a in [*kept, pinned])
+        return (f"run it again with {shell_override('output_dir', output_dir)} (trainer.resume=auto, the default, "
+                "picks up the newest checkpoint)")
+    return paste_command(overrides, "output_dir", output_dir, dropped=("trainer.resume", "overwrite"))
