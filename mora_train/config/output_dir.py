@@ -7,12 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-def _nearest_existing(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+from mora_train.core.paths import nearest_existing
 
 
 def _read_only(path: Path) -> bool:
@@ -41,7 +36,7 @@ def output_dir_problem(output_dir: str | Path | None, key: str = "output_dir") -
         if part.is_symlink() and not part.exists():
             return (f"{key}={output_dir}: {part} is a symbolic link to {os.readlink(part)}, which does not exist; "
                     f"create that folder, remove the link, or choose another {key}=...")
-    existing = _nearest_existing(path)
+    existing = nearest_existing(absolute)
     if not existing.is_dir():
         return f"{key}={output_dir}: {existing} is a file, so no folder can be created under it; choose another {key}=..."
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.paths import nearest_existing
 
 FOLDER, FILE, FILES = "folder", "file", "files"
 
@@ -43,9 +44,7 @@ def blank_path_problem(value: object, option: str) -> str | None:
 def _location_problem(target: Path, option: str, kind: str) -> str | None:
     """Nothing can be written at target: the folder it goes into (or the nearest existing one above) is a file
     or not writable. A folder replaced whole and a file are renamed into their parent; FILES go into the folder."""
-    above = _real(target) if kind == FILES and target.is_dir() else _real(target).parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
+    above = nearest_existing(_real(target) if kind == FILES and target.is_dir() else _real(target).parent)
     if not above.is_dir():
         return f"{option} {target}: {above} is a file, so nothing can be created under it; choose another path"
     if not os.access(above, os.W_OK | os.X_OK):

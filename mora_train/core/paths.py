@@ -20,3 +20,10 @@ def package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError([f"package `{package}` is not installed"])
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else the nearest folder above it that does (where a new path would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
