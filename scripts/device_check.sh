@@ -160,30 +160,38 @@ if layers:
         rows = [m for m in layers if m["precision"] == precision]
         worst = {k: max(m[k] for m in rows) for k in ("forward", "grad_x", "grad_M", "delta_weight", "merged_forward")}
         md.append(f"| {precision} | {len(rows)} | " + " | ".join(f"{v:.1e}" for v in worst.values()) + f" | {rows[0]['tolerance']:.0e} |")
+def section(title, columns, rows):
+    """A results.md table: its heading, header row and one row of cells per measurement."""
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
+def peak(m):
+    return "-" if m["peak_gpu_memory_gib"] is None else f"{m['peak_gpu_memory_gib']:.2f}"
+
+
 runs = [m for m in measurements if m["kind"] == "training" and "first_loss" in m]
 if runs:
-    md += ["", "## Training runs (tiny-llama, 12 steps)", "",
-           "| run | first loss | last loss | merge check (max diff / tol) | reload device vs CPU | peak GPU GiB |", "|---|---|---|---|---|---|"]
-    for m in runs:
-        peak = "-" if m["peak_gpu_memory_gib"] is None else f"{m['peak_gpu_memory_gib']:.2f}"
-        md.append(f"| {m['run']} | {m['first_loss']:.4f} | {m['last_loss']:.4f} | {m['merge_check']} "
-                  f"({m['merge_max_abs_diff']:.1e} / {m['merge_tolerance']:.1e}) | {m['reload_device_vs_cpu']:.1e} | {peak} |")
+    md += section("## Training runs (tiny-llama, 12 steps)",
+                  ["run", "first loss", "last loss", "merge check (max diff / tol)", "reload device vs CPU", "peak GPU GiB"],
+                  [[m["run"], f"{m['first_loss']:.4f}", f"{m['last_loss']:.4f}",
+                    f"{m['merge_check']} ({m['merge_max_abs_diff']:.1e} / {m['merge_tolerance']:.1e})",
+                    f"{m['reload_device_vs_cpu']:.1e}", peak(m)] for m in runs])
 quantized = [m for m in measurements if m["kind"] == "quantized_merge"]
 if quantized:
-    md += ["", "## Quantized runs: kernel check and merge check (tiny-llama, 6 steps)", "",
-           "| run | kernel diff / tolerance (ratio) | merge diff / tolerance | merge check |", "|---|---|---|---|"]
-    for m in quantized:
-        ratio = "-" if m["kernel_ratio"] is None else f"{m['kernel_ratio']:.2f}"
-        md.append(f"| {m['run']} | {m['kernel_diff']:.1e} / {m['kernel_tolerance']:.1e} ({ratio}) | "
-                  f"{m['merge_max_abs_diff']:.1e} / {m['merge_tolerance']:.1e} | {m['merge_check']} |")
+    md += section("## Quantized runs: kernel check and merge check (tiny-llama, 6 steps)",
+                  ["run", "kernel diff / tolerance (ratio)", "merge diff / tolerance", "merge check"],
+                  [[m["run"], f"{m['kernel_diff']:.1e} / {m['kernel_tolerance']:.1e} "
+                    f"({'-' if m['kernel_ratio'] is None else format(m['kernel_ratio'], '.2f')})",
+                    f"{m['merge_max_abs_diff']:.1e} / {m['merge_tolerance']:.1e}", m["merge_check"]] for m in quantized])
 engines = [m for m in measurements if m["kind"] == "engine"]
 if engines:
-    md += ["", "## Engines in one process vs the plain run (MoRA, tiny-llama, 6 steps, fp32)", "",
-           "| engine | max loss diff (tol) | max merged weight diff (tol) | merge check | tokens/s | peak GPU GiB | wall s |", "|---|---|---|---|---|---|---|"]
-    for m in engines:
-        peak = "-" if m["peak_gpu_memory_gib"] is None else f"{m['peak_gpu_memory_gib']:.2f}"
-        md.append(f"| {m['engine']} | {m['max_loss_diff']:.1e} ({m['loss_tolerance']:.0e}) | {m['max_merged_weight_diff']:.1e} "
-                  f"({m['weight_tolerance']:.0e}) | {m['merge_check']} | {m['tokens_per_s']:.0f} | {peak} | {m['wall_s']:.0f} |")
+    md += section("## Engines in one process vs the plain run (MoRA, tiny-llama, 6 steps, fp32)",
+                  ["engine", "max loss diff (tol)", "max merged weight diff (tol)", "merge check", "tokens/s",
+                   "peak GPU GiB", "wall s"],
+                  [[m["engine"], f"{m['max_loss_diff']:.1e} ({m['loss_tolerance']:.0e})",
+                    f"{m['max_merged_weight_diff']:.1e} ({m['weight_tolerance']:.0e})", m["merge_check"],
+                    f"{m['tokens_per_s']:.0f}", peak(m), f"{m['wall_s']:.0f}"] for m in engines])
 if (work / "throughput.md").exists():
     md += ["", "## Throughput", "", (work / "throughput.md").read_text().strip()]
 if (work / "quantized.md").exists():
