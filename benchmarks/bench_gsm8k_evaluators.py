@@ -51,7 +51,7 @@ def same_prompt_tokens(model: str, questions: list[str]) -> bool | None:
         from mora_train.models import load_tokenizer, resolve_model_path
 
         cfg = compose([f"model={model}"]).model
-        tokenizer = load_tokenizer(cfg, resolve_model_path(cfg) if cfg.get("tokenizer") != "byte" else None)
+        tokenizer = load_tokenizer(cfg, resolve_model_path(cfg) if cfg.tokenizer != "byte" else None)
     except Exception as err:  # noqa: BLE001 - a side check of the report, never fatal
         print(f"(prompt-token check skipped: {type(err).__name__}: {err})", flush=True)
         return None

@@ -50,8 +50,7 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
 
     from mora_train.adapters.base import count_parameters
     from mora_train.training.restarts import TrainingExtras
-    from mora_train.data import uuid as uuid_data
-    from mora_train.evaluation import uuid as uuid_eval
+    from mora_train.tasks import uuid as uuid_task
     from mora_train.training.trainer import train
 
     overrides = [f"model={opts.model}", "task=uuid", f"task.num_pairs={opts.pairs}", *method_overrides(method, opts.rank),
@@ -68,7 +67,7 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     adapter, tokenizer = build_adapter_from_config(cfg)
-    data = uuid_data.build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
+    data = uuid_task.build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
     trainable, _ = count_parameters(adapter.model)
 
     curve: list[dict] = []
@@ -78,7 +77,7 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            metrics = uuid_eval.evaluate(cfg.task, model, tokenizer, data, run_dir)
+            metrics = uuid_task.evaluate(cfg.task, model, tokenizer, data, run_dir)
         model.train(was_training)
         curve.append({"step": step, "char_accuracy": metrics["char_accuracy"], "exact_match": metrics["exact_match"]})
         print(f"    step {step:4d}: char acc {metrics['char_accuracy']:.3f}, exact {metrics['exact_match']:.3f}", flush=True)

@@ -15,7 +15,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -36,13 +35,19 @@ METHODS: dict[str, list[str]] = {
 METHOD_LABELS = {"full": "full FT", "lora": "LoRA", "mora_sharing": "MoRA type 1 (sharing)", "mora_rope": "MoRA type 6 (rope)"}
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config `mora-train OVERRIDES...` would run with."""
+def compose(overrides: list[str]):  # -> mora_train.pipeline.run_config.RunConfig
+    """The typed config `mora-train OVERRIDES...` would run with (its sections checked on their own)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    from mora_train.pipeline.run_config import load_run_config
 
     with initialize_config_dir(config_dir=str(REPO / "mora_train" / "configs"), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = "unused-by-benchmarks"  # ${hydra:runtime.output_dir} resolves only inside a Hydra app
+    return load_run_config(cfg)
 
 
 def method_overrides(method: str, rank: int) -> list[str]:
@@ -51,7 +56,7 @@ def method_overrides(method: str, rank: int) -> list[str]:
     return [*METHODS[method], f"rank={rank}"]
 
 
-def build_adapter_from_config(cfg: DictConfig):  # -> (Adapter, tokenizer)
+def build_adapter_from_config(cfg):  # (RunConfig) -> (Adapter, tokenizer)
     """Load the base model and wrap it with the configured adapter (as the pipeline does)."""
     from mora_train.adapters import build_adapter
     from mora_train.models import load_model_and_tokenizer

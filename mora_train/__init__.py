@@ -13,7 +13,7 @@ _quiet_optional_packages()  # before anything imports transformers, which import
 __all__ = ["__version__", "load_adapter"]
 
 
-def load_adapter(model, adapter_dir):  # noqa: ANN001, ANN201 - thin re-export, typed at the source
+def load_adapter(model, adapter_dir):
     """Attach a saved mora-train adapter (``RUN_DIR/adapter``) to a base model; see adapters.load_adapter."""
     from mora_train.adapters import load_adapter as _load_adapter
 

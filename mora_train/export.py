@@ -6,12 +6,13 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.adapters.base import Adapter
+from mora_train.config.schema import Section, section, setting
 from mora_train.data.common import PadCollator
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_dir_atomically
@@ -24,6 +25,21 @@ from mora_train.models.quantization import (
 )
 
 log = logging.getLogger(__name__)
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@section
+class ExportConfig(Section):
+    """The merged checkpoint (RUN_DIR/merged)."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] | None = setting(
+        default=None, help="the merged checkpoint's dtype; null: the dtype the model computed in (never 4-/8-bit codes)"
+    )
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return EXPORT_DTYPES[self.dtype] if self.dtype is not None else None
 
 # The merge check's tolerance (max |logit difference| between the adapted model and its reloaded merged
 # checkpoint) is never below these absolute floors...

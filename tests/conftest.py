@@ -52,6 +52,44 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     return cfg
 
 
+def validate_config(cfg: DictConfig):
+    """pipeline.validate on a composed config, as the CLI calls it: the RunConfig, or ConfigError."""
+    from mora_train.pipeline.run_config import ComposedConfig
+    from mora_train.pipeline.validate import validate
+
+    return validate(ComposedConfig(cfg))
+
+
+def typed_config(overrides: list[str], output_dir: Path | None = None):
+    """The typed RunConfig of a composed config, its sections checked on their own (the cross-section checks of
+    pipeline.validate are not run); fails the test when a section has a problem."""
+    from mora_train.pipeline.run_config import read_run_config
+
+    run, problems = read_run_config(compose_config(overrides, output_dir))
+    assert problems == [], problems
+    return run
+
+
+def compose_run(overrides: list[str], output_dir: Path | None = None):
+    """The typed RunConfig of a composed config (validated: ConfigError when it is not valid)."""
+    return validate_config(compose_config(overrides, output_dir))
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    """pipeline.train.run on a composed config, as the CLI calls it; returns the metrics."""
+    from mora_train.pipeline.run_config import ComposedConfig
+    from mora_train.pipeline.train import run
+
+    return run(ComposedConfig(cfg))
+
+
+def run_evaluation(cfg: DictConfig) -> dict:
+    from mora_train.pipeline.evaluate import run_eval
+    from mora_train.pipeline.run_config import ComposedConfig
+
+    return run_eval(ComposedConfig(cfg))
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path):
     def make(*overrides: str) -> DictConfig:

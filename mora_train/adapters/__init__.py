@@ -1,31 +1,33 @@
 """The adapter protocol's registry: every method by name, and the operations the rest of mora-train calls.
 
-`build_adapter(model, cfg)` and `load_adapter(model, dir)` give an `Adapter`; `adapter_config_problems`,
-`adapter_identity` and `adapter_type` answer questions about a config before any model is loaded.
-Nothing outside this package asks which method it holds: what differs between methods is an
-operation of `Adapter` (adapters/base.py) or one of its class attributes.
+`build_adapter(model, settings, rank)` and `load_adapter(model, dir)` give an `Adapter`; `adapter_config_problems`,
+`adapter_identity` and `adapter_type` answer questions about the typed `adapter` section (AdapterSettings)
+before any model is loaded. Nothing outside this package asks which method it holds: what differs between
+methods is an operation of `Adapter` (adapters/base.py) or one of its class attributes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import PreTrainedModel
 
-from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, Adapter
-from mora_train.adapters.full import FullFineTune
+from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, RANK_PROBLEM, Adapter
+from mora_train.adapters.config import AdapterSettings, TrainerView
+from mora_train.adapters.full import FullFineTune, FullSettings
 from mora_train.adapters.lora import LoraAdapter
-from mora_train.adapters.mora_adapter import MoraAdapter
+from mora_train.adapters.mora_adapter import MoraAdapter, MoraSettings
 from mora_train.core.errors import MoraTrainError
 from mora_train.models.quantization import is_quantized, prepare_for_adapter_training
 
 __all__ = [
     "ADAPTER_TYPES",
     "Adapter",
+    "AdapterSettings",
     "adapter_config_problems",
     "adapter_identity",
     "adapter_type",
@@ -36,86 +38,54 @@ __all__ = [
 ADAPTER_TYPES: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoraAdapter, MoraAdapter, FullFineTune)}
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+def adapter_type(settings: AdapterSettings) -> type[Adapter]:
+    """The Adapter class the `adapter` section names (MoraTrainError naming the choices when none)."""
+    if settings.name not in ADAPTER_TYPES:
+        raise MoraTrainError(
+            f"`adapter.name={settings.name}` is unknown; use {', '.join(f'adapter={n}' for n in ADAPTER_TYPES)}"
+        )
+    return ADAPTER_TYPES[settings.name]
 
 
-def _plain(adapter_cfg: Any) -> dict[str, Any]:
-    if isinstance(adapter_cfg, DictConfig):
-        return OmegaConf.to_container(adapter_cfg, resolve=True)
-    return dict(adapter_cfg or {})
-
-
-def adapter_type(adapter_cfg: Any) -> type[Adapter]:
-    """The Adapter class an `adapter` config names (MoraTrainError naming the choices when none)."""
-    name = _plain(adapter_cfg).get("name")
-    if name not in ADAPTER_TYPES:
-        raise MoraTrainError(f"`adapter.name={name}` is unknown; use {', '.join(f'adapter={n}' for n in ADAPTER_TYPES)}")
-    return ADAPTER_TYPES[name]
-
-
-def adapter_config_problems(adapter_cfg: Any, rank: Any, quantization: str = "none") -> list[str]:
-    """Every problem of the `adapter` section and `rank`, one message each naming the key and the fix.
-
-    `quantization`: model.quantization; a method that cannot train on a quantized base says why."""
-    if not isinstance(adapter_cfg, (DictConfig, dict)):
-        return [f"`adapter` must be a mapping, got {adapter_cfg!r}"]
-    settings = _plain(adapter_cfg)
-    name = settings.get("name")
-    if name not in ADAPTER_TYPES:
-        return [f"`adapter.name={name}` is unknown; use {', '.join(f'adapter={n}' for n in ADAPTER_TYPES)}"]
-    cls = ADAPTER_TYPES[name]
+def adapter_config_problems(
+    settings: AdapterSettings, rank: int | None, trainer: TrainerView, quantization: str = "none"
+) -> list[str]:
+    """What parsing the sections cannot find, one message each naming the key and the fix: `rank` where the
+    method uses it, the method on a quantized base (`quantization`: model.quantization), and the method with
+    the trainer's restart settings (trainer.restart, trainer.train_embeddings)."""
+    cls = adapter_type(settings)
     problems = []
-    for key, value in settings.items():
-        types = cls.settings_schema.get(key)
-        if types is None:
-            problems.append(f"`adapter.{key}` is not a known key of adapter={name}; known keys: {', '.join(sorted(cls.settings_schema))}")
-        elif (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            problems.append(f"`adapter.{key}` must be {_type_name(types)}, got {value!r}")
     if "rank" in cls.identity(settings, rank) and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        problems.append(f"`rank={rank}` must be a positive integer (the LoRA rank; MoRA matches its parameter count)")
-    dropout = settings.get("dropout", 0.0)
-    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and not 0.0 <= dropout < 1.0:
-        problems.append(f"`adapter.dropout={dropout}` must be in [0, 1)")
-    targets = settings.get("target_modules")
-    if isinstance(targets, str) and not (targets == "all" and not cls.freezes_base):
-        problems.append(f"`adapter.target_modules={targets}` must be a list of module names, e.g. [q_proj, v_proj]")
-    if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
-        problems.append(f"`adapter.target_modules={targets}` must be a non-empty list of module names")
+        problems.append(RANK_PROBLEM.format(rank=rank))
     if quantization != "none" and cls.quantized_base_refusal:
-        problems.append(f"`adapter={name}` with `model.quantization={quantization}`: {cls.quantized_base_refusal}")
-    return problems + cls.config_problems(settings, rank)
+        problems.append(f"`adapter={cls.name}` with `model.quantization={quantization}`: {cls.quantized_base_refusal}")
+    return problems + cls.config_problems(settings, rank, trainer)
 
 
-def adapter_identity(adapter_cfg: Any, rank: Any) -> dict[str, Any]:
-    """What a checkpoint written by a run with this config records, and what a resume must match."""
-    return adapter_type(adapter_cfg).identity(_plain(adapter_cfg), rank)
-
-
-def _targets(adapter_cfg: DictConfig) -> list[str] | str:
-    targets = adapter_cfg.target_modules
-    return targets if isinstance(targets, str) else list(OmegaConf.to_container(targets))
+def adapter_identity(settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
+    """What a checkpoint written by a run with these settings records, and what a resume must match."""
+    return adapter_type(settings).identity(settings, rank)
 
 
 def build_adapter(
-    model: PreTrainedModel, adapter_cfg: DictConfig, rank: int, load_base: Callable[[], nn.Module] | None = None
+    model: PreTrainedModel,
+    settings: AdapterSettings,
+    rank: int | None,
+    load_base: Callable[[], nn.Module] | None = None,
 ) -> Adapter:
-    """Wrap `model` with the method the config names; base weights are frozen unless the method trains them.
+    """Wrap `model` with the method the settings name; base weights are frozen unless the method trains them.
 
     `load_base` loads a fresh copy of the base model; methods that train the base weights themselves
     (full fine-tuning) use it to compute ΔW.
     """
-    cls = adapter_type(adapter_cfg)
-    dropout = adapter_cfg.get("dropout", 0.0)
+    cls = adapter_type(settings)
     if is_quantized(model):
         if cls.quantized_base_refusal:
-            raise MoraTrainError(f"`adapter={cls.name}` with a quantized base (model.quantization): {cls.quantized_base_refusal}")
+            raise MoraTrainError(
+                f"`adapter={cls.name}` with a quantized base (model.quantization): {cls.quantized_base_refusal}"
+            )
         prepare_for_adapter_training(model)
-    if cls is LoraAdapter:
-        return LoraAdapter(model, rank, adapter_cfg.alpha, _targets(adapter_cfg), dropout)
-    if cls is MoraAdapter:
-        return MoraAdapter(model, rank, adapter_cfg.mora_type, _targets(adapter_cfg), dropout)
-    return FullFineTune(model, _targets(adapter_cfg), load_base)
+    return cls.build(model, settings, rank, load_base)
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:
@@ -138,9 +108,14 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:
         prepare_for_adapter_training(model)
     adapter: Adapter
     if config.get("format") == "mora-train" and config.get("adapter") == MoraAdapter.name:
-        adapter = MoraAdapter(model, config["rank"], config["mora_type"], config["target_modules"], config["dropout"])
+        settings = MoraSettings(
+            name=MoraAdapter.name, mora_type=config["mora_type"], target_modules=config["target_modules"],
+            dropout=config["dropout"],
+        )
+        adapter = MoraAdapter.build(model, settings, config["rank"])
     elif config.get("format") == "mora-train" and config.get("adapter") == FullFineTune.name:
-        adapter = FullFineTune(model, config["target_modules"])
+        full = FullSettings(name=FullFineTune.name, target_modules=config["target_modules"])
+        adapter = FullFineTune.build(model, full, None)
     elif config.get("use_mora"):
         from mora_train.adapters.official import load_official_mora
 

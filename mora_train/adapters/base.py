@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from mora_train.adapters.config import AdapterSettings, TrainerView
 from mora_train.core.errors import MoraTrainError
 from mora_train.models.quantization import (
     compute_dtype,
@@ -19,6 +21,8 @@ from mora_train.models.quantization import (
     is_quantized,
     logical_numel,
 )
+
+S = TypeVar("S", bound=AdapterSettings)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -134,6 +138,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def settings_as(kind: type[S], settings: AdapterSettings) -> S:
+    """`settings` as the method's own settings class (a method is only ever given the section of its name)."""
+    if not isinstance(settings, kind):
+        raise TypeError(f"expected {kind.__name__} for adapter.name={settings.name}, got {type(settings).__name__}")
+    return settings
+
+
+def positive_rank(rank: int | None) -> int:
+    """`rank` for a method that uses it; the config check refuses anything else before a model is built."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise MoraTrainError(RANK_PROBLEM.format(rank=rank))
+    return rank
+
+
+RANK_PROBLEM = "`rank={rank}` must be a positive integer (the LoRA rank; MoRA matches its parameter count)"
+
+
 class Adapter(ABC):
     """What the rest of mora-train may ask of a fine-tuning method (LoRA, MoRA, full fine-tuning).
 
@@ -145,8 +166,8 @@ class Adapter(ABC):
 
     name: ClassVar[str]
     base_model: PreTrainedModel
-    # adapter.* key -> accepted types (bool is never taken for int); unknown keys are refused.
-    settings_schema: ClassVar[dict[str, tuple[type, ...]]] = {}
+    # The typed `adapter` section of this method (its own keys beside the shared ones).
+    settings_type: ClassVar[type[AdapterSettings]] = AdapterSettings
     # Why a layer split across ranks (tensor/sequence parallelism) cannot run this method.
     parallelism_refusal: ClassVar[str] = "mora-train's export gathers data-parallel shards only"
     # True when the base weights stay frozen beside separate trainable tensors (FSDP1 then needs use_orig_params).
@@ -159,23 +180,36 @@ class Adapter(ABC):
     # -- before a model exists --------------------------------------------------------------------------
 
     @classmethod
-    def config_problems(cls, settings: dict[str, Any], rank: Any) -> list[str]:
-        """Problems of this method's own `adapter.*` keys (plain dict), one message each naming the key and the fix."""
+    def config_problems(cls, settings: AdapterSettings, rank: int | None, trainer: TrainerView) -> list[str]:
+        """Problems of these settings with `rank` and the trainer's restart settings, one message each naming the
+        key and the fix (each section's own problems are found when it is parsed)."""
+        if trainer.restart.mora_types is not None:
+            return ["`trainer.restart.mora_types` only applies to adapter=mora; remove it"]
         return []
 
     @classmethod
-    def identity(cls, settings: dict[str, Any], rank: Any) -> dict[str, Any]:
+    def identity(cls, settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by a run with these settings (written into every checkpoint)."""
         return {"adapter": cls.name, "rank": rank}
 
     @classmethod
-    def layer_problems(cls, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> list[str]:
+    def layer_problems(cls, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int) -> list[str]:
         """Target layers this method cannot serve at this rank (checked once the model is loaded)."""
         return []
 
     @classmethod
-    def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
+    def trainable_count(
+        cls, model: nn.Module, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int
+    ) -> int:
         """Parameters this method would train on `layers` of `model` (for disk estimates), without building it."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(
+        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        load_base: Callable[[], nn.Module] | None = None,
+    ) -> Adapter:
+        """Wrap `model` as these settings say (adapters.build_adapter prepares a quantized base first)."""
         raise NotImplementedError
 
     # -- the live adapter ---------------------------------------------------------------------------------

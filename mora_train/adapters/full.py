@@ -9,8 +9,9 @@ adapter parameters of its own, so restarts and operator switches are refused at 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,15 +26,26 @@ from mora_train.adapters.base import (
     copy_saved_weights,
     find_target_linears,
 )
+from mora_train.adapters.config import AdapterSettings, TrainerView
+from mora_train.config.schema import section, setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically
 
 FORMAT = "mora-train"
 
 
+@section
+class FullSettings(AdapterSettings):
+    """adapter=full: every targeted weight trains (target_modules=all: every parameter)."""
+
+    target_modules: list[str] | Literal["all"] = setting(
+        default="all", help="all: every parameter trains; a list of linear-layer names: only those layers"
+    )
+
+
 class FullFineTune(Adapter):
+    settings_type = FullSettings
     name = "full"
-    settings_schema = {"name": (str,), "target_modules": (list, str)}
     freezes_base = False
     quantized_base_refusal = (
         "full fine-tuning updates the base weights themselves, and 4-/8-bit weights cannot take gradient steps "
@@ -42,12 +54,39 @@ class FullFineTune(Adapter):
     )
 
     @classmethod
-    def identity(cls, settings: dict[str, Any], rank: Any) -> dict[str, Any]:
+    def config_problems(cls, settings: AdapterSettings, rank: int | None, trainer: TrainerView) -> list[str]:
+        """Restarts and trainer.train_embeddings act on a frozen base beside an adapter, which this method has not."""
+        problems = super().config_problems(settings, rank, trainer)
+        if trainer.restart.every_steps > 0:
+            problems.append(
+                f"`trainer.restart.every_steps={trainer.restart.every_steps}` with adapter=full: full fine-tuning has "
+                "no adapter to fold into the base weights and restart (its trained weights already are the model); "
+                "use adapter=lora (ReLoRA) or adapter=mora (ReMoRA), or trainer.restart.every_steps=0"
+            )
+        if trainer.train_embeddings:
+            problems.append(
+                "`trainer.train_embeddings=true` with adapter=full: it trains the embeddings and the LM head beside "
+                "an adapter's frozen base; full fine-tuning with adapter.target_modules=all trains them already. "
+                "Drop trainer.train_embeddings, or use adapter=lora or adapter=mora"
+            )
+        return problems
+
+    @classmethod
+    def build(
+        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        load_base: Callable[[], nn.Module] | None = None,
+    ) -> FullFineTune:
+        return cls(model, settings.target_modules, load_base)  # rank means nothing here
+
+    @classmethod
+    def identity(cls, settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
         return {"adapter": cls.name}  # rank means nothing here: a change of rank must not refuse a resume
 
     @classmethod
-    def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
-        if settings.get("target_modules") == "all":
+    def trainable_count(
+        cls, model: nn.Module, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int
+    ) -> int:
+        if settings.target_modules == "all":
             return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         return sum(p.numel() for m in layers.values() for p in m.parameters())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,16 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from mora_train.adapters.base import ADAPTER_WEIGHTS_NAME, Adapter, ModuleSummary, find_target_linears
+from mora_train.adapters.base import (
+    ADAPTER_WEIGHTS_NAME,
+    Adapter,
+    ModuleSummary,
+    find_target_linears,
+    positive_rank,
+    settings_as,
+)
+from mora_train.adapters.config import AdapterSettings, LowRankSettings
+from mora_train.config.schema import section, setting
 from mora_train.core.errors import MoraTrainError
 
 log = logging.getLogger(__name__)
@@ -22,25 +32,33 @@ log = logging.getLogger(__name__)
 PEFT_ADAPTER = "default"
 
 
-class LoraAdapter(Adapter):
-    name = "lora"
-    settings_schema = {
-        "name": (str,), "alpha": (float, int), "target_modules": (list, str), "dropout": (float, int),
-        "restart": (dict, type(None)), "train_embeddings": (bool,),
-    }
+@section
+class LoraSettings(LowRankSettings):
+    """adapter=lora: peft's LoRA."""
 
-    @classmethod
-    def config_problems(cls, settings: dict[str, Any], rank: Any) -> list[str]:
-        problems = []
-        alpha = settings.get("alpha")
-        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha <= 0:
-            problems.append(f"`adapter.alpha={alpha}` must be positive")
-        if (settings.get("restart") or {}).get("mora_types") is not None:
-            problems.append("`adapter.restart.mora_types` only applies to adapter=mora; remove it")
+    alpha: float = setting(default=16, help="LoRA's scaling numerator: ΔW = (alpha / rank) B A")
+
+    def check(self, prefix: str) -> list[str]:
+        problems = super().check(prefix)
+        if self.alpha <= 0:
+            problems.append(f"`{prefix}.alpha={self.alpha:g}` must be positive")
         return problems
 
+
+class LoraAdapter(Adapter):
+    settings_type = LoraSettings
+    name = "lora"
+
     @classmethod
-    def layer_problems(cls, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> list[str]:
+    def build(
+        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        load_base: Callable[[], nn.Module] | None = None,
+    ) -> LoraAdapter:
+        lora = settings_as(LoraSettings, settings)
+        return cls(model, positive_rank(rank), lora.alpha, lora.target_names, lora.dropout)
+
+    @classmethod
+    def layer_problems(cls, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int) -> list[str]:
         capped = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if rank > min(m.in_features, m.out_features)})
         if capped:
             # Not an error (the paper compares LoRA and MoRA at r=256 on layers this narrow), but worth knowing.
@@ -48,7 +66,9 @@ class LoraAdapter(Adapter):
         return []
 
     @classmethod
-    def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
+    def trainable_count(
+        cls, model: nn.Module, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int
+    ) -> int:
         return sum(rank * (m.in_features + m.out_features) for m in layers.values())
 
     def __init__(

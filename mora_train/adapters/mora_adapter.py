@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,11 @@ from mora_train.adapters.base import (
     ModuleSummary,
     copy_saved_weights,
     find_target_linears,
+    positive_rank,
+    settings_as,
     svd_factors,
 )
+from mora_train.adapters.config import AdapterSettings, LowRankSettings, TrainerView
 from mora_train.adapters.mora import (
     AUTO,
     AUTO_SHARING_FROM_RANK,
@@ -28,6 +32,7 @@ from mora_train.adapters.mora import (
     mora_square_side,
     resolve_mora_type,
 )
+from mora_train.config.schema import section, setting
 from mora_train.core.errors import ConfigError, MoraTrainError
 from mora_train.core.io import write_json_atomically
 from mora_train.models.quantization import set_submodule
@@ -50,65 +55,85 @@ def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == AUTO
 
 
-def _positive(rank: Any) -> bool:
-    return isinstance(rank, int) and not isinstance(rank, bool) and rank > 0
+@section
+class MoraSettings(LowRankSettings):
+    """adapter=mora: square-matrix high-rank updating."""
+
+    mora_type: str | int = setting(
+        default="rope", help="compression/decompression pair: rope, sharing, grouping (or 1-6, the paper's numbering), auto"
+    )
+
+    def check(self, prefix: str) -> list[str]:
+        problems = super().check(prefix)
+        if not _is_auto(self.mora_type):  # auto is checked with the rank (MoraAdapter.config_problems)
+            try:
+                resolve_mora_type(self.mora_type)
+            except ValueError as err:
+                problems.append(f"`{prefix}.mora_type`: {err}; or {prefix}.mora_type=auto (chosen by rank)")
+        return problems
 
 
 class MoraAdapter(Adapter):
+    settings_type = MoraSettings
     name = "mora"
-    settings_schema = {
-        "name": (str,), "mora_type": (str, int), "target_modules": (list, str), "dropout": (float, int),
-        "restart": (dict, type(None)), "train_embeddings": (bool,),
-    }
     parallelism_refusal = (
         "MoRA's compression sums or rotates across a layer's whole input and its decompression tiles across "
         "its whole output, so a layer split across ranks cannot compute it"
     )
 
     @classmethod
-    def config_problems(cls, settings: dict[str, Any], rank: Any) -> list[str]:
-        problems = []
-        mora_type = settings.get("mora_type")
-        try:
-            # auto with an invalid rank: the rank's own problem is reported (adapter_config_problems).
-            mora_type = None if _is_auto(mora_type) and not _positive(rank) else choose_mora_type(mora_type, rank)
-        except ValueError as err:
-            problems.append(f"`adapter.mora_type`: {err}; or adapter.mora_type=auto (chosen by rank)")
-            mora_type = None
-        restart = settings.get("restart") or {}
-        cycle = restart.get("mora_types") if isinstance(restart, dict) else None
+    def config_problems(cls, settings: AdapterSettings, rank: int | None, trainer: TrainerView) -> list[str]:
+        """The restart cycle (trainer.restart.mora_types) against adapter.mora_type."""
+        mora_type = settings_as(MoraSettings, settings).mora_type
+        cycle = trainer.restart.mora_types
         if cycle is None:
-            return problems
-        if _is_auto(settings.get("mora_type")):
-            return problems + [
-                f"`adapter.mora_type=auto` with `adapter.restart.mora_types={cycle}`: the restart cycle names the types "
-                "itself; set adapter.mora_type to the cycle's first type"
+            return []
+        if _is_auto(mora_type):
+            return [
+                (
+                    f"`adapter.mora_type=auto` with `trainer.restart.mora_types={cycle}`: the restart cycle names "
+                    "the types itself; set adapter.mora_type to the cycle's first type"
+                )
             ]
-        if not isinstance(cycle, list) or not cycle:
-            return problems + [f"`adapter.restart.mora_types={cycle!r}` must be a non-empty list such as [1, 2] or [sharing, grouping]"]
-        resolved = []
+        if not cycle:
+            return [
+                f"`trainer.restart.mora_types={cycle!r}` must be a non-empty list such as [1, 2] or [sharing, grouping]"
+            ]
+        problems, resolved = [], []
         for value in cycle:
             try:
                 resolved.append(resolve_mora_type(value))
             except ValueError as err:
-                problems.append(f"`adapter.restart.mora_types`: {err}")
-        restarts_on = isinstance(restart.get("every_steps"), int) and restart.get("every_steps", 0) > 0
-        if restarts_on and mora_type and len(resolved) == len(cycle) and resolved[0] != mora_type:
+                problems.append(f"`trainer.restart.mora_types`: {err}")
+        try:
+            chosen: str | None = choose_mora_type(mora_type, rank if isinstance(rank, int) else 0)
+        except ValueError:  # an invalid rank or mora_type: reported by its own check, here the type stays unknown
+            chosen = None
+        restarts_on = trainer.restart.every_steps > 0
+        if restarts_on and chosen and len(resolved) == len(cycle) and resolved[0] != chosen:
             # Said, not done silently: the layers start with the cycle's first pair.
             problems.append(
-                f"`adapter.restart.mora_types={cycle}` starts with {resolved[0]}, but `adapter.mora_type={settings.get('mora_type')}`: "
+                f"`trainer.restart.mora_types={cycle}` starts with {resolved[0]}, but `adapter.mora_type={mora_type}`: "
                 f"the restart cycle starts with adapter.mora_type; set adapter.mora_type={resolved[0]} or put "
-                f"{mora_type} first in adapter.restart.mora_types"
+                f"{chosen} first in trainer.restart.mora_types"
             )
         return problems
 
     @classmethod
-    def identity(cls, settings: dict[str, Any], rank: Any) -> dict[str, Any]:
+    def build(
+        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        load_base: Callable[[], nn.Module] | None = None,
+    ) -> MoraAdapter:
+        mora = settings_as(MoraSettings, settings)
+        return cls(model, positive_rank(rank), mora.mora_type, mora.target_names, mora.dropout)
+
+    @classmethod
+    def identity(cls, settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
         return {"adapter": cls.name, "rank": rank}
 
     @classmethod
-    def layer_problems(cls, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> list[str]:
-        mora_type = choose_mora_type(settings.get("mora_type"), rank)
+    def layer_problems(cls, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int) -> list[str]:
+        mora_type = choose_mora_type(settings_as(MoraSettings, settings).mora_type, rank)
         # One message per layer kind and shape (a 30-layer model has 30 identical q_proj problems).
         failing: dict[tuple, list[str]] = {}
         for name, layer in layers.items():
@@ -122,11 +147,11 @@ class MoraAdapter(Adapter):
         return problems
 
     @classmethod
-    def trainable_count(cls, model: nn.Module, layers: dict[str, nn.Linear], settings: dict[str, Any], rank: int) -> int:
-        return sum(
-            mora_square_side(m.in_features, m.out_features, rank, choose_mora_type(settings.get("mora_type", "rope"), rank)) ** 2
-            for m in layers.values()
-        )
+    def trainable_count(
+        cls, model: nn.Module, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int
+    ) -> int:
+        mora_type = choose_mora_type(settings_as(MoraSettings, settings).mora_type, rank)
+        return sum(mora_square_side(m.in_features, m.out_features, rank, mora_type) ** 2 for m in layers.values())
 
     def __init__(
         self,
@@ -218,7 +243,7 @@ class MoraAdapter(Adapter):
             try:
                 layer.set_type(kind)
             except ValueError as err:
-                raise ConfigError([f"{err} (set by `adapter.restart.mora_types`)"]) from None
+                raise ConfigError([f"{err} (set by `trainer.restart.mora_types`)"]) from None
         self.mora_type = resolve_mora_type(kind)  # the saved adapter config names the live operator type
 
     def describe(self) -> dict[str, Any]:

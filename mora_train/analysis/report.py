@@ -29,32 +29,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
 
+from mora_train.adapters import adapter_identity
 from mora_train.analysis.spectrum import (
     DEFAULT_THRESHOLD,
     LayerSpectrum,
     cached_run_spectrum,
     per_block_mean,
+    pyplot,
     save_figure,
     summarize,
-    pyplot,
 )
+from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, read_error
 from mora_train.core.errors import MoraTrainError, non_negative_float, report_unexpected
-from mora_train.adapters import adapter_identity
 from mora_train.core.io import write_text_atomically
-from mora_train.core.outputs import FILES, check_output_target
-from mora_train.core.run_lock import holder_of
 from mora_train.core.metrics import best as best_of
 from mora_train.core.metrics import greater_is_better, metrics_of, primary_value, run_info
-from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, read_error
+from mora_train.core.outputs import FILES, check_output_target
+from mora_train.core.run_lock import holder_of
+from mora_train.pipeline.run_config import adapter_settings_of
 
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = [
-    "run", "label", "status", "task", "adapter", "mora_type", "rank", "r_hat_range", "learning_rate", "trainable_params",
-    "primary_metric", "primary_value", "secondary_metrics", "final_train_loss", "mean_train_loss",
-    "wall_time_s", "tokens_per_s", "dw_sv_above_mean", "dw_sv_above_max", "error",
+    "run",
+    "label",
+    "status",
+    "task",
+    "adapter",
+    "mora_type",
+    "rank",
+    "r_hat_range",
+    "learning_rate",
+    "trainable_params",
+    "primary_metric",
+    "primary_value",
+    "secondary_metrics",
+    "final_train_loss",
+    "mean_train_loss",
+    "wall_time_s",
+    "tokens_per_s",
+    "dw_sv_above_mean",
+    "dw_sv_above_max",
+    "error",
 ]
 
 
@@ -111,7 +129,7 @@ class Run:
             rank = self.metrics["rank"]
         else:
             try:
-                rank = adapter_identity(self.get("adapter") or {}, self.get("rank")).get("rank")
+                rank = adapter_identity(adapter_settings_of(self.get("adapter") or {}), self.get("rank")).get("rank")
             except MoraTrainError:  # a config without a known adapter (an unreadable run)
                 rank = self.get("rank")
         return rank if isinstance(rank, int) else None
@@ -159,7 +177,10 @@ class Run:
         if self.running:
             return f"still being written by {self.writer}"
         if self.error is None:
-            return "no metrics.json and no error.json: the job was killed, crashed outside the pipeline, or is still running"
+            return (
+                "no metrics.json and no error.json: the job was killed, crashed outside the pipeline, "
+                "or is still running"
+            )
         return " ".join(str(self.error.get("message", "")).split())  # one line, for tables and CSV
 
     def label(self) -> str:
@@ -175,14 +196,17 @@ class Run:
 def _load_yaml(path: Path) -> dict[str, Any]:
     """A YAML config as a plain dict, interpolations left as text (Hydra's ${hydra:...} cannot resolve here)."""
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
-    except Exception as err:  # a half-written file must not stop the report
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except Exception as err:  # noqa: BLE001 - a half-written file must not stop the report
         log.warning("cannot read %s: %s", path, err)
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _is_run_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in (METRICS_JSON, ERROR_JSON, "resolved_config.yaml", ".hydra/config.yaml"))
+    return any(
+        (path / name).is_file() for name in (METRICS_JSON, ERROR_JSON, "resolved_config.yaml", ".hydra/config.yaml")
+    )
 
 
 def _natural_key(text: str) -> list:
@@ -193,7 +217,9 @@ def find_runs(sweep_dir: Path) -> list[Run]:
     """Every run under sweep_dir, in job order (Hydra's numeric prefixes sort naturally)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise MoraTrainError(f"{sweep_dir} is not a folder; give the sweep dir of `mora-train -m ...` (multirun/DATE/TIME)")
+        raise MoraTrainError(
+            f"{sweep_dir} is not a folder; give the sweep dir of `mora-train -m ...` (multirun/DATE/TIME)"
+        )
     found: list[Path] = []
     for root, dirs, _files in os.walk(sweep_dir):
         here = Path(root)
@@ -218,16 +244,17 @@ def find_runs(sweep_dir: Path) -> list[Run]:
         overrides_path = path / ".hydra" / "overrides.yaml"
         overrides = [str(o) for o in (_load_yaml_list(overrides_path) if overrides_path.is_file() else [])]
         name = str(path.relative_to(sweep_dir)) if path != sweep_dir else path.name
-        runs.append(Run(path, name, config, metrics, read_error(path), overrides,
-                        writer=holder.describe() if holder else None))
+        runs.append(
+            Run(path, name, config, metrics, read_error(path), overrides, writer=holder.describe() if holder else None)
+        )
     runs.sort(key=lambda r: _natural_key(r.name))
     return runs
 
 
 def _load_yaml_list(path: Path) -> list:
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - an unreadable overrides file means no overrides to show
         return []
     return data if isinstance(data, list) else []
 
@@ -241,7 +268,11 @@ def unique_labels(runs: list[Run]) -> dict[str, str]:
         seen[label] = seen.get(label, 0) + 1
     for run in runs:
         if seen[labels[run.name]] > 1:
-            extra = [o for o in run.overrides if o not in shared and not o.split("=")[0].lstrip("+~") in ("adapter", "rank", "adapter.mora_type")]
+            extra = [
+                o
+                for o in run.overrides
+                if o not in shared and o.split("=")[0].lstrip("+~") not in ("adapter", "rank", "adapter.mora_type")
+            ]
             labels[run.name] += " " + (",".join(extra) if extra else run.name.split("_")[0])
     return labels
 
@@ -257,7 +288,7 @@ def attach_spectra(runs: list[Run]) -> None:
         started = time.time()
         try:
             run.spectra, _source = cached_run_spectrum(run.path)
-        except Exception as err:  # one unreadable run must not sink the report
+        except Exception as err:  # noqa: BLE001 - one unreadable run must not sink the report
             run.spectrum_error = f"{type(err).__name__}: {err}"
             log.warning("ΔW spectrum of %s failed: %s", run.name, run.spectrum_error)
             continue
@@ -333,19 +364,24 @@ def _run_link(row: dict[str, Any]) -> str:
     return f"[{_md_escape(text)}](<{row['run']}/>)"
 
 
-def markdown(runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots: dict[str, str], threshold: float) -> str:
-    ok = [r for r, run in zip(rows, runs) if run.ok]
-    failed = [(r, run) for r, run in zip(rows, runs) if not run.ok and not run.running]
-    running = [(r, run) for r, run in zip(rows, runs) if run.running]
+def markdown(
+    runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots: dict[str, str], threshold: float
+) -> str:
+    ok = [r for r, run in zip(rows, runs, strict=True) if run.ok]
+    failed = [(r, run) for r, run in zip(rows, runs, strict=True) if not run.ok and not run.running]
+    running = [(r, run) for r, run in zip(rows, runs, strict=True) if run.running]
     primary = next((r["primary_metric"] for r in ok if r["primary_metric"]), "primary metric")
     # The direction each run's metrics.json declares for its task's primary metric.
     greater = next((run.greater_is_better for run in runs if run.ok), True)
     lines = [
         f"# Sweep report: {sweep_dir.name}",
         "",
-        f"`{sweep_dir}` — {len(runs)} runs: {len(ok)} finished, {len(failed)} failed"
-        f"{f', {len(running)} still running' if running else ''}. "
-        f"Primary metric: **{primary}** ({'higher' if greater else 'lower'} is better). Every run is a row of `report.csv`.",
+        (
+            f"`{sweep_dir}` — {len(runs)} runs: {len(ok)} finished, {len(failed)} failed"
+            f"{f', {len(running)} still running' if running else ''}. "
+            f"Primary metric: **{primary}** ({'higher' if greater else 'lower'} is better). "
+            "Every run is a row of `report.csv`."
+        ),
         "",
     ]
     best = best_of(ok, lambda r: r["primary_value"], greater)
@@ -353,19 +389,42 @@ def markdown(runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots
         lines += [f"Best: {best['label']} (`{best['run']}`) with {primary} = {_fmt(best['primary_value'])}.", ""]
     if ok:
         has_spectrum = any(r["dw_sv_above_mean"] is not None for r in ok)
-        header = ["run", "adapter", "type", "rank", "r̂", "lr", "trainable", primary, "other metrics",
-                  "final loss", "wall s", "tokens/s"]
+        header = [
+            "run",
+            "adapter",
+            "type",
+            "rank",
+            "r̂",
+            "lr",
+            "trainable",
+            primary,
+            "other metrics",
+            "final loss",
+            "wall s",
+            "tokens/s",
+        ]
         if has_spectrum:
             header.append(f"ΔW sv>{threshold:g} mean/max")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok:
             cells = [
-                _run_link(r), r["adapter"], r["mora_type"], _fmt(r["rank"]), r["r_hat_range"], _fmt(r["learning_rate"]),
-                _fmt(r["trainable_params"]), _fmt(r["primary_value"]), r["secondary_metrics"].replace(";", ", "),
-                _fmt(r["final_train_loss"]), _fmt(r["wall_time_s"], 3), _fmt(r["tokens_per_s"], 3),
+                _run_link(r),
+                r["adapter"],
+                r["mora_type"],
+                _fmt(r["rank"]),
+                r["r_hat_range"],
+                _fmt(r["learning_rate"]),
+                _fmt(r["trainable_params"]),
+                _fmt(r["primary_value"]),
+                r["secondary_metrics"].replace(";", ", "),
+                _fmt(r["final_train_loss"]),
+                _fmt(r["wall_time_s"], 3),
+                _fmt(r["tokens_per_s"], 3),
             ]
             if has_spectrum:
-                cells.append("" if r["dw_sv_above_mean"] is None else f"{r['dw_sv_above_mean']:g} / {r['dw_sv_above_max']}")
+                cells.append(
+                    "" if r["dw_sv_above_mean"] is None else f"{r['dw_sv_above_mean']:g} / {r['dw_sv_above_max']}"
+                )
             lines.append("| " + " | ".join(c if i == 0 else _md_escape(c) for i, c in enumerate(cells)) + " |")
         lines.append("")
     if failed:
@@ -377,8 +436,12 @@ def markdown(runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots
                 lines.append(f"  (traceback in `{run.name}/error.txt`)")
         lines.append("")
     if running:
-        lines += ["## Still running", ""] + [f"- {_run_link(row)}: {_md_escape(run.error_line)}" for row, run in running] + [""]
-    notes = [(r["run"], r["error"]) for r, run in zip(rows, runs) if run.ok and r["error"]]
+        lines += (
+            ["## Still running", ""]
+            + [f"- {_run_link(row)}: {_md_escape(run.error_line)}" for row, run in running]
+            + [""]
+        )
+    notes = [(r["run"], r["error"]) for r, run in zip(rows, runs, strict=True) if run.ok and r["error"]]
     if notes:
         lines += ["## Notes", ""] + [f"- `{name}`: {_md_escape(text)}" for name, text in notes] + [""]
     titles = {
@@ -391,9 +454,11 @@ def markdown(runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots
         lines += [f"## {titles[key]}", "", f"![{titles[key]}]({filename})", ""]
     if "spectrum" in plots:
         lines += [
-            f"Mean over each block's adapted layers of the number of singular values of ΔW above {threshold:g} "
-            "(LoRA's count is at most its rank; MoRA's can reach r̂). Per-layer singular values: "
-            "`RUN/spectrum.safetensors`; per-run plot: `mora-train-spectrum RUN`.",
+            (
+                f"Mean over each block's adapted layers of the number of singular values of ΔW above {threshold:g} "
+                "(LoRA's count is at most its rank; MoRA's can reach r̂). Per-layer singular values: "
+                "`RUN/spectrum.safetensors`; per-run plot: `mora-train-spectrum RUN`."
+            ),
             "",
         ]
     return "\n".join(lines)
@@ -419,7 +484,7 @@ def plot_losses(runs: list[Run], labels: dict[str, str], path: Path) -> bool:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in curves:
-        steps, losses = zip(*points)
+        steps, losses = zip(*points, strict=True)
         ax.plot(steps, losses, marker="o", markersize=2, linewidth=1.2, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
@@ -440,23 +505,23 @@ def _series_key(run: Run) -> str:
 
 def plot_metric_vs(runs: list[Run], x_of: Any, xlabel: str, path: Path) -> bool:
     """Primary metric against x (rank or learning rate), one line per adapter (and MoRA type); full FT as a level."""
-    ok = [r for r in runs if r.ok and r.primary[1] is not None]
+    ok = [(run, value) for run in runs if run.ok and (value := run.primary[1]) is not None]
     series: dict[str, list[tuple[float, float]]] = {}
     levels: dict[str, float] = {}
-    for run in ok:
+    for run, value in ok:
         x = x_of(run)
         if x is None:
             if run.rank is None and xlabel == "rank":  # a method without a rank: one level across the plot
                 label = f"{run.adapter} (no rank)"
-                levels[label if label not in levels else f"{label} {run.name}"] = run.primary[1]
+                levels[label if label not in levels else f"{label} {run.name}"] = value
             continue
-        series.setdefault(_series_key(run), []).append((x, run.primary[1]))
+        series.setdefault(_series_key(run), []).append((x, value))
     if len({x for points in series.values() for x, _ in points}) < 2:
         return False
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points))
+        xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o", label=name)
     for name, level in levels.items():
         ax.axhline(level, color="black", linestyle="--", linewidth=1, label=name)
@@ -465,7 +530,7 @@ def plot_metric_vs(runs: list[Run], x_of: Any, xlabel: str, path: Path) -> bool:
         ticks = sorted({x for points in series.values() for x, _ in points})
         ax.set_xticks(ticks, [str(int(t)) for t in ticks])
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ok[0].primary[0] or "primary metric")
+    ax.set_ylabel(ok[0][0].primary[0] or "primary metric")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -523,17 +588,31 @@ def check_report_target(out_dir: str | Path | None, sweep_dir: Path, runs: list[
     """--out (default: the sweep dir), refused before anything is written (mora_train.core.outputs)."""
     target = sweep_dir if out_dir is None else out_dir
     protected = [run.path / name for run in runs for name in RUN_OUTPUTS]
-    return check_output_target(target, "mora-train-report", "--out", FILES, protected,
-                               ours=lambda folder: is_earlier_report(folder, sweep_dir), names=REPORT_FILES)
+    return check_output_target(
+        target,
+        "mora-train-report",
+        "--out",
+        FILES,
+        protected,
+        ours=lambda folder: is_earlier_report(folder, sweep_dir),
+        names=REPORT_FILES,
+    )
 
 
-def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None, threshold: float = DEFAULT_THRESHOLD,
-                 spectrum: bool = True) -> Report:
-    """Read every run under sweep_dir; write report.md, report.csv and the PNG plots into out_dir (default sweep_dir)."""
+def build_report(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    spectrum: bool = True,
+) -> Report:
+    """Read every run under sweep_dir; write report.md, report.csv and the PNG plots into out_dir
+    (default sweep_dir)."""
     sweep_dir = Path(sweep_dir)
     runs = find_runs(sweep_dir)
     if not runs:
-        raise MoraTrainError(f"no runs found under {sweep_dir} (no folder holds metrics.json, error.json or .hydra/config.yaml)")
+        raise MoraTrainError(
+            f"no runs found under {sweep_dir} (no folder holds metrics.json, error.json or .hydra/config.yaml)"
+        )
     out = check_report_target(out_dir, sweep_dir, runs)
     out.mkdir(parents=True, exist_ok=True)
     if spectrum:
@@ -562,9 +641,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("sweep_dir", help="the multirun folder (multirun/DATE/TIME), or any folder holding runs")
     parser.add_argument("--out", help="where to write the report (default: the sweep dir)")
-    parser.add_argument("--threshold", type=non_negative_float, default=DEFAULT_THRESHOLD,
-                        help="count singular values of ΔW above this (default %(default)s, the paper's)")
-    parser.add_argument("--no-spectrum", action="store_true", help="skip the ΔW spectrum (it loads each run's base model)")
+    parser.add_argument(
+        "--threshold",
+        type=non_negative_float,
+        default=DEFAULT_THRESHOLD,
+        help="count singular values of ΔW above this (default %(default)s, the paper's)",
+    )
+    parser.add_argument(
+        "--no-spectrum", action="store_true", help="skip the ΔW spectrum (it loads each run's base model)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -573,17 +658,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mora-train-report: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
     except OSError as err:  # the report folder cannot be written (read-only, a file, full disk)
-        print(f"mora-train-report: error: cannot write the report ({err.strerror or err}: {err.filename or args.out or args.sweep_dir}); "
-              "choose a writable folder with --out DIR", file=sys.stderr)
+        print(
+            "mora-train-report: error: cannot write the report "
+            f"({err.strerror or err}: {err.filename or args.out or args.sweep_dir}); "
+            "choose a writable folder with --out DIR",
+            file=sys.stderr,
+        )
         return 2
     except Exception as err:  # noqa: BLE001 - a bug: one line and the traceback in a file, never a bare traceback
         report_unexpected("mora-train-report", err, None)
         return 1
     failed = sum(not r.ok and not r.running for r in report.runs)
     running = sum(r.running for r in report.runs)
-    print(f"{len(report.runs)} runs ({failed} failed{f', {running} still running' if running else ''}): "
-          f"{report.markdown_path}, {report.csv_path}"
-          + "".join(f", {p.name}" for p in report.plots.values()))
+    print(
+        f"{len(report.runs)} runs ({failed} failed{f', {running} still running' if running else ''}): "
+        f"{report.markdown_path}, {report.csv_path}" + "".join(f", {p.name}" for p in report.plots.values())
+    )
     return 0
 
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mora_train.configs import base_model_config
+from mora_train.models.config import ModelConfig
+from mora_train.pipeline.run_config import named_model_config, saved_run_config
 from mora_train.core.errors import MoraTrainError, non_negative_float, report_unexpected
 from mora_train.core.io import save_figure_atomically, write_file_atomically
 from mora_train.core.outputs import FILES, check_output_target
@@ -147,18 +147,18 @@ def merged_deltas(base_model: nn.Module, merged_model: nn.Module) -> dict[str, t
     return deltas
 
 
-def load_base_model(model_cfg: DictConfig) -> nn.Module:
+def load_base_model(model_cfg: ModelConfig) -> nn.Module:
     from mora_train.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_cfg)
     return model.float().eval()
 
 
-def run_model_config(run_dir: Path) -> DictConfig:
-    path = Path(run_dir) / "resolved_config.yaml"
-    if not path.is_file():
+def run_model_config(run_dir: Path) -> ModelConfig:
+    saved = saved_run_config(run_dir)
+    if saved is None:
         raise MoraTrainError(f"{run_dir} has no resolved_config.yaml; pass --base-model to say which model it started from")
-    return OmegaConf.load(path).model
+    return saved.model
 
 
 def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[LayerSpectrum], str]:
@@ -169,7 +169,7 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
     """
     path = Path(path)
     if (path / "resolved_config.yaml").is_file() or (path / "metrics.json").is_file():
-        model_cfg = base_model_config(base_model) if base_model else run_model_config(path)
+        model_cfg = named_model_config(base_model) if base_model else run_model_config(path)
         if (path / "adapter").is_dir():
             return singular_values(adapter_deltas(load_base_model(model_cfg), path / "adapter")), "adapter"
         if (path / "merged").is_dir():
@@ -177,7 +177,7 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
         raise MoraTrainError(f"run dir {path} has neither adapter/ nor merged/: did the run finish?")
     if base_model is None:
         raise MoraTrainError(f"{path} is not a run dir; pass --base-model (config name, hub id or folder) for its base")
-    model_cfg = base_model_config(base_model)
+    model_cfg = named_model_config(base_model)
     if (path / "adapter_config.json").is_file():
         return singular_values(adapter_deltas(load_base_model(model_cfg), path)), "adapter"
     if (path / "config.json").is_file():
@@ -185,14 +185,14 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
     raise MoraTrainError(f"{path} is neither a run dir, an adapter folder (adapter_config.json) nor a model folder (config.json)")
 
 
-def _merged_vs_base(merged_dir: Path, model_cfg: DictConfig) -> list[LayerSpectrum]:
+def _merged_vs_base(merged_dir: Path, model_cfg: ModelConfig) -> list[LayerSpectrum]:
     from transformers import AutoModelForCausalLM
 
     from mora_train.models import load_error
 
     try:
         merged = AutoModelForCausalLM.from_pretrained(
-            merged_dir, dtype=torch.float32, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+            merged_dir, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code
         )
     except Exception as err:  # noqa: BLE001 - the loading boundary: corrupt weights, not a model, ...
         raise load_error("model", str(merged_dir), err, "path") from None

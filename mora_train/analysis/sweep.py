@@ -11,7 +11,6 @@ sweeper (hydra-optuna-sweeper 1.2) aborts the whole study when a job returns NaN
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -19,8 +18,6 @@ import sys
 import traceback
 from pathlib import Path
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from mora_train.config.overrides import paste_command
 from mora_train.core.errors import MoraTrainError
@@ -31,29 +28,6 @@ log = logging.getLogger(__name__)
 ERROR_JSON = "error.json"
 ERROR_TXT = "error.txt"
 METRICS_JSON = "metrics.json"
-
-
-# A file name may hold 255 bytes; Hydra's override_dirname grows with every override and keeps
-# path separators of values (model.name_or_path=/a/b would nest folders).
-MAX_DIRNAME = 120
-
-
-def safe_dirname(override_dirname: str, max_len: int = MAX_DIRNAME) -> str:
-    """A job folder name from Hydra's override_dirname: no '/', at most max_len characters.
-
-    Long names are cut and end in a hash of the whole, so two jobs never share a folder.
-    """
-    name = str(override_dirname).replace("/", "_").replace("\\", "_") or "defaults"
-    if len(name) > max_len:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = f"{name[: max_len - 9]}-{digest}"
-    return name
-
-
-def register_resolvers() -> None:
-    """`${mora_dirname:...}`, used by hydra.sweep.subdir in configs/config.yaml."""
-    if not OmegaConf.has_resolver("mora_dirname"):
-        OmegaConf.register_new_resolver("mora_dirname", safe_dirname)
 
 
 def in_multirun() -> bool:
@@ -110,11 +84,12 @@ def failed_job_metric(sweeper_cfg: Any = None) -> float:
     return math.nan
 
 
-def record_job_failure(cfg: DictConfig, err: BaseException, sweep_goes_on: bool = True) -> float:
+def record_job_failure(run_dir: Path | None, err: BaseException, sweep_goes_on: bool = True) -> float:
     """Write the error of a failed sweep job into its run dir; return the job's metric (failed_job_metric).
 
     A user error (MoraTrainError) is recorded by its message, anything else with its traceback
-    too. A run dir that already holds a finished run (metrics.json) is left untouched: the job
+    too (`run_dir` None: output_dir itself failed to resolve, so there is nowhere to record it). A run dir that
+    already holds a finished run (metrics.json) is left untouched: the job
     failed precisely because it must not write there.
     """
     user_error = isinstance(err, MoraTrainError)
@@ -123,9 +98,7 @@ def record_job_failure(cfg: DictConfig, err: BaseException, sweep_goes_on: bool 
     if sweep_goes_on:
         print(f"\nmora-train: error in {_job_label()}: {message}\nthe sweep goes on with the next job", file=sys.stderr, flush=True)
     metric = failed_job_metric()
-    try:
-        run_dir = Path(str(cfg.output_dir))
-    except Exception:  # output_dir itself may be what failed to resolve
+    if run_dir is None:
         log.warning("could not resolve output_dir to record the error of %s", _job_label())
         return metric
     if (run_dir / METRICS_JSON).exists():
@@ -143,12 +116,6 @@ def record_job_failure(cfg: DictConfig, err: BaseException, sweep_goes_on: bool 
 def sweep_job_dirs(sweep_dir: Path) -> list[Path]:
     """Folders of the jobs Hydra launched under sweep_dir (each holds .hydra/config.yaml)."""
     return sorted(p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/config.yaml"))
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra < 1.1
-    Callback = object  # type: ignore[misc,assignment]
 
 
 MULTIRUN_YAML = "multirun.yaml"  # what Hydra's basic sweeper writes into the sweep dir before any job
@@ -180,23 +147,10 @@ def unfinished_sweep_hint(argv: list[str]) -> str:
             "refused as a finished run), the stopped job resumes from its checkpoint and the others run")
 
 
-class SweepSummary(Callback):
-    """After a multirun: how many jobs finished or failed, and the command that makes the report."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _started_sweep_dir
-        _started_sweep_dir = Path(str(config.hydra.sweep.dir))
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sweep_job_dirs(sweep_dir)
-        failed = [j for j in jobs if not (j / METRICS_JSON).exists()]
-        lines = [f"\nsweep finished: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded in {sweep_dir}"]
-        for job in failed:
-            reason = "see error.txt" if (job / ERROR_JSON).exists() else "no metrics.json"
-            lines.append(f"  failed: {job.name} ({reason})")
-        lines.append(f"report: mora-train-report {sweep_dir}")
-        print("\n".join(lines), file=sys.stderr if failed else sys.stdout, flush=True)
+def sweep_started(sweep_dir: Path) -> None:
+    """Remember the sweep dir of the `mora-train -m` running in this process (the CLI's sweep callback)."""
+    global _started_sweep_dir
+    _started_sweep_dir = Path(sweep_dir)
 
 
 def read_error(run_dir: Path) -> dict[str, Any] | None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from mora_train.config.overrides import shell_override, shell_quote
 from mora_train.configs import CONFIG_DIR
@@ -64,7 +65,7 @@ def user_environment() -> Iterator[None]:
 
 def one_paragraph(text: str) -> str:
     """Hydra's multi-line message as one line: the search-path listing and the doc link left out."""
-    text = text.split("\nConfig search path:")[0].split("\nSearch path:")[0]
+    text = text.split("\nConfig search path:", maxsplit=1)[0].split("\nSearch path:", maxsplit=1)[0]
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("See https://")]
     return " ".join(lines).rstrip(".")
 
@@ -128,14 +129,18 @@ def _last_argument(argv: list[str], key: str) -> str | None:
 
 def _unparsable(err: Any, argv: list[str]) -> str:
     override = str(getattr(err, "override", "") or "")
-    reason = one_paragraph(str(getattr(err, "message", "") or err)).removeprefix(f"Error parsing override '{override}' ")
+    reason = one_paragraph(str(getattr(err, "message", "") or err)).removeprefix(
+        f"Error parsing override '{override}' "
+    )
     text = f"cannot read the command-line argument {override!r}: {reason}."
     position = argv.index(override) if override in argv else -1
     previous = argv[position - 1] if position > 0 else ""
     if "=" not in override and "=" in previous and not previous.startswith("-"):
         whole = shell_quote(f"{previous} {override}")
-        return (f"{text} Every argument is key=value (or a flag such as -m or --cfg job); {override!r} looks like the "
-                f"rest of {previous!r}, a value with a space that the shell split in two. Quote the whole argument: {whole}")
+        return (
+            f"{text} Every argument is key=value (or a flag such as -m or --cfg job); {override!r} looks like the "
+            f"rest of {previous!r}, a value with a space that the shell split in two. Quote the whole argument: {whole}"
+        )
     return f"{text} Write each override as key=value. {QUOTING}"
 
 
@@ -154,8 +159,10 @@ def _missing_option(err: Any, argv: list[str]) -> str:
         return f"{text}. {LISTING}"
     closest = difflib.get_close_matches(name, options, n=1)
     suggestion = f" (did you mean {group}={closest[0]}?)" if closest else ""
-    return (f"{text}; the options of {group} are: {', '.join(options)}{suggestion}. Pick one with {group}=NAME, or "
-            f"add {group}/{name}.yaml in a folder of yours and pass --config-dir FOLDER (README \"Your own configs\")")
+    return (
+        f"{text}; the options of {group} are: {', '.join(options)}{suggestion}. Pick one with {group}=NAME, or "
+        f'add {group}/{name}.yaml in a folder of yours and pass --config-dir FOLDER (README "Your own configs")'
+    )
 
 
 def _shipped_options(group: str) -> list[str]:
@@ -179,9 +186,11 @@ def _unknown_key(cause: Any, argv: list[str]) -> str:
     if closest:
         text += f". Did you mean {' or '.join(closest)}?"
     added = shell_quote("+" + argument.lstrip("+")) if "=" in argument else f"+{full_key}=VALUE"
-    return (f"{text}{'' if closest else '.'} Hydra adds a key the config does not have only with a leading +, e.g. "
-            f"{added}: for a key that is read without being listed (distributed.deepspeed_overrides.*), not for a "
-            f"misspelt one, which validation then refuses. {LISTING}")
+    return (
+        f"{text}{'' if closest else '.'} Hydra adds a key the config does not have only with a leading +, e.g. "
+        f"{added}: for a key that is read without being listed (distributed.deepspeed_overrides.*), not for a "
+        f"misspelt one, which validation then refuses. {LISTING}"
+    )
 
 
 def _closest_keys(parent_node: Any, full_key: str) -> list[str]:
@@ -228,11 +237,15 @@ def _other_hydra_error(err: BaseException, argv: list[str]) -> str:
     ambiguous = re.match(r"Ambiguous value for argument '([^=']+)=(.*)'", str(err))
     if ambiguous:  # a value with a comma outside -m: Hydra reads a sweep
         key, value = ambiguous.groups()
-        return (f"{key}={value}: Hydra reads a value with ',' as a sweep, which needs -m. For one value, quote it: "
-                f"{shell_override(key, value)}; for a list: {key}=[...]; to sweep: add -m")
+        return (
+            f"{key}={value}: Hydra reads a value with ',' as a sweep, which needs -m. For one value, quote it: "
+            f"{shell_override(key, value)}; for a list: {key}=[...]; to sweep: add -m"
+        )
     no_match = re.match(r"Could not override '([^']+)'\. No match in the defaults list", str(err))
     if no_match:  # a group that the defaults list does not name (sweep=..., a group of --config-dir)
         argument = _last_argument(argv, no_match.group(1)) or no_match.group(1)
-        return (f"{argument}: {no_match.group(1)} is not in the config's defaults list, so it cannot be overridden; "
-                f"add it with a leading +: {shell_quote('+' + argument.lstrip('+'))}")
+        return (
+            f"{argument}: {no_match.group(1)} is not in the config's defaults list, so it cannot be overridden; "
+            f"add it with a leading +: {shell_quote('+' + argument.lstrip('+'))}"
+        )
     return f"{text}. {LISTING}"

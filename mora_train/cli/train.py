@@ -10,14 +10,40 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mora_train.cli.config_errors import hydra_error_problem, hydra_errors_raised, user_environment
 from mora_train.config.overrides import parse_override, shell_override
-from mora_train.training.distributed import MainProcessFailed, is_main_process, prepare_cli, rank, run_on_main_process, shutdown
+from mora_train.training.distributed import (
+    MainProcessFailed,
+    is_main_process,
+    launch_time,
+    prepare_cli,
+    rank,
+    run_on_main_process,
+    shutdown,
+)
 from mora_train.core.run_lock import RunDirBusy
 from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, MoraTrainError, report_unexpected
 from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
+
+
+def register_launch_time_resolver() -> None:
+    """`${launch_time:%Y-%m-%d}`: Hydra's `${now:...}`, but one instant shared by all ranks (and all patterns):
+    training.distributed.launch_time, rank 0's clock.
+
+    Cached in the config, as Hydra caches `${now:...}`: a launcher that runs the jobs of a sweep in other
+    processes (submitit, Ray) hands them the sweep's config, and Hydra copies its resolver cache into each
+    job's config, so every job resolves the sweep dir the parent created instead of its own start time.
+    """
+    OmegaConf.register_new_resolver(
+        "launch_time", lambda pattern: launch_time().strftime(pattern), replace=True, use_cache=True
+    )
+
+
+# Available as soon as this module is imported: before Hydra composes configs/config.yaml, and in the job
+# processes of a sweep launcher, which import this module to run the job.
+register_launch_time_resolver()
 
 
 def _run(cfg: DictConfig) -> float | None:
@@ -46,8 +72,9 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def _job(cfg: DictConfig) -> float | None:
-    from mora_train.pipeline.train import run, write_hydra_records
+    from mora_train.pipeline.train import run
     from mora_train.pipeline.relaunch import run_relaunched, wants_relaunch
+    from mora_train.pipeline.run_config import ComposedConfig, write_hydra_records
     from mora_train.analysis.sweep import failed_job_metric, in_multirun, jobs_run_apart, record_job_failure, unfinished_sweep_hint
 
     def record_failure(err: BaseException, sweep_goes_on: bool = True) -> float:
@@ -55,22 +82,28 @@ def _job(cfg: DictConfig) -> float | None:
         # because another live run holds its dir writes nothing there: that folder is the other run's.
         if not is_main_process() or isinstance(err, RunDirBusy):
             return failed_job_metric()
+        try:
+            run_dir: Path | None = Path(str(cfg.output_dir))
+        except Exception:  # noqa: BLE001 - output_dir itself may be what failed to resolve
+            run_dir = None
         try:  # the sweep report finds jobs by .hydra/config.yaml, which a refused job has not written yet
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            write_hydra_records(Path(cfg.output_dir), cfg)
+            if run_dir is not None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_hydra_records(run_dir, cfg)
         except OSError:
             pass
-        return record_job_failure(cfg, err, sweep_goes_on)
+        return record_job_failure(run_dir, err, sweep_goes_on)
 
+    composed = ComposedConfig(cfg)
     try:
         if cfg.get("mode", "train") == "eval":
             from mora_train.pipeline.evaluate import run_eval
 
-            metrics = run_on_main_process(lambda: run_eval(cfg))  # evaluation is a one-process job
-        elif wants_relaunch(cfg):  # accelerate.num_processes=N: this job as an N-process accelerate launch
-            return score(run_relaunched(cfg))  # whose rank 0 has printed the summary
+            metrics = run_on_main_process(lambda: run_eval(composed))  # evaluation is a one-process job
+        elif wants_relaunch(composed):  # accelerate.num_processes=N: this job as an N-process accelerate launch
+            return score(run_relaunched(composed.read()))  # whose rank 0 has printed the summary
         else:
-            metrics = run(cfg)
+            metrics = run(composed)
     except MainProcessFailed:
         # A rank != 0: rank 0 has printed (and in a sweep, recorded) the error; follow it.
         if in_multirun():
@@ -172,12 +205,10 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
 
 
 def main() -> None:
-    from mora_train.analysis.sweep import register_resolvers
-
-    register_resolvers()  # before Hydra composes: the sweep subdir uses ${mora_dirname:...}
     argv = sys.argv[1:]
     precheck_output_dir(argv)
     # Under a multi-process launcher: join the process group and agree on the run dir before Hydra runs.
+    register_launch_time_resolver()
     sys.argv = [sys.argv[0], *prepare_cli(argv)]
     try:
         with hydra_errors_raised() as reported_here:

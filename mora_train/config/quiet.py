@@ -14,7 +14,7 @@ Only these two messages are dropped (a filter on each package's logger), nothing
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BITSANDBYTES_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -42,8 +42,10 @@ def _no_gpu() -> bool:
 
 def quiet_optional_packages() -> None:
     """Install the two filters (once; the loggers exist before the packages create them, with these filters)."""
-    for name, prefix, applies in ((BITSANDBYTES_CPU_LOGGER, BITSANDBYTES_KERNEL_NOTICE, lambda: True),
-                                  (DEEPSPEED_LOGGER, DEEPSPEED_CPU_NOTICE, _no_gpu)):
+    for name, prefix, applies in (
+        (BITSANDBYTES_CPU_LOGGER, BITSANDBYTES_KERNEL_NOTICE, lambda: True),
+        (DEEPSPEED_LOGGER, DEEPSPEED_CPU_NOTICE, _no_gpu),
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(DropMessage(prefix, applies))

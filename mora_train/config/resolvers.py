@@ -17,7 +17,9 @@ Run dirs: `${mora_run_dir:DEFAULT}` (hydra.run.dir) is the user's `output_dir=..
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -62,12 +64,29 @@ def mora_run_dir(default: str, *, _root_: DictConfig) -> str:
     return str(_root_.output_dir)
 
 
-RESOLVERS = {
+# A file name may hold 255 bytes; Hydra's override_dirname grows with every override and keeps
+# path separators of values (model.name_or_path=/a/b would nest folders).
+MAX_DIRNAME = 120
+
+
+def safe_dirname(override_dirname: str, max_len: int = MAX_DIRNAME) -> str:
+    """`${mora_dirname:...}` (hydra.sweep.subdir): a job folder name from Hydra's override_dirname, no '/', at
+    most max_len characters. Long names are cut and end in a hash of the whole, so two jobs never share a folder.
+    """
+    name = str(override_dirname).replace("/", "_").replace("\\", "_") or "defaults"
+    if len(name) > max_len:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[: max_len - 9]}-{digest}"
+    return name
+
+
+RESOLVERS: dict[str, Callable[..., Any]] = {
     "data_file": data_file,
     "hub_dataset": hub_dataset,
     "local_or_hub": local_or_hub,
     "config_file": config_file,
     "mora_run_dir": mora_run_dir,
+    "mora_dirname": safe_dirname,
 }
 
 

@@ -20,8 +20,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -48,7 +49,7 @@ def shorten(text: str, limit: int = LONG_VALUE_CHARS) -> str:
 
 
 # A run of characters without a space or quote, after the `key=` that may name it.
-_LONG_VALUE = re.compile(r"([^\s`'\"=]{1,100}=)?([^\s`'\"]{%d,})" % (LONG_VALUE_CHARS + 1))
+_LONG_VALUE = re.compile(rf"([^\s`'\"=]{{1,100}}=)?([^\s`'\"]{{{LONG_VALUE_CHARS + 1},}})")
 
 
 def shorten_long_values(message: str) -> str:
@@ -100,7 +101,8 @@ def package_hint(name: str, package: str, folder: object) -> str:
     return (
         f"`model.name_or_path={name}` is not a file of package {package} ({folder}): `model.package={package}` "
         "(set by the model config) makes name_or_path a path inside that package. For a hub id, a folder or a "
-        "GGUF file of your own, add model.package=null (or pick a model config without a package, e.g. model=qwen2.5-0.5b)"
+        "GGUF file of your own, add model.package=null (or pick a model config without a package, "
+        "e.g. model=qwen2.5-0.5b)"
     )
 
 
@@ -138,7 +140,7 @@ def report_unexpected(program: str, err: BaseException, run_dir: Path | None) ->
     return path
 
 
-def run_command(program: str, work: "Callable[[], T]") -> "T":
+def run_command(program: str, work: Callable[[], T]) -> T:
     """Run a command's work: a MoraTrainError exits with its one paragraph and exit code, anything else with
     one line and a traceback file (report_unexpected) — never a bare traceback."""
     try:
@@ -146,7 +148,7 @@ def run_command(program: str, work: "Callable[[], T]") -> "T":
     except MoraTrainError as err:
         print(f"{program}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(getattr(err, "exit_code", EXIT_USER))
-    except Exception as err:  # a bug or an unhandled case
+    except Exception as err:  # noqa: BLE001 - a bug or an unhandled case: one line and a traceback file
         report_unexpected(program, err, None)
         sys.exit(EXIT_UNEXPECTED)
 

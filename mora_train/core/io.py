@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def temporary_sibling(path: Path, kind: str = "tmp") -> Path:

@@ -3,9 +3,10 @@
 A run's record has three parts:
 
 * identity: `mode` (eval runs only), `task`, `adapter`, `rank` (null for methods without one),
-  `adapter_config` (the method's own description), `quantization` (model.quantization of the base), `primary_metric` and `greater_is_better` — the
-  metric the task declares (mora_train.tasks) and its direction, so that every reader (summary line,
-  sweep report, sweep optimisers) ranks runs the same way without knowing the task;
+  `adapter_config` (the method's own description), `quantization` (model.quantization of the base),
+  `primary_metric` and `greater_is_better` — the metric the task declares (mora_train.tasks) and its
+  direction, so that every reader (summary line, sweep report, sweep optimisers) ranks runs the same way
+  without knowing the task;
 * results: the task's own metrics (`metrics_of`) and the training results in TRAINING_KEYS;
 * `run`: bookkeeping of how the job ran (engine, world size, resume step, skipped steps, memory,
   wall time), never taken for a metric;
@@ -22,17 +23,34 @@ from typing import Any
 METRICS_JSON = "metrics.json"
 
 IDENTITY_KEYS = (
-    "mode", "task", "adapter", "rank", "adapter_config", "quantization", "checkpoint", "evaluated", "primary_metric",
+    "mode",
+    "task",
+    "adapter",
+    "rank",
+    "adapter_config",
+    "quantization",
+    "checkpoint",
+    "evaluated",
+    "primary_metric",
     "greater_is_better",
 )
 # Comparable across runs of any task; shown by the report beside the task's metrics.
 TRAINING_KEYS = (
-    "train_loss", "final_logged_loss", "train_steps", "trainable_params", "total_params", "train_runtime_s",
-    "tokens_per_s", "merge_max_abs_diff", "merge_tolerance",
+    "train_loss",
+    "final_logged_loss",
+    "train_steps",
+    "trainable_params",
+    "total_params",
+    "train_runtime_s",
+    "tokens_per_s",
+    "merge_max_abs_diff",
+    "merge_tolerance",
     # merged/ in a coarser dtype than the model computed in: the merge checked before that cast (else null)
-    "merge_before_cast_max_abs_diff", "merge_before_cast_tolerance",
+    "merge_before_cast_max_abs_diff",
+    "merge_before_cast_tolerance",
     # quantized base: max |logit difference| between its quantized kernels and its de-quantized weights
-    "quantized_kernel_max_abs_diff", "quantized_kernel_tolerance",
+    "quantized_kernel_max_abs_diff",
+    "quantized_kernel_tolerance",
 )
 RUN_SECTION = "run"
 LM_EVAL_SECTION = "lm_eval"

@@ -19,8 +19,8 @@ files written into a folder, the rest of the folder left alone: the report and t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.paths import nearest_existing
@@ -37,8 +37,10 @@ def blank_path_problem(value: object, option: str) -> str | None:
     """An empty or whitespace-only path: Path("") is ".", the current folder, which nobody means."""
     if value is None or str(value).strip():
         return None
-    return (f"{option} is empty ({str(value)!r}): an empty path would mean the current folder. Give the path "
-            "explicitly (check for an unset shell variable)")
+    return (
+        f"{option} is empty ({str(value)!r}): an empty path would mean the current folder. Give the path "
+        "explicitly (check for an unset shell variable)"
+    )
 
 
 def _location_problem(target: Path, option: str, kind: str) -> str | None:
@@ -57,14 +59,20 @@ def _source_problem(target: Path, option: str, command: str, sources: list[Path]
     for source in sources:
         source_real = _real(source)
         if real == source_real:
-            return (f"{option} {target} is {source} itself, which {command} reads: writing there would change its "
-                    "own input. Choose a new path outside it")
+            return (
+                f"{option} {target} is {source} itself, which {command} reads: writing there would change its "
+                "own input. Choose a new path outside it"
+            )
         if real.is_relative_to(source_real):
-            return (f"{option} {target} is inside {source}, which {command} reads: writing there would change its "
-                    f"own input. Choose a path outside {source}")
+            return (
+                f"{option} {target} is inside {source}, which {command} reads: writing there would change its "
+                f"own input. Choose a path outside {source}"
+            )
         if kind == FOLDER and source_real.is_relative_to(real):
-            return (f"{option} {target} holds {source}, which {command} reads, and {command} replaces {option} "
-                    "whole: the source would be deleted. Choose a new or empty folder elsewhere")
+            return (
+                f"{option} {target} holds {source}, which {command} reads, and {command} replaces {option} "
+                "whole: the source would be deleted. Choose a new or empty folder elsewhere"
+            )
     return None
 
 
@@ -73,8 +81,9 @@ def _listing(folder: Path, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _existing_problem(target: Path, option: str, command: str, kind: str, ours: Callable[[Path], bool],
-                      names: list[str]) -> str | None:
+def _existing_problem(
+    target: Path, option: str, command: str, kind: str, ours: Callable[[Path], bool], names: list[str]
+) -> str | None:
     """An existing target this command did not write, or one of the wrong kind."""
     if kind == FILE:
         if target.is_dir():
@@ -82,8 +91,10 @@ def _existing_problem(target: Path, option: str, command: str, kind: str, ours: 
         if target.exists() and not target.is_file():
             return f"{option} {target} is not a regular file (a device, pipe or socket); give a file path"
         if target.is_file() and target.stat().st_size > 0 and not ours(target):
-            return (f"{option} {target} already exists and was not written by {command}: it would be overwritten. "
-                    "Choose a new file name, or move that file away first")
+            return (
+                f"{option} {target} already exists and was not written by {command}: it would be overwritten. "
+                "Choose a new file name, or move that file away first"
+            )
         return None
     if target.exists() and not target.is_dir():
         return f"{option} {target} is an existing file, not a folder; choose a folder path (a new one is created)"
@@ -91,14 +102,18 @@ def _existing_problem(target: Path, option: str, command: str, kind: str, ours: 
         return None
     if kind == FOLDER:
         if any(target.iterdir()) and not ours(target):
-            return (f"{option} {target} is a folder that already holds files not written by {command} "
-                    f"({_listing(target)}); {command} replaces its output folder whole, so they would be deleted. "
-                    "Choose a new or empty folder, or move those files away first")
+            return (
+                f"{option} {target} is a folder that already holds files not written by {command} "
+                f"({_listing(target)}); {command} replaces its output folder whole, so they would be deleted. "
+                "Choose a new or empty folder, or move those files away first"
+            )
         return None
     clashes = [name for name in names if (target / name).exists()]
     if clashes and not ours(target):
-        return (f"{option} {target} already holds {', '.join(clashes)}, not written by {command}; it would overwrite "
-                f"them. Choose another folder ({option} DIR), or move those files away first")
+        return (
+            f"{option} {target} already holds {', '.join(clashes)}, not written by {command}; it would overwrite "
+            f"them. Choose another folder ({option} DIR), or move those files away first"
+        )
     return None
 
 
@@ -132,14 +147,23 @@ def output_target_problem(
             or _location_problem(path, option, kind)
         )
     except OSError as err:  # e.g. a folder that cannot be listed, a name too long for the filesystem
-        return f"{option} {target} cannot be checked ({err.strerror or err}: {err.filename or target}); choose another path"
+        return (
+            f"{option} {target} cannot be checked ({err.strerror or err}: {err.filename or target}); "
+            "choose another path"
+        )
     except ValueError as err:  # a source path holding a NUL character
         return f"{option} {target} cannot be checked against the paths it reads ({err}); check them"
 
 
-def check_output_target(target: str | Path | None, command: str, option: str, kind: str,
-                        sources: Iterable[str | Path | None] = (), ours: Callable[[Path], bool] | None = None,
-                        names: Iterable[str] = ()) -> Path:
+def check_output_target(
+    target: str | Path | None,
+    command: str,
+    option: str,
+    kind: str,
+    sources: Iterable[str | Path | None] = (),
+    ours: Callable[[Path], bool] | None = None,
+    names: Iterable[str] = (),
+) -> Path:
     """output_target_problem as an error (MoraTrainError, exit 2); the target as a Path when it may be written."""
     problem = output_target_problem(target, command, option, kind, sources, ours, names)
     if problem:

@@ -16,6 +16,7 @@ Why a lock and not only a PID file: a PID outlives its process (reused, or on an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -35,7 +36,7 @@ LOCK_FILE = ".mora-train.lock"
 # before it concludes that another writer holds the run dir.
 RETRY_S = 0.5
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-_held: dict[Path, "RunDirLock"] = {}  # run dirs this process holds (a reader here is not refused by its own lock)
+_held: dict[Path, RunDirLock] = {}  # run dirs this process holds (a reader here is not refused by its own lock)
 
 
 class RunDirBusy(MoraTrainError):
@@ -85,7 +86,7 @@ class RunDirLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         """Hold the lock, or raise MoraTrainError naming the process that does. Creates the run dir if needed
         (release() removes it again while it is empty)."""
         if self._fd is not None:
@@ -95,8 +96,10 @@ class RunDirLock:
                 self.run_dir.mkdir(parents=True)
                 self._created_dir = True
         except OSError as err:
-            raise MoraTrainError(f"cannot create the run dir {self.run_dir}: {err.strerror or err}; choose a writable "
-                                 "location with output_dir=...") from None
+            raise MoraTrainError(
+                f"cannot create the run dir {self.run_dir}: {err.strerror or err}; choose a writable "
+                "location with output_dir=..."
+            ) from None
         deadline = time.monotonic() + RETRY_S
         while self._fd is None:
             self._fd = self._try_lock()
@@ -106,8 +109,12 @@ class RunDirLock:
                     raise self._busy_error()
                 time.sleep(0.02)
         _held[_key(self.run_dir)] = self
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, (json.dumps(record) + "\n").encode(), 0)
         return self
@@ -118,8 +125,10 @@ class RunDirLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
             self._forget_created_dir()
-            raise MoraTrainError(f"cannot create the run-dir lock {self.path}: {err.strerror or err}; choose a "
-                                 "writable location with output_dir=...") from None
+            raise MoraTrainError(
+                f"cannot create the run-dir lock {self.path}: {err.strerror or err}; choose a "
+                "writable location with output_dir=..."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -129,10 +138,15 @@ class RunDirLock:
             if err.errno not in _UNSUPPORTED:
                 os.close(fd)
                 self._forget_created_dir()
-                raise MoraTrainError(f"cannot lock {self.path}: {err.strerror or err}; choose another location with "
-                                     "output_dir=...") from None
-            log.warning("the filesystem of %s does not support file locks (%s): a second run started on this "
-                        "run dir would not be refused", self.run_dir, err.strerror)
+                raise MoraTrainError(
+                    f"cannot lock {self.path}: {err.strerror or err}; choose another location with output_dir=..."
+                ) from None
+            log.warning(
+                "the filesystem of %s does not support file locks (%s): a second run started on this "
+                "run dir would not be refused",
+                self.run_dir,
+                err.strerror,
+            )
             return fd
         if not _same_file(fd, self.path):  # the previous holder deleted the file as we opened it: take the new one
             os.close(fd)
@@ -164,12 +178,10 @@ class RunDirLock:
     def _forget_created_dir(self) -> None:
         if self._created_dir:
             self._created_dir = False
-            try:
+            with contextlib.suppress(OSError):
                 self.run_dir.rmdir()  # only while empty: a run that wrote something keeps its folder
-            except OSError:
-                pass
 
-    def __enter__(self) -> "RunDirLock":
+    def __enter__(self) -> RunDirLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,6 @@ from mora_train.core.errors import MoraTrainError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
-TOO_LONG_POLICIES = ("truncate", "drop")
 
 
 # A pathological record (one 50 MB line) must cost about what reading it costs, not what tokenizing all of

@@ -21,26 +21,17 @@ the turn's rendered text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from mora_train.config.schema import section, setting
+from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import cached, tokenizer_fingerprint
 from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
-from mora_train.data.recipe import check_eval_settings, common_problems
-from mora_train.data.sources import (
-    Record,
-    as_plain,
-    as_text,
-    fingerprint_sources,
-    has_field,
-    load_records,
-    map_fields,
-)
-from mora_train.core.errors import MoraTrainError
+from mora_train.data.config import DataRecipe, Sources, TaskData
+from mora_train.data.sources import Record, as_text, fingerprint_sources, has_field, load_records, map_fields
 
-FORMATS = ("auto", "alpaca", "chat")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FALLBACK_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
@@ -61,20 +52,28 @@ class InstructionData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def config_problems(task_cfg: DictConfig) -> list[str]:
-    problems = common_problems(task_cfg, ())
-    if task_cfg.get("format") not in FORMATS:
-        problems.append(f"`task.format={task_cfg.get('format')}` must be one of {', '.join(FORMATS)}")
-    if task_cfg.get("use_chat_template") not in ("auto", True, False):
-        problems.append(f"`task.use_chat_template={task_cfg.get('use_chat_template')}` must be auto, true or false")
-    system = task_cfg.get("system_prompt")
-    if system is not None and not isinstance(system, str):
-        problems.append(f"`task.system_prompt` must be a string or null, got {system!r}")
-    check_eval_settings(task_cfg.get("eval"), problems, ("max_new_tokens",))
-    gens = task_cfg.get("eval", {}).get("num_generations") if isinstance(task_cfg.get("eval"), DictConfig) else None
-    if isinstance(gens, bool) or not isinstance(gens, int) or gens < 0:
-        problems.append(f"`task.eval.num_generations={gens}` must be a non-negative integer")
-    return problems
+@section
+class InstructionTaskData(TaskData):
+    fields: dict[str, str | None] = setting(
+        factory=lambda: {"instruction": "instruction", "input": "input", "output": "output", "messages": "messages"},
+        help="recipe field (instruction, input, output; messages for chat records) -> your field: a name, a dotted "
+        'path (instances.0.input) or a template ("{a} {b}")',
+    )
+
+
+@section
+class InstructionRecipe(DataRecipe):
+    """Instruction tuning (task=instruction; tasks/instruction.py adds the evaluation settings)."""
+
+    data: InstructionTaskData = setting(help="the training and held-out conversations and the field mapping")
+    format: Literal["auto", "alpaca", "chat"] = setting(
+        default="auto", help="auto: a record with the `messages` field is chat, otherwise Alpaca; or force alpaca / chat"
+    )
+    use_chat_template: Literal["auto", True, False] = setting(
+        default="auto", help="auto: the tokenizer's chat template when it has one, else the fallback format; true: require "
+        "it; false: the fallback"
+    )
+    system_prompt: str | None = setting(default=None, help="prepended as a system message to conversations that have none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,8 +102,8 @@ def _chat_messages(value: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def to_conversation(record: Record, task_cfg: DictConfig, fields: dict[str, str | None]) -> Conversation:
-    fmt = task_cfg.format
+def to_conversation(record: Record, settings: InstructionRecipe, fields: dict[str, str | None]) -> Conversation:
+    fmt = settings.format
     if fmt == "auto":
         fmt = "chat" if has_field(record, fields, "messages") else "alpaca"
     if fmt == "chat":
@@ -117,8 +116,8 @@ def to_conversation(record: Record, task_cfg: DictConfig, fields: dict[str, str 
         if extra:
             user = f"{user}\n\n{extra}"
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": as_text(values["output"])}]
-    if task_cfg.get("system_prompt") and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": task_cfg.system_prompt}, *messages]
+    if settings.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": settings.system_prompt}, *messages]
     return Conversation(messages, record.where)
 
 
@@ -126,14 +125,14 @@ def to_conversation(record: Record, task_cfg: DictConfig, fields: dict[str, str 
 # Conversations -> tokens
 
 
-def uses_chat_template(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> bool:
+def uses_chat_template(settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    if task_cfg.use_chat_template is True and not has_template:
+    if settings.use_chat_template is True and not has_template:
         raise MoraTrainError(
             "`task.use_chat_template=true` but this tokenizer has no chat template; use task.use_chat_template=auto "
             "(falls back to the documented '### User:/### Assistant:' format) or a model whose tokenizer has one"
         )
-    return has_template and task_cfg.use_chat_template != False  # noqa: E712 - "auto" or True
+    return has_template and settings.use_chat_template is not False  # "auto" or True
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
@@ -166,7 +165,7 @@ def encode_fallback(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
 
 
 def encode_chat_template(
@@ -215,14 +214,11 @@ def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     return _render(tokenizer, messages, generation_prompt=True) if chat_template else fallback_prompt(messages)
 
 
-def _fields(task_cfg: DictConfig) -> dict[str, str | None]:
-    return as_plain(task_cfg.data.fields)
-
-
-def load_conversations(task_cfg: DictConfig, key: str, limit: int | None = None) -> list[Conversation]:
-    records = load_records(task_cfg.data[key.rsplit(".", 1)[-1]], key)
-    fields = _fields(task_cfg)
-    return [to_conversation(r, task_cfg, fields) for r in (records[:limit] if limit else records)]
+def load_conversations(
+    settings: InstructionRecipe, spec: Sources | None, key: str, limit: int | None = None
+) -> list[Conversation]:
+    records = load_records(spec, key)
+    return [to_conversation(r, settings, settings.data.fields) for r in (records[:limit] if limit else records)]
 
 
 def tokenize(
@@ -237,22 +233,28 @@ def tokenize(
     return examples, report
 
 
-def _eval_part(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[Conversation], list[dict]]:
-    chat_template = uses_chat_template(task_cfg, tokenizer)
-    conversations = load_conversations(task_cfg, "task.data.eval", task_cfg.eval.get("max_samples"))
+def _eval_part(
+    settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None
+) -> tuple[list[Conversation], list[dict]]:
+    chat_template = uses_chat_template(settings, tokenizer)
+    conversations = load_conversations(settings, settings.data.eval, "task.data.eval", eval_limit)
     examples, report = tokenize(conversations, tokenizer, chat_template, max_seq_len, "truncate")
-    log_length_report(f"{task_cfg.name} held-out set", report, max_seq_len)
+    log_length_report(f"{settings.name} held-out set", report, max_seq_len)
     require_examples(examples, "task.data.eval", report, max_seq_len, "truncate")
     return conversations, examples
 
 
-def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> InstructionData:
-    chat_template = uses_chat_template(task_cfg, tokenizer)
-    conversations, eval_examples = _eval_part(task_cfg, tokenizer, max_seq_len)
+def build(
+    settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None
+) -> InstructionData:
+    """Training examples and the first `eval_limit` held-out conversations (task.eval.max_samples)."""
+    chat_template = uses_chat_template(settings, tokenizer)
+    conversations, eval_examples = _eval_part(settings, tokenizer, max_seq_len, eval_limit)
 
     def build_train() -> tuple[list[dict], dict]:
         examples, report = tokenize(
-            load_conversations(task_cfg, "task.data.train"), tokenizer, chat_template, max_seq_len, task_cfg.too_long
+            load_conversations(settings, settings.data.train, "task.data.train"), tokenizer, chat_template,
+            max_seq_len, settings.too_long,
         )
         return examples, report.as_dict()
 
@@ -261,17 +263,19 @@ def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_seq_len": max_seq_len,
         "chat_template": chat_template,
-        "settings": {k: as_plain(task_cfg.get(k)) for k in ("format", "system_prompt", "too_long")},
-        "fields": _fields(task_cfg),
-        "data": fingerprint_sources(task_cfg.data.train),
+        "settings": {"format": settings.format, "system_prompt": settings.system_prompt, "too_long": settings.too_long},
+        "fields": settings.data.fields,
+        "data": fingerprint_sources(settings.data.train),
     }
-    train, meta = cached(task_cfg.get("cache_dir"), f"{task_cfg.name}-train", key, build_train)
+    train, meta = cached(settings.cache_dir, f"{settings.name}-train", key, build_train)
     report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
-    log_length_report(f"{task_cfg.name} training set", report, max_seq_len)
-    require_examples(train, "task.data.train", report, max_seq_len, task_cfg.too_long)
+    log_length_report(f"{settings.name} training set", report, max_seq_len)
+    require_examples(train, "task.data.train", report, max_seq_len, settings.too_long)
     return InstructionData(train, eval_examples, conversations, {**meta, "chat_template": chat_template})
 
 
-def build_eval(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> InstructionData:
-    conversations, eval_examples = _eval_part(task_cfg, tokenizer, max_seq_len)
-    return InstructionData([], eval_examples, conversations, {"chat_template": uses_chat_template(task_cfg, tokenizer)})
+def build_eval(
+    settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None
+) -> InstructionData:
+    conversations, eval_examples = _eval_part(settings, tokenizer, max_seq_len, eval_limit)
+    return InstructionData([], eval_examples, conversations, {"chat_template": uses_chat_template(settings, tokenizer)})

@@ -10,17 +10,25 @@ Both recipes are this one module; only their configs differ (configs/task/gsm8k.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from mora_train.data.cache import cached, tokenizer_fingerprint
-from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples, tokenize_capped
-from mora_train.data.recipe import check_eval_settings, check_template, common_problems
-from mora_train.data.sources import Record, as_plain, as_text, fingerprint_sources, load_records, map_fields, render
+from mora_train.config.schema import section, setting
 from mora_train.core.errors import MoraTrainError
+from mora_train.data.cache import cached, tokenizer_fingerprint
+from mora_train.data.common import (
+    IGNORE_INDEX,
+    LengthReport,
+    fit_to_length,
+    log_length_report,
+    require_examples,
+    tokenize_capped,
+)
+from mora_train.data.config import DataRecipe, TaskData, TooLong, template_problems
+from mora_train.data.sources import Record, as_text, fingerprint_sources, load_records, map_fields, render
 
 # Reads a solution's final answer (None when there is none), e.g. evaluation.answers.extract_answer.
 FinalAnswer = Callable[[str], Any]
@@ -43,24 +51,46 @@ class MathData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def config_problems(task_cfg: DictConfig) -> list[str]:
-    problems = common_problems(task_cfg, ("question", "answer"))
-    check_template(task_cfg, "prompt_template", {"question"}, "question", problems)
-    check_template(task_cfg, "completion_template", {"question", "answer"}, "answer", problems)
-    check_eval_settings(task_cfg.get("eval"), problems, ("max_new_tokens",))
-    stop = as_plain(task_cfg.get("eval", {}).get("stop")) if isinstance(task_cfg.get("eval"), DictConfig) else None
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        problems.append(f"`task.eval.stop={stop!r}` must be a list of non-empty strings (may be empty: [])")
-    return problems
+@section
+class MathTaskData(TaskData):
+    fields: dict[str, str | None] = setting(
+        factory=lambda: {"question": "question", "answer": "answer"},
+        help='recipe field (question, answer) -> your field: a name, a dotted path (a.b.0) or a template ("{a} {b}")',
+    )
+
+    def required_fields(self) -> tuple[str, ...]:
+        return ("question", "answer")
+
+
+@section
+class MathRecipe(DataRecipe):
+    """Math word problems (task=gsm8k, task=metamath; tasks/math.py adds the evaluation settings)."""
+
+    data: MathTaskData = setting(help="the training and evaluation problems and the field mapping")
+    prompt_template: str = setting(default="Question: {question}\nAnswer:", help="the prompt; must contain {question}")
+    completion_template: str = setting(
+        default=" {answer}", help="what the model learns to write; must contain {answer} (may use {question})"
+    )
+    strip_calculator_annotations: bool = setting(
+        default=True, help="drop GSM8K's <<48/2=24>> calculator annotations from the training targets"
+    )
+    too_long: TooLong = setting(
+        default="drop", help="examples longer than trainer.max_seq_len: drop them (a cut-off solution teaches the model to "
+        "stop before its answer) or truncate them from the end"
+    )
+
+    def check(self, prefix: str) -> list[str]:
+        return [
+            *template_problems(self.prompt_template, f"{prefix}.prompt_template", {"question"}, "question"),
+            *template_problems(
+                self.completion_template, f"{prefix}.completion_template", {"question", "answer"}, "answer"
+            ),
+        ]
 
 
 def strip_calculator_annotations(solution: str) -> str:
     """Drop GSM8K's `<<48/2=24>>` calculator annotations (the model should write the arithmetic itself)."""
     return _CALCULATOR.sub("", solution)
-
-
-def _fields(task_cfg: DictConfig) -> dict[str, str]:
-    return as_plain(task_cfg.data.fields)
 
 
 def encode_pair(
@@ -79,31 +109,34 @@ def encode_pair(
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
-def format_pair(task_cfg: DictConfig, question: str, answer: str) -> tuple[str, str]:
-    if task_cfg.get("strip_calculator_annotations", False):
+def format_pair(settings: MathRecipe, question: str, answer: str) -> tuple[str, str]:
+    if settings.strip_calculator_annotations:
         answer = strip_calculator_annotations(answer)
     canonical = Record({"question": question, "answer": answer}, "")
     return (
-        render(task_cfg.prompt_template, canonical, "task.prompt_template"),
-        render(task_cfg.completion_template, canonical, "task.completion_template"),
+        render(settings.prompt_template, canonical, "task.prompt_template"),
+        render(settings.completion_template, canonical, "task.completion_template"),
     )
 
 
-def prompt(task_cfg: DictConfig, question: str) -> str:
+def prompt(settings: MathRecipe, question: str) -> str:
     """The prompt a model answers `question` from (training's prompt template, with no answer after it)."""
-    return format_pair(task_cfg, question, "")[0]
+    return format_pair(settings, question, "")[0]
 
 
-def tokenize_train(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[dict], dict]:
-    fields = _fields(task_cfg)
+def tokenize_train(
+    settings: MathRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> tuple[list[dict], dict]:
+    fields = settings.data.fields
 
     def build() -> tuple[list[dict], dict]:
         report = LengthReport()
         examples = []
-        for record in load_records(task_cfg.data.train, "task.data.train"):
+        for record in load_records(settings.data.train, "task.data.train"):
             values = map_fields(record, fields, "task.data.fields", ("question", "answer"))
-            prompt, completion = format_pair(task_cfg, as_text(values["question"]), as_text(values["answer"]))
-            example = fit_to_length(*encode_pair(tokenizer, prompt, completion, max_seq_len), max_seq_len, task_cfg.too_long, report)
+            prompt, completion = format_pair(settings, as_text(values["question"]), as_text(values["answer"]))
+            ids, labels = encode_pair(tokenizer, prompt, completion, max_seq_len)
+            example = fit_to_length(ids, labels, max_seq_len, settings.too_long, report)
             if example is not None:
                 examples.append(example)
         return examples, report.as_dict()
@@ -112,22 +145,27 @@ def tokenize_train(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max
         "recipe": "math",
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_seq_len": max_seq_len,
-        "settings": {k: as_plain(task_cfg.get(k)) for k in ("prompt_template", "completion_template", "too_long", "strip_calculator_annotations")},
+        "settings": {
+            "prompt_template": settings.prompt_template,
+            "completion_template": settings.completion_template,
+            "too_long": settings.too_long,
+            "strip_calculator_annotations": settings.strip_calculator_annotations,
+        },
         "fields": fields,
-        "data": fingerprint_sources(task_cfg.data.train),
+        "data": fingerprint_sources(settings.data.train),
     }
-    examples, meta = cached(task_cfg.get("cache_dir"), f"{task_cfg.name}-train", key, build)
+    examples, meta = cached(settings.cache_dir, f"{settings.name}-train", key, build)
     report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
-    log_length_report(f"{task_cfg.name} training set", report, max_seq_len)
-    require_examples(examples, "task.data.train", report, max_seq_len, task_cfg.too_long)
+    log_length_report(f"{settings.name} training set", report, max_seq_len)
+    require_examples(examples, "task.data.train", report, max_seq_len, settings.too_long)
     return examples, meta
 
 
-def load_problems(task_cfg: DictConfig, final_answer: FinalAnswer) -> list[MathProblem]:
-    """The evaluation prefix, each with its gold final answer (a reference without one is a data error)."""
-    fields = _fields(task_cfg)
-    records = load_records(task_cfg.data.eval, "task.data.eval")
-    limit = task_cfg.eval.get("max_samples")
+def load_problems(settings: MathRecipe, final_answer: FinalAnswer, limit: int | None) -> list[MathProblem]:
+    """The first `limit` evaluation problems (None: all), each with its gold final answer (a reference without
+    one is a data error)."""
+    fields = settings.data.fields
+    records = load_records(settings.data.eval, "task.data.eval")
     problems = []
     for record in records[:limit] if limit else records:
         values = map_fields(record, fields, "task.data.fields", ("question", "answer"))
@@ -142,11 +180,15 @@ def load_problems(task_cfg: DictConfig, final_answer: FinalAnswer) -> list[MathP
     return problems
 
 
-def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, final_answer: FinalAnswer) -> MathData:
-    problems = load_problems(task_cfg, final_answer)  # first, so a bad eval file fails before minutes of tokenizing
-    train, meta = tokenize_train(task_cfg, tokenizer, max_seq_len)
+def build(
+    settings: MathRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, final_answer: FinalAnswer,
+    eval_limit: int | None,
+) -> MathData:
+    """Training examples and the first `eval_limit` evaluation problems (task.eval.max_samples)."""
+    problems = load_problems(settings, final_answer, eval_limit)  # first: a bad eval file fails before tokenizing
+    train, meta = tokenize_train(settings, tokenizer, max_seq_len)
     return MathData(train=train, problems=problems, stats=meta)
 
 
-def build_eval(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, final_answer: FinalAnswer) -> MathData:
-    return MathData(train=[], problems=load_problems(task_cfg, final_answer))
+def build_eval(settings: MathRecipe, final_answer: FinalAnswer, eval_limit: int | None) -> MathData:
+    return MathData(train=[], problems=load_problems(settings, final_answer, eval_limit))

@@ -20,18 +20,19 @@ zero-shot multiple-choice benchmarks' records (data/benchmarks.py; scored by eva
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from mora_train.data.benchmarks import MCExample, benchmark_problems, load_benchmark
+from mora_train.config.schema import section, setting
+from mora_train.core.errors import MoraTrainError
+from mora_train.data.benchmarks import MCExample, load_benchmark
 from mora_train.data.cache import cached, tokenizer_fingerprint
 from mora_train.data.common import IGNORE_INDEX
-from mora_train.data.recipe import check_eval_settings, common_problems
-from mora_train.data.sources import as_plain, as_text, fingerprint_sources, load_records, map_fields
-from mora_train.core.errors import MoraTrainError
+from mora_train.data.config import BenchmarkSettings, DataRecipe, TaskData, source_problems
+from mora_train.data.sources import as_text, fingerprint_sources, load_records, map_fields
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +45,40 @@ class PretrainData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def config_problems(task_cfg: DictConfig) -> list[str]:
-    problems = common_problems(task_cfg, ("text",))
-    eval_cfg = task_cfg.get("eval")
-    check_eval_settings(eval_cfg, problems, ("max_len",))
-    benchmarks = task_cfg.get("benchmarks")
-    if not isinstance(benchmarks, DictConfig):
-        problems.append("`task.benchmarks` must be a mapping of benchmark name -> settings (may be empty: {})")
-        return problems
-    selected = as_plain(eval_cfg.get("benchmarks")) if isinstance(eval_cfg, DictConfig) else None
-    if selected is None:
-        selected = list(benchmarks)
-    if not isinstance(selected, list):
-        problems.append(f"`task.eval.benchmarks` must be a list of names from task.benchmarks, got {selected!r}")
-        return problems
-    for name in selected:
-        if name not in benchmarks:
-            problems.append(f"`task.eval.benchmarks` names '{name}', which is not in task.benchmarks ({', '.join(benchmarks)})")
-        else:
-            problems.extend(benchmark_problems(benchmarks[name], f"task.benchmarks.{name}"))
-    return problems
+@section
+class PretrainTaskData(TaskData):
+    fields: dict[str, str | None] = setting(
+        factory=lambda: {"text": "text"},
+        help='recipe field text -> your field: a name, a dotted path or a template ("{title}\\n{abstract}")',
+    )
+
+    def required_fields(self) -> tuple[str, ...]:
+        return ("text",)
 
 
-def selected_benchmarks(task_cfg: DictConfig) -> list[str]:
-    selected = as_plain(task_cfg.eval.get("benchmarks"))
-    return list(task_cfg.benchmarks) if selected is None else selected
+@section
+class PretrainRecipe(DataRecipe):
+    """Raw text packed into blocks (task=pretrain, biomed, finance; tasks/pretrain.py adds the evaluation settings)."""
+
+    data: PretrainTaskData = setting(help="the training and held-out text and the field mapping")
+    benchmarks: dict[str, BenchmarkSettings] = setting(
+        factory=dict, help="zero-shot multiple-choice benchmarks by name (task.eval.benchmarks picks which run)"
+    )
+
+    def selected_benchmarks(self, selected: list[str] | None) -> list[str]:
+        """The benchmarks that run: `selected` (task.eval.benchmarks), or all of them when it is None."""
+        return list(self.benchmarks) if selected is None else selected
+
+    def selection_problems(self, selected: list[str] | None, prefix: str, selected_key: str) -> list[str]:
+        """Every selected benchmark must exist, and its data be readable (only those that run are checked)."""
+        problems = []
+        for name in self.selected_benchmarks(selected):
+            if name not in self.benchmarks:
+                problems.append(f"`{selected_key}` names '{name}', which is not in {prefix}.benchmarks "
+                                f"({', '.join(self.benchmarks)})")
+            else:
+                problems += source_problems(self.benchmarks[name].data, f"{prefix}.benchmarks.{name}.data")
+        return problems
 
 
 def document_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -106,52 +116,65 @@ def pack_documents(documents: Iterable[list[int]], block_size: int) -> list[dict
     return blocks
 
 
-def _documents(task_cfg: DictConfig, key: str, limit: int | None = None) -> list[str]:
-    fields = as_plain(task_cfg.data.fields)
-    records = load_records(task_cfg.data[key.rsplit(".", 1)[-1]], key)
-    texts = [as_text(map_fields(r, fields, "task.data.fields", ("text",))["text"]) for r in records]
+def _documents(settings: PretrainRecipe, part: str, limit: int | None = None) -> list[str]:
+    key = f"task.data.{part}"
+    records = load_records(getattr(settings.data, part), key)
+    texts = [as_text(map_fields(r, settings.data.fields, "task.data.fields", ("text",))["text"]) for r in records]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise MoraTrainError(f"`{key}`: every document is empty; check task.data.fields.text")
     return texts[:limit] if limit else texts
 
 
-def packed(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, key: str, limit: int | None) -> tuple[list[dict], dict]:
+def packed(
+    settings: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, part: str, limit: int | None
+) -> tuple[list[dict], dict]:
+    """The `part` text (train or eval; its first `limit` documents) packed into max_seq_len blocks, cached."""
+
     def build() -> tuple[list[dict], dict]:
-        docs = [document_ids(tokenizer, text) for text in _documents(task_cfg, key, limit)]
+        docs = [document_ids(tokenizer, text) for text in _documents(settings, part, limit)]
         blocks = pack_documents(docs, max_seq_len)
         return blocks, {"documents": len(docs), "tokens": sum(map(len, docs)), "blocks": len(blocks)}
 
-    source = task_cfg.data[key.rsplit(".", 1)[-1]]
     cache_key = {
         "recipe": "pretrain",
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_seq_len": max_seq_len,
-        "fields": as_plain(task_cfg.data.fields),
+        "fields": settings.data.fields,
         "limit": limit,
-        "data": fingerprint_sources(source),
+        "data": fingerprint_sources(getattr(settings.data, part)),
     }
-    part = key.rsplit(".", 1)[-1]
-    blocks, meta = cached(task_cfg.get("cache_dir"), f"{task_cfg.name}-{part}", cache_key, build)
+    blocks, meta = cached(settings.cache_dir, f"{settings.name}-{part}", cache_key, build)
     log.info(
         "%s %s text: %d documents, %d tokens -> %d blocks of %d tokens",
-        task_cfg.name, part, meta["documents"], meta["tokens"], meta["blocks"], max_seq_len,
+        settings.name, part, meta["documents"], meta["tokens"], meta["blocks"], max_seq_len,
     )
     return blocks, meta
 
 
-def _benchmarks(task_cfg: DictConfig) -> dict[str, list[MCExample]]:
-    return {name: load_benchmark(task_cfg.benchmarks[name], f"task.benchmarks.{name}") for name in selected_benchmarks(task_cfg)}
+def _benchmarks(settings: PretrainRecipe, selected: list[str] | None) -> dict[str, list[MCExample]]:
+    return {
+        name: load_benchmark(settings.benchmarks[name], f"task.benchmarks.{name}")
+        for name in settings.selected_benchmarks(selected)
+    }
 
 
-def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> PretrainData:
-    benchmarks = _benchmarks(task_cfg)  # first: bad benchmark data fails before any training
-    eval_blocks, eval_meta = packed(task_cfg, tokenizer, max_seq_len, "task.data.eval", task_cfg.eval.get("max_samples"))
-    train, meta = packed(task_cfg, tokenizer, max_seq_len, "task.data.train", None)
-    return PretrainData(train, eval_blocks, benchmarks, {**meta, "eval_documents": eval_meta["documents"]})
+def build(
+    settings: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None,
+    benchmarks: list[str] | None,
+) -> PretrainData:
+    """Packed training and held-out text (its first `eval_limit` documents), and the records of the selected
+    `benchmarks` (None: all; task.eval.max_samples and task.eval.benchmarks)."""
+    records = _benchmarks(settings, benchmarks)  # first: bad benchmark data fails before any training
+    eval_blocks, eval_meta = packed(settings, tokenizer, max_seq_len, "eval", eval_limit)
+    train, meta = packed(settings, tokenizer, max_seq_len, "train", None)
+    return PretrainData(train, eval_blocks, records, {**meta, "eval_documents": eval_meta["documents"]})
 
 
-def build_eval(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> PretrainData:
-    benchmarks = _benchmarks(task_cfg)
-    eval_blocks, _ = packed(task_cfg, tokenizer, max_seq_len, "task.data.eval", task_cfg.eval.get("max_samples"))
-    return PretrainData([], eval_blocks, benchmarks)
+def build_eval(
+    settings: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None,
+    benchmarks: list[str] | None,
+) -> PretrainData:
+    records = _benchmarks(settings, benchmarks)
+    eval_blocks, _ = packed(settings, tokenizer, max_seq_len, "eval", eval_limit)
+    return PretrainData([], eval_blocks, records)

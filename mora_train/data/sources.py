@@ -1,20 +1,8 @@
 """Where a task's records come from: local files or a Hugging Face Hub dataset, plus field mapping.
 
-A *source* is one of (in YAML):
-
-    path: data/train.jsonl              # a file, a glob (data/*.jsonl, data/**/*.parquet), a folder, or a list of them
-    hub: openai/gsm8k                   # or a Hub dataset id, read with datasets.load_dataset(hub, hub_config, split=split)
-    hub_config: main
-    split: train
-    revision: null
-    fields: {question: question}        # optional: overrides the task's data.fields for this source
-    keep_if_in: {field: pubid, file: ids.json}   # optional: keep records whose field is a key/item/line of `file`
-    drop_if_in: {field: pubid, file: ids.json}   # optional: drop them instead
-    limit: 100                          # optional: the first N records only
-    text_unit: file                     # .txt files: one record per file | line | paragraph (blank-line separated)
-
-A bare string is short for `{path: STRING}`; a list of sources is read in order and concatenated.
-Local formats by extension: .jsonl/.ndjson, .json, .csv, .tsv, .parquet, .txt (field `text`).
+A source (`DataSource`, data/config.py, which documents its keys) is local files (.jsonl/.ndjson, .json, .csv,
+.tsv, .parquet, .txt with field `text`) or a Hub dataset; a bare string is short for `{path: STRING}`; a list
+of sources is read in order and concatenated.
 
 Field mapping: each recipe field (e.g. `question`) maps to a field of your records, written as a
 dotted path (`instances.0.input`, `options.A`) or as a template of several fields
@@ -25,205 +13,70 @@ and line (or hub row) and what to change, and raises MoraTrainError: no tracebac
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
-import os
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
-
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from typing import Any
 
 from mora_train.core.errors import MoraTrainError
-
-LOCAL_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-                 ".parquet": "parquet", ".txt": "txt"}
-SOURCE_KEYS = ("path", "hub", "hub_config", "split", "revision", "fields", "keep_if_in", "drop_if_in", "limit",
-               "text_unit")
-TEXT_UNITS = ("file", "line", "paragraph")
-GLOB_CHARS = set("*?[")
+from mora_train.data.config import DataSource, resolve_sources
+from mora_train.data.paths import LOCAL_FORMATS
 
 
 @dataclass
 class Record:
     values: dict[str, Any]  # the record as read
     where: str  # "FILE line N" or "hub dataset ID (split) row N": every error about the record names it
-    fields: dict[str, str] | None = None  # its source's own field mapping, over the task's data.fields
-
-
-# ----------------------------------------------------------------------------------------------
-# Source configs
-
-
-def as_plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
-
-
-def source_list(node: Any) -> list[dict]:
-    """Normalise a `task.data.*` node (string, mapping, or list of them) into a list of source dicts."""
-    node = as_plain(node)
-    items = node if isinstance(node, list) else [node]
-    return [{"path": item} if isinstance(item, str) else item for item in items]
-
-
-def source_problems(node: Any, key: str) -> list[str]:
-    """Config problems of a source node, found without reading any data (missing files included)."""
-    node = as_plain(node)
-    if node is None:
-        return [f"`{key}` is not set; give a file path (`{key}=path/to/data.jsonl`) or a hub id (`{key}.hub=org/name`)"]
-    if isinstance(node, list) and not node:
-        return [f"`{key}` is an empty list; give at least one source"]
-    problems = []
-    for i, source in enumerate(source_list(node)):
-        where = f"{key}[{i}]" if isinstance(node, list) else key
-        if not isinstance(source, dict):
-            problems.append(f"`{where}` must be a path or a mapping with `path` or `hub`, got {source!r}")
-            continue
-        unknown = sorted(set(source) - set(SOURCE_KEYS))
-        if unknown:
-            problems.append(f"`{where}` has unknown keys {unknown}; known keys: {', '.join(SOURCE_KEYS)}")
-        path, hub = source.get("path"), source.get("hub")
-        if (path is None) == (hub is None):
-            problems.append(
-                f"`{where}` needs exactly one of `path` (local files) or `hub` (a Hugging Face dataset id); "
-                f"got path={path!r}, hub={hub!r}. To switch to the hub: {where}.path=null {where}.hub=org/name"
-            )
-        if path is not None:
-            paths = path if isinstance(path, list) else [path]
-            for p in paths:
-                if not isinstance(p, str):
-                    problems.append(f"`{where}.path` must be a string or a list of strings, got {p!r}")
-                elif not _expand_path(p):
-                    problems.append(_missing_path_message(f"{where}.path", p))
-        if hub is not None and not isinstance(hub, str):
-            problems.append(f"`{where}.hub` must be a dataset id string such as openai/gsm8k, got {hub!r}")
-        if hub is not None and source.get("split") is None:
-            problems.append(f"`{where}.split` must be set for a hub dataset (e.g. {where}.split=train)")
-        limit = source.get("limit")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            problems.append(f"`{where}.limit={limit}` must be a positive integer or null")
-        if source.get("text_unit") not in (None, *TEXT_UNITS):
-            problems.append(f"`{where}.text_unit={source.get('text_unit')}` must be one of {', '.join(TEXT_UNITS)}")
-        fields = source.get("fields")
-        if fields is not None:
-            problems.extend(fields_problems(fields, f"{where}.fields"))
-        for filter_key in ("keep_if_in", "drop_if_in"):
-            spec = source.get(filter_key)
-            if spec is None:
-                continue
-            if not isinstance(spec, dict) or not isinstance(spec.get("field"), str) or not isinstance(spec.get("file"), str):
-                problems.append(f"`{where}.{filter_key}` must be a mapping {{field: NAME, file: PATH}}, got {spec!r}")
-            elif not Path(spec["file"]).expanduser().is_file():
-                problems.append(_missing_path_message(f"{where}.{filter_key}.file", spec["file"], folders=False))
-    return problems
-
-
-def fields_problems(fields: Any, key: str, required: Iterable[str] = ()) -> list[str]:
-    fields = as_plain(fields)
-    if not isinstance(fields, dict):
-        return [f"`{key}` must be a mapping of recipe field -> your field (path or template), got {fields!r}"]
-    problems = [f"`{key}.{name}` must be a string (a field name, dotted path or template), got {value!r}"
-                for name, value in fields.items() if value is not None and not isinstance(value, str)]
-    problems += [f"`{key}.{name}` is missing; map it to the field of your data that holds it" for name in required
-                 if fields.get(name) is None]
-    return problems
-
-
-def _missing_path_message(key: str, path: str, folders: bool = True) -> str:
-    """Why `path` gives no data file: nothing there, a folder without data files (`folders`: a folder is read for
-    its data files; else only a file will do), or not a regular file."""
-    if GLOB_CHARS & set(path):
-        return f"`{key}={path}` matches no file; check the pattern"
-    found = Path(os.path.expanduser(path))
-    if found.is_dir() and not folders:
-        return f"`{key}={path}` is a folder; give a file"
-    if found.is_dir():
-        others = sorted({f.suffix or f.name for f in found.rglob("*") if f.is_file()})[:8]
-        held = f"it holds only {', '.join(others)} files" if others else "it is empty"
-        return (f"`{key}={path}` is a folder with no data file in it ({held}); a folder is read for its "
-                f"{', '.join(LOCAL_FORMATS)} files (in subfolders too): add some, or give the file itself")
-    if found.is_symlink() and not found.exists():
-        return f"`{key}={path}` is a symbolic link to {os.readlink(found)}, which does not exist; fix the link or give the file"
-    if found.exists():  # neither a regular file nor a folder
-        return (f"`{key}={path}` is {_file_kind(found)}, not a regular file: its content can be read only once and "
-                "has no size or date to fingerprint for the data cache; save it to a file and give that file's path")
-    hint = ""
-    if "shared/data" in path:
-        hint = " (the shipped configs read ../shared/data beside the repository; set MORA_TRAIN_DATA=/path/to/data or data_dir=... to use another folder)"
-    return f"`{key}={path}` does not exist{hint}"
-
-
-def _file_kind(path: Path) -> str:
-    import stat
-
-    mode = path.stat().st_mode
-    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device")]
-    return next((name for test, name in kinds if test(mode)), "a special file")
-
-
-def _expand_path(path: str) -> list[Path]:
-    """Files named by a path: itself, a glob's matches, or a folder's supported files (recursively), sorted."""
-    expanded = os.path.expanduser(path)
-    if GLOB_CHARS & set(expanded):
-        return [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if Path(p).is_file()]
-    p = Path(expanded)
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in LOCAL_FORMATS)
-    return [p] if p.is_file() else []
-
-
-def source_files(source: dict) -> list[Path]:
-    paths = source["path"] if isinstance(source["path"], list) else [source["path"]]
-    return [f for p in paths for f in _expand_path(p)]
+    fields: dict[str, str | None] | None = None  # its source's own field mapping, over the task's data.fields
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading
 
 
-def load_records(node: Any, key: str) -> list[Record]:
-    """All records of a `task.data.*` node, in order. Raises MoraTrainError on any data problem or an empty result."""
-    problems = source_problems(node, key)
+def load_records(spec: Any, key: str) -> list[Record]:
+    """All records of a source spec (`task.data.train` and the like: a DataSource, a path, a plain mapping, or a
+    list of them), in order. Raises MoraTrainError on any data problem or an empty result."""
+    sources, problems = resolve_sources(spec, key)
     if problems:
         raise MoraTrainError("; ".join(problems))
     records: list[Record] = []
-    for source in source_list(node):
+    for source in sources:
         records.extend(_read_source(source, key))
     if not records:
         raise MoraTrainError(f"`{key}` gave no records (after filters); check the files/split and any keep_if_in/drop_if_in/limit")
     return records
 
 
-def _read_source(source: dict, key: str) -> list[Record]:
-    limit = source.get("limit")
-    if source.get("hub") is not None:
-        records = _read_hub(source, limit, key)
+def _read_source(source: DataSource, key: str) -> list[Record]:
+    limit = source.limit
+    if source.hub is not None:
+        records = _read_hub(source, key)
     else:
         records = []
-        for file in source_files(source):
-            records.extend(read_file(file, source.get("text_unit") or "file"))
-            if limit is not None and len(records) >= limit and not (source.get("keep_if_in") or source.get("drop_if_in")):
+        for file in source.files():
+            records.extend(read_file(file, source.text_unit))
+            if limit is not None and len(records) >= limit and not source.filters():
                 break
-    for filter_key, keep in (("keep_if_in", True), ("drop_if_in", False)):
-        spec = source.get(filter_key)
-        if spec:
-            ids = _id_set(Path(spec["file"]).expanduser())
-            records = [r for r in records if (_id_value(r, spec["field"], f"{key}.{filter_key}.field") in ids) == keep]
+    for filter_key, spec in source.filters():
+        keep = filter_key == "keep_if_in"
+        ids = _id_set(Path(spec.file).expanduser())
+        records = [r for r in records if (_id_value(r, spec.field, f"{key}.{filter_key}.field") in ids) == keep]
     if limit is not None:
         records = records[:limit]
-    if source.get("fields") is not None:
+    if source.fields is not None:
         for r in records:
-            r.fields = source["fields"]
+            r.fields = source.fields
     return records
 
 
-def _read_hub(source: dict, limit: int | None, key: str) -> list[Record]:
-    hub, config, split, revision = source["hub"], source.get("hub_config"), source["split"], source.get("revision")
-    if limit is not None and "[" not in split:
-        split = f"{split}[:{limit}]"  # datasets slices the split: only the first `limit` rows are materialised
+def _read_hub(source: DataSource, key: str) -> list[Record]:
+    hub, config, split, revision = source.hub, source.hub_config, source.split or "", source.revision
+    if source.limit is not None and "[" not in split:
+        split = f"{split}[:{source.limit}]"  # datasets slices the split: only the first `limit` rows are materialised
     try:
         import datasets
 
@@ -342,9 +195,11 @@ def _read_txt(path: Path, text: str, unit: str) -> list[Record]:
         return [Record({"text": text}, str(path))] if text.strip() else []
     if unit == "line":
         return [Record({"text": line.rstrip("\r")}, f"{path} line {n}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    records, block, start = [], [], 1
-    for n, line in enumerate([*text.split("\n"), ""], 1):
-        line = line.rstrip("\r")
+    records: list[Record] = []
+    block: list[str] = []
+    start = 1
+    for n, raw in enumerate([*text.split("\n"), ""], 1):
+        line = raw.rstrip("\r")
         if line.strip():
             if not block:
                 start = n
@@ -418,10 +273,6 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
 def render(template: str, record: Record, key: str) -> str:
     """Fill `{field}` / `{a.b.0}` placeholders from the record (lists joined by newlines); `{{`/`}}` are literal braces."""
     parts = []
@@ -490,18 +341,17 @@ def has_field(record: Record, fields: dict[str, str | None], name: str) -> bool:
     return _get(record.values, spec) not in (_MISSING, None)
 
 
-def fingerprint_sources(node: Any) -> list[Any]:
+def fingerprint_sources(spec: Any) -> list[Any]:
     """What identifies a source's content for the tokenized-data cache: files by path, size and mtime; hub by id."""
     out: list[Any] = []
-    for source in source_list(node):
-        if source.get("hub") is not None:
-            out.append({k: source.get(k) for k in ("hub", "hub_config", "split", "revision")})
+    for source in resolve_sources(spec, "")[0]:
+        if source.hub is not None:
+            out.append({"hub": source.hub, "hub_config": source.hub_config, "split": source.split,
+                        "revision": source.revision})
         else:
-            out.append([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in source_files(source)])
-        for filter_key in ("keep_if_in", "drop_if_in"):
-            spec = source.get(filter_key)
-            if spec:
-                f = Path(spec["file"]).expanduser()
-                out.append((filter_key, spec["field"], str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns))
-        out.append({k: source.get(k) for k in ("fields", "limit", "text_unit")})
+            out.append([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in source.files()])
+        for filter_key, id_filter in source.filters():
+            f = Path(id_filter.file).expanduser()
+            out.append((filter_key, id_filter.field, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns))
+        out.append({"fields": source.fields, "limit": source.limit, "text_unit": source.text_unit})
     return out

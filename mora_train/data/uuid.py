@@ -9,9 +9,9 @@ import random
 import uuid
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from mora_train.config.schema import Section, section, setting
 from mora_train.data.common import encode_prompt_completion
 
 
@@ -27,21 +27,30 @@ class UUIDData:
     targets: list[str]  # the value each prompt must produce
 
 
-def config_problems(task_cfg: DictConfig) -> list[str]:
-    problems = []
-    n = task_cfg.get("num_pairs")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        problems.append(f"`task.num_pairs={n}` must be a positive integer")
-    for key, field in (("prompt_template", "{key}"), ("completion_template", "{value}")):
-        template = task_cfg.get(key)
-        if not isinstance(template, str) or field not in template:
-            problems.append(f"`task.{key}={template!r}` must be a string containing {field}")
-    return problems
+@section
+class UuidRecipe(Section):
+    """The UUID pairs and how they are written (task=uuid; tasks/uuid.py adds the evaluation settings)."""
+
+    name: str = setting(help="the task (chosen by task=NAME)")
+    num_pairs: int = setting(default=16, help="how many random key -> value UUID pairs to learn")
+    data_seed: int = setting(default=0, help="the seed the pairs are drawn from (the same seed gives the same pairs)")
+    prompt_template: str = setting(default="Key: {key}\nValue:", help="the prompt of each pair; must contain {key}")
+    completion_template: str = setting(default=" {value}", help="what the model learns to write; must contain {value}")
+
+    def check(self, prefix: str) -> list[str]:
+        problems = []
+        if self.num_pairs < 1:
+            problems.append(f"`{prefix}.num_pairs={self.num_pairs}` must be a positive integer")
+        for key, template, field in (("prompt_template", self.prompt_template, "{key}"),
+                                     ("completion_template", self.completion_template, "{value}")):
+            if field not in template:
+                problems.append(f"`{prefix}.{key}={template!r}` must be a string containing {field}")
+        return problems
 
 
-def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> UUIDData:
-    pairs = uuid_pairs(task_cfg.num_pairs, task_cfg.data_seed)
-    prompts = [task_cfg.prompt_template.format(key=k) for k, _ in pairs]
-    completions = [task_cfg.completion_template.format(value=v) for _, v in pairs]
+def build(settings: UuidRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> UUIDData:
+    pairs = uuid_pairs(settings.num_pairs, settings.data_seed)
+    prompts = [settings.prompt_template.format(key=k) for k, _ in pairs]
+    completions = [settings.completion_template.format(value=v) for _, v in pairs]
     train = [encode_prompt_completion(tokenizer, p, c, max_seq_len) for p, c in zip(prompts, completions)]
     return UUIDData(train=train, prompts=prompts, targets=[v for _, v in pairs])

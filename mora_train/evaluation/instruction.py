@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.evaluation.config import InstructionEvalSettings
 from mora_train.evaluation.generation import greedy_generate
 from mora_train.evaluation.perplexity import loss_metrics, token_nll
 
@@ -17,7 +17,7 @@ Messages = list[dict[str, str]]  # chat messages, {role, content}
 
 
 def evaluate(
-    task_cfg: DictConfig,
+    settings: InstructionEvalSettings,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     eval_examples: list[dict],
@@ -35,17 +35,17 @@ def evaluate(
     continues; `prompt_has_special_tokens`: that text already holds them (a rendered chat template).
     """
     started = time.time()
-    metrics: dict[str, Any] = loss_metrics(*token_nll(model, eval_examples, collate, task_cfg.eval.batch_size))
+    metrics: dict[str, Any] = loss_metrics(*token_nll(model, eval_examples, collate, settings.batch_size))
     metrics["eval_samples"] = len(eval_examples)
     # Prompt = the conversation up to its last assistant turn; that turn is the reference answer.
     samples = []
-    for messages in conversations[: task_cfg.eval.num_generations]:
+    for messages in conversations[: settings.num_generations]:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         samples.append((messages[:last], messages[last]["content"]))
     if samples:
         prompts = [prompt(messages) for messages, _ in samples]
         outputs = greedy_generate(
-            model, tokenizer, prompts, task_cfg.eval.max_new_tokens, task_cfg.eval.batch_size, "instruction samples",
+            model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, "instruction samples",
             add_special_tokens=not prompt_has_special_tokens,
         )
         with open(Path(run_dir) / "samples.jsonl", "w") as f:

@@ -11,7 +11,8 @@ before a run the task files are copied into RUN_DIR/lm_eval/tasks/ with those pa
 Hub, are not), so the evaluation runs offline and the run dir records exactly what was evaluated.
 
 lm-eval is an optional dependency (`pip install 'mora-train[lm-eval]'`): it is imported only to evaluate,
-and `config_problems` reports its absence (with every other problem of `eval.*`) before a model is loaded.
+and `config_problems` reports its absence (with every other problem of the config) before a model is loaded.
+The settings are `LmEvalConfig` (evaluation/config.py), which checks each key on its own.
 """
 
 from __future__ import annotations
@@ -27,26 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from mora_train.configs import CONFIG_DIR
+from mora_train.evaluation.config import EvalConfig, LmEvalConfig
 
 log = logging.getLogger(__name__)
 
 SHIPPED_TASK_DIR = CONFIG_DIR / "lm_eval"
-BACKENDS = ("task", "lm_eval", "both")
 INSTALL_HINT = "pip install 'mora-train[lm-eval]' (or pip install 'lm-eval>=0.4'; scripts/setup.sh installs it)"
-# eval.lm_eval.* -> accepted Python types (bool is checked apart: it is an int in Python)
-SCHEMA: dict[str, tuple[type, ...]] = {
-    "tasks": (list, type(None)),
-    "num_fewshot": (int, type(None)),
-    "limit": (int, float, type(None)),
-    "batch_size": (int, str),
-    "max_gen_toks": (int, type(None)),
-    "data_dir": (str, type(None)),
-    "include_path": (list, type(None)),
-    "log_samples": (bool,),
-}
 
 
 # -- task files: read without lm-eval (validation), written with resolved data paths (evaluation) ---------
@@ -163,30 +152,28 @@ def resolve_data_files(data_files: Any, data_dir: str | None) -> Any:
     return data_files
 
 
-def task_folders(lm_cfg: Any) -> list[Path]:
+def task_folders(lm: LmEvalConfig) -> list[Path]:
     """The shipped task folder, then the user's eval.lm_eval.include_path folders (theirs win on a name clash)."""
-    include = lm_cfg.get("include_path") if lm_cfg is not None else None
-    return [SHIPPED_TASK_DIR, *(Path(str(p)).expanduser() for p in include or [])]
+    return [SHIPPED_TASK_DIR, *(Path(p).expanduser() for p in lm.include_path or [])]
 
 
-def write_task_dirs(lm_cfg: Any, dest: Path) -> list[Path]:
+def write_task_dirs(lm: LmEvalConfig, dest: Path) -> list[Path]:
     """Copy each task folder into dest/ with its data_files resolved against eval.lm_eval.data_dir.
 
     Returns the copies, in task_folders order, for lm-eval's TaskManager(include_path=...). Other files
     (`!function` helpers next to a user's task files) are copied unchanged."""
-    data_dir = lm_cfg.get("data_dir")
     shutil.rmtree(dest, ignore_errors=True)
     written = []
-    for number, folder in enumerate(task_folders(lm_cfg)):
+    for number, folder in enumerate(task_folders(lm)):
         copy = dest / ("shipped" if number == 0 else f"include_{number}_{folder.name}")
         shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__", "*.md"))
         for path in sorted(p for p in copy.rglob("*") if is_task_file(p)):
             cfg = yaml.load(path.read_text(), Loader=_TaskLoader)  # noqa: S506 - see read_task_file
             kwargs = cfg.get("dataset_kwargs") if isinstance(cfg, dict) else None
             if isinstance(kwargs, dict) and "data_files" in kwargs:
-                kwargs["data_files"] = resolve_data_files(kwargs["data_files"], data_dir)
+                kwargs["data_files"] = resolve_data_files(kwargs["data_files"], lm.data_dir)
                 path.write_text(
-                    f"# {folder / path.relative_to(copy)} with data_files under {data_dir}\n"
+                    f"# {folder / path.relative_to(copy)} with data_files under {lm.data_dir}\n"
                     + yaml.dump(cfg, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True, width=1000)
                 )
         written.append(copy)
@@ -194,125 +181,77 @@ def write_task_dirs(lm_cfg: Any, dest: Path) -> list[Path]:
 
 
 # -- config checks (pipeline.validate collects them with every other problem) ------------------------------
+# Each key's type and range is checked by EvalConfig / LmEvalConfig (evaluation/config.py); these need more:
+# the installed harness, the file system, the task files.
 
-def backend(cfg: DictConfig) -> str:
-    """eval.backend, `task` when the config has no eval section."""
-    eval_cfg = cfg.get("eval")
-    return str(eval_cfg.get("backend", "task")) if isinstance(eval_cfg, DictConfig) else "task"
+# An example of eval.lm_eval.tasks in the message of an empty list: the shipped tasks nearest the training task.
+SUGGESTED_TASKS = {"gsm8k": "gsm8k", "metamath": "gsm8k", "biomed": "pubmedqa,mmlu_medical"}
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
-    """Problems of `eval.*`, each naming the key and the fix; the lm_eval keys are checked when the harness runs."""
-    eval_cfg = cfg.get("eval")
-    if eval_cfg is None:
+def config_problems(eval_cfg: EvalConfig, task_name: str | None = None) -> list[str]:
+    """Problems of eval.lm_eval that its section alone cannot see, when the harness runs (eval.backend=lm_eval
+    or both): lm-eval installed, the include_path folders, the task names and their data files. `task_name`
+    (the training task) picks the example of an empty eval.lm_eval.tasks."""
+    if not eval_cfg.runs_lm_eval:
         return []
-    if not isinstance(eval_cfg, DictConfig):
-        return [f"`eval` must be a mapping with a `backend` key, got {eval_cfg!r}"]
+    lm = eval_cfg.lm_eval
     problems: list[str] = []
-    for key in sorted(set(eval_cfg) - {"backend", "lm_eval"}):
-        problems.append(f"`eval.{key}` is not a known key; known keys: backend, lm_eval")
-    chosen = eval_cfg.get("backend", "task")
-    if chosen not in BACKENDS:
-        problems.append(
-            f"`eval.backend={chosen}` is unknown; use task (the task's own evaluation, task.eval.*), lm_eval "
-            "(lm-evaluation-harness on eval.lm_eval.tasks) or both"
-        )
-    if chosen in ("lm_eval", "both"):
-        problems += lm_eval_problems(eval_cfg.get("lm_eval"))
-    return problems
-
-
-def lm_eval_problems(lm_cfg: Any) -> list[str]:
-    if not isinstance(lm_cfg, DictConfig):
-        return [f"`eval.lm_eval` must be a mapping (tasks, num_fewshot, limit, ...), got {lm_cfg!r}"]
-    problems: list[str] = []
-    values = OmegaConf.to_container(lm_cfg, resolve=True)
-    for key, value in values.items():
-        if key not in SCHEMA:
-            problems.append(f"`eval.lm_eval.{key}` is not a known key; known keys: {', '.join(sorted(SCHEMA))}")
-        elif (isinstance(value, bool) and bool not in SCHEMA[key]) or not isinstance(value, SCHEMA[key]):
-            types = " or ".join("null" if t is type(None) else t.__name__ for t in SCHEMA[key])
-            example = {"tasks": " (in brackets: eval.lm_eval.tasks=[gsm8k,pubmedqa])",
-                       "include_path": " of folders (eval.lm_eval.include_path=[/path/to/tasks])"}.get(key, "")
-            problems.append(f"`eval.lm_eval.{key}` must be {types}{example}, got {value!r}")
     if importlib.util.find_spec("lm_eval") is None:
         problems.append(f"`eval.backend` runs lm-evaluation-harness, which is not installed: {INSTALL_HINT}; "
                         "or use eval.backend=task")
-    problems += _number_problems(values)
-    include = values.get("include_path")
-    if include is not None and not isinstance(include, list):
-        return problems  # its type problem is reported; the task names cannot be looked up without it
-    missing = [str(p) for p in include or [] if not Path(str(p)).expanduser().is_dir()]
+    missing = [p for p in lm.include_path or [] if not Path(p).expanduser().is_dir()]
     if missing:
         problems.append(f"`eval.lm_eval.include_path` names folders that do not exist: {', '.join(missing)}; give "
                         "folders of lm-eval task YAML files")
-        return problems
-    problems += _task_problems(values, lm_cfg)
-    return problems
+        return problems  # the task names cannot be looked up without those folders
+    return problems + _task_problems(lm, SUGGESTED_TASKS.get(task_name or "", "gsm8k"))
 
 
-def _number_problems(values: dict) -> list[str]:
-    problems = []
-    fewshot, limit, batch, gen = (values.get(k) for k in ("num_fewshot", "limit", "batch_size", "max_gen_toks"))
-    if isinstance(fewshot, int) and not isinstance(fewshot, bool) and fewshot < 0:
-        problems.append(f"`eval.lm_eval.num_fewshot={fewshot}` must be 0 or more (null: each task's own default)")
-    if isinstance(limit, (int, float)) and not isinstance(limit, bool):
-        if isinstance(limit, float) and not 0 < limit <= 1:
-            problems.append(f"`eval.lm_eval.limit={limit}` must be a whole number of documents per task or a share in (0, 1]")
-        elif isinstance(limit, int) and limit < 1:
-            problems.append(f"`eval.lm_eval.limit={limit}` must be at least 1 (null: every document)")
-    if isinstance(batch, str) and not (batch == "auto" or batch.startswith("auto:")):
-        problems.append(f"`eval.lm_eval.batch_size={batch}` must be a positive integer or auto (lm-eval finds the largest that fits)")
-    elif isinstance(batch, int) and not isinstance(batch, bool) and batch < 1:
-        problems.append(f"`eval.lm_eval.batch_size={batch}` must be at least 1")
-    if isinstance(gen, int) and not isinstance(gen, bool) and gen < 1:
-        problems.append(f"`eval.lm_eval.max_gen_toks={gen}` must be at least 1 (null: the task's own, else 256)")
-    return problems
-
-
-def _task_problems(values: dict, lm_cfg: Any) -> list[str]:
-    tasks = values.get("tasks")
-    index = index_tasks(task_folders(lm_cfg))
+def _task_problems(lm: LmEvalConfig, example: str) -> list[str]:
+    index = index_tasks(task_folders(lm))
     shipped = ", ".join(index_tasks([SHIPPED_TASK_DIR]).names)
-    if not tasks:
-        return [f"`eval.lm_eval.tasks` is empty; name the lm-eval tasks to run, e.g. eval.lm_eval.tasks=[gsm8k] "
-                f"(shipped: {shipped}; more from your own task folders with eval.lm_eval.include_path=[DIR])"]
-    if not isinstance(tasks, list):
-        return []  # the type problem is already reported
+    if not lm.tasks:
+        return [(f"`eval.lm_eval.tasks` is empty; name the lm-eval tasks to run, e.g. eval.lm_eval.tasks=[{example}] "
+                 f"(shipped: {shipped}; more from your own task folders with eval.lm_eval.include_path=[DIR])")]
     problems = [f"`eval.lm_eval.include_path`: cannot read {bad}" for bad in index.unreadable]
-    unknown = [str(t) for t in tasks if str(t) not in index.names]
+    unknown = [t for t in lm.tasks if t not in index.names]
     if unknown:
-        where = " and your eval.lm_eval.include_path folders" if values.get("include_path") else ""
+        where = " and your eval.lm_eval.include_path folders" if lm.include_path else ""
         problems.append(
             f"`eval.lm_eval.tasks` names unknown lm-eval tasks: {', '.join(unknown)}; the shipped tasks are {shipped} "
             f"(configs/lm_eval/){where}. Only these are indexed (lm-eval's built-in tasks read the Hugging Face Hub); "
             "add your own task YAML folder with eval.lm_eval.include_path=[DIR]"
         )
-    data_dir = values.get("data_dir")
+    return problems + _data_file_problems(lm, index)
+
+
+def _data_file_problems(lm: LmEvalConfig, index: TaskIndex) -> list[str]:
+    """The data files the named tasks read: relative ones need eval.lm_eval.data_dir, and each must exist."""
     needed: dict[str, list[str]] = {}
-    for name in tasks:
-        for leaf in index.members(str(name)):
+    for name in lm.tasks or []:
+        for leaf in index.members(name):
             kwargs = index.tasks[leaf].get("dataset_kwargs") or {}
             for path in data_file_paths(kwargs.get("data_files") if isinstance(kwargs, dict) else None):
                 needed.setdefault(path, []).append(leaf)
-    relative = sorted({leaf for path, leaves in needed.items() if not os.path.isabs(os.path.expanduser(path)) for leaf in leaves})
-    if relative and data_dir is None:
-        problems.append(
-            f"`eval.lm_eval.data_dir` is null, and the lm-eval tasks {', '.join(relative)} read their data files relative "
-            "to it (e.g. gsm8k/test.jsonl); set data_dir=/path/to/data (or MORA_TRAIN_DATA, or eval.lm_eval.data_dir=...)"
-        )
-        return problems
+    relative = sorted({leaf for path, leaves in needed.items() if not os.path.isabs(os.path.expanduser(path))
+                       for leaf in leaves})
+    if relative and lm.data_dir is None:
+        return [(
+            f"`eval.lm_eval.data_dir` is null, and the lm-eval tasks {', '.join(relative)} read their data files "
+            "relative to it (e.g. gsm8k/test.jsonl); set data_dir=/path/to/data (or MORA_TRAIN_DATA, or "
+            "eval.lm_eval.data_dir=...)"
+        )]
     missing = []
     for path, leaves in needed.items():
-        resolved = resolve_data_files(path, data_dir)
+        resolved = resolve_data_files(path, lm.data_dir)
         if not any(ch in resolved for ch in "*?[") and not Path(resolved).exists():
             missing.append(f"{resolved} (task {leaves[0]})")
     if missing:
-        problems.append(
-            f"lm-eval task data files do not exist: {'; '.join(missing)}; set eval.lm_eval.data_dir (default: data_dir) "
-            "to the folder holding them"
-        )
-    return problems
+        return [(
+            f"lm-eval task data files do not exist: {'; '.join(missing)}; set eval.lm_eval.data_dir (default: "
+            "data_dir) to the folder holding them"
+        )]
+    return []
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -323,13 +262,12 @@ def pubmedqa_test_split(dataset: Any) -> Any:
     return dataset.filter(lambda doc: str(doc["pubid"]) in ids)
 
 
-def settings(lm_cfg: Any) -> dict[str, Any]:
+def settings(lm: LmEvalConfig) -> dict[str, Any]:
     """The harness settings recorded in metrics.json (eval.lm_eval.*, resolved)."""
-    values = OmegaConf.to_container(lm_cfg, resolve=True) if isinstance(lm_cfg, DictConfig) else dict(lm_cfg)
-    return {key: values.get(key) for key in SCHEMA}
+    return lm.to_dict()
 
 
-def evaluate(lm_cfg: Any, model: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
+def evaluate(lm: LmEvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
     """Score the model with lm-evaluation-harness on eval.lm_eval.tasks; the `lm_eval` section of metrics.json.
 
     Writes RUN_DIR/lm_eval/: tasks/ (the task files as evaluated), results.json (the harness's own record:
@@ -339,22 +277,21 @@ def evaluate(lm_cfg: Any, model: Any, tokenizer: Any, run_dir: Path) -> dict[str
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    config = settings(lm_cfg)
     out = Path(run_dir) / "lm_eval"
-    folders = write_task_dirs(config, out / "tasks")
+    folders = write_task_dirs(lm, out / "tasks")
     # The already-loaded model and tokenizer: what the pipeline evaluates (a merged run, a checkpoint, an
     # adapter merged into its base), on the device it is on. Only the copied task folders are indexed.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config["batch_size"])
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=lm.batch_size)
     manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
     started = time.time()
     results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(config["tasks"]),
+        model=harness_model,
+        tasks=list(lm.tasks or []),
         task_manager=manager,
-        num_fewshot=config["num_fewshot"],
-        limit=config["limit"],
-        gen_kwargs={"max_gen_toks": config["max_gen_toks"]} if config["max_gen_toks"] else None,
-        log_samples=bool(config["log_samples"]),
+        num_fewshot=lm.num_fewshot,
+        limit=lm.limit,
+        gen_kwargs={"max_gen_toks": lm.max_gen_toks} if lm.max_gen_toks else None,
+        log_samples=lm.log_samples,
     )
     runtime = time.time() - started
     samples = results.pop("samples", None) or {}
@@ -365,7 +302,7 @@ def evaluate(lm_cfg: Any, model: Any, tokenizer: Any, run_dir: Path) -> dict[str
     (out / "results.json").write_text(json.dumps(results, default=str, indent=1, ensure_ascii=False))
     return {
         "version": lm_eval.__version__,
-        "settings": config,
+        "settings": settings(lm),
         # task or group -> lm-eval's metric names (`exact_match,strict-match`: metric,filter) -> value; stderr
         # where lm-eval computed one; its labels and counts left out (n_samples below)
         "results": {

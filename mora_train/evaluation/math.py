@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.evaluation.answers import Answer, answers_match, cut_at_stop, extract_answer
+from mora_train.evaluation.config import GenerationEvalSettings
 from mora_train.evaluation.generation import greedy_generate
 
 
@@ -23,18 +23,21 @@ class MathQuestion(Protocol):
 
 
 def evaluate(
-    task_cfg: DictConfig,
+    settings: GenerationEvalSettings,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[MathQuestion],
     prompts: Sequence[str],
     run_dir: Path,
+    *,
+    name: str = "math",
 ) -> dict[str, Any]:
-    """Answer each problem by greedy generation from its prompt (one per problem); accuracy of the final answers."""
-    stop = [str(s) for s in task_cfg.eval.stop]
+    """Answer each problem by greedy generation from its prompt (one per problem); accuracy of the final answers.
+    `name` (the task's) labels the progress bar."""
+    stop = list(settings.stop)
     started = time.time()
     outputs = greedy_generate(
-        model, tokenizer, list(prompts), task_cfg.eval.max_new_tokens, task_cfg.eval.batch_size, f"{task_cfg.name} eval",
+        model, tokenizer, list(prompts), settings.max_new_tokens, settings.batch_size, f"{name} eval",
         stop_strings=stop or None,
     )
     elapsed = time.time() - started

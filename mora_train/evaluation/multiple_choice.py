@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -105,7 +104,7 @@ def score_choices(
 
 def evaluate_benchmark(
     name: str,
-    bench: DictConfig,
+    score: str,
     examples: Sequence[ChoiceQuestion],
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -115,7 +114,7 @@ def evaluate_benchmark(
 ) -> dict[str, float]:
     started = time.time()
     scores, truncated = score_choices(model, tokenizer, examples, batch_size, max_len, f"{name} eval")
-    by_mean = bench.get("score", "sum") == "mean"
+    by_mean = score == "mean"
     correct = 0
     for example, choice_scores in zip(examples, scores):
         values = [total / n if by_mean else total for total, n in choice_scores]
@@ -139,18 +138,20 @@ def evaluate_benchmark(
 
 def evaluate_benchmarks(
     benchmarks: Mapping[str, Sequence[ChoiceQuestion]],
-    configs: DictConfig,
+    scoring: Mapping[str, str],
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
     max_len: int,
     run_dir: Path,
 ) -> dict[str, float]:
-    """Every benchmark's accuracy (+ samples, truncated prompts, runtime); per-example scores to benchmark_predictions.jsonl."""
+    """Every benchmark's accuracy (+ samples, truncated prompts, runtime); per-example scores to
+    benchmark_predictions.jsonl. `scoring`: benchmark name -> `sum` or `mean` (a name not given: sum)."""
     metrics: dict[str, float] = {}
     with open(Path(run_dir) / "benchmark_predictions.jsonl", "w") as f:
         for name, examples in benchmarks.items():
-            metrics.update(evaluate_benchmark(name, configs[name], examples, model, tokenizer, batch_size, max_len, f))
+            score = scoring.get(name, "sum")
+            metrics.update(evaluate_benchmark(name, score, examples, model, tokenizer, batch_size, max_len, f))
     accuracies = [metrics[f"{name}_accuracy"] for name in benchmarks]
     # NaN when no benchmark is selected (task.eval.benchmarks=[]), so the key is always there for sweeps.
     metrics["benchmark_mean_accuracy"] = sum(accuracies) / len(accuracies) if accuracies else float("nan")

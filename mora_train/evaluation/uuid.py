@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.evaluation.config import UuidEvalSettings
 from mora_train.evaluation.generation import greedy_generate
 
 
@@ -19,18 +19,25 @@ def char_accuracy(prediction: str, target: str) -> float:
 
 
 def evaluate(
-    task_cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: Any, run_dir: Path
+    settings: UuidEvalSettings,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Any,
+    run_dir: Path,
+    *,
+    completion_template: str,
 ) -> dict[str, float]:
+    """Generate the value of each key of `data` (.prompts, .targets); `completion_template` is what training
+    taught after the prompt (" {value}")."""
     prompts, targets = data.prompts, data.targets
-    limit = task_cfg.eval.get("max_samples")
-    if limit is not None:
-        prompts, targets = prompts[:limit], targets[:limit]
-    completions = [task_cfg.completion_template.format(value=t) for t in targets]
+    if settings.max_samples is not None:
+        prompts, targets = prompts[: settings.max_samples], targets[: settings.max_samples]
+    completions = [completion_template.format(value=t) for t in targets]
     # Size the cap from the real tokenised targets (+EOS): a guessed cap silently truncates UUIDs.
     max_new_tokens = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions) + 1
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, task_cfg.eval.batch_size, "uuid eval")
+    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, settings.batch_size, "uuid eval")
     # The completion template puts text before the value (" {value}"); compare what follows it.
-    prefix = task_cfg.completion_template.split("{value}")[0]
+    prefix = completion_template.split("{value}")[0]
     # Anything generated after the value's length (a model that never learned to stop) is ignored.
     predictions = [o.removeprefix(prefix).strip()[: len(t)] for o, t in zip(outputs, targets)]
     scores = [char_accuracy(p, t) for p, t in zip(predictions, targets)]

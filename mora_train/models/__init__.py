@@ -10,18 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.config.validation import model_source_conflict
 from mora_train.core.errors import MoraTrainError, package_hint
 from mora_train.core.io import write_dir_atomically
 from mora_train.core.paths import looks_like_local_path, package_dir
-from mora_train.models.quantization import bitsandbytes_config, is_quantized_config, quantized_device_map
+from mora_train.models.config import ModelConfig, model_source_conflict
+from mora_train.models.quantization import bitsandbytes_config, quantized_device_map
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES: dict[str, Any] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"
+}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:
@@ -103,19 +104,19 @@ def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
     return target
 
 
-def resolve_model_path(model_cfg: DictConfig) -> str:
+def resolve_model_path(model: ModelConfig) -> str:
     """The folder or hub id to load from; GGUF files are converted (once) into a cached folder."""
-    name = str(model_cfg.name_or_path)
-    if model_cfg.get("package"):
-        inside = package_dir(model_cfg.package) / name
+    name = str(model.name_or_path)
+    if model.package:
+        inside = package_dir(model.package) / name
         if not inside.exists():
-            raise MoraTrainError(package_hint(name, model_cfg.package, inside.parent))
+            raise MoraTrainError(package_hint(name, model.package, inside.parent))
         name = str(inside)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
             raise MoraTrainError(f"GGUF file {path} does not exist; set model.name_or_path to an existing .gguf file")
-        return str(convert_gguf(path, model_cfg.cache_dir))
+        return str(convert_gguf(path, model.cache_dir))
     if looks_like_local_path(name):
         if not path.exists():
             raise MoraTrainError(
@@ -189,15 +190,15 @@ def load_error(what: str, source: str, err: BaseException, key: str = "model.nam
     )
 
 
-def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> PreTrainedTokenizerBase:
-    if model_cfg.get("tokenizer") == "byte":
+def load_tokenizer(model: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
+    if model.tokenizer == "byte":
         tokenizer = byte_tokenizer()
     else:
-        source = model_cfg.get("tokenizer") or path
-        key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.name_or_path"
+        source = model.tokenizer or path
+        key = "model.tokenizer" if model.tokenizer else "model.name_or_path"
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                source, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code)
+                source, revision=model.revision, trust_remote_code=model.trust_remote_code
             )
         except Exception as err:  # noqa: BLE001 - tokenizer backends raise OSError, ValueError, TypeError, ...
             raise load_error("tokenizer", str(source), err, key) from None
@@ -208,63 +209,61 @@ def load_tokenizer(model_cfg: DictConfig, path: str | None = None) -> PreTrained
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise MoraTrainError(
-            f"the tokenizer of {model_cfg.get('tokenizer') or path} has neither a pad nor an EOS token; "
+            f"the tokenizer of {model.tokenizer or path} has neither a pad nor an EOS token; "
             "give a tokenizer that defines an EOS token (model.tokenizer=...)"
         )
     return tokenizer
 
 
-def load_model_and_tokenizer(model_cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build or load the frozen-to-be base model and its tokenizer, as the model config says.
+def load_model_and_tokenizer(model: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build or load the frozen-to-be base model and its tokenizer, as the `model` section says.
 
     With model.quantization (nf4 | fp4 | int8) the linear layers are loaded quantized through transformers'
     bitsandbytes integration (models/quantization.py); a random-init model is built in float first and
     quantized from those weights, so a rebuilt base is quantized identically."""
-    dtype = DTYPES[model_cfg.get("dtype") or "float32"]
-    conflict = model_source_conflict(model_cfg.get("name_or_path"), model_cfg.get("random_init"))
+    dtype = DTYPES[model.dtype]
+    conflict = model_source_conflict(model.name_or_path, model.random_init)
     if conflict:  # also when called from Python, past the config validation
         raise MoraTrainError(conflict)
-    if model_cfg.get("random_init") is not None:
-        tokenizer = load_tokenizer(model_cfg)
-        init = OmegaConf.to_container(model_cfg.random_init, resolve=True)
+    if model.random_init is not None:
+        tokenizer = load_tokenizer(model)
         try:
-            model = _random_model(init, tokenizer, dtype)
+            built = _random_model(model.random_init, tokenizer, dtype)
         except (ValueError, TypeError, KeyError) as err:
             raise MoraTrainError(
                 f"model.random_init cannot build a model ({type(err).__name__}: {_first_line(err)}); check its "
                 "architecture and sizes (e.g. hidden_size divisible by num_attention_heads)"
             ) from None
-        if is_quantized_config(model_cfg):
-            model = _quantized_copy(model, model_cfg, dtype)
-        return model, tokenizer
+        if model.is_quantized:
+            built = _quantized_copy(built, model, dtype)
+        return built, tokenizer
 
-    path = resolve_model_path(model_cfg)
+    path = resolve_model_path(model)
     _require_model_folder(path)
-    warn_if_custom_code_unused(path, bool(model_cfg.get("trust_remote_code")))
-    tokenizer = load_tokenizer(model_cfg, path)
-    return _load_pretrained(path, model_cfg, dtype), tokenizer
+    warn_if_custom_code_unused(path, model.trust_remote_code)
+    tokenizer = load_tokenizer(model, path)
+    return _load_pretrained(path, model, dtype), tokenizer
 
 
-def _load_pretrained(path: str, model_cfg: DictConfig, dtype: Any) -> PreTrainedModel:
+def _load_pretrained(path: str, model: ModelConfig, dtype: Any) -> PreTrainedModel:
     quantized = {}
-    if is_quantized_config(model_cfg):
-        quantized = {"quantization_config": bitsandbytes_config(model_cfg), "device_map": quantized_device_map()}
+    if model.is_quantized:
+        quantized = {"quantization_config": bitsandbytes_config(model), "device_map": quantized_device_map()}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code),
-            **quantized,
+            path, dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code, **quantized
         )
     except Exception as err:  # noqa: BLE001 - the loading boundary: every failure becomes a MoraTrainError
         raise load_error("model", path, err) from None
 
 
-def _quantized_copy(model: PreTrainedModel, model_cfg: DictConfig, dtype: Any) -> PreTrainedModel:
-    """`model` loaded back quantized (transformers quantizes while loading a checkpoint, not in memory)."""
-    name = model.config._name_or_path
+def _quantized_copy(built: PreTrainedModel, model: ModelConfig, dtype: Any) -> PreTrainedModel:
+    """`built` loaded back quantized (transformers quantizes while loading a checkpoint, not in memory)."""
+    name = built.config._name_or_path
     with tempfile.TemporaryDirectory(prefix="mora-train-quantize-") as folder:
-        model.save_pretrained(folder)
-        del model
-        quantized = _load_pretrained(folder, model_cfg, dtype)
+        built.save_pretrained(folder)
+        del built
+        quantized = _load_pretrained(folder, model, dtype)
     quantized.config._name_or_path = name  # not the temporary folder, which is gone
     return quantized
 

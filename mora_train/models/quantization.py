@@ -24,105 +24,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from mora_train.models.config import COMPUTE_DTYPES, STORAGE_DTYPES, ModelConfig
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-
-def quantization_of(model_cfg: Any) -> str:
-    """The model config's quantization name ("none" when the key is absent, e.g. an older user config)."""
-    value = model_cfg.get("quantization") if model_cfg is not None else None
-    return "none" if value in (None, False) else str(value)
-
-
-def is_quantized_config(model_cfg: Any) -> bool:
-    return quantization_of(model_cfg) != "none"
-
-
-def _options(model_cfg: Any) -> dict[str, Any]:
-    options = model_cfg.get("quantization_options") if model_cfg is not None else None
-    if isinstance(options, DictConfig):
-        options = OmegaConf.to_container(options, resolve=True)
-    return dict(options or {})
-
-
-def quantization_problems(model_cfg: Any, cuda_available: bool | None = None) -> list[str]:
-    """Every problem of model.quantization and model.quantization_options, one message each (key and fix)."""
-    name = quantization_of(model_cfg)
-    if name not in QUANTIZATIONS:
-        return [f"`model.quantization={name}` is unknown; use one of {', '.join(QUANTIZATIONS)} (none: no quantization)"]
-    if name == "none":
-        return []
-    problems = []
-    if importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(
-            f"`model.quantization={name}` needs bitsandbytes, which is not installed; `pip install "
-            "'mora-train[quantization]'` (bitsandbytes>=0.45: 4-bit and 8-bit layers on CUDA and on CPU)"
-        )
-    options = _options(model_cfg)
-    known = {"double_quant", "compute_dtype", "storage_dtype", "int8_threshold"}
-    for key in sorted(set(options) - known):
-        problems.append(f"`model.quantization_options.{key}` is unknown; the options are {', '.join(sorted(known))}")
-    compute = options.get("compute_dtype")
-    if compute is not None and compute not in COMPUTE_DTYPES:
-        problems.append(
-            f"`model.quantization_options.compute_dtype={compute}` is unknown; use null (model.dtype) or one of "
-            f"{', '.join(COMPUTE_DTYPES)}"
-        )
-    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if compute_dtype_name(model_cfg) == "float16" and not cuda:
-        problems.append(
-            "`model.quantization_options.compute_dtype=float16` needs a CUDA GPU (float16 matmuls on CPU are "
-            "unsupported or very slow); use compute_dtype=float32 or bfloat16 here"
-        )
-    storage = options.get("storage_dtype", "uint8")
-    if storage not in STORAGE_DTYPES:
-        problems.append(
-            f"`model.quantization_options.storage_dtype={storage}` is unknown; use one of {', '.join(STORAGE_DTYPES)}"
-        )
-    if not isinstance(options.get("double_quant", True), bool):
-        problems.append(f"`model.quantization_options.double_quant={options.get('double_quant')}` must be true or false")
-    threshold = options.get("int8_threshold", 6.0)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-        problems.append(f"`model.quantization_options.int8_threshold={threshold}` must be a number >= 0 (6.0 is LLM.int8's)")
-    return problems
-
-
-def compute_dtype_name(model_cfg: Any) -> str:
-    """The dtype the quantized layers compute in: quantization_options.compute_dtype, else model.dtype."""
-    compute = _options(model_cfg).get("compute_dtype")
-    if compute is None:
-        compute = model_cfg.get("dtype") or "float32"
-    return "float32" if compute == "auto" else str(compute)
-
-
-def bitsandbytes_config(model_cfg: Any) -> Any:
-    """transformers' BitsAndBytesConfig for this model config (None when not quantized)."""
-    name = quantization_of(model_cfg)
+def bitsandbytes_config(model: ModelConfig) -> Any:
+    """transformers' BitsAndBytesConfig for this model section (None when not quantized)."""
+    name = model.quantization_name
     if name == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    options = _options(model_cfg)
+    options = model.quantization_options
     if name == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(options.get("int8_threshold", 6.0)))
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(options.int8_threshold))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=name,
-        bnb_4bit_use_double_quant=bool(options.get("double_quant", True)),
-        bnb_4bit_compute_dtype=COMPUTE_DTYPES[compute_dtype_name(model_cfg)],
-        bnb_4bit_quant_storage=STORAGE_DTYPES[options.get("storage_dtype", "uint8")],
+        bnb_4bit_use_double_quant=options.double_quant,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[model.compute_dtype_name],
+        bnb_4bit_quant_storage=STORAGE_DTYPES[options.storage_dtype],
     )
 
 

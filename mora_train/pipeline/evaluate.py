@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME
-from mora_train.pipeline.scoring import evaluate_model, uses_task_evaluation
+from mora_train.pipeline.scoring import evaluate_model
+from mora_train.models.config import ModelConfig
+from mora_train.pipeline.run_config import ComposedConfig, RunConfig
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.core.errors import MoraTrainError
@@ -36,9 +37,9 @@ from mora_train.training.checkpoints import file_sha256
 log = logging.getLogger(__name__)
 
 
-def _plain_model(path: Path, model_cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    dtype = DTYPES[model_cfg.get("dtype") or "float32"]
-    trust = bool(model_cfg.trust_remote_code)
+def _plain_model(path: Path, model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    dtype = DTYPES[model_cfg.dtype]
+    trust = model_cfg.trust_remote_code
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust)
     except Exception as err:  # noqa: BLE001 - the loading boundary (models.load_error says what and how to fix)
@@ -96,67 +97,67 @@ def run_dir_output(run_dir: Path) -> Path:
     )
 
 
-def load_checkpoint(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """(model, tokenizer, what was loaded) for cfg.checkpoint, as described in the module docstring."""
-    if cfg.get("checkpoint") is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+def load_checkpoint(config: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """(model, tokenizer, what was loaded) for `checkpoint`, as described in the module docstring."""
+    if config.checkpoint is None:
+        model, tokenizer = load_model_and_tokenizer(config.model)
         return model, tokenizer, "base model"
-    path = Path(cfg.checkpoint).expanduser()
+    path = Path(config.checkpoint).expanduser()
     if (path / "merged" / "config.json").is_file() or (path / "adapter" / ADAPTER_CONFIG_NAME).is_file():
         path = run_dir_output(path)
     if (path / "config.json").is_file():
-        model, tokenizer = _plain_model(path, cfg.model)
+        model, tokenizer = _plain_model(path, config.model)
         return model, tokenizer, f"model folder {path}"
     if (path / ADAPTER_CONFIG_NAME).is_file():
-        base, tokenizer = load_model_and_tokenizer(cfg.model)
+        base, tokenizer = load_model_and_tokenizer(config.model)
         try:
             model = load_adapter(base, path).merge_and_unload()
         except MoraTrainError:
             raise
         except Exception as err:  # noqa: BLE001 - a corrupt adapter file, or one of another base model
             raise MoraTrainError(
-                f"could not attach the adapter in {path} to model={cfg.model.name_or_path or 'random init'} "
+                f"could not attach the adapter in {path} to model={config.model.name_or_path or 'random init'} "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no details'}); its files are "
                 "corrupt or it was trained on another base model (set model=... to that one)"
             ) from None
-        return model, tokenizer, f"adapter {path} merged into model={cfg.model.name_or_path or 'random init'}"
+        return model, tokenizer, f"adapter {path} merged into model={config.model.name_or_path or 'random init'}"
     raise MoraTrainError(
-        f"`checkpoint={cfg.checkpoint}` is neither a run dir (with merged/ or adapter/), a model folder "
+        f"`checkpoint={config.checkpoint}` is neither a run dir (with merged/ or adapter/), a model folder "
         f"(config.json) nor an adapter folder ({ADAPTER_CONFIG_NAME})"
     )
 
 
-def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate cfg.checkpoint on cfg.task; return the metrics written to metrics.json.
+def run_eval(composed: ComposedConfig) -> dict[str, Any]:
+    """Evaluate `checkpoint` on the task; return the metrics written to metrics.json.
 
     Holds output_dir's writer lock while it runs (mora_train.core.run_lock), and refuses a checkpoint that
     belongs to a run still being written: its files may change or vanish under the reader."""
-    lock = RunDirLock(Path(str(cfg.output_dir)), "mora-train mode=eval")  # taken by check_run_dir
+    lock = RunDirLock(composed.output_dir, "mora-train mode=eval")  # taken by check_run_dir
     try:
-        return _run_eval(cfg, lock)
+        return _run_eval(composed, lock)
     finally:
         lock.release()
 
 
-def _run_eval(cfg: DictConfig, lock: RunDirLock) -> dict[str, Any]:
+def _run_eval(composed: ComposedConfig, lock: RunDirLock) -> dict[str, Any]:
     started = time.time()
-    validate(cfg)
-    refuse_if_being_written(cfg.get("checkpoint"), "checkpoint=", "mora-train mode=eval")
-    check_run_dir(cfg, lock)  # refusals first; the run dir is written only once the model and data are loaded
-    task = TASKS[cfg.task.name]
-    model, tokenizer, loaded = load_checkpoint(cfg)
+    config = validate(composed)
+    refuse_if_being_written(config.checkpoint, "checkpoint=", "mora-train mode=eval")
+    check_run_dir(config, lock)  # refusals first; the run dir is written only once the model and data are loaded
+    task = TASKS[config.task.name]
+    model, tokenizer, loaded = load_checkpoint(config)
     if torch.cuda.is_available():
         model.to("cuda")
     # The task's evaluation data, unless only lm-evaluation-harness evaluates (eval.backend=lm_eval).
     build = task.build_eval or task.build
-    data = build(cfg.task, tokenizer, cfg.trainer.max_seq_len) if uses_task_evaluation(cfg) else None
-    run_dir = prepare_run_dir(cfg)
+    data = build(config.task, tokenizer, config.trainer.max_seq_len) if config.eval.runs_task else None
+    run_dir = prepare_run_dir(config, composed)
     log.info("evaluating %s on task %s", loaded, task.name)
-    scores = evaluate_model(cfg, task, model, tokenizer, data, run_dir)
+    scores = evaluate_model(config, task, model, tokenizer, data, run_dir)
     identity = {
         "mode": "eval",
         "task": task.name,
-        "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
+        "checkpoint": config.checkpoint,
         "evaluated": loaded,
     }
     metrics = make_record(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mora_train.configs import base_model_config
+from mora_train.pipeline.run_config import named_model_config
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_text_atomically
 from mora_train.core.outputs import FILE, check_output_target
@@ -63,7 +63,7 @@ def load_many(base_model: str, adapters: dict[str, Path]) -> tuple[Any, Any]:
     for name, folder in items:  # before the base model loads: a wrong folder is refused at once
         if not (Path(folder) / "adapter_config.json").is_file():
             raise MoraTrainError(f"--adapter {name}={folder}: not a PEFT adapter folder (export one with mora-train-export)")
-    base, tokenizer = load_model_and_tokenizer(base_model_config(base_model))
+    base, tokenizer = load_model_and_tokenizer(named_model_config(base_model))
     model = PeftModel.from_pretrained(base, str(items[0][1]), adapter_name=items[0][0])
     for name, folder in items[1:]:
         model.load_adapter(str(folder), adapter_name=name)

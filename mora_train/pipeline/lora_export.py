@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mora_train.adapters import load_adapter
@@ -39,9 +38,10 @@ from mora_train.core.io import write_json_atomically, write_text_atomically
 from mora_train.core.outputs import FOLDER, check_output_target, holds_file
 from mora_train.core.run_lock import refuse_if_being_written
 from mora_train.export_lora import REPORT_JSON, export_lora, summarize
-from mora_train.configs import base_model_config
 from mora_train.models import load_model_and_tokenizer
-from mora_train.models.quantization import as_float32, quantization_of
+from mora_train.models.config import ModelConfig
+from mora_train.models.quantization import as_float32
+from mora_train.pipeline.run_config import RunConfig, named_model_config, saved_run_config
 from mora_train.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,6 @@ with torch.no_grad():
 assert not any(name.startswith("mora_train") for name in sys.modules), "mora_train was imported"
 torch.save(logits, sys.argv[4])
 """
-
-
-def _run_config(source: Path) -> DictConfig | None:
-    path = source / "resolved_config.yaml"
-    return OmegaConf.load(path) if path.is_file() else None
 
 
 def _adapter_folder(source: Path) -> Path:
@@ -143,12 +138,12 @@ def _last_error_line(stderr: str, limit: int = 400) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _evaluate(cfg: DictConfig, model: nn.Module, tokenizer: Any, out_dir: Path) -> tuple[str, float | None, dict]:
-    task = TASKS[cfg.task.name]
+def _evaluate(config: RunConfig, model: nn.Module, tokenizer: Any, out_dir: Path) -> tuple[str, float | None, dict]:
+    task = TASKS[config.task.name]
     build = task.build_eval or task.build
-    data = build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
+    data = build(config.task, tokenizer, config.trainer.max_seq_len)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = task.evaluate(cfg.task, model.eval(), tokenizer, data, out_dir)
+    metrics = task.evaluate(config.task, model.eval(), tokenizer, data, out_dir)
     return task.primary_metric, metrics.get(task.primary_metric), metrics
 
 
@@ -161,26 +156,25 @@ def _refuse_bad_arguments(source: Path, rank: int | None, energy: float | None) 
         raise MoraTrainError(f"--energy {energy!r} must be in (0, 1]: the share of each layer's ΔW energy to keep")
 
 
-def _model_config(source: Path, run_cfg: DictConfig | None, base_model: str | None) -> DictConfig:
+def _model_config(source: Path, run_cfg: RunConfig | None, base_model: str | None) -> ModelConfig:
     """The base model's config: --base-model's, else the run's; a run that trained its embeddings is refused."""
-    if run_cfg is not None and run_cfg.adapter.get("train_embeddings", False):
+    if run_cfg is not None and run_cfg.trainer.train_embeddings:
         raise MoraTrainError(
-            f"{source} also trained the input embeddings and the LM head (adapter.train_embeddings=true), which a "
+            f"{source} also trained the input embeddings and the LM head (trainer.train_embeddings=true), which a "
             "LoRA adapter cannot carry; serve its merged model (RUN_DIR/merged) instead"
         )
     if base_model is not None:
-        return base_model_config(base_model)
+        return named_model_config(base_model)
     if run_cfg is not None:
         return run_cfg.model
     raise MoraTrainError(f"{source} is not a run dir (no resolved_config.yaml): pass --base-model (config name, Hub id or folder)")
 
 
 def _update_factors(
-    source: Path, run_cfg: DictConfig | None, adapter_dir: Path, base: nn.Module, trust_remote_code: bool
+    source: Path, run_cfg: RunConfig | None, adapter_dir: Path, base: nn.Module, trust_remote_code: bool
 ) -> tuple[dict, nn.Module, str]:
     """The LoRA factors of the run's update, the model they reproduce, and how they were found."""
-    restarted = run_cfg is not None and ((run_cfg.adapter.get("restart") or {}).get("every_steps") or 0) > 0
-    if restarted:
+    if run_cfg is not None and run_cfg.trainer.restart.every_steps > 0:
         # The live adapter holds only the last cycle: the update the run made is merged − base.
         saved = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
         targets = saved.get("target_modules") or list(run_cfg.adapter.target_modules)
@@ -190,7 +184,7 @@ def _update_factors(
     return adapter.lora_factors(), adapter.model.eval(), f"{adapter.title()}: exact LoRA factors"
 
 
-def _evaluate_export(run_cfg: DictConfig, reference: nn.Module, fresh_base: nn.Module, tokenizer: Any, out_dir: Path) -> dict:
+def _evaluate_export(run_cfg: RunConfig, reference: nn.Module, fresh_base: nn.Module, tokenizer: Any, out_dir: Path) -> dict:
     """The task's primary metric of the adapted model and of the base with the exported LoRA merged."""
     from peft import PeftModel
 
@@ -220,12 +214,12 @@ def export_run(
     started = time.time()
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
     _refuse_bad_arguments(source, rank, energy)
-    run_cfg = _run_config(source)
+    run_cfg = saved_run_config(source)
     if evaluate and run_cfg is None:
         raise MoraTrainError("--evaluate needs a run dir (its task config says how to evaluate)")
     model_cfg = _model_config(source, run_cfg, base_model)
     adapter_dir = _adapter_folder(source)
-    trust_remote_code = bool(model_cfg.get("trust_remote_code", False))
+    trust_remote_code = model_cfg.trust_remote_code
     base, tokenizer = load_model_and_tokenizer(model_cfg)
     base = as_float32(base).eval()  # a quantized base: its de-quantized weights, which the LoRA's ΔW adds to
     fresh_base = as_float32(load_model_and_tokenizer(model_cfg)[0]).eval()  # never wrapped: for the peft check
@@ -237,7 +231,7 @@ def export_run(
     report: dict[str, Any] = {"source": str(source), "how": how, **summarize(rows)}
     report["rank"] = max(r.rank for r in rows)
     report["truncated"] = rank is not None or energy is not None
-    report["base_quantization"] = quantization_of(model_cfg)
+    report["base_quantization"] = model_cfg.quantization_name
     if check:
         report["peft_max_abs_logit_diff"] = check_with_peft(fresh_base, out_dir, reference, trust_remote_code)
     if evaluate or (evaluate is None and report["truncated"] and run_cfg is not None):

@@ -21,11 +21,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from mora_train.configs import CONFIG_DIR
 from mora_train.core.errors import MoraTrainError, RunStopped
 from mora_train.core.metrics import METRICS_JSON
+from mora_train.pipeline.run_config import ComposedConfig, RunConfig
 from mora_train.training import distributed, tracking
 
 ACCELERATE_CONFIGS = CONFIG_DIR / "distributed" / "accelerate"
@@ -35,36 +34,10 @@ GPU_TOPOLOGY = ["--config_file", str(ACCELERATE_CONFIGS / "multi_gpu.json")]
 CPU_TOPOLOGY = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def num_processes(cfg: DictConfig) -> int:
-    section = cfg.get("accelerate")
-    value = section.get("num_processes", 1) if isinstance(section, DictConfig) else 1
-    return value if isinstance(value, int) and not isinstance(value, bool) else 1
-
-
-def wants_relaunch(cfg: DictConfig) -> bool:
+def wants_relaunch(composed: ComposedConfig) -> bool:
     """accelerate.num_processes > 1, and this process is not one of a multi-process launch already."""
     launched = "LOCAL_RANK" in os.environ or distributed.world_size() > 1
-    return num_processes(cfg) > 1 and not launched
-
-
-def relaunch_problems(cfg: DictConfig) -> list[str]:
-    """The `accelerate` section: num_processes a positive integer, args a list of strings."""
-    section = cfg.get("accelerate")
-    if section is None:
-        return []
-    if not isinstance(section, DictConfig):
-        return [f"`accelerate` must be a mapping with keys num_processes, args; got {section!r}"]
-    problems = [f"`accelerate.{key}` is not a known key; known keys: num_processes, args"
-                for key in section if key not in ("num_processes", "args")]
-    value = section.get("num_processes", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        problems.append(f"`accelerate.num_processes={value}` must be a whole number of processes, at least 1 "
-                        "(1: the job runs in its own process; N: an N-process accelerate launch of it)")
-    args = section.get("args", [])
-    if args is not None and (isinstance(args, str) or not all(isinstance(a, str) for a in args)):
-        problems.append(f"`accelerate.args` must be a list of `accelerate launch` flags such as "
-                        f"[\"--gpu_ids\", \"0,1\"], got {args!r}")
-    return problems
+    return not launched and composed.read().accelerate.num_processes > 1
 
 
 def quoted(value: str) -> str:
@@ -72,7 +45,7 @@ def quoted(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def job_arguments(cfg: DictConfig, run_dir: Path) -> list[str]:
+def job_arguments(config: RunConfig, run_dir: Path) -> list[str]:
     """mora-train's arguments that run this job again: its config, its overrides, its run dir, its group."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -87,25 +60,24 @@ def job_arguments(cfg: DictConfig, run_dir: Path) -> list[str]:
         args.append("hydra.searchpath=[" + ",".join(quoted(p) for p in searchpath) + "]")
     args += [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") != "output_dir"]
     args.append(f"output_dir={quoted(run_dir)}")
-    logging_cfg = cfg.get("logging")
-    if isinstance(logging_cfg, DictConfig) and not logging_cfg.get("group"):
-        group = tracking.current_job(logging_cfg, run_dir).group  # the sweep's: the launched run is a single run
+    if not config.logging.group:
+        group = tracking.current_job(config.logging, run_dir).group  # the sweep's: the launched run is a single run
         if group:
             args.append(f"logging.group={quoted(group)}")
     return args
 
 
-def accelerate_command(cfg: DictConfig, run_dir: Path, cuda: bool | None = None) -> list[str]:
+def accelerate_command(config: RunConfig, run_dir: Path, cuda: bool | None = None) -> list[str]:
     """`accelerate launch` of this job on num_processes GPUs (CPU processes where there is no GPU)."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    extra = [str(a) for a in (cfg.accelerate.get("args") or [])]
+    extra = list(config.accelerate.args)
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         *(GPU_TOPOLOGY if cuda else CPU_TOPOLOGY),
-        "--num_processes", str(num_processes(cfg)), "--main_process_port", "0", *extra,
-        "-m", "mora_train", *job_arguments(cfg, run_dir),
+        "--num_processes", str(config.accelerate.num_processes), "--main_process_port", "0", *extra,
+        "-m", "mora_train", *job_arguments(config, run_dir),
     ]
 
 
@@ -116,18 +88,18 @@ def _nodes_of_this_job() -> int:
     return 1
 
 
-def run_relaunched(cfg: DictConfig) -> dict[str, Any]:
+def run_relaunched(config: RunConfig) -> dict[str, Any]:
     """Run this job as an `accelerate launch` of num_processes processes; return its metrics.json record."""
     nodes = _nodes_of_this_job()
     if nodes > 1:
         raise MoraTrainError(
-            f"accelerate.num_processes={num_processes(cfg)} runs one `accelerate launch` on the job's node, but this "
+            f"accelerate.num_processes={config.accelerate.num_processes} runs one `accelerate launch` on the job's node, but this "
             f"job has {nodes} nodes; give each job one node (hydra.launcher.nodes=1) with num_processes GPUs, or run "
             "a multi-node job with scripts/launch.sh --nodes M on every node (README \"Multi-GPU and multi-node training\")"
         )
-    run_dir = Path(str(cfg.output_dir))
-    command = accelerate_command(cfg, run_dir)
-    print(f"mora-train: running this job as {num_processes(cfg)} processes: {' '.join(command)}", flush=True)
+    run_dir = Path(config.output_dir)
+    command = accelerate_command(config, run_dir)
+    print(f"mora-train: running this job as {config.accelerate.num_processes} processes: {' '.join(command)}", flush=True)
     output = LaunchOutput()
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
     while True:
@@ -145,7 +117,7 @@ def run_relaunched(cfg: DictConfig) -> dict[str, Any]:
     if status == 0 and (run_dir / METRICS_JSON).is_file():
         return json.loads((run_dir / METRICS_JSON).read_text())
     code = output.exit_code(status)
-    message = (f"the {num_processes(cfg)}-process accelerate launch of this job failed (exit status {code}): "
+    message = (f"the {config.accelerate.num_processes}-process accelerate launch of this job failed (exit status {code}): "
                f"{output.reason()} (run dir: {run_dir})")
     if code >= 128:
         raise RunStopped(message, exit_code=code)

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
 from transformers import set_seed
 
 from mora_train.training import distributed, tracking
@@ -20,6 +20,7 @@ from mora_train.training.restarts import setup_training_extras
 from mora_train.adapters.base import count_parameters
 from mora_train.training.checkpoints import apply_resume_plan, checkpoint_step, decide_resume, file_sha256, resume_command
 from mora_train.pipeline.scoring import evaluate_model, not_evaluated
+from mora_train.pipeline.run_config import HYDRA_SUBDIR, RESOLVED_CONFIG, ComposedConfig, RunConfig
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
@@ -29,9 +30,7 @@ from mora_train.core.run_lock import RunDirLock
 from mora_train.export import ExportResult, export_merged, probe_batch, quantized_reference_logits
 from mora_train.training.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
-from mora_train.models.quantization import quantization_of
 from mora_train.config.output_dir import output_dir_problem
-from mora_train.config.validation import export_dtype
 from mora_train.training.preflight import check_model_fit
 from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
 from mora_train.training.trainer import TrainResult, plot_loss, train
@@ -39,11 +38,12 @@ from mora_train.training.trainer import TrainResult, plot_loss, train
 log = logging.getLogger(__name__)
 
 
-def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
+def format_summary(config: RunConfig, adapter: Adapter) -> str:
     """One screen: model, adapter, per-layer-kind size (r or r̂) and trainable parameters."""
     trainable, total = count_parameters(adapter.model)
-    model_name = cfg.model.name_or_path or f"random {cfg.model.random_init.get('architecture', 'llama')}"
-    quantization = quantization_of(cfg.model)
+    random_init = config.model.random_init or {}
+    model_name = config.model.name_or_path or f"random {random_init.get('architecture', 'llama')}"
+    quantization = config.model.quantization_name
     if quantization != "none":
         model_name += f" ({quantization} base, de-quantized in the merged checkpoint)"
     lines = [
@@ -62,19 +62,19 @@ def format_summary(cfg: DictConfig, adapter: Adapter) -> str:
     return "\n".join(lines)
 
 
-def check_run_dir(cfg: DictConfig, lock: RunDirLock | None = None) -> Path:
+def check_run_dir(config: RunConfig, lock: RunDirLock | None = None) -> Path:
     """Every refusal about the run dir itself, before anything is written (prepare_run_dir writes).
 
     With `lock` (the process that writes the run dir) the writer lock is taken once the location is known to be
     usable and before every refusal that reads the run dir (finished run; the caller's resume plan), so that no
     decision is taken on files another live run is changing: a second writer is refused naming the first's PID."""
-    run_dir = Path(cfg.output_dir)
+    run_dir = Path(config.output_dir)
     problem = output_dir_problem(run_dir)
     if problem:
         raise MoraTrainError(problem)
     if lock is not None:
         lock.acquire()
-    if (run_dir / METRICS_JSON).exists() and not cfg.get("overwrite", False):
+    if (run_dir / METRICS_JSON).exists() and not config.overwrite:
         raise MoraTrainError(
             f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
             "or pass overwrite=true to replace it"
@@ -82,18 +82,18 @@ def check_run_dir(cfg: DictConfig, lock: RunDirLock | None = None) -> Path:
     return run_dir
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
+def prepare_run_dir(config: RunConfig, composed: ComposedConfig) -> Path:
     """Create the run dir and write its config records; called only once every refusal has passed.
 
     Writes resolved_config.yaml, Hydra's .hydra/ records (Hydra itself is told not to write them at startup:
     configs/config.yaml sets hydra.output_subdir=null) and starts train.log with what was logged so far."""
-    run_dir = check_run_dir(cfg)
+    run_dir = check_run_dir(config)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "resolved_config.yaml"
-        _warn_config_changes(config_path, cfg)
-        write_hydra_records(run_dir, cfg)
-        write_text_atomically(config_path, OmegaConf.to_yaml(cfg, resolve=True))
+        config_path = run_dir / RESOLVED_CONFIG
+        _warn_config_changes(config_path, composed.resolved())
+        composed.write_records(run_dir)
+        write_text_atomically(config_path, composed.resolved_yaml())
     except OSError as err:
         raise output_error(run_dir, err) from None
     attach_run_log(run_dir)
@@ -114,7 +114,6 @@ def output_error(run_dir: Path, err: OSError) -> MoraTrainError:
     )
 
 
-HYDRA_SUBDIR = ".hydra"
 UNVERIFIED_MERGED = "merged-unverified"  # a merged/ that failed the merge check, kept for inspection
 CHECKSUMS_JSON = "checksums.json"  # sha256 of every file of adapter/ and merged/, checked by mode=eval
 
@@ -129,21 +128,6 @@ def write_output_checksums(run_dir: Path) -> None:
                 if path.is_file():
                     entries[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     write_json_atomically(Path(run_dir) / CHECKSUMS_JSON, entries)
-
-
-def write_hydra_records(run_dir: Path, cfg: DictConfig) -> None:
-    """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra writes them (when running under Hydra)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-    except (ImportError, ValueError):  # not under Hydra (pipeline.run called from Python)
-        return
-    folder = Path(run_dir) / HYDRA_SUBDIR
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(folder / "config.yaml", OmegaConf.to_yaml(cfg))
-    write_text_atomically(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
-    write_text_atomically(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 class EarlyLog(logging.handlers.MemoryHandler):
@@ -195,15 +179,15 @@ def detach_run_log() -> None:
         handler.close()
 
 
-def _warn_config_changes(previous_path: Path, cfg: DictConfig) -> None:
+def _warn_config_changes(previous_path: Path, resolved: dict[str, Any]) -> None:
     """When continuing in a run dir, name the settings that differ from the run's previous start."""
     if not previous_path.is_file():
         return
     try:
-        before = _flatten(OmegaConf.to_container(OmegaConf.load(previous_path)))
+        before = _flatten(yaml.safe_load(previous_path.read_text(encoding="utf-8")))
     except Exception:  # an unreadable old config must not stop a resume
         return
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    now = _flatten(resolved)
     ignored = {"output_dir", "overwrite", "trainer.resume"}
     changed = sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
     if changed:
@@ -222,17 +206,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, export, verify and evaluate as `cfg` says; return the metrics written to metrics.json.
+def run(composed: ComposedConfig) -> dict[str, Any]:
+    """Train, export, verify and evaluate as the config says; return the metrics written to metrics.json.
 
     A run that stops early (signal, non-finite loss, full disk) raises RunStopped, whose message ends
     with the command that resumes it.
     """
-    run_dir = Path(cfg.output_dir)
+    run_dir = composed.output_dir
     # One writer per run dir, held until the run ends (the main process writes; the other ranks only read).
     lock = RunDirLock(run_dir, "mora-train") if distributed.is_main_process() else None
     try:
-        return _run(cfg, lock)
+        return _run(composed, lock)
     except RunStopped as err:
         raise RunStopped(f"{err}: {resume_command(run_dir)}", err.exit_code) from err.__cause__
     except MoraTrainError:
@@ -253,50 +237,53 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             lock.release()
 
 
-def _run(cfg: DictConfig, lock: RunDirLock | None) -> dict[str, Any]:
+def _run(composed: ComposedConfig, lock: RunDirLock | None) -> dict[str, Any]:
     started = time.time()
     # Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank),
     # checks the run dir and decides which checkpoint to resume from; the others share its outcome.
     # Nothing is written into the run dir until every refusal has passed (README: "When things go wrong").
-    distributed.run_on_main_process(lambda: validate(cfg))
-    run_dir = distributed.run_on_main_process(lambda: check_run_dir(cfg, lock))
-    identity = adapter_identity(cfg.adapter, cfg.rank)
+    config = distributed.run_on_main_process(lambda: validate(composed))
+    run_dir = distributed.run_on_main_process(lambda: check_run_dir(config, lock))
+    identity = adapter_identity(config.adapter, config.rank)
     plan = distributed.run_on_main_process(
-        lambda: decide_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite", False)), identity)
+        lambda: decide_resume(run_dir, config.trainer.resume, config.overwrite, identity)
     )
-    set_seed(cfg.seed)
-    task = TASKS[cfg.task.name]
+    set_seed(config.seed)
+    task = TASKS[config.task.name]
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
-    check_model_fit(cfg, model)
-    data = task.build(cfg.task, tokenizer, cfg.trainer.max_seq_len)
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    check_model_fit(
+        model, model_cfg=config.model, trainer=config.trainer, adapter=config.adapter, rank=config.rank,
+        output_dir=run_dir, export_dtype=config.export.torch_dtype,
+    )
+    data = task.build(config.task, tokenizer, config.trainer.max_seq_len)
     if not data.train:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
-    adapter = build_adapter(model, cfg.adapter, cfg.rank, load_base=lambda: load_model_and_tokenizer(cfg.model)[0])
-    extras = setup_training_extras(adapter, cfg.adapter, cfg.seed)  # restarts, trained embeddings
+    adapter = build_adapter(model, config.adapter, config.rank, load_base=lambda: load_model_and_tokenizer(config.model)[0])
+    extras = setup_training_extras(adapter, config.trainer, config.seed)  # restarts, trained embeddings
     # Every refusal has passed: from here on the run dir is written.
-    run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(cfg))
+    run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(config, composed))
     if distributed.is_main_process():
-        tracking.start(cfg, run_dir)  # the W&B / MLflow runs of logging.report_to, grouped by sweep
+        tracking.start(config.logging, composed.resolved(), run_dir)  # logging.report_to's runs, grouped by sweep
     resume_from = distributed.run_on_main_process(lambda: apply_resume_plan(plan))
     if resume_from is not None and distributed.is_main_process():
         print(f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
               "trainer.resume=false overwrite=true starts over instead", flush=True)
     trainable, total = count_parameters(adapter.model)
     if distributed.is_main_process():
-        print(format_summary(cfg, adapter), flush=True)
+        print(format_summary(config, adapter), flush=True)
 
     result = train(
-        adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, resume_from, extras, cfg.get("distributed"),
-        logging_cfg=cfg.get("logging"),
+        adapter, tokenizer, data.train, config.trainer, config.seed, run_dir, resume_from, extras,
+        config.distributed, config.logging,
     )
     return distributed.run_on_main_process(
-        lambda: finish_run(cfg, task, adapter, tokenizer, data, result, run_dir, trainable, total, started)
+        lambda: finish_run(config, task, adapter, tokenizer, data, result, run_dir, trainable, total, started)
     )
 
 
 def finish_run(
-    cfg: DictConfig,
+    config: RunConfig,
     task: Any,
     adapter: Adapter,
     tokenizer: Any,
@@ -309,14 +296,14 @@ def finish_run(
 ) -> dict[str, Any]:
     """Rank 0: export the adapter and the merged model, verify, evaluate, write metrics and the loss plot."""
     # After ZeRO / FSDP training the live weights are shards: export a rebuilt copy holding the gathered ones.
-    adapter = unsharded_adapter(adapter, result.final_weights, lambda: rebuilt_adapter(cfg))
+    adapter = unsharded_adapter(adapter, result.final_weights, lambda: rebuilt_adapter(config))
     adapter_dir = None
     if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
         adapter_dir = run_dir / "adapter"
         write_dir_atomically(adapter_dir, adapter.save)
-    export = export_checked_merge(cfg, adapter, tokenizer, data, run_dir, adapter_dir)
-    scores = evaluate_verified_merge(cfg, task, export, tokenizer, data, run_dir)
-    metrics = run_record(cfg, task, adapter, result, export, scores, (trainable, total), started)
+    export = export_checked_merge(config, adapter, tokenizer, data, run_dir, adapter_dir)
+    scores = evaluate_verified_merge(config, task, export, tokenizer, data, run_dir)
+    metrics = run_record(config, task, adapter, result, export, scores, (trainable, total), started)
     plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
     write_json_atomically(run_dir / METRICS_JSON, metrics)
     tracking.finish(metrics)  # the final metrics and the merge check, to the trackers of logging.report_to
@@ -325,43 +312,43 @@ def finish_run(
     return metrics
 
 
-def rebuilt_adapter(cfg: DictConfig) -> Adapter:
+def rebuilt_adapter(config: RunConfig) -> Adapter:
     """The run's adapter built afresh on a freshly loaded base (same seed), for the gathered weights."""
-    set_seed(cfg.seed)
+    set_seed(config.seed)
 
     def load_base() -> Any:
-        return load_model_and_tokenizer(cfg.model)[0]
+        return load_model_and_tokenizer(config.model)[0]
 
-    return build_adapter(load_base(), cfg.adapter, cfg.rank, load_base=load_base)
+    return build_adapter(load_base(), config.adapter, config.rank, load_base=load_base)
 
 
 def export_checked_merge(
-    cfg: DictConfig, adapter: Adapter, tokenizer: Any, data: Any, run_dir: Path, adapter_dir: Path | None
+    config: RunConfig, adapter: Adapter, tokenizer: Any, data: Any, run_dir: Path, adapter_dir: Path | None
 ) -> ExportResult:
     """Merge into run_dir/merged and check it against the trained model (see mora_train.export)."""
     probe = probe_batch(data.train, tokenizer.pad_token_id)
     quantized_reference = None
-    whole_in_adapter = adapter_dir is not None and not cfg.adapter.get("train_embeddings", False)
-    if quantization_of(cfg.model) != "none" and whole_in_adapter:
+    whole_in_adapter = adapter_dir is not None and not config.trainer.train_embeddings
+    if config.model.is_quantized and whole_in_adapter:
         # The merge check's reference on a quantized base: the saved adapter on a freshly loaded quantized base,
         # which nothing done to the live model (an eval forward, the export's de-quantization) can reach.
         # Trained embeddings are not in adapter/: such runs are checked against the live model's forward.
         quantized_reference = quantized_reference_logits(
-            lambda: load_model_and_tokenizer(cfg.model)[0], adapter_dir, probe
+            lambda: load_model_and_tokenizer(config.model)[0], adapter_dir, probe
         )
     return export_merged(
-        adapter, tokenizer, probe, run_dir / "merged", export_dtype(cfg), quantized_reference=quantized_reference,
-        trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
+        adapter, tokenizer, probe, run_dir / "merged", config.export.torch_dtype, quantized_reference=quantized_reference,
+        trust_remote_code=config.model.trust_remote_code,
     )
 
 
 def evaluate_verified_merge(
-    cfg: DictConfig, task: Any, export: ExportResult, tokenizer: Any, data: Any, run_dir: Path
+    config: RunConfig, task: Any, export: ExportResult, tokenizer: Any, data: Any, run_dir: Path
 ) -> Any:
     """The task's scores of a merge that passed its check (eval.backend's evaluators); otherwise none, and the
     merge moved out of the way."""
     if export.passed:
-        scores = evaluate_model(cfg, task, export.model, tokenizer, data, run_dir)
+        scores = evaluate_model(config, task, export.model, tokenizer, data, run_dir)
         write_output_checksums(run_dir)
         return scores
     # A merge that does not reproduce the trained model is never evaluated nor left where a finished
@@ -374,7 +361,7 @@ def evaluate_verified_merge(
 
 
 def run_record(
-    cfg: DictConfig,
+    config: RunConfig,
     task: Any,
     adapter: Adapter,
     result: TrainResult,
@@ -385,7 +372,7 @@ def run_record(
 ) -> dict[str, Any]:
     """The run's metrics.json record: identity, scores, training results and merge checks, bookkeeping."""
     identity = {"task": task.name, **adapter.identity_now(), "adapter_config": adapter.describe(),
-                "quantization": quantization_of(cfg.model)}
+                "quantization": config.model.quantization_name}
     identity.setdefault("rank", None)
     before_cast = export.before_cast
     training = {

@@ -5,21 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.config.schema import section, setting
 from mora_train.data import instruction as data
 from mora_train.data.common import PadCollator
 from mora_train.evaluation import instruction as evaluation
+from mora_train.evaluation.config import InstructionEvalSettings
 from mora_train.tasks.task import Task
 
 
+@section
+class InstructionSettings(data.InstructionRecipe):
+    """task=instruction: Alpaca-style or chat records, loss on the responses."""
+
+    eval: InstructionEvalSettings = setting(
+        factory=InstructionEvalSettings, help="held-out loss, plus a few generated answers (RUN_DIR/samples.jsonl)"
+    )
+
+
+def build(settings: InstructionSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> data.InstructionData:
+    return data.build(settings, tokenizer, max_seq_len, settings.eval.max_samples)
+
+
+def build_eval(
+    settings: InstructionSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> data.InstructionData:
+    return data.build_eval(settings, tokenizer, max_seq_len, settings.eval.max_samples)
+
+
 def evaluate(
-    task_cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.InstructionData, run_dir: Path
+    settings: InstructionSettings, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    built: data.InstructionData, run_dir: Path,
 ) -> dict[str, Any]:
     chat_template = bool(built.stats.get("chat_template"))
     return evaluation.evaluate(
-        task_cfg, model, tokenizer, built.eval_examples, [c.messages for c in built.eval_conversations], run_dir,
+        settings.eval, model, tokenizer, built.eval_examples, [c.messages for c in built.eval_conversations], run_dir,
         collate=PadCollator(tokenizer.pad_token_id),
         prompt=lambda messages: data.generation_prompt(tokenizer, messages, chat_template),
         prompt_has_special_tokens=chat_template,  # a rendered chat template already holds its special tokens
@@ -30,8 +51,8 @@ TASK = Task(
     name="instruction",
     primary_metric="eval_loss",
     greater_is_better=False,
-    config_problems=data.config_problems,
-    build=data.build,
-    build_eval=data.build_eval,
+    settings=InstructionSettings,
+    build=build,
+    build_eval=build_eval,
     evaluate=evaluate,
 )

@@ -10,28 +10,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.config.schema import section, setting
 from mora_train.data import math as data
 from mora_train.evaluation import math as evaluation
 from mora_train.evaluation.answers import extract_answer
+from mora_train.evaluation.config import GenerationEvalSettings
 from mora_train.tasks.task import Task
 
 
-def build(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> data.MathData:
-    return data.build(task_cfg, tokenizer, max_seq_len, final_answer=extract_answer)
+@section
+class MathSettings(data.MathRecipe):
+    """task=gsm8k / task=metamath: math word problems, evaluated on GSM8K-style final answers."""
+
+    eval: GenerationEvalSettings = setting(
+        factory=GenerationEvalSettings, help="greedy generation, final-answer extraction and exact match"
+    )
 
 
-def build_eval(task_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> data.MathData:
-    return data.build_eval(task_cfg, tokenizer, max_seq_len, final_answer=extract_answer)
+def build(settings: MathSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> data.MathData:
+    return data.build(settings, tokenizer, max_seq_len, extract_answer, settings.eval.max_samples)
+
+
+def build_eval(settings: MathSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> data.MathData:
+    return data.build_eval(settings, extract_answer, settings.eval.max_samples)
 
 
 def evaluate(
-    task_cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.MathData, run_dir: Path
+    settings: MathSettings, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.MathData,
+    run_dir: Path,
 ) -> dict[str, Any]:
-    prompts = [data.prompt(task_cfg, problem.question) for problem in built.problems]
-    return evaluation.evaluate(task_cfg, model, tokenizer, built.problems, prompts, run_dir)
+    prompts = [data.prompt(settings, problem.question) for problem in built.problems]
+    return evaluation.evaluate(settings.eval, model, tokenizer, built.problems, prompts, run_dir, name=settings.name)
 
 
 def task(name: str) -> Task:
@@ -40,7 +51,7 @@ def task(name: str) -> Task:
         name=name,
         primary_metric="accuracy",
         greater_is_better=True,
-        config_problems=data.config_problems,
+        settings=MathSettings,
         build=build,
         build_eval=build_eval,
         evaluate=evaluate,

@@ -6,20 +6,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.config.schema import section, setting
 from mora_train.data import pretrain as data
 from mora_train.data.common import PadCollator
 from mora_train.evaluation import pretrain as evaluation
+from mora_train.evaluation.config import PerplexityEvalSettings
 from mora_train.tasks.task import Task
 
 
+@section
+class PretrainSettings(data.PretrainRecipe):
+    """task=pretrain / biomed / finance: packed raw text, held-out perplexity and zero-shot benchmarks."""
+
+    eval: PerplexityEvalSettings = setting(
+        factory=PerplexityEvalSettings, help="held-out perplexity, then the benchmarks task.eval.benchmarks selects"
+    )
+
+    def check(self, prefix: str) -> list[str]:
+        selection = self.selection_problems(self.eval.benchmarks, prefix, f"{prefix}.eval.benchmarks")
+        return [*super().check(prefix), *selection]
+
+
+def build(settings: PretrainSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> data.PretrainData:
+    return data.build(settings, tokenizer, max_seq_len, settings.eval.max_samples, settings.eval.benchmarks)
+
+
+def build_eval(settings: PretrainSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> data.PretrainData:
+    return data.build_eval(settings, tokenizer, max_seq_len, settings.eval.max_samples, settings.eval.benchmarks)
+
+
 def evaluate(
-    task_cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.PretrainData, run_dir: Path
+    settings: PretrainSettings, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.PretrainData,
+    run_dir: Path,
 ) -> dict[str, Any]:
     return evaluation.evaluate(
-        task_cfg, model, tokenizer, built.eval_blocks, built.benchmarks, PadCollator(tokenizer.pad_token_id), run_dir
+        settings.eval, model, tokenizer, built.eval_blocks, built.benchmarks, PadCollator(tokenizer.pad_token_id),
+        run_dir, scoring={name: bench.score for name, bench in settings.benchmarks.items()},
     )
 
 
@@ -29,8 +53,8 @@ def task(name: str, primary_metric: str, greater_is_better: bool) -> Task:
         name=name,
         primary_metric=primary_metric,
         greater_is_better=greater_is_better,
-        config_problems=data.config_problems,
-        build=data.build,
-        build_eval=data.build_eval,
+        settings=PretrainSettings,
+        build=build,
+        build_eval=build_eval,
         evaluate=evaluate,
     )

@@ -15,14 +15,15 @@ warning naming the file and what is wrong with it, and the newest intact one is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mora_train.config.overrides import paste_command, shell_override
@@ -192,10 +193,8 @@ def publish(staged: Path, final: Path, info: dict[str, Any]) -> None:
     os.replace(staged, final)
     _fsync(final.parent, directory=True)
     if staged.parent.name == STAGING_DIR:
-        try:
+        with contextlib.suppress(OSError):
             staged.parent.rmdir()  # only when empty (another process's files may still be staged)
-        except OSError:
-            pass
 
 
 def rotate(checkpoints_dir: Path, keep: int | None) -> None:
@@ -357,8 +356,13 @@ def apply_resume_plan(plan: ResumePlan) -> Path | None:
     remove_leftovers(checkpoints_dir)
     for path, why in plan.corrupt:
         aside = move_aside(path)
-        log.warning("checkpoint %s is corrupt: %s; moved it aside to %s (kept for inspection) and resuming from %s",
-                    path, why, aside, plan.start)
+        log.warning(
+            "checkpoint %s is corrupt: %s; moved it aside to %s (kept for inspection) and resuming from %s",
+            path,
+            why,
+            aside,
+            plan.start,
+        )
     if plan.replace_finished and (run_dir / "metrics.json").exists():
         # metrics.json goes first: until the new run writes its own, the dir no longer looks finished.
         log.warning("overwrite=true: replacing the finished run in %s", run_dir)
@@ -390,6 +394,8 @@ def resume_command(run_dir: Path) -> str:
 
         overrides = list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):  # not running under Hydra (e.g. pipeline.run called from Python)
-        return (f"run it again with {shell_override('output_dir', output_dir)} (trainer.resume=auto, the default, "
-                "picks up the newest checkpoint)")
+        return (
+            f"run it again with {shell_override('output_dir', output_dir)} (trainer.resume=auto, the default, "
+            "picks up the newest checkpoint)"
+        )
     return paste_command(overrides, "output_dir", output_dir, dropped=("trainer.resume", "overwrite"))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mora_train.training.distributed import all_gather_object, is_main_process, world_size
 from mora_train.core.errors import MoraTrainError
+from mora_train.training.distributed import all_gather_object, is_main_process, world_size
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -104,7 +105,9 @@ def _gather_fsdp(trainer: Trainer, names: list[str]) -> dict[str, torch.Tensor] 
     cleaned = {_strip_wrapper_names(k): v for k, v in full_state.items()}
     missing = [n for n in names if n not in cleaned]
     if missing:
-        raise MoraTrainError(f"FSDP state dict lacks trainable weights {missing[:5]}; please report this with the run's config")
+        raise MoraTrainError(
+            f"FSDP state dict lacks trainable weights {missing[:5]}; please report this with the run's config"
+        )
     return {n: cleaned[n].detach().to(torch.float32).cpu().clone() for n in names}
 
 
@@ -144,7 +147,9 @@ def collect_final_weights(trainer: Trainer, names: list[str]) -> FinalWeights:
     sharded_or_low_precision = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     state = gather_trainable_state(trainer, names) if sharded_or_low_precision else None
     checksums = None
-    replicated = engine == "ddp" or (engine in ("deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2") and world_size() > 1)
+    replicated = engine == "ddp" or (
+        engine in ("deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2") and world_size() > 1
+    )
     if replicated:
         checksums = all_gather_object(weights_checksum(trainer.accelerator.unwrap_model(trainer.model), names))
     device = str(trainer.args.device)

@@ -40,7 +40,7 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
             for sig in HANDLED_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

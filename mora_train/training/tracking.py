@@ -22,6 +22,7 @@ a local store unless its tracking URI names a server.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -29,32 +30,96 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from mora_train.config.validation import tracker_names
+from mora_train.config.schema import Section, section, setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.metrics import TRAINING_KEYS, metrics_of, run_info
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKERS = ["tensorboard"]
 DEFAULT_PROJECT = "mora-train"  # W&B project and MLflow experiment when nothing names them
 MAX_GROUP = 128  # W&B refuses longer group names
 MAX_TAG = 64  # W&B refuses longer tags
+# logging.report_to: the trackers mora-train feeds, each with the package it needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
-def trackers(logging_cfg: Any) -> list[str]:
-    """The trackers `logging.report_to` picks (no logging section: TensorBoard, as before it existed)."""
-    if not isinstance(logging_cfg, DictConfig):
-        return list(DEFAULT_TRACKERS)
-    return tracker_names(logging_cfg.get("report_to"))
+# -- the `logging` section ------------------------------------------------------------------------------------
 
 
-def trainer_callbacks(logging_cfg: Any, run_dir: Path) -> list[Any]:
+@section
+class WandbSettings(Section):
+    project: str | None = setting(
+        default=None, help="the W&B project; null: $WANDB_PROJECT, else mora-train (offline: WANDB_MODE=offline)"
+    )
+    entity: str | None = setting(default=None, help="the W&B entity (team or user); null: $WANDB_ENTITY, else your W&B default")
+
+
+@section
+class MlflowSettings(Section):
+    tracking_uri: str | None = setting(
+        default=None, help="the MLflow store; null: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)"
+    )
+    experiment: str | None = setting(
+        default=None, help="the MLflow experiment; null: logging.group, else $MLFLOW_EXPERIMENT_NAME, else mora-train"
+    )
+
+
+@section
+class LoggingConfig(Section):
+    """Experiment trackers (README "Experiment tracking"): logging.report_to=[tensorboard,wandb,mlflow]."""
+
+    report_to: list[str] | str | None = setting(
+        factory=lambda: ["tensorboard"],
+        help='any of tensorboard, wandb, mlflow: a list, one name or "a,b"; [] or none for none',
+    )
+    group: str | None = setting(
+        default=None, help="the W&B group and MLflow experiment; null: a sweep job's is its sweep dir, a single run has none"
+    )
+    wandb: WandbSettings = setting(factory=WandbSettings, help="Weights & Biases settings")
+    mlflow: MlflowSettings = setting(factory=MlflowSettings, help="MLflow settings")
+
+    @property
+    def trackers(self) -> list[str]:
+        """`report_to` as a list of names, each once in the order given."""
+        return tracker_names(self.report_to)
+
+    def check(self, prefix: str) -> list[str]:
+        """Known trackers only, each one installed."""
+        problems = []
+        for name in self.trackers:
+            if name not in TRACKERS:
+                problems.append(
+                    f"`{prefix}.report_to` names {name!r}, which is not a tracker mora-train feeds; use any of "
+                    f"{', '.join(TRACKERS)} (e.g. {prefix}.report_to=[tensorboard,wandb]), or {prefix}.report_to=[] "
+                    "for none"
+                )
+            elif importlib.util.find_spec(TRACKERS[name]) is None:
+                problems.append(
+                    f"`{prefix}.report_to` includes {name}, whose package is not installed: pip install "
+                    f"'mora-train[{name}]' (or pip install {TRACKERS[name]}), or drop {name} from {prefix}.report_to"
+                )
+        return problems
+
+
+def tracker_names(report_to: list[str] | str | None) -> list[str]:
+    """`logging.report_to` as a list of names: a list, one name or "a,b"; null, [] and none mean none."""
+    if report_to is None:
+        return []
+    items = report_to.split(",") if isinstance(report_to, str) else [str(item) for item in report_to]
+    names = [item.strip() for item in items if item.strip() and item.strip().lower() != "none"]
+    return list(dict.fromkeys(names))  # once each, in the order given
+
+
+def trackers(logging: LoggingConfig | None) -> list[str]:
+    """The trackers `logging.report_to` picks (no logging section: the default, TensorBoard)."""
+    return (logging or LoggingConfig()).trackers
+
+
+def trainer_callbacks(logging: LoggingConfig | None, run_dir: Path) -> list[Any]:
     """transformers' own callbacks for the chosen trackers; TensorBoard writes into RUN_DIR/tensorboard."""
     from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
 
-    names = trackers(logging_cfg)
+    names = trackers(logging)
     callbacks: list[Any] = []
     if "tensorboard" in names:
         tensorboard = TensorBoardCallback()
@@ -97,7 +162,7 @@ def parse_overrides(overrides: list[str], exclude: set[str]) -> dict[str, str]:
     return parsed
 
 
-def current_job(logging_cfg: Any, run_dir: Path) -> Job:
+def current_job(logging: LoggingConfig | None, run_dir: Path) -> Job:
     """This job as Hydra launched it (under any launcher: the sweep dir travels with the job's config)."""
     job = Job(name=Path(run_dir).name)
     try:
@@ -112,7 +177,7 @@ def current_job(logging_cfg: Any, run_dir: Path) -> Job:
         job.overrides = parse_overrides(list(hydra_cfg.overrides.task), exclude)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job.sweep_dir = str(hydra_cfg.sweep.dir)
-    group = logging_cfg.get("group") if isinstance(logging_cfg, DictConfig) else None
+    group = logging.group if logging is not None else None
     job.group = group_name(group) if group else group_name(job.sweep_dir) if job.sweep_dir else None
     return job
 
@@ -130,42 +195,30 @@ class Session:
 _session: Session | None = None
 
 
-def _settings(logging_cfg: Any, name: str) -> dict[str, Any]:
-    node = logging_cfg.get(name) if isinstance(logging_cfg, DictConfig) else None
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
+def start(logging: LoggingConfig, config: dict[str, Any], run_dir: Path) -> None:
+    """Open this job's W&B and MLflow runs (those `logging.report_to` names); main process only.
 
-
-def _resolved(cfg: DictConfig) -> dict[str, Any]:
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # an interpolation that needs what is not there (e.g. Hydra's, outside Hydra)
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
-def start(cfg: DictConfig, run_dir: Path) -> None:
-    """Open this job's W&B and MLflow runs (those `logging.report_to` names); main process only."""
+    `config`: the run's whole resolved config as plain values (W&B config, MLflow's resolved_config.yaml)."""
     close(failed=True)  # whatever an earlier job of this process left open
-    logging_cfg = cfg.get("logging")
-    names = trackers(logging_cfg)
+    names = trackers(logging)
     if "wandb" not in names and "mlflow" not in names:
         return
     global _session
-    session = _session = Session(job=current_job(logging_cfg, run_dir))
-    config = _resolved(cfg)
+    session = _session = Session(job=current_job(logging, run_dir))
     if "wandb" in names:
-        session.wandb_run = _start_wandb(session.job, config, _settings(logging_cfg, "wandb"), Path(run_dir))
+        session.wandb_run = _start_wandb(session.job, config, logging.wandb, Path(run_dir))
     if "mlflow" in names:
-        session.mlflow_run_id = _start_mlflow(session.job, config, _settings(logging_cfg, "mlflow"), Path(run_dir))
+        session.mlflow_run_id = _start_mlflow(session.job, config, logging.mlflow, Path(run_dir))
 
 
-def _start_wandb(job: Job, config: dict, settings: dict, run_dir: Path) -> Any:
+def _start_wandb(job: Job, config: dict, settings: WandbSettings, run_dir: Path) -> Any:
     import wandb
 
-    project = settings.get("project") or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+    project = settings.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
     try:
         return wandb.init(
             project=project,
-            entity=settings.get("entity"),  # None: WANDB_ENTITY or the account's default
+            entity=settings.entity,  # None: WANDB_ENTITY or the account's default
             group=job.group,
             name=job.name,
             job_type="train",
@@ -181,14 +234,14 @@ def _start_wandb(job: Job, config: dict, settings: dict, run_dir: Path) -> Any:
         ) from err
 
 
-def _start_mlflow(job: Job, config: dict, settings: dict, run_dir: Path) -> str:
+def _start_mlflow(job: Job, config: dict, settings: MlflowSettings, run_dir: Path) -> str:
     import mlflow
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     try:
-        if settings.get("tracking_uri"):
-            mlflow.set_tracking_uri(settings["tracking_uri"])
-        experiment = settings.get("experiment") or job.group or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT
+        if settings.tracking_uri:
+            mlflow.set_tracking_uri(settings.tracking_uri)
+        experiment = settings.experiment or job.group or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT
         mlflow.set_experiment(experiment)
         tags = {"mora_train.run_dir": str(run_dir.resolve())}
         if job.sweep_dir:
@@ -238,13 +291,16 @@ def finish(record: dict[str, Any]) -> None:
             import mlflow
 
             # MLflow names allow letters, digits and _-. :/ only (lm-eval's "exact_match,strict-match" has a comma)
-            mlflow.log_metrics({re.sub(r"[^0-9A-Za-z_\-. :/]", "_", k): v for k, v in numbers.items()},
-                               step=step if isinstance(step, int) else None)
+            mlflow.log_metrics(
+                {re.sub(r"[^0-9A-Za-z_\-. :/]", "_", k): v for k, v in numbers.items()},
+                step=step if isinstance(step, int) else None,
+            )
             mlflow.set_tags(labels)
             mlflow.log_dict(record, "metrics.json")
-    except Exception as err:
-        log.warning("could not log the final metrics to the trackers (%s: %s); metrics.json holds them",
-                    type(err).__name__, err)
+    except Exception as err:  # noqa: BLE001 - any tracker failure: the run is complete and metrics.json holds it
+        log.warning(
+            "could not log the final metrics to the trackers (%s: %s); metrics.json holds them", type(err).__name__, err
+        )
     close(failed=run_info(record, "merge_check") == "failed")
 
 
@@ -257,7 +313,7 @@ def close(failed: bool = False) -> None:
     if session.wandb_run is not None:
         try:
             session.wandb_run.finish(exit_code=1 if failed else 0)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - closing never raises (it runs on failure paths too)
             log.warning("could not close the W&B run (%s: %s)", type(err).__name__, err)
     if session.mlflow_run_id is not None:
         try:
@@ -266,5 +322,5 @@ def close(failed: bool = False) -> None:
             active = mlflow.active_run()
             if active is not None and active.info.run_id == session.mlflow_run_id:
                 mlflow.end_run(status="FAILED" if failed else "FINISHED")
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - closing never raises (it runs on failure paths too)
             log.warning("could not close the MLflow run (%s: %s)", type(err).__name__, err)

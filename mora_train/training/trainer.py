@@ -13,17 +13,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 from transformers import Trainer, TrainingArguments
 
-from mora_train.training import distributed, tracking
 from mora_train.adapters.base import Adapter
-from mora_train.training.checkpoints import STAGING_DIR, checkpoint_step, is_complete, newest_complete_checkpoint, publish, rotate
-from mora_train.data.common import PadCollator, count_tokens
 from mora_train.core.errors import MoraTrainError, RunStopped
 from mora_train.core.io import save_figure_atomically, write_json_atomically
+from mora_train.data.common import PadCollator, count_tokens
 from mora_train.models.quantization import adapters_attached
+from mora_train.training import tracking
+from mora_train.training.checkpoints import (
+    STAGING_DIR,
+    checkpoint_step,
+    is_complete,
+    newest_complete_checkpoint,
+    publish,
+    rotate,
+)
+from mora_train.training.config import TrainerConfig
+from mora_train.training.distributed import is_main_process, rank, world_size
+from mora_train.training.distributed_config import DistributedConfig, training_arguments_kwargs
 from mora_train.training.gather import FinalWeights, collect_final_weights, gather_trainable_state
+from mora_train.training.hf_arguments import hf_arguments
 from mora_train.training.resilience import (
     NonFiniteLoss,
     StopOnSignal,
@@ -32,6 +42,8 @@ from mora_train.training.resilience import (
     free_bytes,
     is_disk_full,
 )
+from mora_train.training.restarts import TrainingExtras
+from mora_train.training.tracking import LoggingConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,44 +61,43 @@ class TrainResult:
     final_weights: FinalWeights | None = None
 
 
-def world_size() -> int:
-    return distributed.world_size()
-
-
 def training_arguments(
-    trainer_cfg: DictConfig, seed: int, checkpoint_dir: Path, distributed_cfg: DictConfig | None = None
+    trainer: TrainerConfig, seed: int, checkpoint_dir: Path, distributed: DistributedConfig | None = None
 ) -> TrainingArguments:
-    """Map our trainer config onto TrainingArguments; accumulation is derived from the global batch.
+    """Map the trainer section onto TrainingArguments; accumulation is derived from the global batch.
 
     Under a multi-process launch each rank gets seed + rank (dropout differs per rank, as it should), while
     data_seed stays `seed` on all of them, so the global batches are the same whatever the world size.
-    `distributed_cfg` adds the engine's keys (deepspeed=, fsdp=, ddp_*).
+    `distributed` adds the engine's keys (deepspeed=, fsdp=, ddp_*); `trainer.hf` any other field.
     """
-    accumulation = trainer_cfg.batch_size // (trainer_cfg.micro_batch_size * world_size())
-    save_steps = trainer_cfg.save_steps
-    args = dict(
+    accumulation = trainer.batch_size // (trainer.micro_batch_size * world_size())
+    save_steps = trainer.save_steps
+    # Keyword form: tests/unit/test_hf_arguments.py reads the field names set here (OWNED_FIELDS must list them).
+    args: dict[str, Any] = dict(  # noqa: C408
         output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=trainer_cfg.micro_batch_size,
+        per_device_train_batch_size=trainer.micro_batch_size,
         gradient_accumulation_steps=accumulation,
-        max_steps=trainer_cfg.max_steps if trainer_cfg.max_steps > 0 else -1,
-        num_train_epochs=float(trainer_cfg.num_epochs),
-        learning_rate=float(trainer_cfg.learning_rate),
-        lr_scheduler_type=trainer_cfg.lr_scheduler,
-        warmup_steps=trainer_cfg.warmup_steps,
-        weight_decay=float(trainer_cfg.weight_decay),
-        max_grad_norm=float(trainer_cfg.max_grad_norm),
-        bf16=trainer_cfg.precision == "bf16",
-        fp16=trainer_cfg.precision == "fp16",
-        activation_checkpointing=trainer_cfg.gradient_checkpointing,
+        max_steps=trainer.max_steps if trainer.max_steps > 0 else -1,
+        num_train_epochs=float(trainer.num_epochs),
+        learning_rate=float(trainer.learning_rate),
+        optim=trainer.optim,
+        lr_scheduler_type=trainer.lr_scheduler,
+        lr_scheduler_kwargs=dict(trainer.lr_scheduler_kwargs),
+        warmup_steps=trainer.warmup_steps,
+        weight_decay=float(trainer.weight_decay),
+        max_grad_norm=float(trainer.max_grad_norm),
+        bf16=trainer.precision == "bf16",
+        fp16=trainer.precision == "fp16",
+        activation_checkpointing=trainer.gradient_checkpointing,
         # Non-reentrant checkpointing lets gradients reach adapters behind frozen embeddings.
-        activation_checkpointing_kwargs={"use_reentrant": False} if trainer_cfg.gradient_checkpointing else None,
-        logging_steps=trainer_cfg.logging_steps,
+        activation_checkpointing_kwargs={"use_reentrant": False} if trainer.gradient_checkpointing else None,
+        logging_steps=trainer.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if save_steps > 0 else "no",
         save_steps=save_steps if save_steps > 0 else 500,
-        save_total_limit=trainer_cfg.save_total_limit,
+        save_total_limit=trainer.save_total_limit,
         report_to="none",  # the trackers of logging.report_to are added as explicit callbacks (training.tracking)
-        seed=seed + distributed.rank(),
+        seed=seed + rank(),
         data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
@@ -94,7 +105,8 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
-    args.update(distributed.training_arguments_kwargs(distributed_cfg, trainer_cfg))
+    args.update(training_arguments_kwargs(distributed, trainer))
+    args.update(hf_arguments(trainer))
     return TrainingArguments(**args)
 
 
@@ -109,7 +121,12 @@ class AdapterTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, adapter: Adapter, nonfinite_loss: str = "stop", checkpoint_state: list | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        adapter: Adapter,
+        nonfinite_loss: str = "stop",
+        checkpoint_state: list | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.adapter = adapter
@@ -120,7 +137,7 @@ class AdapterTrainer(Trainer):
         self.skipped_steps: list[int] = []
         self._bad_loss: torch.Tensor | None = None  # any non-finite micro-batch loss in the current step
         self._staging_root: Path | None = None  # set while the stock checkpoint code writes into staging
-        # Everything that trains (the adapter, plus embeddings with adapter.train_embeddings), named before the
+        # Everything that trains (the adapter, plus embeddings with trainer.train_embeddings), named before the
         # engine wraps or shards the model; the names stay valid after.
         self.trained_parameter_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
 
@@ -249,52 +266,53 @@ class AdapterTrainer(Trainer):
 def train(
     adapter: Adapter,
     tokenizer: Any,
-    train_dataset: list[dict],
-    trainer_cfg: DictConfig,
+    train_examples: list[dict],
+    trainer: TrainerConfig,
     seed: int,
     run_dir: Path,
-    resume_from_checkpoint: str | Path | None = None,
-    extras: Any = None,
-    distributed_cfg: DictConfig | None = None,
-    logging_cfg: DictConfig | None = None,
+    resume_from: str | Path | None = None,
+    extras: TrainingExtras | None = None,
+    distributed: DistributedConfig | None = None,
+    logging: LoggingConfig | None = None,
 ) -> TrainResult:
     """Train; raise RunStopped (with a checkpoint kept) on SIGINT/SIGTERM, a non-finite loss or a full disk.
 
-    `logging_cfg` (the config's `logging` section) picks the trackers the training log goes to (None: TensorBoard)."""
-    args = training_arguments(trainer_cfg, seed, run_dir / "checkpoints", distributed_cfg)
+    `extras`: what trainer.restart / trainer.train_embeddings add (restarts.setup_training_extras);
+    `logging` picks the trackers the training log goes to (None: the default, TensorBoard)."""
+    args = training_arguments(trainer, seed, run_dir / "checkpoints", distributed)
     model = adapter.model
     embeddings = adapter.base_model.get_input_embeddings()
-    if trainer_cfg.gradient_checkpointing and (embeddings is None or not embeddings.weight.requires_grad):
+    if trainer.gradient_checkpointing and (embeddings is None or not embeddings.weight.requires_grad):
         # Frozen embeddings give checkpointed blocks inputs without grad; the adapters inside still need it.
         adapter.base_model.enable_input_require_grads()
     signals = StopSignals()
     stop_on_signal = StopOnSignal(signals)
-    callbacks = [*tracking.trainer_callbacks(logging_cfg, run_dir), stop_on_signal]  # logging.report_to
-    if extras is not None:  # adapter options such as restarts (mora_train.training.restarts.TrainingExtras)
+    callbacks = [*tracking.trainer_callbacks(logging, run_dir), stop_on_signal]  # logging.report_to
+    if extras is not None:
         callbacks += extras.callbacks
     with adapters_attached(model):  # transformers refuses a quantized base it does not see adapters on
-        trainer = AdapterTrainer(
+        hf_trainer = AdapterTrainer(
             model=model,
             args=args,
-            train_dataset=train_dataset,
+            train_dataset=train_examples,
             data_collator=PadCollator(tokenizer.pad_token_id),
             callbacks=callbacks,
             adapter=adapter,
-            nonfinite_loss=trainer_cfg.get("nonfinite_loss", "stop"),
+            nonfinite_loss=trainer.nonfinite_loss,
             checkpoint_state=extras.checkpoint_state if extras is not None else None,
         )
-    resumed_from = checkpoint_step(Path(resume_from_checkpoint)) if resume_from_checkpoint else None
-    if resume_from_checkpoint and trainer_cfg.max_steps > 0:
-        saved = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())
-        if saved["global_step"] >= trainer_cfg.max_steps:
+    resumed_from = checkpoint_step(Path(resume_from)) if resume_from else None
+    if resume_from and trainer.max_steps > 0:
+        saved = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        if saved["global_step"] >= trainer.max_steps:
             # Training had finished (the kill came during export). transformers would run one more step here.
-            trainer._load_from_checkpoint(str(resume_from_checkpoint))
+            hf_trainer._load_from_checkpoint(str(resume_from))
             return _finished_result(saved, run_dir, resumed_from)
     with signals:
         try:
-            output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+            output = hf_trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except NonFiniteLoss as err:
-            kept = trainer.save_last_good_checkpoint()
+            kept = hf_trainer.save_last_good_checkpoint()
             raise RunStopped(
                 f"training stopped at step {err.step}: the {err.what} is not finite (NaN or Inf). No update was "
                 f"applied from it; the last good state is kept in {kept or 'no checkpoint (no step had completed)'}. "
@@ -308,29 +326,31 @@ def train(
         checkpoint = run_dir / "checkpoints" / f"checkpoint-{stop_on_signal.stopped_at}"
         raise RunStopped(
             f"interrupted by {signal.Signals(signum).name}: stopped after step {stop_on_signal.stopped_at} of "
-            f"{trainer.state.max_steps} and saved checkpoint {checkpoint}. To continue",
+            f"{hf_trainer.state.max_steps} and saved checkpoint {checkpoint}. To continue",
             exit_code=128 + int(signum),
         )
     runtime = float(output.metrics.get("train_runtime", 0.0))
-    steps_run = trainer.state.global_step - (resumed_from or 0)
+    steps_run = hf_trainer.state.global_step - (resumed_from or 0)
     # Tokens this process trained on (the state's counter includes the steps before a resume).
-    tokens_seen = (trainer.state.num_input_tokens_seen or 0) - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    tokens_seen: float = (hf_trainer.state.num_input_tokens_seen or 0) - getattr(
+        hf_trainer, "_initial_num_input_tokens_seen", 0
+    )
     if tokens_seen <= 0:  # the counter is 0 on some backends; fall back to what the data holds
-        examples_seen = steps_run * trainer_cfg.batch_size
-        tokens_seen = count_tokens(train_dataset) * examples_seen / max(len(train_dataset), 1)
-    history = list(trainer.state.log_history)
-    if distributed.is_main_process():
+        examples_seen = steps_run * trainer.batch_size
+        tokens_seen = count_tokens(train_examples) * examples_seen / max(len(train_examples), 1)
+    history = list(hf_trainer.state.log_history)
+    if is_main_process():
         write_json_atomically(run_dir / "log_history.json", history)
     # Every rank: gathers sharded weights onto rank 0 and compares replicas (collectives).
-    final_weights = collect_final_weights(trainer, trainer.trained_parameter_names)
+    final_weights = collect_final_weights(hf_trainer, hf_trainer.trained_parameter_names)
     return TrainResult(
         train_loss=float(output.training_loss),
         runtime_s=runtime,
         tokens_per_s=float(tokens_seen) / runtime if runtime > 0 else 0.0,
-        steps=trainer.state.global_step,
+        steps=hf_trainer.state.global_step,
         log_history=history,
         resumed_from_step=resumed_from,
-        skipped_steps=list(trainer.skipped_steps),
+        skipped_steps=list(hf_trainer.skipped_steps),
         final_weights=final_weights,
     )
 
@@ -359,7 +379,7 @@ def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: i
             "step": steps,
         }
         history = [*history, closing]
-        if distributed.is_main_process():
+        if is_main_process():
             write_json_atomically(run_dir / "log_history.json", history)
     runtime = float(closing.get("train_runtime") or 0.0)
     return TrainResult(
@@ -381,7 +401,7 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> None
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
-        steps, losses = zip(*points)
+        steps, losses = zip(*points, strict=True)
         ax.plot(steps, losses, marker="o", markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
@@ -389,7 +409,3 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> None
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure_atomically(fig, path)
-
-
-def save_json(path: Path, data: Any) -> None:
-    write_json_atomically(path, data, default=str)

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mora_train.pipeline.train import run
+from tests.conftest import run_pipeline as run
 from tests.conftest import REPO, TINY_RUN, compose_config
 from tests.gpu.conftest import ON_CUDA, record
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_train.pipeline.train import run
+from tests.conftest import run_pipeline as run
 from tests.conftest import TINY_RUN, compose_config
 from tests.gpu.conftest import ON_CUDA, record
 

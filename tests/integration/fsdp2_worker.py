@@ -24,14 +24,14 @@ from mora_train.adapters import build_adapter
 from mora_train.export import logits_of
 from mora_train.training.gather import FinalWeights, gather_trainable_state, unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
-from tests.conftest import TINY_RUN, compose_config
+from tests.conftest import TINY_RUN, typed_config
 
 VARIANTS = {"lora": ["adapter=lora", "rank=4"], "mora": ["adapter=mora", "rank=4"], "full": ["adapter=full"]}
 
 
 def build(overrides: list[str]):
     torch.manual_seed(0)  # as the pipeline's set_seed(cfg.seed): LoRA's random A is the same on every rank
-    cfg = compose_config([*TINY_RUN, *overrides])
+    cfg = typed_config([*TINY_RUN, *overrides])
     model, _ = load_model_and_tokenizer(cfg.model)
     return build_adapter(model, cfg.adapter, cfg.rank)
 

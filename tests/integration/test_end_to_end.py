@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from mora_train.adapters import load_adapter
 from mora_train.cli.train import _run
 from mora_train.models import load_model_and_tokenizer
-from tests.conftest import TINY_RUN, compose_config, run_cli
+from tests.conftest import TINY_RUN, compose_config, run_cli, typed_config
 
 # Runs in a fresh interpreter that must never import mora_train: the merged folders alone must do.
 PLAIN_TRANSFORMERS_SCRIPT = r"""
@@ -83,7 +83,7 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainedR
     """Every variant trained once, and all merged folders read back by one plain-transformers process."""
     root = tmp_path_factory.mktemp("end_to_end")
     trained = {variant: train_variant(variant, root) for variant in VARIANTS}
-    _, tokenizer = load_model_and_tokenizer(compose_config(TINY_RUN).model)  # model=tiny-llama's, every variant's
+    _, tokenizer = load_model_and_tokenizer(typed_config(TINY_RUN).model)  # model=tiny-llama's, every variant's
     save_file(encode(tokenizer), root / "batch.safetensors")
     script = root / "plain.py"
     script.write_text(PLAIN_TRANSFORMERS_SCRIPT)
@@ -117,7 +117,7 @@ def test_run_trains_exports_and_merged_model_stands_alone(variant: str, trained_
     assert list((run_dir / "tensorboard").iterdir()), "no TensorBoard events written"
 
     # The adapted model, rebuilt from the base + saved adapter (the documented reload call)...
-    cfg = compose_config([*TINY_RUN, *ADAPTER_ARGS[variant]], run_dir)
+    cfg = typed_config([*TINY_RUN, *ADAPTER_ARGS[variant]], run_dir)
     base, tokenizer = load_model_and_tokenizer(cfg.model)
     batch = encode(tokenizer)
     if variant == "full":

@@ -161,13 +161,15 @@ def job_config(tmp_path: Path):
 
 def test_relaunch_command_carries_the_job_and_its_topology(job_config, monkeypatch) -> None:
     from mora_train.pipeline import relaunch
+    from mora_train.pipeline.run_config import ComposedConfig
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     cfg = job_config("accelerate.num_processes=4", "adapter=lora", "rank=8", "logging.report_to=[wandb]",
                      'accelerate.args=["--gpu_ids","0,1,2,3"]')
-    assert relaunch.wants_relaunch(cfg)
+    assert relaunch.wants_relaunch(ComposedConfig(cfg))
     run_dir = Path(cfg.output_dir)
-    gpu = relaunch.accelerate_command(cfg, run_dir, cuda=True)
+    config = ComposedConfig(cfg).read()
+    gpu = relaunch.accelerate_command(config, run_dir, cuda=True)
     launch_args = gpu[: gpu.index("mora_train")]
     assert launch_args[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" not in launch_args
     assert launch_args[launch_args.index("--config_file") + 1].endswith("distributed/accelerate/multi_gpu.json")
@@ -175,20 +177,21 @@ def test_relaunch_command_carries_the_job_and_its_topology(job_config, monkeypat
     job = gpu[gpu.index("mora_train") + 1:]
     assert {"adapter=lora", "rank=8", f"output_dir='{run_dir}'"} <= set(job)  # quoted: the dir holds '=' and ','
     assert not any(a.startswith("logging.group") for a in job)  # a single run: no sweep to group by
-    cpu = relaunch.accelerate_command(cfg, run_dir, cuda=False)
+    cpu = relaunch.accelerate_command(config, run_dir, cuda=False)
     assert "--multi_gpu" in cpu and "--config_file" not in cpu[: cpu.index("mora_train")]
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert not relaunch.wants_relaunch(cfg)  # inside the launched processes: run as usual
+    assert not relaunch.wants_relaunch(ComposedConfig(cfg))  # inside the launched processes: run as usual
 
 
 def test_relaunch_refuses_several_nodes_and_bad_settings(job_config, monkeypatch) -> None:
     from mora_train.core.errors import MoraTrainError
     from mora_train.pipeline import relaunch
+    from mora_train.pipeline.run_config import ComposedConfig
 
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     with pytest.raises(MoraTrainError, match="hydra.launcher.nodes=1"):
-        relaunch.run_relaunched(job_config("accelerate.num_processes=8"))
-    problems = relaunch.relaunch_problems(job_config("accelerate.num_processes=0", "accelerate.args=--gpu_ids"))
+        relaunch.run_relaunched(ComposedConfig(job_config("accelerate.num_processes=8")).read())
+    _, problems = ComposedConfig(job_config("accelerate.num_processes=0", "accelerate.args=--gpu_ids")).read_with_problems()
     assert any("accelerate.num_processes=0" in p for p in problems) and any("accelerate.args" in p for p in problems)
 
 

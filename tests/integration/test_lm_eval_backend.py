@@ -10,8 +10,8 @@ import pytest
 
 from mora_train.cli.train import summary_line
 from mora_train.core.metrics import metrics_of, primary_value
-from mora_train.pipeline.evaluate import run_eval
-from mora_train.pipeline.train import run
+from tests.conftest import run_evaluation as run_eval
+from tests.conftest import run_pipeline as run
 from tests.conftest import compose_config
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (optional extra; scripts/setup.sh installs it)")
@@ -101,3 +101,29 @@ def test_standalone_eval_of_the_finished_run_and_a_checkpoint(trained, tmp_path:
         assert "lm_eval/gsm8k/exact_match,flexible-extract: " in line
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["evaluated"].endswith("merged")
     assert "merged into model" in json.loads((tmp_path / "checkpoint" / "metrics.json").read_text())["evaluated"]
+
+
+def test_harness_scores_a_loaded_model_with_its_settings(tmp_path: Path) -> None:
+    """lm_harness.evaluate on a model already in memory, with the typed eval.lm_eval section (no pipeline)."""
+    import lm_eval
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mora_train.evaluation import lm_harness
+    from mora_train.evaluation.config import LmEvalConfig
+    from mora_train.models import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=512))
+    data_dir = write_data(tmp_path / "data")
+    lm = LmEvalConfig(tasks=["gsm8k"], num_fewshot=0, limit=2, batch_size=2, max_gen_toks=4, data_dir=str(data_dir),
+                      log_samples=False)
+    section = lm_harness.evaluate(lm, model, tokenizer, tmp_path / "run")
+    assert section["version"] == lm_eval.__version__ and section["settings"] == lm.to_dict()
+    assert GSM8K_METRICS <= set(section["results"]["gsm8k"]) and section["n_samples"] == {"gsm8k": 2}
+    assert section["n_shot"] == {"gsm8k": 0}
+    assert not list((tmp_path / "run" / "lm_eval").glob("samples_*.jsonl"))  # log_samples=false
+    assert lm_harness.primary(section, lm.tasks) == ("lm_eval/gsm8k/exact_match,strict-match", True)

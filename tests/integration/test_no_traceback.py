@@ -18,7 +18,7 @@ import pytest
 from mora_train.cli.train import _run
 from mora_train.core.errors import TRACEBACK_FILE
 from mora_train.training.checkpoints import CORRUPT_PREFIX, complete_checkpoints
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, run_cli, typed_config
 
 QUICK = [
     "model=tiny-llama",
@@ -55,7 +55,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mora_train.models import load_model_and_tokenizer
 
     folder = tmp_path_factory.mktemp("model") / "tiny"
-    model, tokenizer = load_model_and_tokenizer(compose_config(["model=tiny-llama"]).model)
+    model, tokenizer = load_model_and_tokenizer(typed_config(["model=tiny-llama"]).model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -387,6 +387,7 @@ def test_a_huge_line_costs_what_reading_it_costs(tmp_path: Path) -> None:
 
     from mora_train.data.common import tokenize_capped
     from mora_train.models import byte_tokenizer
+    from mora_train.pipeline.run_config import read_run_config
     from mora_train.tasks import TASKS
 
     train = tmp_path / "train.jsonl"
@@ -399,7 +400,7 @@ def test_a_huge_line_costs_what_reading_it_costs(tmp_path: Path) -> None:
         cfg = compose_config(["model=tiny-llama", "task=gsm8k", "task.cache_dir=null", f"task.data.train={train}",
                               f"task.too_long={too_long}"])
         started = time.perf_counter()
-        data = TASKS["gsm8k"].build(cfg.task, tokenizer, 64)
+        data = TASKS["gsm8k"].build(read_run_config(cfg)[0].task, tokenizer, 64)
         assert time.perf_counter() - started < 30  # the GSM8K test set it also loads takes ~3 s
         assert len(data.train) == 4  # truncated to prompt-only, or dropped: either way no response tokens left
     text = "abc de " * 1000

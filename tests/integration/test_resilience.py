@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
 from mora_train.cli.train import _run
 from mora_train.core.run_lock import LOCK_FILE
-from mora_train.pipeline.validate import validate
+from tests.conftest import validate_config as validate
 from tests.conftest import compose_config, run_cli
 from tests.support import faults
 from tests.support.faults import fault_env, inject

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mora_train.cli.train import _run
-from mora_train.pipeline.evaluate import run_eval
-from mora_train.pipeline.train import run
+from tests.conftest import run_evaluation as run_eval
+from tests.conftest import run_pipeline as run
 from tests.conftest import SHARED_DATA, compose_config
 
 needs_shared_data = pytest.mark.skipif(

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from mora_train.core.errors import ConfigError
-from mora_train.pipeline.validate import validate
 from mora_train.training import tracking
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, compose_run, run_cli
+from tests.conftest import validate_config as validate
 
 pytest.importorskip("wandb", reason="wandb not installed (scripts/setup.sh installs it: pip install -e '.[wandb]')")
 pytest.importorskip("mlflow", reason="mlflow not installed (scripts/setup.sh installs it: pip install -e '.[mlflow]')")
@@ -38,7 +38,7 @@ FAST_JOB = [
     "task.eval.max_samples=4",
 ]
 
-NO_NETWORK = '''
+NO_NETWORK = """
 # Test-only: refuse, and record in $MORA_TEST_NETWORK_LOG, every connection to a non-local address.
 import os, socket
 _log, _local = os.environ["MORA_TEST_NETWORK_LOG"], {"localhost", "127.0.0.1", "::1", "", socket.gethostname()}
@@ -54,9 +54,11 @@ def connect(self, address):
 def connect_ex(self, address):
     return _refuse(f"connect {address}") if _remote(address) else _connect_ex(self, address)
 def getaddrinfo(host, *args, **kwargs):
-    return _refuse(f"getaddrinfo {host}") if _remote((host,)) and host is not None else _getaddrinfo(host, *args, **kwargs)
+    if _remote((host,)) and host is not None:
+        return _refuse(f"getaddrinfo {host}")
+    return _getaddrinfo(host, *args, **kwargs)
 socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-'''
+"""
 
 
 def offline_env(root: Path) -> dict[str, str]:
@@ -83,9 +85,16 @@ def tracked_sweep(tmp_path_factory: pytest.TempPathFactory):
     sweep_dir = root / "sweep"
     env = offline_env(root)
     result = run_cli(
-        ["-m", "adapter=lora,mora", "rank=2", *FAST_JOB, "logging.report_to=[tensorboard,wandb,mlflow]",
-         f"hydra.sweep.dir={sweep_dir}"],
-        cwd=root, env=env,
+        [
+            "-m",
+            "adapter=lora,mora",
+            "rank=2",
+            *FAST_JOB,
+            "logging.report_to=[tensorboard,wandb,mlflow]",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=root,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -100,8 +109,13 @@ def logged_losses(job: Path) -> dict[int, float]:
 def wandb_inspect(run_path: Path, env: dict[str, str], *flags: str) -> str:
     """wandb's own reader of an offline run's transaction log (run-ID.wandb)."""
     wandb_cli = Path(sys.executable).with_name("wandb")
-    result = subprocess.run([str(wandb_cli), "leet", "inspect", *flags, str(run_path)], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, **env})
+    result = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", *flags, str(run_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
     assert result.returncode == 0, f"`wandb leet inspect` (wandb >= 0.31) failed: {result.stderr[-2000:]}"
     return result.stdout
 
@@ -144,7 +158,7 @@ def test_wandb_offline_runs_hold_the_sweep_group_overrides_training_log_and_fina
 def test_mlflow_has_one_experiment_per_sweep_with_params_training_log_and_final_metrics(tracked_sweep) -> None:
     from mlflow.tracking import MlflowClient
 
-    root, sweep_dir, jobs, env = tracked_sweep
+    _root, sweep_dir, jobs, env = tracked_sweep
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(str(sweep_dir))
     assert experiment is not None, [e.name for e in client.search_experiments()]
@@ -181,27 +195,40 @@ def test_tracked_runs_keep_tensorboard_and_never_touch_the_network(tracked_sweep
 def test_default_is_tensorboard_into_the_run_dir_as_before(tmp_path: Path) -> None:
     from transformers.integrations import TensorBoardCallback
 
-    cfg = compose_config(["model=tiny-llama"], tmp_path)
-    assert list(cfg.logging.report_to) == ["tensorboard"]
-    (callback,) = tracking.trainer_callbacks(cfg.logging, tmp_path)
+    run = compose_run(["model=tiny-llama"], tmp_path)
+    assert run.logging == tracking.LoggingConfig()  # config.yaml restates the section's defaults
+    assert run.logging.trackers == ["tensorboard"]
+    (callback,) = tracking.trainer_callbacks(run.logging, tmp_path)
     assert isinstance(callback, TensorBoardCallback) and callback.logging_dir == str(tmp_path / "tensorboard")
     assert [type(c).__name__ for c in tracking.trainer_callbacks(None, tmp_path)] == ["TensorBoardCallback"]
-    assert tracking.trainer_callbacks(compose_config(["logging.report_to=[]"], tmp_path).logging, tmp_path) == []
-    names = compose_config(["logging.report_to=wandb"], tmp_path).logging
-    assert tracking.trackers(names) == ["wandb"]
+    assert tracking.trainer_callbacks(compose_run(["logging.report_to=[]"], tmp_path).logging, tmp_path) == []
+    # One name, "a,b" and a list all work; none and repeats drop out.
+    assert tracking.trackers(compose_run(["logging.report_to=wandb"], tmp_path).logging) == ["wandb"]
+    assert tracking.trackers(compose_run(["logging.report_to='mlflow,wandb'"], tmp_path).logging) == ["mlflow", "wandb"]
+    assert tracking.tracker_names(["wandb", "none", "wandb"]) == ["wandb"] and tracking.tracker_names(None) == []
 
 
 def test_unknown_or_missing_trackers_are_config_problems_naming_key_and_fix(tmp_path: Path, monkeypatch) -> None:
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a)
+    )
     with pytest.raises(ConfigError) as info:
-        validate(compose_config(["model=tiny-llama", "logging.report_to=[wandb,neptune,mlflow]", "trainer.max_steps=0",
-                                 "trainer.num_epochs=0"], tmp_path))
+        validate(
+            compose_config(
+                [
+                    "model=tiny-llama",
+                    "logging.report_to=[wandb,neptune,mlflow]",
+                    "trainer.max_steps=0",
+                    "trainer.num_epochs=0",
+                ],
+                tmp_path,
+            )
+        )
     problems = info.value.problems
     assert any("logging.report_to" in p and "'neptune'" in p and "tensorboard, wandb, mlflow" in p for p in problems)
     assert any("logging.report_to" in p and "mlflow" in p and "pip install 'mora-train[mlflow]'" in p for p in problems)
     assert any("trainer.max_steps" in p for p in problems)  # listed with every other problem, at once
     assert not any("wandb" in p and "not installed" in p for p in problems)
-

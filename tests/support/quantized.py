@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from mora_train.adapters import Adapter, build_adapter
+from mora_train.adapters import ADAPTER_TYPES, Adapter, AdapterSettings, build_adapter
 from mora_train.core.io import write_dir_atomically
 from mora_train.models import load_model_and_tokenizer
+from mora_train.models.config import ModelConfig
+from mora_train.pipeline.run_config import read_run_config
 from tests.conftest import compose_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,9 +84,22 @@ def repack_like_the_cpu_kernel(model: nn.Module) -> int:
     return len(layers)
 
 
-def tiny_model_cfg(quantization: str, *options: str):
+def typed_model(*overrides: str) -> ModelConfig:
+    """The typed `model` section of a composed config (checked: no problem expected)."""
+    run, problems = read_run_config(compose_config(list(overrides)))
+    assert problems == [], problems
+    return run.model
+
+
+def tiny_model_cfg(quantization: str, *options: str) -> ModelConfig:
     """The tiny Llama on a `quantization` base; `options`: more overrides (model.quantization_options.*=...)."""
-    return compose_config(["model=tiny-llama", f"model.quantization={quantization}", *options]).model
+    return typed_model("model=tiny-llama", f"model.quantization={quantization}", *options)
+
+
+def adapter_settings(adapter: str) -> AdapterSettings:
+    """The typed `adapter` section of ADAPTERS[adapter] on every linear layer of the tiny Llama."""
+    values = ADAPTERS[adapter]
+    return ADAPTER_TYPES[values["name"]].settings_type(**values, target_modules=TARGETS, dropout=0.0)
 
 
 def load_base(quantization: str, *options: str) -> nn.Module:
@@ -103,8 +117,7 @@ def trained_adapter(
 ) -> tuple[Adapter, Any]:
     """A tiny Llama on a `quantization` base with `adapter` (ADAPTERS) trained `steps` AdamW steps at lr 1e-2."""
     model, tokenizer = load_model_and_tokenizer(tiny_model_cfg(quantization, *options))
-    settings = OmegaConf.create({**ADAPTERS[adapter], "target_modules": TARGETS, "dropout": 0.0})
-    built = build_adapter(model, settings, rank)
+    built = build_adapter(model, adapter_settings(adapter), rank)
     probe = probe_batch()
     optimizer = torch.optim.AdamW(built.trainable_parameters().values(), lr=1e-2)
     built.model.train()

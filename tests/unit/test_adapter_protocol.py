@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from mora_train.adapters import ADAPTER_TYPES, adapter_config_problems, adapter_identity, build_adapter, load_adapter
+from mora_train.adapters.full import FullSettings
+from mora_train.adapters.lora import LoraSettings
 from mora_train.core.errors import MoraTrainError
 from mora_train.models import load_model_and_tokenizer
+from mora_train.pipeline.run_config import RunConfig, read_run_config
+from mora_train.training.config import RestartConfig, TrainerConfig
 from tests.conftest import REPO, compose_config
 
 PACKAGE = REPO / "mora_train"
@@ -55,8 +58,15 @@ def test_the_name_switch_detector_finds_switches(tmp_path: Path) -> None:
     assert len(_name_switches(probe)) == 2
 
 
+def typed_config(*overrides: str) -> RunConfig:
+    """The typed sections of a composed config (each section checked on its own: no problem expected)."""
+    run, problems = read_run_config(compose_config(list(overrides)))
+    assert problems == []
+    return run
+
+
 def _tiny(adapter: str, *overrides: str):
-    cfg = compose_config(["model=tiny-llama", f"adapter={adapter}", "rank=4", *overrides])
+    cfg = typed_config("model=tiny-llama", f"adapter={adapter}", "rank=4", *overrides)
     model, _ = load_model_and_tokenizer(cfg.model)
     return cfg, build_adapter(model, cfg.adapter, cfg.rank, load_base=lambda: load_model_and_tokenizer(cfg.model)[0])
 
@@ -144,8 +154,43 @@ def test_methods_without_restarts_or_operators_refuse_them_by_name() -> None:
 def test_full_fine_tuning_has_no_dead_keys() -> None:
     cfg = compose_config(["adapter=full"])
     assert "dropout" not in cfg.adapter
-    bad = {**OmegaConf.to_container(cfg.adapter), "dropout": 0.1}  # no adapter input to drop out: a dead key
-    assert any("`adapter.dropout` is not a known key of adapter=full" in p for p in adapter_config_problems(bad, 8))
+    # No adapter input to drop out: a dead key, refused for adapter=full only.
+    _, problems = read_run_config(compose_config(["adapter=full", "+adapter.dropout=0.1"]))
+    assert any(p.startswith("`adapter.dropout` is not a known key") for p in problems)
+    _, problems = read_run_config(compose_config(["adapter=lora", "adapter.dropout=0.1"]))
+    assert problems == []
+
+
+def test_the_config_check_keeps_what_parsing_cannot_find() -> None:
+    lora = LoraSettings(name="lora", alpha=16, target_modules=["q_proj"], dropout=0.0)
+    full = FullSettings(name="full", target_modules="all")
+    plain = TrainerConfig()
+    assert adapter_config_problems(lora, 8, plain) == []
+    assert adapter_config_problems(full, None, plain) == []  # full fine-tuning has no rank
+    assert adapter_config_problems(lora, 0, plain) == [
+        "`rank=0` must be a positive integer (the LoRA rank; MoRA matches its parameter count)"
+    ]
+    assert "4-/8-bit weights cannot take gradient steps" in "\n".join(adapter_config_problems(full, 8, plain, "nf4"))
+    assert adapter_config_problems(lora, 8, plain, "nf4") == []
+    cycle = TrainerConfig(restart=RestartConfig(every_steps=4, mora_types=[1, 2]))
+    assert adapter_config_problems(lora, 8, cycle) == [
+        "`trainer.restart.mora_types` only applies to adapter=mora; remove it"
+    ]
+    refused = "\n".join(adapter_config_problems(full, 8, TrainerConfig(restart=RestartConfig(every_steps=4),
+                                                                         train_embeddings=True)))
+    assert "`trainer.restart.every_steps=4` with adapter=full" in refused
+    assert "`trainer.train_embeddings=true` with adapter=full" in refused
+
+
+def test_settings_checks_name_the_key_and_the_fix() -> None:
+    _, problems = read_run_config(compose_config([
+        "adapter=lora", "adapter.alpha=-1", "adapter.dropout=1.5", "adapter.target_modules=all",
+    ]))
+    assert "`adapter.alpha=-1` must be positive" in problems
+    assert "`adapter.dropout=1.5` must be in [0, 1)" in problems
+    assert any(p.startswith("`adapter.target_modules=all` must be a list of module names") for p in problems)
+    _, problems = read_run_config(compose_config(["adapter=full", "adapter.target_modules=[]"]))
+    assert problems == ["`adapter.target_modules=[]` must be a non-empty list of module names"]
 
 
 def test_full_fine_tuning_of_some_layers_saves_just_them_and_reloads_onto_the_base(tmp_path: Path) -> None:

@@ -20,14 +20,14 @@ from mora_train.analysis.spectrum import (
 )
 from mora_train.core.errors import MoraTrainError
 from mora_train.models import load_model_and_tokenizer
-from tests.conftest import compose_config
+from tests.conftest import typed_config
 
 RANK = 2
 
 
 def tiny_adapter(adapter: str, tmp_path: Path):
     """The tiny model with an adapter whose zero-initialised half is randomised (as training would)."""
-    cfg = compose_config(["model=tiny-llama", f"adapter={adapter}", f"rank={RANK}"], tmp_path)
+    cfg = typed_config(["model=tiny-llama", f"adapter={adapter}", f"rank={RANK}"], tmp_path)
     model, _ = load_model_and_tokenizer(cfg.model)
     wrapped = build_adapter(model, cfg.adapter, cfg.rank)
     generator = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def test_lora_count_never_exceeds_rank_and_mora_goes_beyond(tmp_path: Path) -> N
 
 
 def test_merged_minus_base_recovers_the_adapter_update(tmp_path: Path) -> None:
-    cfg = compose_config(["model=tiny-llama"], tmp_path)
+    cfg = typed_config(["model=tiny-llama"], tmp_path)
     adapter = tiny_adapter("lora", tmp_path)
     direct = {name: s.singular_values for name, s in zip(adapter.delta_weights(), singular_values(adapter.delta_weights()))}
     merged = adapter.merge_and_unload()
@@ -64,7 +64,7 @@ def test_merged_minus_base_recovers_the_adapter_update(tmp_path: Path) -> None:
 
 
 def test_merged_equal_to_base_is_an_error(tmp_path: Path) -> None:
-    cfg = compose_config(["model=tiny-llama"], tmp_path)
+    cfg = typed_config(["model=tiny-llama"], tmp_path)
     base, _ = load_model_and_tokenizer(cfg.model)
     same, _ = load_model_and_tokenizer(cfg.model)
     with pytest.raises(MoraTrainError, match="nothing was trained"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mora_train.core.errors import MoraTrainError
 from mora_train.training.checkpoints import (
     COMPLETE_MARKER,
     STAGING_DIR,
@@ -18,7 +19,6 @@ from mora_train.training.checkpoints import (
     publish,
     rotate,
 )
-from mora_train.core.errors import MoraTrainError
 from mora_train.training.resilience import StopSignals
 
 
@@ -135,7 +135,7 @@ def _same_size_change(checkpoint: Path) -> None:
 
 
 def _unreadable(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mora_train.training.checkpoints as checkpoints
+    from mora_train.training import checkpoints
 
     real = checkpoints.file_sha256
 
@@ -153,7 +153,10 @@ CORRUPTIONS = {
     "same-size change": (_same_size_change, "adapter_model.safetensors does not match its sha256"),
     "missing file": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
     "missing marker": (lambda c: (c / COMPLETE_MARKER).unlink(), f"it has no {COMPLETE_MARKER}"),
-    "unreadable marker": (lambda c: (c / COMPLETE_MARKER).write_text("{not json"), f"its {COMPLETE_MARKER} is unreadable"),
+    "unreadable marker": (
+        lambda c: (c / COMPLETE_MARKER).write_text("{not json"),
+        f"its {COMPLETE_MARKER} is unreadable",
+    ),
     "unreadable file": (_unreadable, "adapter_model.safetensors cannot be read (Permission denied)"),
 }
 
@@ -188,6 +191,8 @@ def test_an_older_truncated_checkpoint_is_moved_aside_too_and_all_corrupt_is_ref
     assert sorted(p.name for p in checkpoints.iterdir()) == [".corrupt-checkpoint-2", "checkpoint-4"]
 
     _truncate(checkpoints / "checkpoint-4")  # now nothing intact is left: refused, nothing moved or deleted
-    with pytest.raises(MoraTrainError, match="no intact checkpoint .* checkpoint-4: adapter_model.safetensors is 50 bytes"):
+    with pytest.raises(
+        MoraTrainError, match=r"no intact checkpoint .* checkpoint-4: adapter_model\.safetensors is 50 bytes"
+    ):
         plan_resume(tmp_path, "auto", False, {"adapter": "lora", "rank": 8})
     assert sorted(p.name for p in checkpoints.iterdir()) == [".corrupt-checkpoint-2", "checkpoint-4"]

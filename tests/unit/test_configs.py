@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.pipeline.validate import validate
+from tests.conftest import validate_config as validate
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose_config
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -323,9 +323,10 @@ def test_every_shipped_lm_eval_task_loads_in_the_harness(tmp_path: Path) -> None
     pytest.importorskip("lm_eval", reason="lm-eval not installed (optional extra; scripts/setup.sh installs it)")
     from lm_eval.tasks import TaskManager
 
+    from mora_train.evaluation.config import LmEvalConfig
     from mora_train.evaluation.lm_harness import write_task_dirs
 
-    folders = write_task_dirs({"data_dir": str(SHARED_DATA), "include_path": []}, tmp_path / "tasks")
+    folders = write_task_dirs(LmEvalConfig(data_dir=str(SHARED_DATA)), tmp_path / "tasks")
     manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
     loaded = manager.load(["gsm8k", "pubmedqa", "mmlu_medical"])
     sizes = {name: len(task.eval_docs) for name, task in loaded["tasks"].items()}
@@ -337,10 +338,10 @@ def test_every_shipped_lm_eval_task_loads_in_the_harness(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("option", group_options("model"))
 def test_every_model_config_names_one_model_source(option: str) -> None:
-    """name_or_path and random_init together are refused (config.validation.model_source_conflict): none ships both."""
+    """name_or_path and random_init together are refused (models.config.model_source_conflict): none ships both."""
     from omegaconf import OmegaConf
 
-    from mora_train.config.validation import model_source_conflict
+    from mora_train.models.config import model_source_conflict
 
     model = OmegaConf.load(CONFIG_DIR / "model" / f"{option}.yaml")
     assert (model.get("name_or_path") is None) != (model.get("random_init") is None)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.data import sources
-from mora_train.data.sources import Record, load_records, map_fields, render, source_problems
 from mora_train.core.errors import MoraTrainError
+from mora_train.data import sources
+from mora_train.data.config import DataSource, IdFilter, source_problems
+from mora_train.data.sources import Record, load_records, map_fields, render
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -175,8 +176,25 @@ def test_source_config_problems(tmp_path: Path) -> None:
     both = source_problems({"path": str(tmp_path), "hub": "a/b", "split": "train"}, "task.data.train")
     assert any("exactly one of `path`" in p for p in both)
     assert any("split" in p for p in source_problems({"hub": "a/b"}, "task.data.train"))
-    assert any("unknown keys" in p for p in source_problems({"path": str(tmp_path), "spilt": "x"}, "k"))
-    assert source_problems(None, "task.data.eval") and source_problems([], "task.data.eval")
+    unknown = source_problems({"path": str(tmp_path), "spilt": "x"}, "k")
+    assert any("`k.spilt` is not a known key (did you mean split?)" in p for p in unknown)
+    assert "`k.limit=0` must be a positive integer" in "\n".join(source_problems({"path": str(tmp_path), "limit": 0}, "k"))
+    (unset,) = source_problems(None, "task.data.eval")
+    assert "`task.data.eval` is not set" in unset
+    assert "empty list" in source_problems([], "task.data.eval")[0]
+    # A typed source is checked the same way: list items are named by their index.
+    typed = [DataSource(path=str(tmp_path / "nope.jsonl")), DataSource(hub="a/b")]
+    problems = source_problems(typed, "task.data.train")
+    assert "`task.data.train[0].path=" in problems[0] and "`task.data.train[1].split` must be set" in problems[1]
+
+
+def test_typed_and_plain_sources_read_the_same(tmp_path: Path) -> None:
+    jsonl(tmp_path / "d.jsonl", [{"id": 1}, {"id": 2}, {"id": 3}])
+    write(tmp_path / "ids.txt", "2\n")
+    plain = {"path": str(tmp_path / "d.jsonl"), "drop_if_in": {"field": "id", "file": str(tmp_path / "ids.txt")}, "limit": 1}
+    typed = DataSource(path=str(tmp_path / "d.jsonl"), drop_if_in=IdFilter(field="id", file=str(tmp_path / "ids.txt")), limit=1)
+    assert values(load_records(plain, "k")) == values(load_records(typed, "k")) == [{"id": 1}]
+    assert sources.fingerprint_sources(plain) == sources.fingerprint_sources([typed])
 
 
 def test_data_dir_resolvers_pick_the_local_file_or_the_hub() -> None:

@@ -21,9 +21,11 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    from mora_train.training import distributed
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
     from mora_train.core.errors import MoraTrainError
+    from mora_train.training import distributed
 
     result: dict = {"argv": distributed.prepare_cli(["adapter=lora", "--local_rank=0"])}
     result["launch_time"] = distributed.launch_time().isoformat()

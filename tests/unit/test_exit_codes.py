@@ -15,7 +15,7 @@ import torch
 
 from mora_train.config.overrides import parsed_value
 from mora_train.core.errors import MoraTrainError, RunStopped, shorten_long_values
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.conftest import CONFIG_DIR, compose_config, typed_config
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def test_a_stop_signal_in_a_sweep_says_how_to_finish_it(sweep_job, monkeypatch, 
     from mora_train.cli.train import _job
     from mora_train.training.checkpoints import resume_command
 
-    def stopped(cfg):
-        raise RunStopped(f"interrupted by SIGINT: stopped after step 1. To continue: {resume_command(Path(cfg.output_dir))}", 130)
+    def stopped(composed):
+        raise RunStopped(f"interrupted by SIGINT: stopped after step 1. To continue: {resume_command(composed.output_dir)}", 130)
 
     monkeypatch.setattr("mora_train.pipeline.train.run", stopped)
     sweep_dir = Path(sweep_job.hydra.sweep.dir)
@@ -118,16 +118,14 @@ def test_a_huge_value_is_shortened_and_real_paths_are_not() -> None:
 
 # -- model sources -----------------------------------------------------------------------------------------
 def test_custom_code_that_is_not_used_is_said(tmp_path: Path, caplog) -> None:
-    from omegaconf import open_dict
+    import dataclasses
 
     from mora_train.models import load_model_and_tokenizer
 
-    model_cfg = compose_config(["model=tiny-llama"]).model
+    model_cfg = typed_config(["model=tiny-llama"]).model
     model, _ = load_model_and_tokenizer(model_cfg)
     model.save_pretrained(tmp_path / "plain")
-    with open_dict(model_cfg):
-        model_cfg.random_init = None
-        model_cfg.name_or_path = str(tmp_path / "plain")
+    model_cfg = dataclasses.replace(model_cfg, random_init=None, name_or_path=str(tmp_path / "plain"))
     with caplog.at_level(logging.WARNING, logger="mora_train.models"):
         load_model_and_tokenizer(model_cfg)
     assert "custom code" not in caplog.text

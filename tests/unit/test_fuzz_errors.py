@@ -110,7 +110,7 @@ overrides = st.tuples(
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_fuzz_config_overrides(budget: int, tmp_path: Path) -> None:
     from mora_train.pipeline.train import check_run_dir
-    from mora_train.pipeline.validate import validate
+    from tests.conftest import validate_config as validate
     from mora_train.adapters import adapter_identity
     from mora_train.training.checkpoints import decide_resume
 
@@ -121,9 +121,9 @@ def test_fuzz_config_overrides(budget: int, tmp_path: Path) -> None:
             for key, value in values.items():
                 OmegaConf.update(cfg, key, value, merge=False, force_add=True)  # as key=value on the command line
             cfg.output_dir = str(tmp_path / "run")
-        validate(cfg)
-        run_dir = check_run_dir(cfg)
-        decide_resume(run_dir, cfg.trainer.resume, bool(cfg.get("overwrite")), adapter_identity(cfg.adapter, cfg.rank))
+        config = validate(cfg)
+        run_dir = check_run_dir(config)
+        decide_resume(run_dir, config.trainer.resume, config.overwrite, adapter_identity(config.adapter, config.rank))
 
     fuzz("config overrides", budget, overrides, check)
 
@@ -167,6 +167,7 @@ corruption = st.tuples(st.sampled_from(CORRUPTIONS), st.floats(0, 1), st.integer
 def test_fuzz_data_files(budget: int, tmp_path: Path) -> None:
     from mora_train.data.math import tokenize_train
     from mora_train.models import byte_tokenizer
+    from mora_train.pipeline.run_config import read_run_config
 
     tokenizer = byte_tokenizer()
 
@@ -178,7 +179,7 @@ def test_fuzz_data_files(budget: int, tmp_path: Path) -> None:
         with open_dict(cfg):
             for key, field in fields.items():
                 cfg.task.data.fields[key] = field
-        tokenize_train(cfg.task, tokenizer, 64)
+        tokenize_train(read_run_config(cfg)[0].task, tokenizer, 64)
 
     fields = st.dictionaries(st.sampled_from(["question", "answer"]),
                              st.sampled_from(["question", "answer", "missing", "{question} {answer}", "a.0.b", "{", ""]),
@@ -229,15 +230,16 @@ def test_fuzz_checkpoints(budget: int, tmp_path: Path) -> None:
 def test_fuzz_model_folders(budget: int, tmp_path: Path) -> None:
     from mora_train.models import load_model_and_tokenizer
 
-    cfg = compose_config(["model=tiny-llama"])
+    import dataclasses
+
+    from tests.conftest import typed_config
+
+    tiny = typed_config(["model=tiny-llama"]).model
     template = tmp_path / "template"
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(tiny)
     model.save_pretrained(template)
     tokenizer.save_pretrained(template)
     names = sorted(p.name for p in template.iterdir())
-    with open_dict(cfg):
-        cfg.model.random_init = None
-        cfg.model.tokenizer = None
 
     def check(example: tuple[str, tuple[str, float, int], bool]) -> None:
         name, (kind, at, value), byte_tokenizer = example
@@ -249,11 +251,9 @@ def test_fuzz_model_folders(budget: int, tmp_path: Path) -> None:
             target.unlink()
         else:
             target.write_bytes(corrupt_bytes(target.read_bytes(), kind, at, value))
-        model_cfg = cfg.model.copy()
-        with open_dict(model_cfg):
-            model_cfg.name_or_path = str(folder)
-            model_cfg.tokenizer = "byte" if byte_tokenizer else None
-        load_model_and_tokenizer(model_cfg)
+        load_model_and_tokenizer(dataclasses.replace(
+            tiny, random_init=None, name_or_path=str(folder), tokenizer="byte" if byte_tokenizer else None
+        ))
 
     fuzz("model folders", budget, st.tuples(st.sampled_from(names), corruption, st.booleans()), check)
 

@@ -10,17 +10,17 @@ import torch
 from mora_train.adapters import build_adapter, load_adapter
 from mora_train.core.errors import MoraTrainError
 from mora_train.export import logits_of, probe_batch
-from mora_train.training.gather import FinalWeights, unsharded_adapter, weights_checksum
 from mora_train.models import load_model_and_tokenizer
-from tests.conftest import TINY_RUN, compose_config
+from mora_train.training.gather import FinalWeights, unsharded_adapter, weights_checksum
+from tests.conftest import TINY_RUN, compose_run
 
 ADAPTERS = {"lora": ["adapter=lora", "rank=4"], "mora": ["adapter=mora", "rank=4"], "full": ["adapter=full"]}
 
 
 def build(variant: str):
-    cfg = compose_config([*TINY_RUN, *ADAPTERS[variant]])
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
-    return build_adapter(model, cfg.adapter, cfg.rank), tokenizer
+    run = compose_run([*TINY_RUN, *ADAPTERS[variant]])
+    model, tokenizer = load_model_and_tokenizer(run.model)
+    return build_adapter(model, run.adapter, run.rank), tokenizer
 
 
 def trained(variant: str):
@@ -34,7 +34,9 @@ def trained(variant: str):
 
 
 @pytest.mark.parametrize("variant", sorted(ADAPTERS))
-def test_rebuilt_adapter_from_gathered_weights_computes_and_saves_what_the_trained_one_would(variant: str, tmp_path: Path) -> None:
+def test_rebuilt_adapter_from_gathered_weights_computes_and_saves_what_the_trained_one_would(
+    variant: str, tmp_path: Path
+) -> None:
     adapter, _ = trained(variant)
     # As gathered: fp32 CPU copies, keyed by trainable-parameter name.
     state = {n: p.detach().float().cpu().clone() for n, p in adapter.trainable_parameters().items()}
@@ -42,12 +44,14 @@ def test_rebuilt_adapter_from_gathered_weights_computes_and_saves_what_the_train
     rebuilt = unsharded_adapter(adapter, final, lambda: build(variant)[0])
     assert rebuilt is not adapter
 
-    probe = probe_batch([{"input_ids": [1, 5, 9, 20, 30], "labels": [0] * 5}, {"input_ids": [1, 7, 8], "labels": [0] * 3}], 0)
+    probe = probe_batch(
+        [{"input_ids": [1, 5, 9, 20, 30], "labels": [0] * 5}, {"input_ids": [1, 7, 8], "labels": [0] * 3}], 0
+    )
     expected = logits_of(adapter.model, probe)
     assert (logits_of(rebuilt.model, probe) - expected).abs().max().item() == 0.0
     if variant != "full":
         rebuilt.save(tmp_path)
-        base, _ = load_model_and_tokenizer(compose_config([*TINY_RUN, *ADAPTERS[variant]]).model)
+        base, _ = load_model_and_tokenizer(compose_run([*TINY_RUN, *ADAPTERS[variant]]).model)
         reloaded = load_adapter(base, tmp_path)
         assert (logits_of(reloaded.model, probe) - expected).abs().max().item() == 0.0
 

@@ -10,20 +10,42 @@ from pathlib import Path
 
 import pytest
 
+from mora_train.config.schema import parse
 from mora_train.core.errors import ConfigError
 from mora_train.core.metrics import make_record, metrics_of, primary_value, score
 from mora_train.evaluation import lm_harness
-from mora_train.pipeline.validate import validate
+from mora_train.evaluation.config import (
+    GenerationEvalSettings,
+    InstructionEvalSettings,
+    LmEvalConfig,
+    PerplexityEvalSettings,
+    UuidEvalSettings,
+)
+from mora_train.pipeline.run_config import read_run_config
 from tests.conftest import CONFIG_DIR, REPO, SHARED_DATA, compose_config
 
 SHIPPED = ["gsm8k", "pubmedqa", "mmlu_medical", "mmlu_anatomy", "mmlu_clinical_knowledge", "mmlu_college_biology",
            "mmlu_college_medicine", "mmlu_medical_genetics", "mmlu_professional_medicine"]
 
 
+def config_problems(cfg) -> list[str]:
+    """What pipeline.validate reports of the eval section: its own problems (types, ranges, the backend), and
+    the harness's (installed, task names, data files) when it runs."""
+    run, found = read_run_config(cfg)
+    task_name = run.task.name if hasattr(run.task, "name") else run.task["name"]
+    return found + lm_harness.config_problems(run.eval, task_name)
+
+
+def validate(cfg) -> None:
+    found = config_problems(cfg)
+    if found:
+        raise ConfigError(found)
+
+
 def problems(overrides: list[str], tmp_path: Path) -> list[str]:
-    with pytest.raises(ConfigError) as err:
-        validate(compose_config(["model=tiny-llama", *overrides], tmp_path))
-    return err.value.problems
+    found = config_problems(compose_config(["model=tiny-llama", *overrides], tmp_path))
+    assert found
+    return found
 
 
 def data_dir_with_gsm8k(tmp_path: Path) -> Path:
@@ -41,6 +63,46 @@ def test_default_backend_is_the_task_and_needs_nothing(tmp_path: Path, monkeypat
 
 
 _find_spec = importlib.util.find_spec
+
+
+def test_harness_settings_are_checked_only_when_it_runs(tmp_path: Path) -> None:
+    """Types and ranges of eval.lm_eval are the section's (always); files and task names only with the harness."""
+    cfg = compose_config(["model=tiny-llama", "eval.lm_eval.tasks=[nope]", f"eval.lm_eval.include_path=[{tmp_path / 'x'}]"],
+                         tmp_path)
+    validate(cfg)  # eval.backend=task: the harness's task names and folders are not looked up
+    found = problems(["eval.lm_eval.batch_size=0", "eval.lm_eval.max_gen_toks=0", "eval.lm_eval.tasks=gsm8k"], tmp_path)
+    assert "`eval.lm_eval.batch_size=0` must be at least 1" in found
+    assert any(p.startswith("`eval.lm_eval.max_gen_toks=0` must be at least 1") for p in found)
+    assert any(p.startswith("`eval.lm_eval.tasks` must be a list of str or null, got 'gsm8k'") for p in found)
+
+
+def test_an_empty_task_list_suggests_the_training_tasks_benchmark(tmp_path: Path) -> None:
+    found = problems(["task=biomed", "eval.backend=lm_eval", f"data_dir={tmp_path}"], tmp_path)
+    assert any("`eval.lm_eval.tasks` is empty" in p and "eval.lm_eval.tasks=[pubmedqa,mmlu_medical]" in p for p in found)
+
+
+def test_task_eval_settings_keep_their_messages() -> None:
+    def check(cls, values: dict) -> list[str]:
+        found: list[str] = []
+        parse(cls, values, "task.eval", found)
+        return found
+
+    assert check(UuidEvalSettings, {"max_samples": 0, "batch_size": -1}) == [
+        "`task.eval.max_samples=0` must be a positive integer or null (all)",
+        "`task.eval.batch_size=-1` must be a positive integer",
+    ]
+    assert check(GenerationEvalSettings, {"max_new_tokens": 0, "stop": ["", "x"]}) == [
+        "`task.eval.max_new_tokens=0` must be a positive integer",
+        "`task.eval.stop=['', 'x']` must be a list of non-empty strings (may be empty: [])",
+    ]
+    assert check(GenerationEvalSettings, {"stop": []}) == []
+    assert check(InstructionEvalSettings, {"num_generations": -1}) == [
+        "`task.eval.num_generations=-1` must be a non-negative integer"
+    ]
+    assert check(InstructionEvalSettings, {"num_generations": 0}) == []
+    assert check(PerplexityEvalSettings, {"max_len": 0, "benchmarks": ["a"]}) == ["`task.eval.max_len=0` must be a positive integer"]
+    assert "`task.eval.benchmarks` must be a list of str or null" in check(PerplexityEvalSettings, {"benchmarks": "a"})[0]
+    assert "`task.eval.max_sample` is not a known key (did you mean max_samples?)" in check(UuidEvalSettings, {"max_sample": 1})[0]
 
 
 def test_shipped_tasks_are_indexed() -> None:
@@ -103,7 +165,7 @@ def test_task_folders_are_copied_with_data_paths_resolved(tmp_path: Path) -> Non
     (mine / "a.yaml").write_text("task: a\ndataset_path: json\nprocess_docs: !function utils.keep\n"
                                  "dataset_kwargs: {data_files: {test: [a/1.jsonl, /abs/2.jsonl]}}\n")
     (mine / "utils.py").write_text("def keep(d):\n    return d\n")
-    folders = lm_harness.write_task_dirs({"data_dir": "/data", "include_path": [str(mine)]}, tmp_path / "out")
+    folders = lm_harness.write_task_dirs(LmEvalConfig(data_dir="/data", include_path=[str(mine)]), tmp_path / "out")
     assert [f.name for f in folders] == ["shipped", "include_1_mine"]
     gsm8k = lm_harness.read_task_file(folders[0] / "gsm8k.yaml")
     assert gsm8k["dataset_kwargs"]["data_files"] == {"train": "/data/gsm8k/train.jsonl", "test": "/data/gsm8k/test.jsonl"}

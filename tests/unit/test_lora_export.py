@@ -19,7 +19,7 @@ from mora_train.export_lora import export_lora, truncate
 from mora_train.models import load_model_and_tokenizer
 from mora_train.pipeline.generate import generate, load_many
 from mora_train.pipeline.lora_export import check_with_peft, export_run
-from tests.conftest import TINY_RUN, compose_config
+from tests.conftest import TINY_RUN, compose_config, typed_config
 
 EXACT_TYPES = [t for t in MORA_TYPES if t not in ("rope", "decouple")]
 
@@ -45,7 +45,7 @@ def test_layer_lora_factors_reproduce_delta_w(kind: str, d_in: int, d_out: int, 
 
 
 def _mora_model(kind: str, rank: int = 8):
-    cfg = compose_config(["model=tiny-llama", "adapter=mora", f"adapter.mora_type={kind}", f"rank={rank}"])
+    cfg = typed_config(["model=tiny-llama", "adapter=mora", f"adapter.mora_type={kind}", f"rank={rank}"])
     model, _ = load_model_and_tokenizer(cfg.model)
     adapter = build_adapter(model, cfg.adapter, cfg.rank)
     torch.manual_seed(1)
@@ -117,7 +117,7 @@ def test_bad_export_arguments_are_clear_errors(tmp_path: Path, capsys: pytest.Ca
 
 
 def _train(tmp_path: Path, name: str, *overrides: str) -> Path:
-    from mora_train.pipeline.train import run
+    from tests.conftest import run_pipeline as run
 
     run(compose_config([*TINY_RUN, "trainer.save_steps=0", *overrides], tmp_path / name))
     return tmp_path / name

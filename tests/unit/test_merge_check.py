@@ -18,6 +18,7 @@ from mora_train.export import (
     save_merged,
 )
 from mora_train.models import load_model_and_tokenizer
+from mora_train.pipeline.run_config import read_run_config
 from tests.conftest import compose_config
 
 SIXTEEN_BIT = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -26,7 +27,8 @@ SIXTEEN_BIT = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float
 def adapter_with_delta(overrides: tuple[str, ...], scale: float, grid: torch.dtype | None = None):
     """Tiny Llama + an adapter whose weights are random with std `scale`; `grid`: the base's weights rounded
     to that dtype first (a float32 model loaded from a checkpoint stored in it, as most are)."""
-    cfg = compose_config(["model=tiny-llama", *overrides])
+    cfg, problems = read_run_config(compose_config(["model=tiny-llama", *overrides]))
+    assert problems == []
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

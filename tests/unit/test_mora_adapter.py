@@ -7,25 +7,34 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from mora_train.adapters import build_adapter, load_adapter
-from mora_train.core.io import write_dir_atomically
+from mora_train.adapters.mora_adapter import MoraSettings
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_dir_atomically
 from mora_train.models import load_model_and_tokenizer
+from mora_train.pipeline.run_config import read_run_config
 from tests.conftest import compose_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def typed_config(*overrides: str):
+    run, problems = read_run_config(compose_config(list(overrides)))
+    assert problems == []
+    return run
+
+
 def tiny_model(hidden: int = 64, seed: int = 0):
-    cfg = compose_config(["model=tiny-llama", f"model.random_init.hidden_size={hidden}", f"+model.random_init.init_seed={seed}"])
+    cfg = typed_config(
+        "model=tiny-llama", f"model.random_init.hidden_size={hidden}", f"+model.random_init.init_seed={seed}"
+    )
     return load_model_and_tokenizer(cfg.model)
 
 
-def mora_cfg(mora_type: str = "rope"):
-    return OmegaConf.create({"name": "mora", "mora_type": mora_type, "target_modules": TARGETS, "dropout": 0.0})
+def mora_cfg(mora_type: str = "rope") -> MoraSettings:
+    return MoraSettings(name="mora", mora_type=mora_type, target_modules=TARGETS, dropout=0.0)
 
 
 def randomise(adapter) -> None:
@@ -146,21 +155,53 @@ def test_mora_type_auto_follows_the_papers_rule_by_rank(rank: int, expected: str
 
 
 def test_mora_type_auto_is_recorded_in_title_adapter_config_and_metrics(tmp_path) -> None:
-    from omegaconf import OmegaConf
+    from mora_train.adapters import adapter_config_problems
+    from mora_train.training.config import RestartConfig, TrainerConfig
 
-    from mora_train.adapters import adapter_config_problems, build_adapter, load_adapter
-    from mora_train.core.io import write_dir_atomically
-    from tests.conftest import compose_config
-
-    model, _ = load_model_and_tokenizer(compose_config(["model=tiny-llama"]).model)
-    settings = OmegaConf.create({"name": "mora", "mora_type": "auto", "target_modules": ["q_proj"], "dropout": 0.0})
-    assert adapter_config_problems(settings, 8) == []
+    model, _ = load_model_and_tokenizer(typed_config("model=tiny-llama").model)
+    settings = MoraSettings(name="mora", mora_type="auto", target_modules=["q_proj"], dropout=0.0)
+    assert adapter_config_problems(settings, 8, TrainerConfig()) == []
     adapter = build_adapter(model, settings, 8)
     assert adapter.title() == "mora (rank 8, type rope, chosen by mora_type=auto)"
     described = adapter.describe()
     assert described["mora_type"] == "rope" and described["mora_type_requested"] == "auto"
     write_dir_atomically(tmp_path / "adapter", adapter.save)
-    fresh, _ = load_model_and_tokenizer(compose_config(["model=tiny-llama"]).model)
+    fresh, _ = load_model_and_tokenizer(typed_config("model=tiny-llama").model)
     assert load_adapter(fresh, tmp_path / "adapter").mora_type == "rope"
-    cycle = OmegaConf.create({**settings, "restart": {"every_steps": 4, "mora_types": [1, 2]}})
-    assert any("mora_type=auto" in p for p in adapter_config_problems(cycle, 8))
+    cycle = TrainerConfig(restart=RestartConfig(every_steps=4, mora_types=[1, 2]))
+    assert adapter_config_problems(settings, 8, cycle) == [(
+        "`adapter.mora_type=auto` with `trainer.restart.mora_types=[1, 2]`: the restart cycle names the types "
+        "itself; set adapter.mora_type to the cycle's first type"
+    )]
+
+
+def test_the_restart_cycle_is_checked_against_mora_type() -> None:
+    from mora_train.adapters import adapter_config_problems
+    from mora_train.training.config import RestartConfig, TrainerConfig
+
+    def problems(mora_type: str | int, cycle: list | None, every_steps: int = 4, rank: int | None = 8) -> list[str]:
+        trainer = TrainerConfig(restart=RestartConfig(every_steps=every_steps, mora_types=cycle))
+        return adapter_config_problems(mora_cfg(mora_type), rank, trainer)
+
+    assert problems("sharing", [1, 2]) == []
+    assert problems("sharing", None) == []
+    assert problems("rope", [1, 2]) == [(
+        "`trainer.restart.mora_types=[1, 2]` starts with sharing, but `adapter.mora_type=rope`: the restart cycle "
+        "starts with adapter.mora_type; set adapter.mora_type=sharing or put rope first in trainer.restart.mora_types"
+    )]
+    assert problems("rope", [1, 2], every_steps=0) == []  # no restarts: the cycle is never used
+    assert problems("sharing", []) == [
+        "`trainer.restart.mora_types=[]` must be a non-empty list such as [1, 2] or [sharing, grouping]"
+    ]
+    (unknown,) = problems("sharing", ["sharing", "spiral"])
+    assert unknown.startswith("`trainer.restart.mora_types`: Unknown MoRA type 'spiral'")
+    assert problems("sharing", [1, 2], rank=0) == [
+        "`rank=0` must be a positive integer (the LoRA rank; MoRA matches its parameter count)"
+    ]
+
+
+def test_an_unknown_mora_type_is_one_problem_naming_the_key_and_the_fix() -> None:
+    _, problems = read_run_config(compose_config(["adapter=mora", "adapter.mora_type=spiral"]))
+    (problem,) = problems
+    assert problem.startswith("`adapter.mora_type`: Unknown MoRA type 'spiral'")
+    assert problem.endswith("or adapter.mora_type=auto (chosen by rank)")

@@ -166,9 +166,9 @@ def test_export_twice_into_its_own_folder_replaces_it(tmp_path: Path) -> None:
     from mora_train.adapters import build_adapter
     from mora_train.models import load_model_and_tokenizer
     from mora_train.pipeline.lora_export import export_run
-    from tests.conftest import compose_config
+    from tests.conftest import typed_config
 
-    cfg = compose_config(["model=tiny-llama", "adapter=lora", "rank=2"])
+    cfg = typed_config(["model=tiny-llama", "adapter=lora", "rank=2"])
     adapter = build_adapter(load_model_and_tokenizer(cfg.model)[0], cfg.adapter, cfg.rank)
     with torch.no_grad():
         for param in adapter.trainable_parameters().values():

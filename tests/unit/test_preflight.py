@@ -8,19 +8,32 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.pipeline.validate import validate
+from mora_train.adapters.base import match_target_linears
 from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
-from mora_train.adapters.base import match_target_linears
+from mora_train.pipeline.run_config import RunConfig
 from mora_train.training.preflight import estimate_run_bytes, model_fit_problems
 from mora_train.training.resilience import is_disk_full
-from tests.conftest import compose_config
+from tests.conftest import compose_config, compose_run
+from tests.conftest import validate_config as validate
+
+
+def fit_arguments(run: RunConfig) -> dict:
+    """The sections check_model_fit reads, as pipeline.train passes them."""
+    return {
+        "model_cfg": run.model,
+        "trainer": run.trainer,
+        "adapter": run.adapter,
+        "rank": run.rank,
+        "output_dir": Path(run.output_dir),
+        "export_dtype": run.export.torch_dtype,
+    }
 
 
 def fit_problems(tmp_path: Path, *overrides: str) -> list[str]:
-    cfg = compose_config(["model=tiny-llama", *overrides], tmp_path / "run")
-    model, _ = load_model_and_tokenizer(cfg.model)
-    return model_fit_problems(cfg, model)
+    run = compose_run(["model=tiny-llama", *overrides], tmp_path / "run")
+    model, _ = load_model_and_tokenizer(run.model)
+    return model_fit_problems(model, **fit_arguments(run))
 
 
 def test_a_fitting_config_has_no_problems(tmp_path: Path) -> None:
@@ -50,12 +63,12 @@ def test_all_model_problems_come_together(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_disk_estimate_counts_merged_model_adapter_and_checkpoints(tmp_path: Path) -> None:
-    cfg = compose_config(
+    run = compose_run(
         ["model=tiny-llama", "adapter=lora", "rank=4", "trainer.max_steps=100", "trainer.save_steps=10"], tmp_path
     )
-    model, _ = load_model_and_tokenizer(cfg.model)
-    layers, _ = match_target_linears(model, list(cfg.adapter.target_modules))
-    parts = estimate_run_bytes(cfg, model, layers)
+    model, _ = load_model_and_tokenizer(run.model)
+    layers, _ = match_target_linears(model, list(run.adapter.target_modules))
+    parts = estimate_run_bytes(model, layers, **fit_arguments(run))
     params = sum(p.numel() for p in model.parameters())
     lora = sum(4 * (m.in_features + m.out_features) for m in layers.values())
     assert parts["merged checkpoint"] == 4 * params
@@ -84,7 +97,9 @@ def test_gguf_model_without_the_gguf_package(tmp_path: Path, monkeypatch: pytest
     gguf_file = tmp_path / "model.gguf"
     gguf_file.write_bytes(b"GGUF")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+    )
     cfg = compose_config(["model=tiny-llama", "model.random_init=null", f"model.name_or_path={gguf_file}"], tmp_path)
     with pytest.raises(ConfigError) as info:
         validate(cfg)
@@ -94,6 +109,8 @@ def test_gguf_model_without_the_gguf_package(tmp_path: Path, monkeypatch: pytest
 def test_disk_full_is_recognised_from_the_errors_writers_raise(tmp_path: Path) -> None:
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
     assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path)
-    assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), tmp_path)
+    assert is_disk_full(
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), tmp_path
+    )
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)  # tmp_path has room
     assert not is_disk_full(ValueError("bad shape"), tmp_path)

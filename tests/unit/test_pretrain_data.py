@@ -9,21 +9,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_train.tasks import TASKS
-from mora_train.data import pretrain as pretrain_recipe
-from mora_train.data.common import IGNORE_INDEX, PadCollator
+from mora_train.config.schema import parse
 from mora_train.core.errors import MoraTrainError
+from mora_train.data import pretrain as pretrain_recipe
 from mora_train.data.benchmarks import MCExample, load_benchmark
+from mora_train.data.common import IGNORE_INDEX, PadCollator
 from mora_train.evaluation.multiple_choice import score_choices
 from mora_train.evaluation.perplexity import token_nll
 from mora_train.models import load_model_and_tokenizer
+from mora_train.pipeline.run_config import read_run_config
+from mora_train.tasks import TASKS
 from tests.conftest import compose_config
+
+
+def finance(tmp_path: Path, *overrides: str):
+    """The typed `task` section of task=finance with `overrides`, and every problem of the config."""
+    run, problems = read_run_config(compose_config(["model=tiny-llama", "task=finance", *overrides], tmp_path))
+    return run.task, problems
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = compose_config(["model=tiny-llama"])
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    run, _ = read_run_config(compose_config(["model=tiny-llama"]))
+    model, tokenizer = load_model_and_tokenizer(run.model)
     return model.eval(), tokenizer
 
 
@@ -106,8 +114,9 @@ def test_long_prompts_lose_their_start(tiny) -> None:
 def benchmark_cfg(tmp_path: Path, rows: list[dict], *overrides: str):
     path = tmp_path / "bench.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = compose_config(["model=tiny-llama", "task=finance", f"task.benchmarks.twitter_sentiment.data.path={path}", *overrides], tmp_path)
-    return cfg.task.benchmarks.twitter_sentiment
+    settings, problems = finance(tmp_path, f"task.benchmarks.twitter_sentiment.data.path={path}", *overrides)
+    assert problems == []
+    return settings.benchmarks["twitter_sentiment"]
 
 
 def test_benchmark_records_render_prompts_and_labels(tmp_path: Path) -> None:
@@ -131,9 +140,8 @@ def test_benchmark_max_samples_is_a_prefix_or_a_seeded_sample(tmp_path: Path) ->
     again = load_benchmark(benchmark_cfg(tmp_path, rows, "task.benchmarks.twitter_sentiment.max_samples=20",
                                          "+task.benchmarks.twitter_sentiment.sample_seed=0"), "k")
     assert [e.where for e in again] == [e.where for e in sampled]  # the seed fixes the sample
-    cfg = compose_config(["model=tiny-llama", "task=finance", "task.benchmarks.financial_phrasebank.sample_seed=yes"],
-                         tmp_path).task
-    assert "sample_seed=yes` must be an integer" in "\n".join(TASKS["finance"].config_problems(cfg))
+    _, problems = finance(tmp_path, "task.benchmarks.financial_phrasebank.sample_seed=yes")
+    assert "`task.benchmarks.financial_phrasebank.sample_seed` must be int or null, got 'yes'" in problems
 
 
 def test_benchmark_data_errors(tmp_path: Path) -> None:
@@ -141,10 +149,17 @@ def test_benchmark_data_errors(tmp_path: Path) -> None:
         load_benchmark(benchmark_cfg(tmp_path, [{"text": "a", "label": 1}, {"text": "b", "label": 7}]), "k")
     with pytest.raises(MoraTrainError, match=r"bench\.jsonl line 1: field 'text' is missing.*fields: tweet, label"):
         load_benchmark(benchmark_cfg(tmp_path, [{"tweet": "a", "label": 1}]), "k")
-    cfg = compose_config(["model=tiny-llama", "task=finance", "task.benchmarks.gold_headline.labels=[1]",
-                          "task.eval.benchmarks=[gold_headline,nope]"], tmp_path).task
-    problems = "\n".join(TASKS["finance"].config_problems(cfg))
-    assert "one label per choice" in problems and "names 'nope'" in problems
+    _, found = finance(tmp_path, "task.benchmarks.gold_headline.labels=[1]", "task.eval.benchmarks=[gold_headline,nope]")
+    problems = "\n".join(found)
+    assert "one label per choice" in problems and "`task.eval.benchmarks` names 'nope'" in problems
+
+
+def test_only_selected_benchmarks_need_their_data(tmp_path: Path) -> None:
+    # Without data_dir, FinancialPhraseBank has no source (its Hub copy is a loading script): not run, not checked.
+    settings, problems = finance(tmp_path, "data_dir=null")
+    assert problems == [] and settings.benchmarks["financial_phrasebank"].data.path is None
+    _, problems = finance(tmp_path, "data_dir=null", "task.eval.benchmarks=[financial_phrasebank]")
+    assert any("`task.benchmarks.financial_phrasebank.data` needs exactly one of `path`" in p for p in problems)
 
 
 def test_pretrain_build_reads_templates_filters_and_caches(tmp_path: Path, tiny) -> None:
@@ -153,20 +168,24 @@ def test_pretrain_build_reads_templates_filters_and_caches(tmp_path: Path, tiny)
     (tmp_path / "ids.txt").write_text("1\n2\n")
     (tmp_path / "more.txt").write_text("free text document")
     (tmp_path / "bench.jsonl").write_text(json.dumps({"text": "t", "label": 2}) + "\n")
-    cfg = compose_config(["model=tiny-llama", "task=finance", f"task.data.eval={tmp_path / 'more.txt'}",
-                          f"task.cache_dir={tmp_path / 'cache'}", "task.eval.benchmarks=[twitter_sentiment]",
-                          f"task.benchmarks.twitter_sentiment.data.path={tmp_path / 'bench.jsonl'}"], tmp_path).task
-    # A list of sources, each with its own field mapping and filter (a list cannot replace a mapping on the command line).
-    cfg.data.train = [
+    settings, problems = finance(tmp_path, f"task.data.eval={tmp_path / 'more.txt'}", f"task.cache_dir={tmp_path / 'cache'}",
+                                 "task.eval.benchmarks=[twitter_sentiment]",
+                                 f"task.benchmarks.twitter_sentiment.data.path={tmp_path / 'bench.jsonl'}")
+    assert problems == []
+    # A list of sources, each with its own field mapping and filter (a list cannot replace a mapping on the command
+    # line): parsed from the plain values, as RunConfig parses the composed config.
+    values = settings.to_dict()
+    values["data"]["train"] = [
         {"path": str(tmp_path / "docs.jsonl"), "fields": {"text": "{title}: {abstract}"},
          "drop_if_in": {"field": "pmid", "file": str(tmp_path / "ids.txt")}},
-        {"path": str(tmp_path / "more.txt")},
+        str(tmp_path / "more.txt"),
     ]
-    assert TASKS["finance"].config_problems(cfg) == []
-    data = pretrain_recipe.build(cfg, tokenizer, 16)
+    cfg = parse(TASKS["finance"].settings, values, "task", problems)
+    assert problems == []
+    data = TASKS["finance"].build(cfg, tokenizer, 16)
     text = tokenizer.decode([t for b in data.train for t in b["input_ids"]])
     assert text == "T0: a b c</s>T3: a b c</s>free text document</s>"  # pmid 1 and 2 dropped
     assert all(len(b["input_ids"]) == 16 for b in data.train[:-1])
     assert list(data.benchmarks) == ["twitter_sentiment"] and data.stats["cache"] == "miss"
-    assert pretrain_recipe.build(cfg, tokenizer, 16).stats["cache"] == "hit"
+    assert TASKS["finance"].build(cfg, tokenizer, 16).stats["cache"] == "hit"
     assert math.isfinite(token_nll(tiny[0], data.eval_blocks, PadCollator(0))[0])

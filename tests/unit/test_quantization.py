@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from mora_train.adapters import build_adapter, load_adapter
+from mora_train.adapters import ADAPTER_TYPES, build_adapter, load_adapter
+from mora_train.adapters.full import FullSettings
 from mora_train.adapters.mora import MORA_TYPES
 from mora_train.core.io import write_dir_atomically
 from mora_train.export import export_merged, quantized_logits
@@ -35,13 +35,14 @@ def case_id(case: tuple[str, dict]) -> str:
 
 
 def tiny_model_cfg(quantization: str):
-    cfg = compose_config(["model=tiny-llama", f"model.quantization={quantization}"]).model
-    return cfg
+    from tests.support.quantized import tiny_model_cfg as typed
+
+    return typed(quantization)
 
 
 def build(quantization: str, adapter: dict, rank: int = 8):
     model, tokenizer = load_model_and_tokenizer(tiny_model_cfg(quantization))
-    settings = OmegaConf.create({**adapter, "target_modules": TARGETS, "dropout": 0.0})
+    settings = ADAPTER_TYPES[adapter["name"]].settings_type(**adapter, target_modules=TARGETS, dropout=0.0)
     return build_adapter(model, settings, rank), tokenizer
 
 
@@ -130,12 +131,12 @@ def test_full_fine_tuning_on_a_quantized_base_is_refused_when_built() -> None:
 
     model, _ = load_model_and_tokenizer(tiny_model_cfg("nf4"))
     with pytest.raises(MoraTrainError, match="full fine-tuning updates the base weights"):
-        build_adapter(model, OmegaConf.create({"name": "full", "target_modules": "all"}), 8)
+        build_adapter(model, FullSettings(name="full", target_modules="all"), 8)
 
 
 def test_bad_quantization_combinations_are_all_listed_at_once() -> None:
     from mora_train.core.errors import ConfigError
-    from mora_train.pipeline.validate import validate
+    from tests.conftest import validate_config as validate
 
     cfg = compose_config([
         "model=tiny-llama", "model.quantization=int8", "adapter=full", "distributed=fsdp",
@@ -147,9 +148,11 @@ def test_bad_quantization_combinations_are_all_listed_at_once() -> None:
     for expected in ("`adapter=full` with `model.quantization=int8`", "compute_dtype=float16",
                      "quantization_options.blocksize", "`model.quantization=int8` with `distributed=fsdp`"):
         assert expected in text, text
-    cfg = compose_config(["model=tiny-llama", "model.quantization=q3", "adapter=mora", "adapter.restart.every_steps=4"])
+    cfg = compose_config(["model=tiny-llama", "model.quantization=q3", "adapter=mora", "trainer.restart.every_steps=4"])
     with pytest.raises(ConfigError, match="`model.quantization=q3` is unknown"):
         validate(cfg)
-    cfg = compose_config(["model=tiny-llama", "model.quantization=nf4", "adapter=mora", "adapter.restart.every_steps=4"])
+    cfg = compose_config(
+        ["model=tiny-llama", "model.quantization=nf4", "adapter=mora", "trainer.restart.every_steps=4"]
+    )
     with pytest.raises(ConfigError, match=r"every_steps=4.*model.quantization=nf4"):
         validate(cfg)

@@ -252,21 +252,20 @@ def no_stdin(monkeypatch: pytest.MonkeyPatch):
 
 
 def custom_code_cfg(folder: Path, quant: str = "none"):
-    from tests.conftest import compose_config
+    from tests.support.quantized import typed_model
 
-    return compose_config(["model=tiny-llama", f"model.name_or_path={folder}", "~model.random_init",
-                           "model.trust_remote_code=true", f"model.quantization={quant}"]).model
+    return typed_model("model=tiny-llama", f"model.name_or_path={folder}", "~model.random_init",
+                       "model.trust_remote_code=true", f"model.quantization={quant}")
 
 
 def test_a_custom_code_model_merges_and_reloads_without_reading_stdin(tmp_path, no_stdin) -> None:
     from mora_train.adapters import build_adapter
     from mora_train.models import load_model_and_tokenizer
-    from tests.support.quantized import TARGETS
+    from tests.support.quantized import adapter_settings
 
     cfg = custom_code_cfg(write_custom_code_model(tmp_path / "custom"), "nf4")
     model, tokenizer = load_model_and_tokenizer(cfg)
-    settings = OmegaConf.create({"name": "mora", "mora_type": "sharing", "target_modules": TARGETS, "dropout": 0.0})
-    adapter = build_adapter(model, settings, 8)
+    adapter = build_adapter(model, adapter_settings("sharing"), 8)
     with torch.no_grad():
         for param in adapter.trainable_parameters().values():
             param.normal_(0, 1e-2)

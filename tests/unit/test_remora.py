@@ -13,17 +13,19 @@ from safetensors.torch import load_file
 from mora_train.adapters import build_adapter
 from mora_train.adapters.mora_adapter import MoraAdapter
 from mora_train.analysis.spectrum import count_singular_values_above
-from mora_train.training.restarts import RestartCallback, RestartSettings, restart_lr_factor, setup_training_extras
-from mora_train.pipeline.train import run
-from mora_train.pipeline.validate import validate
 from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
-from tests.conftest import SHARED_DATA, compose_config
+from mora_train.pipeline.run_config import load_run_config
+from mora_train.training.config import RestartConfig, TrainerConfig
+from mora_train.training.restarts import RestartCallback, restart_lr_factor, restart_problems, setup_training_extras
+from tests.conftest import SHARED_DATA, compose_config, compose_run
+from tests.conftest import run_pipeline as run
+from tests.conftest import validate_config as validate
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
 
 # ReMoRA as the paper runs it: sharing <-> grouping (types 1 <-> 2), starting with adapter.mora_type.
-REMORA_CYCLE = ["adapter.mora_type=sharing", "adapter.restart.mora_types=[sharing,grouping]"]
+REMORA_CYCLE = ["adapter.mora_type=sharing", "trainer.restart.mora_types=[sharing,grouping]"]
 
 PRETRAIN_RUN = [
     "task=pretrain",
@@ -40,19 +42,28 @@ PRETRAIN_RUN = [
     "trainer.warmup_steps=2",
     "trainer.logging_steps=1",
     "trainer.max_steps=12",
-    "adapter.restart.every_steps=4",
-    "adapter.restart.warmup_steps=1",
-    "adapter.train_embeddings=true",
+    "trainer.restart.every_steps=4",
+    "trainer.restart.warmup_steps=1",
+    "trainer.train_embeddings=true",
 ]
 
 
 def tiny_adapter(adapter: str, *overrides: str):
     cycle = REMORA_CYCLE if adapter == "mora" else []
-    cfg = compose_config(["model=llama-tiny", f"adapter={adapter}", "rank=4", "adapter.restart.every_steps=4",
-                          "adapter.train_embeddings=true", *cycle, *overrides])
-    model, _ = load_model_and_tokenizer(cfg.model)
-    built = build_adapter(model, cfg.adapter, cfg.rank)
-    extras = setup_training_extras(built, cfg.adapter, seed=0)
+    run_cfg = compose_run(
+        [
+            "model=llama-tiny",
+            f"adapter={adapter}",
+            "rank=4",
+            "trainer.restart.every_steps=4",
+            "trainer.train_embeddings=true",
+            *cycle,
+            *overrides,
+        ]
+    )
+    model, _ = load_model_and_tokenizer(run_cfg.model)
+    built = build_adapter(model, run_cfg.adapter, run_cfg.rank)
+    extras = setup_training_extras(built, run_cfg.trainer, seed=0)
     return built, extras
 
 
@@ -102,7 +113,7 @@ def test_restart_keeps_the_function_reinitialises_switches_and_keeps_other_optim
 
 def _train_layer_to_target(adapter: str, cycles: int, steps_per_cycle: int = 60) -> int:
     """Fit one 64x64 layer to a full-rank target; count singular values of the total ΔW above 0.1."""
-    model, _ = load_model_and_tokenizer(compose_config(["model=llama-tiny"]).model)
+    model, _ = load_model_and_tokenizer(compose_run(["model=llama-tiny"]).model)
     name = "model.layers.0.self_attn.q_proj"  # 64 x 64
     start = model.get_submodule(name).weight.detach().clone()
     torch.manual_seed(0)
@@ -117,7 +128,7 @@ def _train_layer_to_target(adapter: str, cycles: int, steps_per_cycle: int = 60)
     from mora_train.training.restarts import BaseWeightsState
 
     cycle = ["sharing", "grouping"] if adapter == "mora" else None  # ReMoRA switches operators at each restart
-    settings = RestartSettings(every_steps=steps_per_cycle, mora_types=cycle)
+    settings = RestartConfig(every_steps=steps_per_cycle, mora_types=cycle)
     callback = RestartCallback(built, settings, BaseWeightsState(built, settings, False), seed=0)
     params = built.restart_parameters()
     optimizer = torch.optim.Adam(params, lr=2e-2)
@@ -142,35 +153,60 @@ def test_delta_w_after_three_restarts_has_more_singular_values_above_threshold_t
 
 
 def test_restart_learning_rate_rewarms_after_each_restart() -> None:
-    jagged = RestartSettings(every_steps=10, warmup_steps=4)
+    jagged = RestartConfig(every_steps=10, warmup_steps=4)
     factors = [restart_lr_factor(jagged, s, 1.0) for s in range(30)]
     assert factors[:10] == [1.0] * 10  # the first cycle keeps the trainer's own schedule
     assert factors[10:15] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and factors[20] == pytest.approx(0.2)
-    cosine = RestartSettings(every_steps=10, warmup_steps=0, lr_schedule="cosine_restarts", min_lr_ratio=0.0)
+    cosine = RestartConfig(every_steps=10, warmup_steps=0, lr_schedule="cosine_restarts", min_lr_ratio=0.0)
     values = [restart_lr_factor(cosine, s, 1.0) for s in range(20)]
     assert values[0] == values[10] == 1.0 and values[9] < 0.05 and values[9] == pytest.approx(values[19])
 
 
 def test_restart_settings_are_validated(tmp_path: Path) -> None:
-    cfg = compose_config(["adapter=lora", "adapter.restart.every_steps=4", "adapter.restart.warmup_steps=4",
-                          "adapter.restart.lr_schedule=wavy", "+adapter.restart.mora_types=[1]"], tmp_path)
+    cfg = compose_config(
+        [
+            "adapter=lora",
+            "trainer.restart.every_steps=4",
+            "trainer.restart.warmup_steps=4",
+            "trainer.restart.lr_schedule=wavy",
+            "trainer.restart.mora_types=[1]",
+        ],
+        tmp_path,
+    )
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     text = str(err.value)
     assert "warmup_steps=4" in text and "lr_schedule=wavy" in text and "only applies to adapter=mora" in text
-    cfg = compose_config(["adapter=mora", "rank=4", "adapter.restart.every_steps=4", "adapter.restart.mora_types=[1,rope]"])
-    model, _ = load_model_and_tokenizer(compose_config(["model=llama-tiny"]).model)
-    built = build_adapter(model, cfg.adapter, cfg.rank)
-    with pytest.raises(ConfigError, match=r"same r_hat.*set by `adapter.restart.mora_types`"):
-        setup_training_extras(built, cfg.adapter, 0)
+    # Each section alone is valid; the cycle's second type cannot serve some layer at this rank.
+    run_cfg = load_run_config(
+        compose_config(
+            ["adapter=mora", "rank=4", "trainer.restart.every_steps=4", "trainer.restart.mora_types=[1,rope]"]
+        )
+    )
+    model, _ = load_model_and_tokenizer(compose_run(["model=llama-tiny"]).model)
+    built = build_adapter(model, run_cfg.adapter, run_cfg.rank)
+    with pytest.raises(ConfigError, match=r"same r_hat.*set by `trainer.restart.mora_types`"):
+        setup_training_extras(built, run_cfg.trainer, 0)
+
+
+def test_restarts_on_a_quantized_base_are_refused_naming_both_keys() -> None:
+    trainer = TrainerConfig(restart=RestartConfig(every_steps=4))
+    (problem,) = restart_problems(trainer, "nf4")
+    assert "`trainer.restart.every_steps=4`" in problem and "`model.quantization=nf4`" in problem
+    assert "trainer.restart.every_steps=0 on a quantized base" in problem
+    assert restart_problems(trainer, "none") == [] and restart_problems(TrainerConfig(), "int8") == []
 
 
 def test_a_restart_cycle_that_does_not_start_with_mora_type_is_refused_not_replaced(tmp_path: Path) -> None:
-    cfg = compose_config(["adapter=mora", "rank=4", "adapter.restart.every_steps=4",
-                          "adapter.restart.mora_types=[sharing,grouping]"], tmp_path)  # mora_type stays rope
-    with pytest.raises(ConfigError, match=r"starts with sharing, but `adapter.mora_type=rope`.*adapter.mora_type=sharing"):
+    cfg = compose_config(
+        ["adapter=mora", "rank=4", "trainer.restart.every_steps=4", "trainer.restart.mora_types=[sharing,grouping]"],
+        tmp_path,
+    )  # mora_type stays rope
+    with pytest.raises(
+        ConfigError, match=r"starts with sharing, but `adapter.mora_type=rope`.*adapter.mora_type=sharing"
+    ):
         validate(cfg)
-    ok = compose_config(["adapter=mora", "rank=4", "adapter.restart.every_steps=4", *REMORA_CYCLE], tmp_path)
+    ok = compose_config(["adapter=mora", "rank=4", "trainer.restart.every_steps=4", *REMORA_CYCLE], tmp_path)
     validate(ok)
 
 
@@ -178,8 +214,8 @@ def test_a_restart_cycle_that_does_not_start_with_mora_type_is_refused_not_repla
 def test_pretraining_experiment_configs_compose_and_validate(name: str, tmp_path: Path) -> None:
     cfg = compose_config([f"experiment={name}"], tmp_path)
     assert cfg.task.name == "pretrain" and cfg.rank == 128 and cfg.model.random_init.hidden_size == 768
-    assert cfg.adapter.train_embeddings is True
-    assert cfg.adapter.restart.every_steps == (2000 if name.endswith(("relora", "remora")) else 0)
+    assert cfg.trainer.train_embeddings is True
+    assert cfg.trainer.restart.every_steps == (2000 if name.endswith(("relora", "remora")) else 0)
     if name.endswith("mora"):
         assert cfg.adapter.name == "mora" and cfg.adapter.mora_type == "sharing"
     validate(cfg)
@@ -216,5 +252,8 @@ def test_pretrain_with_restarts_resumes_mid_cycle_exactly_and_exports_everything
     assert again["run"]["resumed_from_step"] == 6
     for step in range(7, 13):
         assert _losses(resumed)[step] == pytest.approx(losses[step], abs=1e-6)
-    ours, ref = load_file(resumed / "merged" / "model.safetensors"), load_file(reference / "merged" / "model.safetensors")
+    ours, ref = (
+        load_file(resumed / "merged" / "model.safetensors"),
+        load_file(reference / "merged" / "model.safetensors"),
+    )
     assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from mora_train.core.errors import ConfigError
 from mora_train.analysis.report import build_report, main as report_main
-from mora_train.analysis.sweep import failed_job_metric, record_job_failure, safe_dirname
+from mora_train.analysis.sweep import failed_job_metric, record_job_failure
+from mora_train.config.resolvers import safe_dirname
 
 
 def make_run(
@@ -46,7 +47,7 @@ def test_report_lists_every_run_and_every_failure(tmp_path: Path) -> None:
     make_run(sweep, "2_adapter=mora,rank=8", "mora", 8, 0.7)
     make_run(sweep, "10_adapter=full", "full", None, 0.9)
     failed = make_run(sweep, "3_adapter=mora,rank=32", "mora", 32, None)
-    record_job_failure(OmegaConf.create({"output_dir": str(failed)}), ConfigError(["`rank=32` is bad | really"]))
+    record_job_failure(failed, ConfigError(["`rank=32` is bad | really"]))
     make_run(sweep, "4_adapter=mora,rank=64", "mora", 64, None)  # killed: neither metrics nor error
 
     report = build_report(sweep, spectrum=False)
@@ -87,7 +88,7 @@ def test_job_failure_record_keeps_the_traceback_and_spares_finished_runs(tmp_pat
     try:
         raise RuntimeError("CUDA out of memory")
     except RuntimeError as err:
-        assert math.isnan(record_job_failure(OmegaConf.create({"output_dir": str(run)}), err))
+        assert math.isnan(record_job_failure(run, err))
     error = json.loads((run / "error.json").read_text())
     assert error["user_error"] is False and error["message"] == "RuntimeError: CUDA out of memory"
     assert "Traceback" in error["traceback"] and "Traceback" in (run / "error.txt").read_text()
@@ -95,7 +96,7 @@ def test_job_failure_record_keeps_the_traceback_and_spares_finished_runs(tmp_pat
     finished = tmp_path / "finished"
     finished.mkdir()
     (finished / "metrics.json").write_text("{}")
-    assert math.isnan(record_job_failure(OmegaConf.create({"output_dir": str(finished)}), RuntimeError("x")))
+    assert math.isnan(record_job_failure(finished, RuntimeError("x")))
     assert not (finished / "error.json").exists()
 
 

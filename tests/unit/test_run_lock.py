@@ -14,6 +14,7 @@ import pytest
 
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.run_lock import LOCK_FILE, RunDirBusy, RunDirLock, holder_of, refuse_if_being_written, writer_of
+from mora_train.pipeline.run_config import ComposedConfig
 from tests.conftest import TINY_RUN, compose_config
 from tests.support.lock_holder import LockHolder
 
@@ -137,11 +138,11 @@ def test_the_writer_holds_the_lock_from_before_the_resume_decision_to_its_end(tm
 
     monkeypatch.setattr(train, "load_model_and_tokenizer", stop_at_model_load)
     with pytest.raises(MoraTrainError, match="stop here"):
-        train.run(compose_config(TINY_RUN, run_dir))
+        train.run(ComposedConfig(compose_config(TINY_RUN, run_dir)))
     assert seen == {"held": True}
     assert not run_dir.exists()  # refused: the lock file and the folder it created are gone
 
     monkeypatch.setenv("RANK", "1")  # a rank other than 0 of a multi-process run never locks (rank 0 writes)
     with pytest.raises(MoraTrainError, match="stop here"):
-        train.run(compose_config(TINY_RUN, run_dir))
+        train.run(ComposedConfig(compose_config(TINY_RUN, run_dir)))
     assert seen == {"held": False}

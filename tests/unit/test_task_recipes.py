@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.tasks import TASKS
+from mora_train.core.errors import MoraTrainError
 from mora_train.data import instruction as instruction_recipe
 from mora_train.data import math as math_recipe
 from mora_train.data.common import IGNORE_INDEX
-from mora_train.core.errors import MoraTrainError
 from mora_train.models import byte_tokenizer
+from mora_train.pipeline.run_config import read_run_config
+from mora_train.tasks import TASKS
 from tests.conftest import compose_config
 
 GSM8K_ROWS = [
@@ -27,15 +28,26 @@ def jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def task_problems(tmp_path: Path, task: str, *overrides: str) -> tuple[object, list[str]]:
+    """The typed `task` section of a composed config, and every problem of the config."""
+    run, problems = read_run_config(compose_config(["model=tiny-llama", f"task={task}", *overrides], tmp_path))
+    return run.task, problems
+
+
 def task_cfg(tmp_path: Path, task: str, *overrides: str):
-    cfg = compose_config(["model=tiny-llama", f"task={task}", f"task.cache_dir={tmp_path / 'cache'}", *overrides], tmp_path)
-    assert TASKS[task].config_problems(cfg.task) == []
-    return cfg.task
+    settings, problems = task_problems(tmp_path, task, f"task.cache_dir={tmp_path / 'cache'}", *overrides)
+    assert problems == []
+    assert type(settings) is TASKS[task].settings
+    return settings
 
 
 def build_math(cfg, tokenizer, max_seq_len: int):
     """The math recipe's data as the registry builds it (gold answers read by evaluation.answers)."""
     return TASKS[cfg.name].build(cfg, tokenizer, max_seq_len)
+
+
+def build_instruction(cfg, tokenizer, max_seq_len: int):
+    return TASKS["instruction"].build(cfg, tokenizer, max_seq_len)
 
 
 def labelled_text(tokenizer, example: dict) -> str:
@@ -106,12 +118,24 @@ def test_math_data_errors(tmp_path: Path, gsm8k_files: tuple[str, str]) -> None:
 
 
 def test_math_config_problems(tmp_path: Path) -> None:
-    cfg = compose_config(["model=tiny-llama", "task=gsm8k", "task.prompt_template='Q: {query}'", "task.too_long=cut",
-                          "task.eval.stop=nope", f"task.data.train={tmp_path / 'missing.jsonl'}"], tmp_path).task
-    problems = "\n".join(TASKS["gsm8k"].config_problems(cfg))
+    _, found = task_problems(tmp_path, "gsm8k", "task.prompt_template='Q: {query}'", "task.too_long=cut",
+                             "task.eval.stop=nope", f"task.data.train={tmp_path / 'missing.jsonl'}",
+                             "task.data.eval=null", "task.data.fields.answer=null", "+task.promt_template=x")
+    problems = "\n".join(found)
     for expected in ("must contain {question}", "unknown fields ['query']", "`task.too_long=cut`", "`task.eval.stop",
-                     "missing.jsonl` does not exist"):
+                     "missing.jsonl` does not exist", "`task.data.eval` is not set", "`task.data.fields.answer` is missing",
+                     "`task.promt_template` is not a known key (did you mean prompt_template"):
         assert expected in problems
+
+
+def test_every_task_parses_into_its_settings_class(tmp_path: Path) -> None:
+    for name, task in TASKS.items():
+        settings, problems = task_problems(tmp_path, name)
+        assert problems == [] and type(settings) is task.settings and settings.name == name
+    # A key of another recipe is refused with the keys this one knows.
+    _, problems = task_problems(tmp_path, "uuid", "+task.too_long=drop", "task.num_pairs=0")
+    assert any("`task.too_long` is not a known key" in p for p in problems)
+    assert any("`task.num_pairs=0` must be a positive integer" in p for p in problems)
 
 
 def test_tokenized_training_set_is_cached(tmp_path: Path, gsm8k_files: tuple[str, str], monkeypatch) -> None:
@@ -148,7 +172,7 @@ def instruction_cfg(tmp_path: Path, rows: list[dict], *overrides: str):
 def test_alpaca_records_use_the_documented_fallback(tmp_path: Path) -> None:
     tokenizer = byte_tokenizer()
     rows = [{"instruction": "Translate", "input": "chat", "output": "cat"}, {"instruction": "Say hi", "output": "hi"}]
-    data = instruction_recipe.build(instruction_cfg(tmp_path, rows), tokenizer, 256)
+    data = build_instruction(instruction_cfg(tmp_path, rows), tokenizer, 256)
     assert prompt_text(tokenizer, data.train[0]) == "### User:\nTranslate\n\nchat\n\n### Assistant:\n"
     assert labelled_text(tokenizer, data.train[0]) == "cat</s>"
     assert prompt_text(tokenizer, data.train[1]) == "### User:\nSay hi\n\n### Assistant:\n"  # no input: no blank block
@@ -163,7 +187,7 @@ def test_chat_records_multi_turn_fallback_and_sharegpt(tmp_path: Path) -> None:
                       {"role": "assistant", "content": "4"}]},
         {"messages": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hey"}]},
     ]
-    data = instruction_recipe.build(instruction_cfg(tmp_path, rows), tokenizer, 256)
+    data = build_instruction(instruction_cfg(tmp_path, rows), tokenizer, 256)
     assert labelled_text(tokenizer, data.train[0]) == "2</s>4</s>"
     assert tokenizer.decode(data.train[0]["input_ids"]) == (
         "### System:\nBe brief.\n\n### User:\n1+1?\n\n### Assistant:\n2</s>\n\n### User:\n2+2?\n\n### Assistant:\n4</s>")
@@ -175,22 +199,22 @@ def test_chat_template_labels_each_assistant_turn_and_ends_with_eos(tmp_path: Pa
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ end }}", end)
     rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
-    data = instruction_recipe.build(instruction_cfg(tmp_path, rows), tokenizer, 256)
+    data = build_instruction(instruction_cfg(tmp_path, rows), tokenizer, 256)
     assert data.stats["chat_template"] is True
     # The turn as the template renders it; EOS added when the template's end of turn is not EOS.
     assert labelled_text(tokenizer, data.train[0]) == expected
     assert prompt_text(tokenizer, data.train[0]) == f"<|user|>\n2+2?{end}\n<|assistant|>\n"
-    fallback = instruction_recipe.build(instruction_cfg(tmp_path, rows, "task.use_chat_template=false"), tokenizer, 256)
+    fallback = build_instruction(instruction_cfg(tmp_path, rows, "task.use_chat_template=false"), tokenizer, 256)
     assert labelled_text(tokenizer, fallback.train[0]) == "4</s>"
 
 
 def test_instruction_data_errors(tmp_path: Path) -> None:
     tokenizer = byte_tokenizer()
     with pytest.raises(MoraTrainError, match=r"inst\.jsonl line 1: the conversation has no assistant message"):
-        instruction_recipe.build(instruction_cfg(tmp_path, [{"messages": [{"role": "user", "content": "hi"}]}]), tokenizer, 256)
+        build_instruction(instruction_cfg(tmp_path, [{"messages": [{"role": "user", "content": "hi"}]}]), tokenizer, 256)
     with pytest.raises(MoraTrainError, match=r"line 1: message 0 has role 'bot'"):
-        instruction_recipe.build(instruction_cfg(tmp_path, [{"messages": [{"role": "bot", "content": "x"}]}]), tokenizer, 256)
+        build_instruction(instruction_cfg(tmp_path, [{"messages": [{"role": "bot", "content": "x"}]}]), tokenizer, 256)
     with pytest.raises(MoraTrainError, match=r"field 'output' is missing.*fields: instruction, response"):
-        instruction_recipe.build(instruction_cfg(tmp_path, [{"instruction": "i", "response": "r"}]), tokenizer, 256)
+        build_instruction(instruction_cfg(tmp_path, [{"instruction": "i", "response": "r"}]), tokenizer, 256)
     with pytest.raises(MoraTrainError, match="has no chat template"):
-        instruction_recipe.build(instruction_cfg(tmp_path, [{"instruction": "i", "output": "o"}], "task.use_chat_template=true"), tokenizer, 256)
+        build_instruction(instruction_cfg(tmp_path, [{"instruction": "i", "output": "o"}], "task.use_chat_template=true"), tokenizer, 256)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mora_train.pipeline.validate import validate
+from tests.conftest import validate_config as validate
 from mora_train.core.errors import ConfigError
 from tests.conftest import compose_config
 
@@ -63,14 +63,13 @@ def test_random_init_and_name_or_path_together_are_refused(tmp_path: Path) -> No
 
 
 def test_loading_refuses_the_same_conflict_past_validation(tmp_path: Path) -> None:
-    from omegaconf import open_dict
+    import dataclasses
 
     from mora_train.core.errors import MoraTrainError
     from mora_train.models import load_model_and_tokenizer
+    from tests.conftest import typed_config
 
-    model_cfg = compose_config(["model=tiny-llama"]).model
-    with open_dict(model_cfg):
-        model_cfg.name_or_path = str(tmp_path)
+    model_cfg = dataclasses.replace(typed_config(["model=tiny-llama"]).model, name_or_path=str(tmp_path))
     with pytest.raises(MoraTrainError, match="random_init"):
         load_model_and_tokenizer(model_cfg)
 
@@ -90,7 +89,15 @@ def test_a_top_level_key_nothing_reads_is_refused(tmp_path: Path) -> None:
     assert "`learning_rate` is not a key mora-train reads" in problem and "trainer" in problem
 
 
-def test_the_known_top_level_keys_are_those_of_the_composed_config(tmp_path: Path) -> None:
-    from mora_train.config.validation import top_level_keys
+def test_the_run_config_reads_exactly_the_keys_of_the_composed_config(tmp_path: Path) -> None:
+    import dataclasses
 
-    assert top_level_keys() == set(compose_config(["model=tiny-llama"], tmp_path).keys())
+    from mora_train.pipeline.run_config import RunConfig
+
+    fields = {field.name for field in dataclasses.fields(RunConfig)}
+    assert fields == set(compose_config(["model=tiny-llama"], tmp_path).keys())
+
+
+def test_a_top_level_key_points_to_the_section_that_has_it(tmp_path: Path) -> None:
+    (problem,) = problems_of(["+learning_rate=1e-3"], tmp_path)
+    assert "did you mean trainer.learning_rate?" in problem
