@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.adapters.base import Adapter
 from mora_train.config.schema import Section, section, setting
-from mora_train.data.common import PadCollator
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_dir_atomically
+from mora_train.data.common import PadCollator
 from mora_train.models.quantization import (
     compute_dtype,
     is_quantized,
@@ -40,6 +41,7 @@ class ExportConfig(Section):
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return EXPORT_DTYPES[self.dtype] if self.dtype is not None else None
+
 
 # The merge check's tolerance (max |logit difference| between the adapted model and its reloaded merged
 # checkpoint) is never below these absolute floors...
@@ -131,8 +133,12 @@ class ExportResult:
         return self.kernel.tolerance if self.kernel is not None else None
 
     def failure_message(self, adapter_dir: Path | None) -> str:
-        keep = (f"The adapter in {adapter_dir} is intact: re-attach it with mora_train.load_adapter(base_model, "
-                f"'{adapter_dir}')" if adapter_dir else "The trained weights are in the run's last checkpoint")
+        keep = (
+            f"The adapter in {adapter_dir} is intact: re-attach it with mora_train.load_adapter(base_model, "
+            f"'{adapter_dir}')"
+            if adapter_dir
+            else "The trained weights are in the run's last checkpoint"
+        )
         problems = []
         if self.before_cast is not None and not self.before_cast.passed:
             problems.append(
@@ -141,8 +147,11 @@ class ExportResult:
                 f"rounding floor x {FLOOR_FACTOR:g})"
             )
         if not self.max_abs_diff <= self.tolerance:
-            floor = "the model's float rounding floor" if self.before_cast is None else (
-                f"the rounding floor of {_dtype_name(self.before_cast.dtype)} weights")
+            floor = (
+                "the model's float rounding floor"
+                if self.before_cast is None
+                else (f"the rounding floor of {_dtype_name(self.before_cast.dtype)} weights")
+            )
             problems.append(
                 f"max |logit difference| {self.max_abs_diff:.3g} > tolerance {self.tolerance:.3g} ({floor} "
                 f"x {FLOOR_FACTOR:g})"
@@ -261,9 +270,12 @@ def weights_rounding_noise(model: torch.nn.Module, dtype: torch.dtype) -> Iterat
 
         return [module.register_forward_pre_hook(move), module.register_forward_hook(restore)]
 
-    hooks = [hook for index, module in enumerate(model.modules())
-             if any(p.is_floating_point() for p in module.parameters(recurse=False))
-             for hook in hooks_for(index, module)]
+    hooks = [
+        hook
+        for index, module in enumerate(model.modules())
+        if any(p.is_floating_point() for p in module.parameters(recurse=False))
+        for hook in hooks_for(index, module)
+    ]
     try:
         yield
     finally:
@@ -282,7 +294,10 @@ def coarsest_float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def export_rounding_floor(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], reference: torch.Tensor, dtype: torch.dtype,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    reference: torch.Tensor,
+    dtype: torch.dtype,
     compare_dtype: torch.dtype | None,
 ) -> float:
     """Max |logit change| when every float weight of the adapted model moves by one rounding error of the
@@ -399,17 +414,32 @@ def export_merged(
     reloaded = reload_merged(target, dtype, trust_remote_code)
     reloaded.to(next(merged.parameters()).device)
     diff = (logits_of(reloaded, probe, compare_dtype) - adapted_logits).abs().max().item()
-    result = ExportResult(merged_dir=target, max_abs_diff=diff, model=reloaded, tolerance=tolerance, kernel=kernel,
-                          before_cast=before_cast)
+    result = ExportResult(
+        merged_dir=target,
+        max_abs_diff=diff,
+        model=reloaded,
+        tolerance=tolerance,
+        kernel=kernel,
+        before_cast=before_cast,
+    )
     if before_cast is not None:
         log.info(
             "merged model before its cast to %s: max |logit difference| %.3g, tolerance %.3g (rounding floor %.3g x "
-            "%g)", _dtype_name(dtype), before_cast.max_abs_diff, before_cast.tolerance, floor, FLOOR_FACTOR,
+            "%g)",
+            _dtype_name(dtype),
+            before_cast.max_abs_diff,
+            before_cast.tolerance,
+            floor,
+            FLOOR_FACTOR,
         )
     log.info(
         "merged checkpoint %s %s the adapted logits: max |difference| %.3g, tolerance %.3g (rounding floor %.3g x %g)",
-        target, "reproduces" if result.merge_passed else "does NOT reproduce", diff, tolerance,
-        cast_floor if coarser else floor, FLOOR_FACTOR,
+        target,
+        "reproduces" if result.merge_passed else "does NOT reproduce",
+        diff,
+        tolerance,
+        cast_floor if coarser else floor,
+        FLOOR_FACTOR,
     )
     return result
 

@@ -128,8 +128,12 @@ def export_lora(
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B_full.contiguous()
     targets = sorted({name.rsplit(".", 1)[-1] for name in kept})
     config = peft_config(uniform, targets, base_model)
-    table = {"rank": uniform, "truncation": {"rank": rank, "energy": energy}, "source": source or {},
-             "layers": [asdict(r) for r in rows]}
+    table = {
+        "rank": uniform,
+        "truncation": {"rank": rank, "energy": energy},
+        "source": source or {},
+        "layers": [asdict(r) for r in rows],
+    }
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})

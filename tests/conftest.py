@@ -19,7 +19,7 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-import mora_train  # noqa: E402,F401 - registers the resolvers the shipped configs use (${data_file:...})
+import mora_train  # noqa: F401 - registers the resolvers the shipped configs use (${data_file:...})
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "mora_train" / "configs"

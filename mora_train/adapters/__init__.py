@@ -109,7 +109,9 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:
     adapter: Adapter
     if config.get("format") == "mora-train" and config.get("adapter") == MoraAdapter.name:
         settings = MoraSettings(
-            name=MoraAdapter.name, mora_type=config["mora_type"], target_modules=config["target_modules"],
+            name=MoraAdapter.name,
+            mora_type=config["mora_type"],
+            target_modules=config["target_modules"],
             dropout=config["dropout"],
         )
         adapter = MoraAdapter.build(model, settings, config["rank"])
@@ -128,6 +130,8 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:
             model, config["r"], config["lora_alpha"], config["target_modules"], config["lora_dropout"], peft_model
         )
     else:
-        raise MoraTrainError(f"{config_path} describes no adapter mora-train knows (MoRA, LoRA, full, official MoRA fork)")
+        raise MoraTrainError(
+            f"{config_path} describes no adapter mora-train knows (MoRA, LoRA, full, official MoRA fork)"
+        )
     adapter.load_weights(adapter_dir)
     return adapter

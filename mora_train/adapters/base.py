@@ -83,7 +83,7 @@ def singular_values_kept(S: torch.Tensor, rank: int | None = None, energy: float
         cumulative = torch.cumsum(S**2, 0) / (S**2).sum().clamp_min(torch.finfo(torch.float64).tiny)
         k = int((cumulative < energy - 1e-12).sum().item()) + 1
     else:
-        k = int((S > S[0] * 1e-6).sum().item()) if S.numel() and S[0] > 0 else 1
+        k = int((S[0] * 1e-6 < S).sum().item()) if S.numel() and S[0] > 0 else 1
     return max(1, min(k, S.numel()))
 
 
@@ -206,7 +206,10 @@ class Adapter(ABC):
 
     @classmethod
     def build(
-        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        cls,
+        model: PreTrainedModel,
+        settings: AdapterSettings,
+        rank: int | None,
         load_base: Callable[[], nn.Module] | None = None,
     ) -> Adapter:
         """Wrap `model` as these settings say (adapters.build_adapter prepares a quantized base first)."""

@@ -73,7 +73,10 @@ class FullFineTune(Adapter):
 
     @classmethod
     def build(
-        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        cls,
+        model: PreTrainedModel,
+        settings: AdapterSettings,
+        rank: int | None,
         load_base: Callable[[], nn.Module] | None = None,
     ) -> FullFineTune:
         return cls(model, settings.target_modules, load_base)  # rank means nothing here
@@ -116,8 +119,12 @@ class FullFineTune(Adapter):
         return {"adapter": self.name}
 
     def describe(self) -> dict[str, Any]:
-        return {"format": FORMAT, "adapter": self.name, "target_modules": self.target_modules,
-                "base_model": getattr(self.base_model.config, "_name_or_path", None)}
+        return {
+            "format": FORMAT,
+            "adapter": self.name,
+            "target_modules": self.target_modules,
+            "base_model": getattr(self.base_model.config, "_name_or_path", None),
+        }
 
     def module_summaries(self) -> list[ModuleSummary]:
         if self.target_modules == "all":
@@ -149,15 +156,25 @@ class FullFineTune(Adapter):
 
     def load_weights(self, directory: Path) -> None:
         directory = Path(directory)
-        files = [directory / ADAPTER_WEIGHTS_NAME] if (directory / ADAPTER_WEIGHTS_NAME).is_file() else sorted(
-            directory.glob("model*.safetensors")  # save_pretrained's model.safetensors or its shards
+        files = (
+            [directory / ADAPTER_WEIGHTS_NAME]
+            if (directory / ADAPTER_WEIGHTS_NAME).is_file()
+            else sorted(
+                directory.glob("model*.safetensors")  # save_pretrained's model.safetensors or its shards
+            )
         )
         if not files:
-            raise MoraTrainError(f"{directory} holds no fully fine-tuned weights (model*.safetensors or {ADAPTER_WEIGHTS_NAME})")
+            raise MoraTrainError(
+                f"{directory} holds no fully fine-tuned weights (model*.safetensors or {ADAPTER_WEIGHTS_NAME})"
+            )
         state = {k: v for f in files for k, v in load_file(str(f)).items()}
         copy_saved_weights(
-            self.trainable_parameters(), state, str(directory),
-            "fully fine-tuned weights", "wrong base model or target_modules?", "this model does not train it",
+            self.trainable_parameters(),
+            state,
+            str(directory),
+            "fully fine-tuned weights",
+            "wrong base model or target_modules?",
+            "this model does not train it",
         )
 
     @torch.no_grad()

@@ -51,7 +51,10 @@ class LoraAdapter(Adapter):
 
     @classmethod
     def build(
-        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        cls,
+        model: PreTrainedModel,
+        settings: AdapterSettings,
+        rank: int | None,
         load_base: Callable[[], nn.Module] | None = None,
     ) -> LoraAdapter:
         lora = settings_as(LoraSettings, settings)
@@ -62,7 +65,9 @@ class LoraAdapter(Adapter):
         capped = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if rank > min(m.in_features, m.out_features)})
         if capped:
             # Not an error (the paper compares LoRA and MoRA at r=256 on layers this narrow), but worth knowing.
-            log.warning("rank=%d exceeds min(d_in, d_out) of %s: LoRA's update there cannot reach that rank", rank, capped)
+            log.warning(
+                "rank=%d exceeds min(d_in, d_out) of %s: LoRA's update there cannot reach that rank", rank, capped
+            )
         return []
 
     @classmethod
@@ -85,7 +90,12 @@ class LoraAdapter(Adapter):
             # Resolve names ourselves first so a typo gets our error (listing the layers), not peft's.
             targets = sorted(find_target_linears(model, list(target_modules)))
             config = LoraConfig(
-                r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+                r=rank,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                target_modules=targets,
+                bias="none",
+                task_type="CAUSAL_LM",
             )
             peft_model = get_peft_model(model, config)
         self.peft_model = peft_model
@@ -110,7 +120,9 @@ class LoraAdapter(Adapter):
         for name, layer in self._lora_layers().items():
             base = layer.get_base_layer()
             trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-            rows.append(ModuleSummary(name, base.in_features, base.out_features, f"r={layer.r[PEFT_ADAPTER]}", trainable))
+            rows.append(
+                ModuleSummary(name, base.in_features, base.out_features, f"r={layer.r[PEFT_ADAPTER]}", trainable)
+            )
         return rows
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -129,7 +141,9 @@ class LoraAdapter(Adapter):
                     weight = layer.get_base_layer().weight
                     merged = weight.float() + layer.get_delta_weight(PEFT_ADAPTER).float()
                     if not torch.isfinite(merged).all():
-                        raise MoraTrainError(f"LoRA layer '{name}': the merged weight is not finite (NaN/Inf in the adapter)")
+                        raise MoraTrainError(
+                            f"LoRA layer '{name}': the merged weight is not finite (NaN/Inf in the adapter)"
+                        )
                     weight.copy_(merged.to(weight.dtype))
             return self.peft_model.unload()
         # safe_merge checks the merged weights are finite before writing them.
@@ -148,8 +162,11 @@ class LoraAdapter(Adapter):
         return {n: layer.get_base_layer().weight for n, layer in self._lora_layers().items()}
 
     def restart_parameters(self) -> list[nn.Parameter]:
-        return [w for layer in self._lora_layers().values()
-                for w in (layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight)]
+        return [
+            w
+            for layer in self._lora_layers().values()
+            for w in (layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight)
+        ]
 
     @torch.no_grad()
     def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
@@ -186,5 +203,10 @@ class LoraAdapter(Adapter):
             )
 
     def describe(self) -> dict[str, Any]:
-        return {"adapter": self.name, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": self.target_modules}
+        return {
+            "adapter": self.name,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "target_modules": self.target_modules,
+        }

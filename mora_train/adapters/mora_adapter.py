@@ -60,7 +60,8 @@ class MoraSettings(LowRankSettings):
     """adapter=mora: square-matrix high-rank updating."""
 
     mora_type: str | int = setting(
-        default="rope", help="compression/decompression pair: rope, sharing, grouping (or 1-6, the paper's numbering), auto"
+        default="rope",
+        help="compression/decompression pair: rope, sharing, grouping (or 1-6, the paper's numbering), auto",
     )
 
     def check(self, prefix: str) -> list[str]:
@@ -121,7 +122,10 @@ class MoraAdapter(Adapter):
 
     @classmethod
     def build(
-        cls, model: PreTrainedModel, settings: AdapterSettings, rank: int | None,
+        cls,
+        model: PreTrainedModel,
+        settings: AdapterSettings,
+        rank: int | None,
         load_base: Callable[[], nn.Module] | None = None,
     ) -> MoraAdapter:
         mora = settings_as(MoraSettings, settings)
@@ -253,8 +257,15 @@ class MoraAdapter(Adapter):
             "adapter": "mora",
             "rank": self.rank,
             "mora_type": self.mora_type,
-            **({"mora_type_requested": AUTO, "mora_type_rule": f"auto: rope below rank {AUTO_SHARING_FROM_RANK}, "
-                "sharing from it on (paper §5 runs; official README)"} if _is_auto(self.requested_type) else {}),
+            **(
+                {
+                    "mora_type_requested": AUTO,
+                    "mora_type_rule": f"auto: rope below rank {AUTO_SHARING_FROM_RANK}, "
+                    "sharing from it on (paper §5 runs; official README)",
+                }
+                if _is_auto(self.requested_type)
+                else {}
+            ),
             "dropout": self.dropout,
             "target_modules": self.target_modules,
             "base_model": getattr(self.base_model.config, "_name_or_path", None),
@@ -278,6 +289,10 @@ class MoraAdapter(Adapter):
     def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Copy saved M matrices into the live modules; every mismatch is named, nothing is copied on error."""
         copy_saved_weights(
-            self.trainable_parameters(), state, source,
-            "MoRA adapter", "wrong base model, rank or target_modules?", "this model has no such MoRA module",
+            self.trainable_parameters(),
+            state,
+            source,
+            "MoRA adapter",
+            "wrong base model, rank or target_modules?",
+            "this model has no such MoRA module",
         )

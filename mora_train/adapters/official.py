@@ -41,6 +41,10 @@ def load_official_mora(model: PreTrainedModel, adapter_dir: Path, config: dict) 
         raise MoraTrainError(
             f"{adapter_dir}: target_modules given as a regex ({targets!r}) is not supported; list module names"
         )
-    adapter = MoraAdapter(model, int(config["r"]), config.get("mora_type", 1), list(targets), float(config.get("lora_dropout", 0.0)))
-    adapter.load_state(official_state_to_ours(load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS_NAME))), str(adapter_dir))
+    adapter = MoraAdapter(
+        model, int(config["r"]), config.get("mora_type", 1), list(targets), float(config.get("lora_dropout", 0.0))
+    )
+    adapter.load_state(
+        official_state_to_ours(load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS_NAME))), str(adapter_dir)
+    )
     return adapter

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mora_train.models.config import ModelConfig
-from mora_train.pipeline.run_config import named_model_config, saved_run_config
 from mora_train.core.errors import MoraTrainError, non_negative_float, report_unexpected
 from mora_train.core.io import save_figure_atomically, write_file_atomically
 from mora_train.core.outputs import FILES, check_output_target
 from mora_train.core.run_lock import refuse_if_being_written
+from mora_train.models.config import ModelConfig
+from mora_train.pipeline.run_config import named_model_config, saved_run_config
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ def load_base_model(model_cfg: ModelConfig) -> nn.Module:
 def run_model_config(run_dir: Path) -> ModelConfig:
     saved = saved_run_config(run_dir)
     if saved is None:
-        raise MoraTrainError(f"{run_dir} has no resolved_config.yaml; pass --base-model to say which model it started from")
+        raise MoraTrainError(
+            f"{run_dir} has no resolved_config.yaml; pass --base-model to say which model it started from"
+        )
     return saved.model
 
 
@@ -182,7 +184,9 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
         return singular_values(adapter_deltas(load_base_model(model_cfg), path)), "adapter"
     if (path / "config.json").is_file():
         return _merged_vs_base(path, model_cfg), "merged - base"
-    raise MoraTrainError(f"{path} is neither a run dir, an adapter folder (adapter_config.json) nor a model folder (config.json)")
+    raise MoraTrainError(
+        f"{path} is neither a run dir, an adapter folder (adapter_config.json) nor a model folder (config.json)"
+    )
 
 
 def _merged_vs_base(merged_dir: Path, model_cfg: ModelConfig) -> list[LayerSpectrum]:
@@ -318,7 +322,11 @@ def check_spectrum_target(out: str | None, path: Path, is_run: bool, base_model:
     read = [path / name for name in RUN_OUTPUTS] if is_run else [path]
     home = Path(path).resolve() if is_run else None
     return check_output_target(
-        target, "mora-train-spectrum", "--out", FILES, [*read, base_model],
+        target,
+        "mora-train-spectrum",
+        "--out",
+        FILES,
+        [*read, base_model],
         ours=lambda folder: Path(folder).resolve() == home or is_earlier_spectrum(folder),
         names=(SPECTRUM_FILE, SPECTRUM_PLOT),
     )
@@ -330,10 +338,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Count the singular values of ΔW above a threshold, per layer (paper Fig. 5).",
     )
     parser.add_argument("path", help="a run dir, an adapter folder, or a merged-model folder")
-    parser.add_argument("--base-model", help="base model: config name (smollm2-135m, tiny-llama), hub id or folder; "
-                        "default: the run's own (resolved_config.yaml)")
-    parser.add_argument("--threshold", type=non_negative_float, default=DEFAULT_THRESHOLD, help="default %(default)s (the paper's)")
-    parser.add_argument("--out", help="folder for spectrum.png/.safetensors (default: the run dir, else the current dir)")
+    parser.add_argument(
+        "--base-model",
+        help="base model: config name (smollm2-135m, tiny-llama), hub id or folder; "
+        "default: the run's own (resolved_config.yaml)",
+    )
+    parser.add_argument(
+        "--threshold", type=non_negative_float, default=DEFAULT_THRESHOLD, help="default %(default)s (the paper's)"
+    )
+    parser.add_argument(
+        "--out", help="folder for spectrum.png/.safetensors (default: the run dir, else the current dir)"
+    )
     parser.add_argument("--refresh", action="store_true", help="recompute even if the run dir has a cached spectrum")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -360,8 +375,11 @@ def main(argv: list[str] | None = None) -> int:
             save_spectra(spectra, out / SPECTRUM_FILE, source)
         plot_spectrum(spectra, args.threshold, out / SPECTRUM_PLOT, f"{path.name}: ΔW ({source})")
     except OSError as err:
-        print(f"mora-train-spectrum: error: cannot write the spectrum into {out}: {err.strerror or err} "
-              f"({err.filename or out}); choose a writable folder with --out DIR", file=sys.stderr)
+        print(
+            f"mora-train-spectrum: error: cannot write the spectrum into {out}: {err.strerror or err} "
+            f"({err.filename or out}); choose a writable folder with --out DIR",
+            file=sys.stderr,
+        )
         return 2
     print(f"{'layer':<48} {'shape':>11} {'> ' + format(args.threshold, 'g'):>8} {'max sv':>9}")
     for s in spectra:

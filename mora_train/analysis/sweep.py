@@ -96,7 +96,11 @@ def record_job_failure(run_dir: Path | None, err: BaseException, sweep_goes_on: 
     message = str(err) if user_error else f"{type(err).__name__}: {err}"
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     if sweep_goes_on:
-        print(f"\nmora-train: error in {_job_label()}: {message}\nthe sweep goes on with the next job", file=sys.stderr, flush=True)
+        print(
+            f"\nmora-train: error in {_job_label()}: {message}\nthe sweep goes on with the next job",
+            file=sys.stderr,
+            flush=True,
+        )
     metric = failed_job_metric()
     if run_dir is None:
         log.warning("could not resolve output_dir to record the error of %s", _job_label())
@@ -142,9 +146,11 @@ def unfinished_sweep_hint(argv: list[str]) -> str:
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(str(hydra_cfg.sweep.dir)).resolve()
     command = paste_command(argv, "hydra.sweep.dir", str(sweep_dir))
-    return (f"The sweep stopped in job {hydra_cfg.job.get('num', '?')}; the jobs after it never started. To finish the "
-            f"sweep, run it again in the same sweep dir: {command}\nThere finished jobs are not run again (each is "
-            "refused as a finished run), the stopped job resumes from its checkpoint and the others run")
+    return (
+        f"The sweep stopped in job {hydra_cfg.job.get('num', '?')}; the jobs after it never started. To finish the "
+        f"sweep, run it again in the same sweep dir: {command}\nThere finished jobs are not run again (each is "
+        "refused as a finished run), the stopped job resumes from its checkpoint and the others run"
+    )
 
 
 def sweep_started(sweep_dir: Path) -> None:

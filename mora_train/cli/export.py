@@ -20,23 +20,43 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Example: mora-train-export outputs/2026-11-30/12-00-00 exported/ --rank 32",
     )
     parser.add_argument("source", help="a run dir (RUN_DIR) or an adapter folder (RUN_DIR/adapter; needs --base-model)")
-    parser.add_argument("out_dir", help="where to write the PEFT LoRA folder: a new or empty folder, or one an earlier "
-                        "export wrote (replaced whole); never SOURCE, inside it, or a folder of other files")
+    parser.add_argument(
+        "out_dir",
+        help="where to write the PEFT LoRA folder: a new or empty folder, or one an earlier "
+        "export wrote (replaced whole); never SOURCE, inside it, or a folder of other files",
+    )
     cut = parser.add_mutually_exclusive_group()
     cut.add_argument("--rank", type=int, help="keep at most R singular directions per layer (truncated SVD)")
-    cut.add_argument("--energy", type=float, help="keep the singular values holding this share of each layer's ΔW energy, in (0, 1]")
-    parser.add_argument("--base-model", help="the base model (config name, Hub id or folder) when SOURCE is not a run dir")
-    parser.add_argument("--no-check", action="store_true", help="skip loading the export with plain peft and comparing logits")
-    parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
-                        help="re-run the task's evaluation on the adapter and on the export (default: for truncated exports of a run dir)")
+    cut.add_argument(
+        "--energy", type=float, help="keep the singular values holding this share of each layer's ΔW energy, in (0, 1]"
+    )
+    parser.add_argument(
+        "--base-model", help="the base model (config name, Hub id or folder) when SOURCE is not a run dir"
+    )
+    parser.add_argument(
+        "--no-check", action="store_true", help="skip loading the export with plain peft and comparing logits"
+    )
+    parser.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-run the task's evaluation on the adapter and on the export (default: for truncated exports of a run dir)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def work():  # the pipeline is imported here, so that --help stays fast (no torch import)
         from mora_train.pipeline.lora_export import export_run
 
-        return export_run(args.source, args.out_dir, rank=args.rank, energy=args.energy, base_model=args.base_model,
-                          check=not args.no_check, evaluate=args.evaluate)
+        return export_run(
+            args.source,
+            args.out_dir,
+            rank=args.rank,
+            energy=args.energy,
+            base_model=args.base_model,
+            check=not args.no_check,
+            evaluate=args.evaluate,
+        )
 
     report = run_command("mora-train-export", work)
     lines = [

@@ -14,6 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mora_train.cli.config_errors import hydra_error_problem, hydra_errors_raised, user_environment
 from mora_train.config.overrides import parse_override, shell_override
+from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, MoraTrainError, report_unexpected
+from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
+from mora_train.core.run_lock import RunDirBusy
 from mora_train.training.distributed import (
     MainProcessFailed,
     is_main_process,
@@ -23,9 +26,6 @@ from mora_train.training.distributed import (
     run_on_main_process,
     shutdown,
 )
-from mora_train.core.run_lock import RunDirBusy
-from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, MoraTrainError, report_unexpected
-from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
 
 
 def register_launch_time_resolver() -> None:
@@ -72,10 +72,16 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def _job(cfg: DictConfig) -> float | None:
-    from mora_train.pipeline.train import run
+    from mora_train.analysis.sweep import (
+        failed_job_metric,
+        in_multirun,
+        jobs_run_apart,
+        record_job_failure,
+        unfinished_sweep_hint,
+    )
     from mora_train.pipeline.relaunch import run_relaunched, wants_relaunch
     from mora_train.pipeline.run_config import ComposedConfig, write_hydra_records
-    from mora_train.analysis.sweep import failed_job_metric, in_multirun, jobs_run_apart, record_job_failure, unfinished_sweep_hint
+    from mora_train.pipeline.train import run
 
     def record_failure(err: BaseException, sweep_goes_on: bool = True) -> float:
         # Rank 0 alone writes the job's error record; the other ranks go on (or stop) with it. A job refused
@@ -141,9 +147,11 @@ def _job(cfg: DictConfig) -> float | None:
 
 
 def _interrupted(run_dir: Path) -> str:
-    return (f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
-            f"{run_dir / 'checkpoints'} (if any) are kept: rerun with "
-            f"{shell_override('output_dir', str(run_dir.resolve()))} to resume")
+    return (
+        f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
+        f"{run_dir / 'checkpoints'} (if any) are kept: rerun with "
+        f"{shell_override('output_dir', str(run_dir.resolve()))} to resume"
+    )
 
 
 SHOW_ONLY_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
@@ -194,7 +202,11 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
     shown = [f"{primary}: {value:.4f} ({direction} is better)" if value is not None else f"{primary}: missing"]
     # A few of the task's other metrics (not its timings and counts), in the order the task reported them.
     # (metrics_of also holds lm-evaluation-harness's, as lm_eval/TASK/METRIC, after the task's)
-    others = [(k, v) for k, v in metrics_of(metrics).items() if k != primary and not k.endswith(("_s", "_samples", "_truncated"))]
+    others = [
+        (k, v)
+        for k, v in metrics_of(metrics).items()
+        if k != primary and not k.endswith(("_s", "_samples", "_truncated"))
+    ]
     shown += [f"{k}: {v:.4f}" for k, v in others[:3]]
     wall = f"wall time: {run_info(metrics, 'wall_time_s', 0.0):.0f} s"
     if metrics.get("mode") == "eval":

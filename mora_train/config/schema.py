@@ -219,8 +219,11 @@ def parse(cls: type[S], data: Mapping[str, Any] | None, prefix: str, problems: l
             values[key] = _convert(variant or hints[key], value, full, problems)
         except _Invalid as invalid:
             problems.append(str(invalid))
-    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-               if f.name not in values and f.default is _MISSING and f.default_factory is _MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name not in values and f.default is _MISSING and f.default_factory is _MISSING
+    ]
     for key in missing:
         # A required key that is absent or invalid: report it when absent, and fill a neutral value so that
         # checks across fields can run.

@@ -96,7 +96,11 @@ def log_length_report(name: str, report: LengthReport, max_seq_len: int) -> None
         log.warning(
             "%s: of %d examples, %d were longer than max_seq_len=%d tokens and were truncated, %d were dropped "
             "(too long under task.too_long=drop, or no response tokens left after truncation)",
-            name, report.total, report.truncated, max_seq_len, report.dropped,
+            name,
+            report.total,
+            report.truncated,
+            max_seq_len,
+            report.dropped,
         )
     else:
         log.info("%s: %d examples, none longer than max_seq_len=%d", name, report.total, max_seq_len)

@@ -47,12 +47,18 @@ class IdFilter(Section):
 class DataSource(Section):
     """One source of records: local files or a Hugging Face Hub dataset."""
 
-    path: str | list[str] | None = setting(default=None, help="local files: a file, a glob, a folder, or a list of them")
+    path: str | list[str] | None = setting(
+        default=None, help="local files: a file, a glob, a folder, or a list of them"
+    )
     hub: str | None = setting(default=None, help="a Hugging Face Hub dataset id such as openai/gsm8k (instead of path)")
     hub_config: str | None = setting(default=None, help="the hub dataset's config name (hub only)")
-    split: str | None = setting(default=None, help="the hub dataset's split, slices included: train, test, train[:1000]")
+    split: str | None = setting(
+        default=None, help="the hub dataset's split, slices included: train, test, train[:1000]"
+    )
     revision: str | None = setting(default=None, help="the hub dataset's revision: a branch, tag or commit (hub only)")
-    fields: dict[str, str | None] | None = setting(default=None, help="this source's own field mapping, over task.data.fields")
+    fields: dict[str, str | None] | None = setting(
+        default=None, help="this source's own field mapping, over task.data.fields"
+    )
     keep_if_in: IdFilter | None = setting(default=None, help="keep only the records whose field is an id of a file")
     drop_if_in: IdFilter | None = setting(default=None, help="drop the records whose field is an id of a file")
     limit: int | None = setting(default=None, help="the first N records only (after filters; null: all)")
@@ -134,8 +140,11 @@ def source_problems(spec: Any, key: str) -> list[str]:
 
 def fields_problems(fields: Mapping[str, str | None], key: str, required: Sequence[str] = ()) -> list[str]:
     """Each recipe field the recipe needs must be mapped to a field of the data."""
-    return [f"`{key}.{name}` is missing; map it to the field of your data that holds it" for name in required
-            if fields.get(name) is None]
+    return [
+        f"`{key}.{name}` is missing; map it to the field of your data that holds it"
+        for name in required
+        if fields.get(name) is None
+    ]
 
 
 def template_fields(template: str) -> list[str]:
@@ -206,17 +215,22 @@ class BenchmarkSettings(Section):
     Its data is checked only when task.eval.benchmarks selects it (a benchmark may name files this machine lacks).
     """
 
-    data: Sources | None = setting(default=None, help="its records: a source (path/hub, filters, limit) or a list of them")
+    data: Sources | None = setting(
+        default=None, help="its records: a source (path/hub, filters, limit) or a list of them"
+    )
     prompt: str = setting(help='a template over the record\'s fields: "Question: {question}\\nA. {A}\\n...\\nAnswer:"')
     choices: list[str] = setting(help='one continuation per option, templates too: [" A", " B"] or [" {A}", " {B}"]')
     label_field: str = setting(help="the record field holding the gold label")
     labels: list[str | int | float | bool] = setting(
         help="the label value of each choice, in order (compared as strings)"
     )
-    score: Literal["sum", "mean"] = setting(default="sum", help="sum of the option's token log-probs, or mean (per token)")
+    score: Literal["sum", "mean"] = setting(
+        default="sum", help="sum of the option's token log-probs, or mean (per token)"
+    )
     max_samples: int | None = setting(default=None, help="the first N records (null: all)")
     sample_seed: int | None = setting(
-        default=None, help="N records drawn at random with this seed instead (file order kept), for files grouped by label"
+        default=None,
+        help="N records drawn at random with this seed instead (file order kept), for files grouped by label",
     )
 
     def check(self, prefix: str) -> list[str]:
@@ -233,6 +247,7 @@ class BenchmarkSettings(Section):
                 try:
                     template_fields(template)
                 except ValueError as err:
-                    problems.append(f"`{prefix}.{name}={template!r}` is not a valid template ({err}); write braces as "
-                                    "{{ }}")
+                    problems.append(
+                        f"`{prefix}.{name}={template!r}` is not a valid template ({err}); write braces as {{{{ }}}}"
+                    )
         return problems

@@ -67,13 +67,17 @@ class InstructionRecipe(DataRecipe):
 
     data: InstructionTaskData = setting(help="the training and held-out conversations and the field mapping")
     format: Literal["auto", "alpaca", "chat"] = setting(
-        default="auto", help="auto: a record with the `messages` field is chat, otherwise Alpaca; or force alpaca / chat"
+        default="auto",
+        help="auto: a record with the `messages` field is chat, otherwise Alpaca; or force alpaca / chat",
     )
     use_chat_template: Literal["auto", True, False] = setting(
-        default="auto", help="auto: the tokenizer's chat template when it has one, else the fallback format; true: require "
-        "it; false: the fallback"
+        default="auto",
+        help="auto: the tokenizer's chat template when it has one, else the fallback format; true: require "
+        "it; false: the fallback",
     )
-    system_prompt: str | None = setting(default=None, help="prepended as a system message to conversations that have none")
+    system_prompt: str | None = setting(
+        default=None, help="prepended as a system message to conversations that have none"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +86,9 @@ class InstructionRecipe(DataRecipe):
 
 def _chat_messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise MoraTrainError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects, got {str(value)[:80]!r}")
+        raise MoraTrainError(
+            f"{where}: `messages` must be a non-empty list of {{role, content}} objects, got {str(value)[:80]!r}"
+        )
     messages = []
     for i, message in enumerate(value):
         if isinstance(message, dict) and "from" in message and "value" in message:  # ShareGPT
@@ -222,7 +228,11 @@ def load_conversations(
 
 
 def tokenize(
-    conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_seq_len: int, too_long: str
+    conversations: list[Conversation],
+    tokenizer: PreTrainedTokenizerBase,
+    chat_template: bool,
+    max_seq_len: int,
+    too_long: str,
 ) -> tuple[list[dict], LengthReport]:
     report = LengthReport()
     examples = []
@@ -253,8 +263,11 @@ def build(
 
     def build_train() -> tuple[list[dict], dict]:
         examples, report = tokenize(
-            load_conversations(settings, settings.data.train, "task.data.train"), tokenizer, chat_template,
-            max_seq_len, settings.too_long,
+            load_conversations(settings, settings.data.train, "task.data.train"),
+            tokenizer,
+            chat_template,
+            max_seq_len,
+            settings.too_long,
         )
         return examples, report.as_dict()
 

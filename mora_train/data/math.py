@@ -75,8 +75,9 @@ class MathRecipe(DataRecipe):
         default=True, help="drop GSM8K's <<48/2=24>> calculator annotations from the training targets"
     )
     too_long: TooLong = setting(
-        default="drop", help="examples longer than trainer.max_seq_len: drop them (a cut-off solution teaches the model to "
-        "stop before its answer) or truncate them from the end"
+        default="drop",
+        help="examples longer than trainer.max_seq_len: drop them (a cut-off solution teaches the model to "
+        "stop before its answer) or truncate them from the end",
     )
 
     def check(self, prefix: str) -> list[str]:
@@ -181,7 +182,10 @@ def load_problems(settings: MathRecipe, final_answer: FinalAnswer, limit: int | 
 
 
 def build(
-    settings: MathRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, final_answer: FinalAnswer,
+    settings: MathRecipe,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    final_answer: FinalAnswer,
     eval_limit: int | None,
 ) -> MathData:
     """Training examples and the first `eval_limit` evaluation problems (task.eval.max_samples)."""

@@ -7,8 +7,15 @@ import os
 import stat
 from pathlib import Path
 
-LOCAL_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-                 ".parquet": "parquet", ".txt": "txt"}
+LOCAL_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "txt",
+}
 GLOB_CHARS = set("*?[")
 
 
@@ -34,23 +41,35 @@ def missing_path_message(key: str, path: str, folders: bool = True) -> str:
     if found.is_dir():
         others = sorted({f.suffix or f.name for f in found.rglob("*") if f.is_file()})[:8]
         held = f"it holds only {', '.join(others)} files" if others else "it is empty"
-        return (f"`{key}={path}` is a folder with no data file in it ({held}); a folder is read for its "
-                f"{', '.join(LOCAL_FORMATS)} files (in subfolders too): add some, or give the file itself")
+        return (
+            f"`{key}={path}` is a folder with no data file in it ({held}); a folder is read for its "
+            f"{', '.join(LOCAL_FORMATS)} files (in subfolders too): add some, or give the file itself"
+        )
     if found.is_symlink() and not found.exists():
-        return (f"`{key}={path}` is a symbolic link to {os.readlink(found)}, which does not exist; fix the link or "
-                "give the file")
+        return (
+            f"`{key}={path}` is a symbolic link to {os.readlink(found)}, which does not exist; fix the link or "
+            "give the file"
+        )
     if found.exists():  # neither a regular file nor a folder
-        return (f"`{key}={path}` is {_file_kind(found)}, not a regular file: its content can be read only once and "
-                "has no size or date to fingerprint for the data cache; save it to a file and give that file's path")
+        return (
+            f"`{key}={path}` is {_file_kind(found)}, not a regular file: its content can be read only once and "
+            "has no size or date to fingerprint for the data cache; save it to a file and give that file's path"
+        )
     hint = ""
     if "shared/data" in path:
-        hint = (" (the shipped configs read ../shared/data beside the repository; set MORA_TRAIN_DATA=/path/to/data "
-                "or data_dir=... to use another folder)")
+        hint = (
+            " (the shipped configs read ../shared/data beside the repository; set MORA_TRAIN_DATA=/path/to/data "
+            "or data_dir=... to use another folder)"
+        )
     return f"`{key}={path}` does not exist{hint}"
 
 
 def _file_kind(path: Path) -> str:
     mode = path.stat().st_mode
-    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device")]
+    kinds = [
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
     return next((name for test, name in kinds if test(mode)), "a special file")

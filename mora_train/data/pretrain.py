@@ -74,8 +74,10 @@ class PretrainRecipe(DataRecipe):
         problems = []
         for name in self.selected_benchmarks(selected):
             if name not in self.benchmarks:
-                problems.append(f"`{selected_key}` names '{name}', which is not in {prefix}.benchmarks "
-                                f"({', '.join(self.benchmarks)})")
+                problems.append(
+                    f"`{selected_key}` names '{name}', which is not in {prefix}.benchmarks "
+                    f"({', '.join(self.benchmarks)})"
+                )
             else:
                 problems += source_problems(self.benchmarks[name].data, f"{prefix}.benchmarks.{name}.data")
         return problems
@@ -147,7 +149,12 @@ def packed(
     blocks, meta = cached(settings.cache_dir, f"{settings.name}-{part}", cache_key, build)
     log.info(
         "%s %s text: %d documents, %d tokens -> %d blocks of %d tokens",
-        settings.name, part, meta["documents"], meta["tokens"], meta["blocks"], max_seq_len,
+        settings.name,
+        part,
+        meta["documents"],
+        meta["tokens"],
+        meta["blocks"],
+        max_seq_len,
     )
     return blocks, meta
 
@@ -160,7 +167,10 @@ def _benchmarks(settings: PretrainRecipe, selected: list[str] | None) -> dict[st
 
 
 def build(
-    settings: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None,
+    settings: PretrainRecipe,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    eval_limit: int | None,
     benchmarks: list[str] | None,
 ) -> PretrainData:
     """Packed training and held-out text (its first `eval_limit` documents), and the records of the selected
@@ -172,7 +182,10 @@ def build(
 
 
 def build_eval(
-    settings: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None,
+    settings: PretrainRecipe,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    eval_limit: int | None,
     benchmarks: list[str] | None,
 ) -> PretrainData:
     records = _benchmarks(settings, benchmarks)

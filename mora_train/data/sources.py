@@ -47,7 +47,9 @@ def load_records(spec: Any, key: str) -> list[Record]:
     for source in sources:
         records.extend(_read_source(source, key))
     if not records:
-        raise MoraTrainError(f"`{key}` gave no records (after filters); check the files/split and any keep_if_in/drop_if_in/limit")
+        raise MoraTrainError(
+            f"`{key}` gave no records (after filters); check the files/split and any keep_if_in/drop_if_in/limit"
+        )
     return records
 
 
@@ -117,7 +119,9 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise MoraTrainError(f"{path} line {line}: not valid UTF-8 ({err.reason}); re-encode the file as UTF-8") from None
+        raise MoraTrainError(
+            f"{path} line {line}: not valid UTF-8 ({err.reason}); re-encode the file as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: Path, text: str) -> list[Record]:
@@ -194,7 +198,11 @@ def _read_txt(path: Path, text: str, unit: str) -> list[Record]:
     if unit == "file":
         return [Record({"text": text}, str(path))] if text.strip() else []
     if unit == "line":
-        return [Record({"text": line.rstrip("\r")}, f"{path} line {n}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        return [
+            Record({"text": line.rstrip("\r")}, f"{path} line {n}")
+            for n, line in enumerate(text.split("\n"), 1)
+            if line.strip()
+        ]
     records: list[Record] = []
     block: list[str] = []
     start = 1
@@ -280,13 +288,17 @@ def render(template: str, record: Record, key: str) -> str:
         parts.append(literal)
         if name is not None:
             if name == "":
-                raise MoraTrainError(f"`{key}={template!r}` has an empty {{}} placeholder; name a field inside the braces")
+                raise MoraTrainError(
+                    f"`{key}={template!r}` has an empty {{}} placeholder; name a field inside the braces"
+                )
             value = as_text(lookup(record, name, key))
             try:
                 parts.append(format(value, spec) if spec else value)
             except (ValueError, TypeError) as err:
-                raise MoraTrainError(f"`{key}={template!r}`: format spec {spec!r} does not apply to {record.where}'s "
-                                     f"{name} ({err}); drop the `:{spec}`") from None
+                raise MoraTrainError(
+                    f"`{key}={template!r}`: format spec {spec!r} does not apply to {record.where}'s "
+                    f"{name} ({err}); drop the `:{spec}`"
+                ) from None
     return "".join(parts)
 
 
@@ -311,7 +323,11 @@ def field_value(record: Record, spec: str, key: str) -> Any:
 
 
 def map_fields(
-    record: Record, fields: dict[str, str | None], fields_key: str, required: Iterable[str], optional: Iterable[str] = ()
+    record: Record,
+    fields: dict[str, str | None],
+    fields_key: str,
+    required: Iterable[str],
+    optional: Iterable[str] = (),
 ) -> dict[str, Any]:
     """{recipe field: value} for one record, using its source's own mapping when it has one."""
     mapping = {**fields, **(record.fields or {})}
@@ -346,8 +362,9 @@ def fingerprint_sources(spec: Any) -> list[Any]:
     out: list[Any] = []
     for source in resolve_sources(spec, "")[0]:
         if source.hub is not None:
-            out.append({"hub": source.hub, "hub_config": source.hub_config, "split": source.split,
-                        "revision": source.revision})
+            out.append(
+                {"hub": source.hub, "hub_config": source.hub_config, "split": source.split, "revision": source.revision}
+            )
         else:
             out.append([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in source.files()])
         for filter_key, id_filter in source.filters():

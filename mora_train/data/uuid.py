@@ -17,7 +17,10 @@ from mora_train.data.common import encode_prompt_completion
 
 def uuid_pairs(num_pairs: int, data_seed: int) -> list[tuple[str, str]]:
     rng = random.Random(data_seed)
-    return [(str(uuid.UUID(int=rng.getrandbits(128), version=4)), str(uuid.UUID(int=rng.getrandbits(128), version=4))) for _ in range(num_pairs)]
+    return [
+        (str(uuid.UUID(int=rng.getrandbits(128), version=4)), str(uuid.UUID(int=rng.getrandbits(128), version=4)))
+        for _ in range(num_pairs)
+    ]
 
 
 @dataclass
@@ -41,8 +44,10 @@ class UuidRecipe(Section):
         problems = []
         if self.num_pairs < 1:
             problems.append(f"`{prefix}.num_pairs={self.num_pairs}` must be a positive integer")
-        for key, template, field in (("prompt_template", self.prompt_template, "{key}"),
-                                     ("completion_template", self.completion_template, "{value}")):
+        for key, template, field in (
+            ("prompt_template", self.prompt_template, "{key}"),
+            ("completion_template", self.completion_template, "{value}"),
+        ):
             if field not in template:
                 problems.append(f"`{prefix}.{key}={template!r}` must be a string containing {field}")
         return problems

@@ -25,14 +25,18 @@ def _positive(prefix: str, key: str, value: int | None, nullable: bool = False) 
 
 # -- the root `eval` section ---------------------------------------------------------------------------------
 
+
 @section
 class LmEvalConfig(Section):
     """eval.lm_eval: lm-evaluation-harness on lm-eval task files (configs/lm_eval/ and include_path)."""
 
     tasks: list[str] | None = setting(
-        default=None, help="lm-eval task, group or tag names of configs/lm_eval/ and include_path, e.g. [gsm8k,pubmedqa]"
+        default=None,
+        help="lm-eval task, group or tag names of configs/lm_eval/ and include_path, e.g. [gsm8k,pubmedqa]",
     )
-    num_fewshot: int | None = setting(default=None, help="few-shot examples per prompt; null: each task's own (gsm8k: 5)")
+    num_fewshot: int | None = setting(
+        default=None, help="few-shot examples per prompt; null: each task's own (gsm8k: 5)"
+    )
     limit: int | float | None = setting(
         default=None, help="the first N documents of each task (a float in (0, 1]: that share); null: all"
     )
@@ -65,13 +69,16 @@ class LmEvalConfig(Section):
             problems.append(f"`{prefix}.limit={limit}` must be at least 1 (null: every document)")
         batch = self.batch_size
         if isinstance(batch, str) and not (batch == "auto" or batch.startswith("auto:")):
-            problems.append(f"`{prefix}.batch_size={batch}` must be a positive integer or auto (lm-eval finds the "
-                            "largest that fits)")
+            problems.append(
+                f"`{prefix}.batch_size={batch}` must be a positive integer or auto (lm-eval finds the "
+                "largest that fits)"
+            )
         elif isinstance(batch, int) and batch < 1:
             problems.append(f"`{prefix}.batch_size={batch}` must be at least 1")
         if self.max_gen_toks is not None and self.max_gen_toks < 1:
-            problems.append(f"`{prefix}.max_gen_toks={self.max_gen_toks}` must be at least 1 (null: the task's own, "
-                            "else 256)")
+            problems.append(
+                f"`{prefix}.max_gen_toks={self.max_gen_toks}` must be at least 1 (null: the task's own, else 256)"
+            )
         return problems
 
 
@@ -81,8 +88,9 @@ class EvalConfig(Section):
 
     # A str checked below rather than a Literal: the message says what each backend does.
     backend: str = setting(
-        default="task", help="task: the task's own evaluation (task.eval.*); lm_eval: lm-evaluation-harness on "
-        "eval.lm_eval.tasks; both"
+        default="task",
+        help="task: the task's own evaluation (task.eval.*); lm_eval: lm-evaluation-harness on "
+        "eval.lm_eval.tasks; both",
     )
     lm_eval: LmEvalConfig = setting(
         factory=LmEvalConfig, help="lm-evaluation-harness settings (read with eval.backend=lm_eval or both)"
@@ -90,10 +98,12 @@ class EvalConfig(Section):
 
     def check(self, prefix: str) -> list[str]:
         if self.backend not in BACKENDS:
-            return [(
-                f"`{prefix}.backend={self.backend}` is unknown; use task (the task's own evaluation, task.eval.*), "
-                "lm_eval (lm-evaluation-harness on eval.lm_eval.tasks) or both"
-            )]
+            return [
+                (
+                    f"`{prefix}.backend={self.backend}` is unknown; use task (the task's own evaluation, task.eval.*), "
+                    "lm_eval (lm-evaluation-harness on eval.lm_eval.tasks) or both"
+                )
+            ]
         return []
 
     @property
@@ -109,6 +119,7 @@ class EvalConfig(Section):
 
 # -- the `task.eval` sections ----------------------------------------------------------------------------------
 
+
 @section
 class TaskEvalSettings(Section):
     """task.eval: what every task's own evaluation reads."""
@@ -117,8 +128,10 @@ class TaskEvalSettings(Section):
     batch_size: int = setting(default=16, help="examples per evaluation batch")
 
     def check(self, prefix: str) -> list[str]:
-        return [*_positive(prefix, "max_samples", self.max_samples, nullable=True),
-                *_positive(prefix, "batch_size", self.batch_size)]
+        return [
+            *_positive(prefix, "max_samples", self.max_samples, nullable=True),
+            *_positive(prefix, "batch_size", self.batch_size),
+        ]
 
 
 @section
@@ -148,7 +161,9 @@ class InstructionEvalSettings(TaskEvalSettings):
     """task.eval of task=instruction: held-out loss, plus a few generated answers (RUN_DIR/samples.jsonl)."""
 
     batch_size: int = setting(default=4, help="examples per evaluation batch")
-    num_generations: int = setting(default=5, help="generated answers written to samples.jsonl for the first N conversations")
+    num_generations: int = setting(
+        default=5, help="generated answers written to samples.jsonl for the first N conversations"
+    )
     max_new_tokens: int = setting(default=128, help="generation cap per answer, in tokens")
 
     def check(self, prefix: str) -> list[str]:

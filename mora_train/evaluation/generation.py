@@ -29,7 +29,10 @@ def greedy_generate(
     pad_id = tokenizer.pad_token_id
     outputs: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts[start : start + batch_size]]
+        encoded = [
+            tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
+            for p in prompts[start : start + batch_size]
+        ]
         longest = max(len(ids) for ids in encoded)
         # Left padding keeps every prompt's last token at the same position, where generation continues.
         input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in encoded], device=device)

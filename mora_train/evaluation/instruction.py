@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -45,7 +46,12 @@ def evaluate(
     if samples:
         prompts = [prompt(messages) for messages, _ in samples]
         outputs = greedy_generate(
-            model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, "instruction samples",
+            model,
+            tokenizer,
+            prompts,
+            settings.max_new_tokens,
+            settings.batch_size,
+            "instruction samples",
             add_special_tokens=not prompt_has_special_tokens,
         )
         with open(Path(run_dir) / "samples.jsonl", "w") as f:

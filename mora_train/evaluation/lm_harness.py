@@ -40,6 +40,7 @@ INSTALL_HINT = "pip install 'mora-train[lm-eval]' (or pip install 'lm-eval>=0.4'
 
 # -- task files: read without lm-eval (validation), written with resolved data paths (evaluation) ---------
 
+
 class FunctionRef(str):
     """A `!function module.name` value of a task file, kept as written (lm-eval resolves it)."""
 
@@ -56,7 +57,8 @@ _TaskLoader.add_constructor("!function", lambda loader, node: FunctionRef(loader
 _TaskDumper.add_representer(FunctionRef, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 # Prompts with newlines stay one readable line ("Question: {{question}}\nAnswer:"), as in the shipped files.
 _TaskDumper.add_representer(
-    str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None)
+    str,
+    lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None),
 )
 
 
@@ -112,12 +114,15 @@ def index_tasks(folders: list[Path]) -> TaskIndex:
             try:
                 cfg = read_task_file(path)
             except (OSError, ValueError, yaml.YAMLError) as err:
-                index.unreadable.append(f"{path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+                index.unreadable.append(
+                    f"{path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                )
                 continue
             if "group" in cfg:
                 entries = cfg.get("task") or []
                 index.groups[str(cfg["group"])] = [
-                    str(e.get("task") if isinstance(e, dict) else e) for e in (entries if isinstance(entries, list) else [entries])
+                    str(e.get("task") if isinstance(e, dict) else e)
+                    for e in (entries if isinstance(entries, list) else [entries])
                 ]
             elif "task" in cfg:
                 name = str(cfg["task"])
@@ -197,12 +202,16 @@ def config_problems(eval_cfg: EvalConfig, task_name: str | None = None) -> list[
     lm = eval_cfg.lm_eval
     problems: list[str] = []
     if importlib.util.find_spec("lm_eval") is None:
-        problems.append(f"`eval.backend` runs lm-evaluation-harness, which is not installed: {INSTALL_HINT}; "
-                        "or use eval.backend=task")
+        problems.append(
+            f"`eval.backend` runs lm-evaluation-harness, which is not installed: {INSTALL_HINT}; "
+            "or use eval.backend=task"
+        )
     missing = [p for p in lm.include_path or [] if not Path(p).expanduser().is_dir()]
     if missing:
-        problems.append(f"`eval.lm_eval.include_path` names folders that do not exist: {', '.join(missing)}; give "
-                        "folders of lm-eval task YAML files")
+        problems.append(
+            f"`eval.lm_eval.include_path` names folders that do not exist: {', '.join(missing)}; give "
+            "folders of lm-eval task YAML files"
+        )
         return problems  # the task names cannot be looked up without those folders
     return problems + _task_problems(lm, SUGGESTED_TASKS.get(task_name or "", "gsm8k"))
 
@@ -211,8 +220,12 @@ def _task_problems(lm: LmEvalConfig, example: str) -> list[str]:
     index = index_tasks(task_folders(lm))
     shipped = ", ".join(index_tasks([SHIPPED_TASK_DIR]).names)
     if not lm.tasks:
-        return [(f"`eval.lm_eval.tasks` is empty; name the lm-eval tasks to run, e.g. eval.lm_eval.tasks=[{example}] "
-                 f"(shipped: {shipped}; more from your own task folders with eval.lm_eval.include_path=[DIR])")]
+        return [
+            (
+                f"`eval.lm_eval.tasks` is empty; name the lm-eval tasks to run, e.g. eval.lm_eval.tasks=[{example}] "
+                f"(shipped: {shipped}; more from your own task folders with eval.lm_eval.include_path=[DIR])"
+            )
+        ]
     problems = [f"`eval.lm_eval.include_path`: cannot read {bad}" for bad in index.unreadable]
     unknown = [t for t in lm.tasks if t not in index.names]
     if unknown:
@@ -233,28 +246,34 @@ def _data_file_problems(lm: LmEvalConfig, index: TaskIndex) -> list[str]:
             kwargs = index.tasks[leaf].get("dataset_kwargs") or {}
             for path in data_file_paths(kwargs.get("data_files") if isinstance(kwargs, dict) else None):
                 needed.setdefault(path, []).append(leaf)
-    relative = sorted({leaf for path, leaves in needed.items() if not os.path.isabs(os.path.expanduser(path))
-                       for leaf in leaves})
+    relative = sorted(
+        {leaf for path, leaves in needed.items() if not os.path.isabs(os.path.expanduser(path)) for leaf in leaves}
+    )
     if relative and lm.data_dir is None:
-        return [(
-            f"`eval.lm_eval.data_dir` is null, and the lm-eval tasks {', '.join(relative)} read their data files "
-            "relative to it (e.g. gsm8k/test.jsonl); set data_dir=/path/to/data (or MORA_TRAIN_DATA, or "
-            "eval.lm_eval.data_dir=...)"
-        )]
+        return [
+            (
+                f"`eval.lm_eval.data_dir` is null, and the lm-eval tasks {', '.join(relative)} read their data files "
+                "relative to it (e.g. gsm8k/test.jsonl); set data_dir=/path/to/data (or MORA_TRAIN_DATA, or "
+                "eval.lm_eval.data_dir=...)"
+            )
+        ]
     missing = []
     for path, leaves in needed.items():
         resolved = resolve_data_files(path, lm.data_dir)
         if not any(ch in resolved for ch in "*?[") and not Path(resolved).exists():
             missing.append(f"{resolved} (task {leaves[0]})")
     if missing:
-        return [(
-            f"lm-eval task data files do not exist: {'; '.join(missing)}; set eval.lm_eval.data_dir (default: "
-            "data_dir) to the folder holding them"
-        )]
+        return [
+            (
+                f"lm-eval task data files do not exist: {'; '.join(missing)}; set eval.lm_eval.data_dir (default: "
+                "data_dir) to the folder holding them"
+            )
+        ]
     return []
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
+
 
 def pubmedqa_test_split(dataset: Any) -> Any:
     """`process_docs` of the shipped pubmedqa task: the official 500-question test split of PQA-L."""
@@ -297,8 +316,7 @@ def evaluate(lm: LmEvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dic
     samples = results.pop("samples", None) or {}
     for task, docs in samples.items():
         with open(out / f"samples_{task}.jsonl", "w") as f:
-            for doc in docs:
-                f.write(json.dumps(doc, default=str, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(doc, default=str, ensure_ascii=False) + "\n" for doc in docs)
     (out / "results.json").write_text(json.dumps(results, default=str, indent=1, ensure_ascii=False))
     return {
         "version": lm_eval.__version__,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -37,7 +38,12 @@ def evaluate(
     stop = list(settings.stop)
     started = time.time()
     outputs = greedy_generate(
-        model, tokenizer, list(prompts), settings.max_new_tokens, settings.batch_size, f"{name} eval",
+        model,
+        tokenizer,
+        list(prompts),
+        settings.max_new_tokens,
+        settings.batch_size,
+        f"{name} eval",
         stop_strings=stop or None,
     )
     elapsed = time.time() - started
@@ -49,14 +55,19 @@ def evaluate(
             hit = answers_match(prediction, problem.gold)
             correct += hit
             found += prediction is not None
-            f.write(json.dumps({
-                "question": problem.question,
-                "gold": problem.gold.text,
-                "prediction": prediction.text if prediction else None,
-                "correct": hit,
-                "completion": completion,
-                "source": problem.where,
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": problem.question,
+                        "gold": problem.gold.text,
+                        "prediction": prediction.text if prediction else None,
+                        "correct": hit,
+                        "completion": completion,
+                        "source": problem.where,
+                    }
+                )
+                + "\n"
+            )
     n = len(problems)
     return {
         "accuracy": correct / n,

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -120,14 +121,19 @@ def evaluate_benchmark(
         values = [total / n if by_mean else total for total, n in choice_scores]
         predicted = max(range(len(values)), key=lambda i: values[i])
         correct += predicted == example.gold
-        predictions_file.write(json.dumps({
-            "benchmark": name,
-            "source": example.where,
-            "gold": example.gold,
-            "predicted": predicted,
-            "correct": predicted == example.gold,
-            "scores": [v if math.isfinite(v) else None for v in values],
-        }) + "\n")
+        predictions_file.write(
+            json.dumps(
+                {
+                    "benchmark": name,
+                    "source": example.where,
+                    "gold": example.gold,
+                    "predicted": predicted,
+                    "correct": predicted == example.gold,
+                    "scores": [v if math.isfinite(v) else None for v in values],
+                }
+            )
+            + "\n"
+        )
     return {
         f"{name}_accuracy": correct / len(examples),
         f"{name}_samples": len(examples),

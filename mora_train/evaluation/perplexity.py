@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,10 @@ def token_nll(
         # Position t predicts token t+1 (the shift transformers' own loss makes).
         shifted = labels[:, 1:]
         total += F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            shifted.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         ).item()
         count += int((shifted != IGNORE_INDEX).sum())
     return total, count

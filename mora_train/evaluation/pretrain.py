@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -32,8 +33,10 @@ def evaluate(
     metrics: dict[str, Any] = loss_metrics(*token_nll(model, eval_blocks, collate, settings.batch_size))
     metrics["perplexity_runtime_s"] = time.time() - started
     if benchmarks:  # task=pretrain has none: perplexity only
-        metrics.update(evaluate_benchmarks(
-            benchmarks, scoring or {}, model, tokenizer, settings.batch_size, settings.max_len, run_dir
-        ))
+        metrics.update(
+            evaluate_benchmarks(
+                benchmarks, scoring or {}, model, tokenizer, settings.batch_size, settings.max_len, run_dir
+            )
+        )
     metrics["eval_runtime_s"] = time.time() - started
     return metrics

@@ -37,13 +37,15 @@ def evaluate(
     max_new_tokens = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions) + 1
     outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, settings.batch_size, "uuid eval")
     # The completion template puts text before the value (" {value}"); compare what follows it.
-    prefix = completion_template.split("{value}")[0]
+    prefix = completion_template.split("{value}", maxsplit=1)[0]
     # Anything generated after the value's length (a model that never learned to stop) is ignored.
     predictions = [o.removeprefix(prefix).strip()[: len(t)] for o, t in zip(outputs, targets)]
     scores = [char_accuracy(p, t) for p, t in zip(predictions, targets)]
     with open(Path(run_dir) / "predictions.jsonl", "w") as f:
-        for prompt, target, prediction, score in zip(prompts, targets, predictions, scores):
-            f.write(json.dumps({"prompt": prompt, "target": target, "prediction": prediction, "char_accuracy": score}) + "\n")
+        f.writelines(
+            json.dumps({"prompt": prompt, "target": target, "prediction": prediction, "char_accuracy": score}) + "\n"
+            for prompt, target, prediction, score in zip(prompts, targets, predictions, scores)
+        )
     return {
         "char_accuracy": sum(scores) / len(scores),
         "exact_match": sum(p == t for p, t in zip(predictions, targets)) / len(targets),

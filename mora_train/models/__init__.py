@@ -21,7 +21,10 @@ from mora_train.models.quantization import bitsandbytes_config, quantized_device
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, Any] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
 }
 
 
@@ -175,8 +178,18 @@ def load_error(what: str, source: str, err: BaseException, key: str = "model.nam
             "(config.json + weights), a .gguf file, or a Hugging Face Hub id"
         )
     corrupt = type(err).__name__ in ("SafetensorError", "HeaderTooLarge", "UnpicklingError", "EOFError") or any(
-        word in text.lower() for word in ("incomplete metadata", "header too large", "invalid header", "deserializ",
-                                          "truncated", "unexpected end", "corrupt", "could not open", "failed to read")
+        word in text.lower()
+        for word in (
+            "incomplete metadata",
+            "header too large",
+            "invalid header",
+            "deserializ",
+            "truncated",
+            "unexpected end",
+            "corrupt",
+            "could not open",
+            "failed to read",
+        )
     )
     if corrupt:
         return MoraTrainError(
@@ -289,7 +302,9 @@ def warn_if_custom_code_unused(path: str, trust_remote_code: bool) -> None:
             "%s ships custom code (auto_map in config.json: %s), which is NOT used: model.trust_remote_code is false, "
             "so transformers loads its built-in %r class instead, and that is what trains. Add "
             "model.trust_remote_code=true to use the folder's own code (it runs that code: only if you trust its author)",
-            path, classes, model_type,
+            path,
+            classes,
+            model_type,
         )
 
 

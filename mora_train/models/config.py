@@ -20,9 +20,12 @@ ModelDtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 @section
 class QuantizationOptions(Section):
-    double_quant: bool = setting(default=True, help="4-bit: quantize the per-block scales too (QLoRA's double quantization)")
+    double_quant: bool = setting(
+        default=True, help="4-bit: quantize the per-block scales too (QLoRA's double quantization)"
+    )
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = setting(
-        default=None, help="dtype the quantized layers compute in; null: model.dtype (bfloat16 is the usual choice on a GPU)"
+        default=None,
+        help="dtype the quantized layers compute in; null: model.dtype (bfloat16 is the usual choice on a GPU)",
     )
     storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = setting(
         default="uint8", help="how packed 4-bit codes are stored"
@@ -77,7 +80,9 @@ class ModelConfig(Section):
         problems: list[str] = []
         name, package = self.name_or_path, self.package
         if name is None and self.random_init is None:
-            problems.append(f"set `{prefix}.name_or_path` (hub id, local folder or .gguf file) or `{prefix}.random_init`")
+            problems.append(
+                f"set `{prefix}.name_or_path` (hub id, local folder or .gguf file) or `{prefix}.random_init`"
+            )
         conflict = model_source_conflict(name, self.random_init)
         if conflict:
             problems.append(conflict)
@@ -95,7 +100,9 @@ class ModelConfig(Section):
                 "a .gguf file, or a Hugging Face Hub id such as Qwen/Qwen2.5-0.5B"
             )
         if name is not None and name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
-            problems.append(f"`{prefix}.name_or_path={name}` is a GGUF file, which needs the `gguf` package: pip install gguf")
+            problems.append(
+                f"`{prefix}.name_or_path={name}` is a GGUF file, which needs the `gguf` package: pip install gguf"
+            )
         return problems + self._quantization_problems(prefix)
 
     def _quantization_problems(self, prefix: str) -> list[str]:

@@ -69,7 +69,9 @@ def quantized_device_map() -> dict[str, Any]:
 
 def is_quantized_linear(module: nn.Module) -> bool:
     """A bitsandbytes 4-bit or 8-bit linear layer (by class name: bitsandbytes is imported only when used)."""
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4") and isinstance(module, nn.Linear)
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4") and isinstance(
+        module, nn.Linear
+    )
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -108,8 +110,12 @@ def _training_layout_of_repacked(weight: torch.Tensor, quant_state: Any) -> tupl
     codes, _ = F._convert_weight_packed_for_cpu_inverse(weight.data, state)
     scales = quant_state.absmax.T.reshape(-1).float()
     plain = F.QuantState(
-        absmax=scales, shape=quant_state.shape, code=quant_state.code, blocksize=quant_state.blocksize,
-        quant_type=quant_state.quant_type, dtype=getattr(quant_state, "original_dtype", quant_state.dtype),
+        absmax=scales,
+        shape=quant_state.shape,
+        code=quant_state.code,
+        blocksize=quant_state.blocksize,
+        quant_type=quant_state.quant_type,
+        dtype=getattr(quant_state, "original_dtype", quant_state.dtype),
     )
     return codes, plain
 
@@ -133,7 +139,8 @@ def keep_training_layout(model: nn.Module) -> int:
         log.warning(
             "%d 4-bit layers had been repacked in place by bitsandbytes for its AVX512-BF16 CPU kernel (an eval "
             "forward before mora-train saw the model); they are back in the training layout, with the bfloat16 "
-            "block scales that kernel used (the original float32 scales are gone)", restored,
+            "block scales that kernel used (the original float32 scales are gone)",
+            restored,
         )
     return restored
 
@@ -233,14 +240,16 @@ def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn
     if repacked:
         log.warning(
             "%d 4-bit layers are in bitsandbytes' AVX512-BF16 CPU-kernel layout (repacked in place by an eval "
-            "forward): they are de-quantized from it, with the bfloat16 block scales that kernel used", repacked,
+            "forward): they are de-quantized from it, with the bfloat16 block scales that kernel used",
+            repacked,
         )
     for name, module in list(model.named_modules()):
         if not is_quantized_linear(module):
             continue
         weight = dequantized_weight(module)
-        plain = DequantizedLinear(module.in_features, module.out_features, bias=module.bias is not None,
-                                  device=weight.device, dtype=target)
+        plain = DequantizedLinear(
+            module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=target
+        )
         plain.weight.copy_(weight.to(target))
         if module.bias is not None:
             plain.bias.copy_(module.bias.detach().to(target))
@@ -311,4 +320,3 @@ def logical_numel(param: torch.Tensor) -> int:
     quant_state) counts its d_out x d_in entries, not its bytes of codes; any other tensor its numel()."""
     quant_state = getattr(param, "quant_state", None)
     return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
-

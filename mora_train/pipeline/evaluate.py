@@ -21,17 +21,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME
-from mora_train.pipeline.scoring import evaluate_model
-from mora_train.models.config import ModelConfig
-from mora_train.pipeline.run_config import ComposedConfig, RunConfig
-from mora_train.pipeline.validate import validate
-from mora_train.tasks import TASKS
 from mora_train.core.errors import MoraTrainError
-from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.io import write_json_atomically
+from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.run_lock import RunDirLock, refuse_if_being_written
 from mora_train.models import DTYPES, load_error, load_model_and_tokenizer
+from mora_train.models.config import ModelConfig
+from mora_train.pipeline.run_config import ComposedConfig, RunConfig
+from mora_train.pipeline.scoring import evaluate_model
 from mora_train.pipeline.train import CHECKSUMS_JSON, check_run_dir, prepare_run_dir
+from mora_train.pipeline.validate import validate
+from mora_train.tasks import TASKS
 from mora_train.training.checkpoints import file_sha256
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,12 @@ def _run_eval(composed: ComposedConfig, lock: RunDirLock) -> dict[str, Any]:
         "evaluated": loaded,
     }
     metrics = make_record(
-        identity, scores.primary_metric, scores.greater_is_better, scores.metrics,
-        run={"wall_time_s": time.time() - started}, lm_eval=scores.lm_eval,
+        identity,
+        scores.primary_metric,
+        scores.greater_is_better,
+        scores.metrics,
+        run={"wall_time_s": time.time() - started},
+        lm_eval=scores.lm_eval,
     )
     write_json_atomically(run_dir / METRICS_JSON, metrics)
     return metrics

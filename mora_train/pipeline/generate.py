@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from mora_train.pipeline.run_config import named_model_config
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_text_atomically
 from mora_train.core.outputs import FILE, check_output_target
 from mora_train.models import load_model_and_tokenizer
+from mora_train.pipeline.run_config import named_model_config
 
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 
@@ -30,8 +30,9 @@ def read_requests(path: Path, adapters: dict[str, Path]) -> list[dict[str, Any]]
     except OSError as err:
         raise MoraTrainError(f"cannot read the requests file {path}: {err}") from None
     except UnicodeDecodeError as err:  # bad input, not a bug: say where
-        raise MoraTrainError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save the requests "
-                             "file as UTF-8 JSONL") from None
+        raise MoraTrainError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save the requests file as UTF-8 JSONL"
+        ) from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -40,7 +41,9 @@ def read_requests(path: Path, adapters: dict[str, Path]) -> list[dict[str, Any]]
         except ValueError as err:
             raise MoraTrainError(f"{path} line {number}: not valid JSON ({err})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise MoraTrainError(f'{path} line {number}: needs {{"adapter": NAME or null, "prompt": TEXT}}, got {line[:120]}')
+            raise MoraTrainError(
+                f'{path} line {number}: needs {{"adapter": NAME or null, "prompt": TEXT}}, got {line[:120]}'
+            )
         name = record.get("adapter")
         if name is not None and name not in adapters:
             raise MoraTrainError(
@@ -62,7 +65,9 @@ def load_many(base_model: str, adapters: dict[str, Path]) -> tuple[Any, Any]:
     items = list(adapters.items())
     for name, folder in items:  # before the base model loads: a wrong folder is refused at once
         if not (Path(folder) / "adapter_config.json").is_file():
-            raise MoraTrainError(f"--adapter {name}={folder}: not a PEFT adapter folder (export one with mora-train-export)")
+            raise MoraTrainError(
+                f"--adapter {name}={folder}: not a PEFT adapter folder (export one with mora-train-export)"
+            )
     base, tokenizer = load_model_and_tokenizer(named_model_config(base_model))
     model = PeftModel.from_pretrained(base, str(items[0][1]), adapter_name=items[0][0])
     for name, folder in items[1:]:
@@ -71,8 +76,9 @@ def load_many(base_model: str, adapters: dict[str, Path]) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, requests: list[dict[str, Any]], max_new_tokens: int = 64,
-             batch_size: int = 8) -> list[str]:
+def generate(
+    model: Any, tokenizer: Any, requests: list[dict[str, Any]], max_new_tokens: int = 64, batch_size: int = 8
+) -> list[str]:
     """Greedy completions, batches mixing adapters (each row through its own)."""
     tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
     completions: list[str] = []
@@ -80,9 +86,14 @@ def generate(model: Any, tokenizer: Any, requests: list[dict[str, Any]], max_new
         batch = requests[start : start + batch_size]
         inputs = tokenizer([r["prompt"] for r in batch], return_tensors="pt", padding=True)
         names = [r["adapter"] or BASE for r in batch]
-        out = model.generate(**inputs, adapter_names=names, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        out = model.generate(
+            **inputs,
+            adapter_names=names,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, inputs["input_ids"].shape[1] :]
         completions += tokenizer.batch_decode(new, skip_special_tokens=True)
     return completions
 
@@ -98,11 +109,23 @@ def is_earlier_answers(path: Path) -> bool:
     return isinstance(record, dict) and {"prompt", "completion"} <= record.keys()
 
 
-def run_generate(base_model: str, adapters: dict[str, Path], requests_path: Path, output: Path,
-                 max_new_tokens: int = 64, batch_size: int = 8) -> list[dict[str, Any]]:
+def run_generate(
+    base_model: str,
+    adapters: dict[str, Path],
+    requests_path: Path,
+    output: Path,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
     # Before the model loads: the answers never replace the requests, an adapter's files or a file of the user's.
-    output = check_output_target(output, "mora-train-generate", "--output", FILE,
-                                 [requests_path, base_model, *adapters.values()], ours=is_earlier_answers)
+    output = check_output_target(
+        output,
+        "mora-train-generate",
+        "--output",
+        FILE,
+        [requests_path, base_model, *adapters.values()],
+        ours=is_earlier_answers,
+    )
     requests = read_requests(requests_path, adapters)
     model, tokenizer = load_many(base_model, adapters)
     completions = generate(model, tokenizer, requests, max_new_tokens, batch_size)

@@ -112,9 +112,19 @@ def check_with_peft(base: nn.Module, folder: Path, reference: nn.Module, trust_r
         base.save_pretrained(tmp / "base")
         torch.save(ids, tmp / "ids.pt")
         done = subprocess.run(
-            [sys.executable, "-c", PEFT_CHECK, str(tmp / "base"), str(folder), str(tmp / "ids.pt"), str(tmp / "out.pt"),
-             "1" if trust_remote_code else "0"],
-            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-c",
+                PEFT_CHECK,
+                str(tmp / "base"),
+                str(folder),
+                str(tmp / "ids.pt"),
+                str(tmp / "out.pt"),
+                "1" if trust_remote_code else "0",
+            ],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
         )
         if done.returncode != 0:
             log_path = Path(folder) / PEFT_CHECK_LOG
@@ -149,7 +159,9 @@ def _evaluate(config: RunConfig, model: nn.Module, tokenizer: Any, out_dir: Path
 
 def _refuse_bad_arguments(source: Path, rank: int | None, energy: float | None) -> None:
     if not source.exists():
-        raise MoraTrainError(f"{source} does not exist; give a run dir (RUN_DIR) or an adapter folder (RUN_DIR/adapter)")
+        raise MoraTrainError(
+            f"{source} does not exist; give a run dir (RUN_DIR) or an adapter folder (RUN_DIR/adapter)"
+        )
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise MoraTrainError(f"--rank {rank!r} must be a positive integer (the LoRA rank to keep per layer)")
     if energy is not None and not (0.0 < energy <= 1.0):
@@ -167,7 +179,9 @@ def _model_config(source: Path, run_cfg: RunConfig | None, base_model: str | Non
         return named_model_config(base_model)
     if run_cfg is not None:
         return run_cfg.model
-    raise MoraTrainError(f"{source} is not a run dir (no resolved_config.yaml): pass --base-model (config name, Hub id or folder)")
+    raise MoraTrainError(
+        f"{source} is not a run dir (no resolved_config.yaml): pass --base-model (config name, Hub id or folder)"
+    )
 
 
 def _update_factors(
@@ -184,7 +198,9 @@ def _update_factors(
     return adapter.lora_factors(), adapter.model.eval(), f"{adapter.title()}: exact LoRA factors"
 
 
-def _evaluate_export(run_cfg: RunConfig, reference: nn.Module, fresh_base: nn.Module, tokenizer: Any, out_dir: Path) -> dict:
+def _evaluate_export(
+    run_cfg: RunConfig, reference: nn.Module, fresh_base: nn.Module, tokenizer: Any, out_dir: Path
+) -> dict:
     """The task's primary metric of the adapted model and of the base with the exported LoRA merged."""
     from peft import PeftModel
 
@@ -225,7 +241,11 @@ def export_run(
     fresh_base = as_float32(load_model_and_tokenizer(model_cfg)[0]).eval()  # never wrapped: for the peft check
     factors, reference, how = _update_factors(source, run_cfg, adapter_dir, base, trust_remote_code)
     rows = export_lora(
-        factors, out_dir, rank=rank, energy=energy, base_model=getattr(fresh_base.config, "_name_or_path", None) or None,
+        factors,
+        out_dir,
+        rank=rank,
+        energy=energy,
+        base_model=getattr(fresh_base.config, "_name_or_path", None) or None,
         source={"path": str(source.resolve()), "how": how},
     )
     report: dict[str, Any] = {"source": str(source), "how": how, **summarize(rows)}

@@ -74,10 +74,18 @@ def accelerate_command(config: RunConfig, run_dir: Path, cuda: bool | None = Non
     cuda = torch.cuda.is_available() if cuda is None else cuda
     extra = list(config.accelerate.args)
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         *(GPU_TOPOLOGY if cuda else CPU_TOPOLOGY),
-        "--num_processes", str(config.accelerate.num_processes), "--main_process_port", "0", *extra,
-        "-m", "mora_train", *job_arguments(config, run_dir),
+        "--num_processes",
+        str(config.accelerate.num_processes),
+        "--main_process_port",
+        "0",
+        *extra,
+        "-m",
+        "mora_train",
+        *job_arguments(config, run_dir),
     ]
 
 
@@ -95,11 +103,13 @@ def run_relaunched(config: RunConfig) -> dict[str, Any]:
         raise MoraTrainError(
             f"accelerate.num_processes={config.accelerate.num_processes} runs one `accelerate launch` on the job's node, but this "
             f"job has {nodes} nodes; give each job one node (hydra.launcher.nodes=1) with num_processes GPUs, or run "
-            "a multi-node job with scripts/launch.sh --nodes M on every node (README \"Multi-GPU and multi-node training\")"
+            'a multi-node job with scripts/launch.sh --nodes M on every node (README "Multi-GPU and multi-node training")'
         )
     run_dir = Path(config.output_dir)
     command = accelerate_command(config, run_dir)
-    print(f"mora-train: running this job as {config.accelerate.num_processes} processes: {' '.join(command)}", flush=True)
+    print(
+        f"mora-train: running this job as {config.accelerate.num_processes} processes: {' '.join(command)}", flush=True
+    )
     output = LaunchOutput()
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
     while True:
@@ -117,8 +127,10 @@ def run_relaunched(config: RunConfig) -> dict[str, Any]:
     if status == 0 and (run_dir / METRICS_JSON).is_file():
         return json.loads((run_dir / METRICS_JSON).read_text())
     code = output.exit_code(status)
-    message = (f"the {config.accelerate.num_processes}-process accelerate launch of this job failed (exit status {code}): "
-               f"{output.reason()} (run dir: {run_dir})")
+    message = (
+        f"the {config.accelerate.num_processes}-process accelerate launch of this job failed (exit status {code}): "
+        f"{output.reason()} (run dir: {run_dir})"
+    )
     if code >= 128:
         raise RunStopped(message, exit_code=code)
     raise MoraTrainError(message, exit_code=code if code >= 2 else 1)

@@ -32,7 +32,10 @@ from mora_train.training.tracking import LoggingConfig
 log = logging.getLogger(__name__)
 
 # Keys that moved to their owner's section; the old spelling still works, with one warning.
-MOVED_KEYS = {("adapter", "restart"): ("trainer", "restart"), ("adapter", "train_embeddings"): ("trainer", "train_embeddings")}
+MOVED_KEYS = {
+    ("adapter", "restart"): ("trainer", "restart"),
+    ("adapter", "train_embeddings"): ("trainer", "train_embeddings"),
+}
 
 
 @section
@@ -46,8 +49,10 @@ class AccelerateConfig(Section):
 
     def check(self, prefix: str) -> list[str]:
         if self.num_processes < 1:
-            return [f"`{prefix}.num_processes={self.num_processes}` must be a whole number of processes, at least 1 "
-                    "(1: the job runs in its own process; N: an N-process accelerate launch of it)"]
+            return [
+                f"`{prefix}.num_processes={self.num_processes}` must be a whole number of processes, at least 1 "
+                "(1: the job runs in its own process; N: an N-process accelerate launch of it)"
+            ]
         return []
 
 
@@ -68,7 +73,9 @@ class RunConfig(Section):
         factory=LoggingConfig, help="experiment trackers: logging.report_to=[tensorboard,wandb,mlflow]"
     )
     accelerate: AccelerateConfig = setting(factory=AccelerateConfig, help="a job as a multi-process launch")
-    mode: Literal["train", "eval"] = setting(default="train", help="train: fine-tune, merge, evaluate; eval: evaluate `checkpoint`")
+    mode: Literal["train", "eval"] = setting(
+        default="train", help="train: fine-tune, merge, evaluate; eval: evaluate `checkpoint`"
+    )
     checkpoint: str | None = setting(
         default=None, help="mode=eval: a run dir, merged model folder or adapter folder; null: the base model"
     )
@@ -158,7 +165,8 @@ def move_renamed_keys(values: dict[str, Any]) -> list[str]:
     if not moved:
         return []
     return [
-        "deprecated config keys: " + ", ".join(f"`{old}` is now `{new}`" for old, new in moved)
+        "deprecated config keys: "
+        + ", ".join(f"`{old}` is now `{new}`" for old, new in moved)
         + " (training settings, not method settings; the values given were used, and the old keys will be removed "
         "in a later version)"
     ]
@@ -234,8 +242,7 @@ def adapter_settings_of(values: Mapping[str, Any]) -> AdapterSettings:
     variant = RunConfig.field_variant("adapter", values, problems)
     if problems or variant is None or not issubclass(variant, AdapterSettings):
         raise ConfigError(problems or [f"`adapter` names no method: {dict(values)!r}"])
-    return parse(variant, {k: v for k, v in values.items() if ("adapter", k) not in MOVED_KEYS},
-                 "adapter", [])
+    return parse(variant, {k: v for k, v in values.items() if ("adapter", k) not in MOVED_KEYS}, "adapter", [])
 
 
 class ComposedConfig:

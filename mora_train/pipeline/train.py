@@ -14,25 +14,31 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
-from mora_train.training import distributed, tracking
 from mora_train.adapters import Adapter, adapter_identity, build_adapter
-from mora_train.training.restarts import setup_training_extras
 from mora_train.adapters.base import count_parameters
-from mora_train.training.checkpoints import apply_resume_plan, checkpoint_step, decide_resume, file_sha256, resume_command
-from mora_train.pipeline.scoring import evaluate_model, not_evaluated
-from mora_train.pipeline.run_config import HYDRA_SUBDIR, RESOLVED_CONFIG, ComposedConfig, RunConfig
-from mora_train.pipeline.validate import validate
-from mora_train.tasks import TASKS
+from mora_train.config.output_dir import output_dir_problem
 from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
-from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.io import write_dir_atomically, write_json_atomically, write_text_atomically
+from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.run_lock import RunDirLock
 from mora_train.export import ExportResult, export_merged, probe_batch, quantized_reference_logits
-from mora_train.training.gather import unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
-from mora_train.config.output_dir import output_dir_problem
+from mora_train.pipeline.run_config import RESOLVED_CONFIG, ComposedConfig, RunConfig
+from mora_train.pipeline.scoring import evaluate_model, not_evaluated
+from mora_train.pipeline.validate import validate
+from mora_train.tasks import TASKS
+from mora_train.training import distributed, tracking
+from mora_train.training.checkpoints import (
+    apply_resume_plan,
+    checkpoint_step,
+    decide_resume,
+    file_sha256,
+    resume_command,
+)
+from mora_train.training.gather import unsharded_adapter
 from mora_train.training.preflight import check_model_fit
 from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
+from mora_train.training.restarts import setup_training_extras
 from mora_train.training.trainer import TrainResult, plot_loss, train
 
 log = logging.getLogger(__name__)
@@ -136,7 +142,7 @@ class EarlyLog(logging.handlers.MemoryHandler):
     def __init__(self) -> None:
         super().__init__(capacity=1 << 30, flushLevel=logging.CRITICAL + 1, target=None)
 
-    def shouldFlush(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
         return False
 
 
@@ -253,13 +259,20 @@ def _run(composed: ComposedConfig, lock: RunDirLock | None) -> dict[str, Any]:
 
     model, tokenizer = load_model_and_tokenizer(config.model)
     check_model_fit(
-        model, model_cfg=config.model, trainer=config.trainer, adapter=config.adapter, rank=config.rank,
-        output_dir=run_dir, export_dtype=config.export.torch_dtype,
+        model,
+        model_cfg=config.model,
+        trainer=config.trainer,
+        adapter=config.adapter,
+        rank=config.rank,
+        output_dir=run_dir,
+        export_dtype=config.export.torch_dtype,
     )
     data = task.build(config.task, tokenizer, config.trainer.max_seq_len)
     if not data.train:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
-    adapter = build_adapter(model, config.adapter, config.rank, load_base=lambda: load_model_and_tokenizer(config.model)[0])
+    adapter = build_adapter(
+        model, config.adapter, config.rank, load_base=lambda: load_model_and_tokenizer(config.model)[0]
+    )
     extras = setup_training_extras(adapter, config.trainer, config.seed)  # restarts, trained embeddings
     # Every refusal has passed: from here on the run dir is written.
     run_dir = distributed.run_on_main_process(lambda: prepare_run_dir(config, composed))
@@ -267,15 +280,26 @@ def _run(composed: ComposedConfig, lock: RunDirLock | None) -> dict[str, Any]:
         tracking.start(config.logging, composed.resolved(), run_dir)  # logging.report_to's runs, grouped by sweep
     resume_from = distributed.run_on_main_process(lambda: apply_resume_plan(plan))
     if resume_from is not None and distributed.is_main_process():
-        print(f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
-              "trainer.resume=false overwrite=true starts over instead", flush=True)
+        print(
+            f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
+            "trainer.resume=false overwrite=true starts over instead",
+            flush=True,
+        )
     trainable, total = count_parameters(adapter.model)
     if distributed.is_main_process():
         print(format_summary(config, adapter), flush=True)
 
     result = train(
-        adapter, tokenizer, data.train, config.trainer, config.seed, run_dir, resume_from, extras,
-        config.distributed, config.logging,
+        adapter,
+        tokenizer,
+        data.train,
+        config.trainer,
+        config.seed,
+        run_dir,
+        resume_from,
+        extras,
+        config.distributed,
+        config.logging,
     )
     return distributed.run_on_main_process(
         lambda: finish_run(config, task, adapter, tokenizer, data, result, run_dir, trainable, total, started)
@@ -337,7 +361,12 @@ def export_checked_merge(
             lambda: load_model_and_tokenizer(config.model)[0], adapter_dir, probe
         )
     return export_merged(
-        adapter, tokenizer, probe, run_dir / "merged", config.export.torch_dtype, quantized_reference=quantized_reference,
+        adapter,
+        tokenizer,
+        probe,
+        run_dir / "merged",
+        config.export.torch_dtype,
+        quantized_reference=quantized_reference,
         trust_remote_code=config.model.trust_remote_code,
     )
 
@@ -371,8 +400,12 @@ def run_record(
     started: float,
 ) -> dict[str, Any]:
     """The run's metrics.json record: identity, scores, training results and merge checks, bookkeeping."""
-    identity = {"task": task.name, **adapter.identity_now(), "adapter_config": adapter.describe(),
-                "quantization": config.model.quantization_name}
+    identity = {
+        "task": task.name,
+        **adapter.identity_now(),
+        "adapter_config": adapter.describe(),
+        "quantization": config.model.quantization_name,
+    }
     identity.setdefault("rank", None)
     before_cast = export.before_cast
     training = {
@@ -398,5 +431,11 @@ def run_record(
         **(result.final_weights.to_json() if result.final_weights else {}),
     }
     return make_record(
-        identity, scores.primary_metric, scores.greater_is_better, scores.metrics, training, run_info, lm_eval=scores.lm_eval
+        identity,
+        scores.primary_metric,
+        scores.greater_is_better,
+        scores.metrics,
+        training,
+        run_info,
+        lm_eval=scores.lm_eval,
     )

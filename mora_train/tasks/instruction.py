@@ -35,12 +35,20 @@ def build_eval(
 
 
 def evaluate(
-    settings: InstructionSettings, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    built: data.InstructionData, run_dir: Path,
+    settings: InstructionSettings,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    built: data.InstructionData,
+    run_dir: Path,
 ) -> dict[str, Any]:
     chat_template = bool(built.stats.get("chat_template"))
     return evaluation.evaluate(
-        settings.eval, model, tokenizer, built.eval_examples, [c.messages for c in built.eval_conversations], run_dir,
+        settings.eval,
+        model,
+        tokenizer,
+        built.eval_examples,
+        [c.messages for c in built.eval_conversations],
+        run_dir,
         collate=PadCollator(tokenizer.pad_token_id),
         prompt=lambda messages: data.generation_prompt(tokenizer, messages, chat_template),
         prompt_has_special_tokens=chat_template,  # a rendered chat template already holds its special tokens

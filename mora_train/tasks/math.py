@@ -38,7 +38,10 @@ def build_eval(settings: MathSettings, tokenizer: PreTrainedTokenizerBase, max_s
 
 
 def evaluate(
-    settings: MathSettings, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.MathData,
+    settings: MathSettings,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    built: data.MathData,
     run_dir: Path,
 ) -> dict[str, Any]:
     prompts = [data.prompt(settings, problem.question) for problem in built.problems]

@@ -38,12 +38,21 @@ def build_eval(settings: PretrainSettings, tokenizer: PreTrainedTokenizerBase, m
 
 
 def evaluate(
-    settings: PretrainSettings, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.PretrainData,
+    settings: PretrainSettings,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    built: data.PretrainData,
     run_dir: Path,
 ) -> dict[str, Any]:
     return evaluation.evaluate(
-        settings.eval, model, tokenizer, built.eval_blocks, built.benchmarks, PadCollator(tokenizer.pad_token_id),
-        run_dir, scoring={name: bench.score for name, bench in settings.benchmarks.items()},
+        settings.eval,
+        model,
+        tokenizer,
+        built.eval_blocks,
+        built.benchmarks,
+        PadCollator(tokenizer.pad_token_id),
+        run_dir,
+        scoring={name: bench.score for name, bench in settings.benchmarks.items()},
     )
 
 

@@ -26,7 +26,10 @@ def build(settings: UuidSettings, tokenizer: PreTrainedTokenizerBase, max_seq_le
 
 
 def evaluate(
-    settings: UuidSettings, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, built: data.UUIDData,
+    settings: UuidSettings,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    built: data.UUIDData,
     run_dir: Path,
 ) -> dict[str, Any]:
     return evaluation.evaluate(

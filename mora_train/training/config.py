@@ -24,7 +24,9 @@ class RestartConfig(Section):
     lr_schedule: RestartSchedule = setting(
         default="jagged", help="jagged: the trainer's schedule times a re-warm-up; cosine_restarts: a cosine per cycle"
     )
-    min_lr_ratio: float = setting(default=0.1, help="cosine_restarts: the lowest learning rate of a cycle, as a share of the peak")
+    min_lr_ratio: float = setting(
+        default=0.1, help="cosine_restarts: the lowest learning rate of a cycle, as a share of the peak"
+    )
     mora_types: list[str | int] | None = setting(
         default=None, help="MoRA operator types cycled at each restart (e.g. [1, 2]); null: sharing <-> grouping"
     )
@@ -51,9 +53,16 @@ class TrainerConfig(Section):
     num_epochs: float = setting(default=1, help="epochs over the training data when max_steps <= 0")
     learning_rate: float = setting(default=2.0e-4, help="peak learning rate")
     batch_size: int = setting(default=8, help="examples per optimizer step, over all processes")
-    micro_batch_size: int = setting(default=8, help="examples per forward pass per process (the rest is gradient accumulation)")
-    optim: str = setting(default="adamw_torch", help="transformers optimizer name: adamw_torch, adafactor, adamw_8bit, paged_adamw_8bit, ...")
-    lr_scheduler: str = setting(default="cosine", help="transformers scheduler name: linear, cosine, constant, cosine_with_min_lr, ...")
+    micro_batch_size: int = setting(
+        default=8, help="examples per forward pass per process (the rest is gradient accumulation)"
+    )
+    optim: str = setting(
+        default="adamw_torch",
+        help="transformers optimizer name: adamw_torch, adafactor, adamw_8bit, paged_adamw_8bit, ...",
+    )
+    lr_scheduler: str = setting(
+        default="cosine", help="transformers scheduler name: linear, cosine, constant, cosine_with_min_lr, ..."
+    )
     lr_scheduler_kwargs: dict[str, Any] = setting(
         factory=dict, help="the scheduler's own arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr"
     )
@@ -62,17 +71,22 @@ class TrainerConfig(Section):
     max_grad_norm: float = setting(default=1.0, help="gradient clipping norm")
     max_seq_len: int = setting(default=256, help="longest tokenized example (task.too_long says what happens beyond)")
     precision: Precision = setting(default="fp32", help="training precision: fp32, bf16 (CPU or GPU) or fp16 (GPU)")
-    gradient_checkpointing: bool = setting(default=False, help="recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool = setting(
+        default=False, help="recompute activations in the backward pass to save memory"
+    )
     logging_steps: int = setting(default=5, help="log loss and learning rate every N steps")
     save_steps: int = setting(default=50, help="checkpoint every N steps; 0: only at the end")
     save_total_limit: int | None = setting(default=2, help="checkpoints kept (the newest always); null: all")
     resume: str | bool = setting(
-        default="auto", help="auto: continue from the run dir's last checkpoint; true/false; or a checkpoint or run dir path"
+        default="auto",
+        help="auto: continue from the run dir's last checkpoint; true/false; or a checkpoint or run dir path",
     )
     nonfinite_loss: Literal["stop", "skip"] = setting(
         default="stop", help="on a NaN/inf loss: stop (keep the last good checkpoint) or skip the step"
     )
-    train_embeddings: bool = setting(default=False, help="also train the input embeddings and the LM head (pretraining)")
+    train_embeddings: bool = setting(
+        default=False, help="also train the input embeddings and the LM head (pretraining)"
+    )
     restart: RestartConfig = setting(factory=RestartConfig, help="ReMoRA / ReLoRA merge-and-restart")
     hf: dict[str, Any] = setting(
         factory=dict, help="any other transformers TrainingArguments field, e.g. +trainer.hf.neftune_noise_alpha=5"
@@ -117,7 +131,9 @@ class TrainerConfig(Section):
                 f"set {prefix}.micro_batch_size to a divisor of {batch}"
             )
         elif batch % (micro * world):
-            what = f"micro_batch_size x {world} processes = {micro * world}" if world > 1 else f"micro_batch_size={micro}"
+            what = (
+                f"micro_batch_size x {world} processes = {micro * world}" if world > 1 else f"micro_batch_size={micro}"
+            )
             problems.append(
                 f"`{prefix}.batch_size={batch}` is not a multiple of {what}; gradient accumulation needs "
                 "a whole number of micro-batches per step: change either value"

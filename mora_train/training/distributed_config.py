@@ -41,7 +41,8 @@ class DistributedConfig(Section):
         default="none", help="which engine Accelerate runs under transformers.Trainer; none: plain DDP under a launcher"
     )
     deepspeed_config: str | None = setting(
-        default=None, help="backend=deepspeed: the DeepSpeed JSON, relative to configs/distributed/ or the working directory"
+        default=None,
+        help="backend=deepspeed: the DeepSpeed JSON, relative to configs/distributed/ or the working directory",
     )
     deepspeed_overrides: dict[str, Any] | None = setting(
         factory=dict,

@@ -51,13 +51,16 @@ class WandbSettings(Section):
     project: str | None = setting(
         default=None, help="the W&B project; null: $WANDB_PROJECT, else mora-train (offline: WANDB_MODE=offline)"
     )
-    entity: str | None = setting(default=None, help="the W&B entity (team or user); null: $WANDB_ENTITY, else your W&B default")
+    entity: str | None = setting(
+        default=None, help="the W&B entity (team or user); null: $WANDB_ENTITY, else your W&B default"
+    )
 
 
 @section
 class MlflowSettings(Section):
     tracking_uri: str | None = setting(
-        default=None, help="the MLflow store; null: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)"
+        default=None,
+        help="the MLflow store; null: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)",
     )
     experiment: str | None = setting(
         default=None, help="the MLflow experiment; null: logging.group, else $MLFLOW_EXPERIMENT_NAME, else mora-train"
@@ -73,7 +76,8 @@ class LoggingConfig(Section):
         help='any of tensorboard, wandb, mlflow: a list, one name or "a,b"; [] or none for none',
     )
     group: str | None = setting(
-        default=None, help="the W&B group and MLflow experiment; null: a sweep job's is its sweep dir, a single run has none"
+        default=None,
+        help="the W&B group and MLflow experiment; null: a sweep job's is its sweep dir, a single run has none",
     )
     wandb: WandbSettings = setting(factory=WandbSettings, help="Weights & Biases settings")
     mlflow: MlflowSettings = setting(factory=MlflowSettings, help="MLflow settings")

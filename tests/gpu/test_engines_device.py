@@ -27,8 +27,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_pipeline as run
 from tests.conftest import REPO, TINY_RUN, compose_config
+from tests.conftest import run_pipeline as run
 from tests.gpu.conftest import ON_CUDA, record
 
 pytestmark = pytest.mark.gpu
@@ -54,8 +54,12 @@ def plain(device: torch.device, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     command = ["bash", str(REPO / "scripts" / "launch.sh"), "--gpus", "1", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=400, env=env)
 
 
@@ -76,13 +80,27 @@ def test_engine_matches_plain_run(engine: str, device: torch.device, plain: Path
     expected_engine = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3", "fsdp": "fsdp"}[engine]
     got, ref = losses(run_dir), losses(plain)
     loss_diff = max(abs(a - b) for a, b in zip(got, ref))
-    engine_w, plain_w = load_file(run_dir / "merged" / "model.safetensors"), load_file(plain / "merged" / "model.safetensors")
+    engine_w, plain_w = (
+        load_file(run_dir / "merged" / "model.safetensors"),
+        load_file(plain / "merged" / "model.safetensors"),
+    )
     assert engine_w.keys() == plain_w.keys()
     weight_diff = max((engine_w[k].float() - plain_w[k].float()).abs().max().item() for k in plain_w)
-    record("engine", engine=metrics["run"]["engine"], world_size=metrics["run"]["world_size"], losses=got,
-           plain_losses=ref, max_loss_diff=loss_diff, loss_tolerance=LOSS_ATOL, max_merged_weight_diff=weight_diff,
-           weight_tolerance=WEIGHT_ATOL, merge_check=metrics["run"]["merge_check"], tokens_per_s=metrics["tokens_per_s"],
-           peak_gpu_memory_gib=metrics["run"].get("peak_gpu_memory_gib"), wall_s=wall)
+    record(
+        "engine",
+        engine=metrics["run"]["engine"],
+        world_size=metrics["run"]["world_size"],
+        losses=got,
+        plain_losses=ref,
+        max_loss_diff=loss_diff,
+        loss_tolerance=LOSS_ATOL,
+        max_merged_weight_diff=weight_diff,
+        weight_tolerance=WEIGHT_ATOL,
+        merge_check=metrics["run"]["merge_check"],
+        tokens_per_s=metrics["tokens_per_s"],
+        peak_gpu_memory_gib=metrics["run"].get("peak_gpu_memory_gib"),
+        wall_s=wall,
+    )
     assert metrics["run"]["engine"].startswith(expected_engine) and metrics["run"]["world_size"] == 1, metrics["run"]
     assert metrics["run"]["merge_check"] == "passed"
     assert len(got) == len(ref) == 6 and loss_diff <= LOSS_ATOL, (got, ref)

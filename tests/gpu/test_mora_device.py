@@ -100,7 +100,10 @@ def test_forward_backward_and_delta_weight_match_float64_reference(
     }
     merged = copy.deepcopy(layer)
     merged.merge()
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+    with (
+        torch.no_grad(),
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast"),
+    ):
         errors["merged_forward"] = relative_error(merged(x.to(device, dtype)), y_ref)
     record("mora_layer", type=kind, shape=list(shape), precision=precision, tolerance=tol, **errors)
     assert layer.delta_weight().device.type == device.type

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_pipeline as run
 from tests.conftest import TINY_RUN, compose_config
+from tests.conftest import run_pipeline as run
 from tests.gpu.conftest import record
 
 pytestmark = pytest.mark.gpu
@@ -32,8 +32,15 @@ RUNS = {
 def test_quantized_run_passes_both_merge_checks(name: str, device: torch.device, tmp_path: Path) -> None:
     metrics = run(compose_config([*JOB, *RUNS[name]], tmp_path / "run"))
     kernel, kernel_tol = metrics["quantized_kernel_max_abs_diff"], metrics["quantized_kernel_tolerance"]
-    record("quantized_merge", run=name, kernel_diff=kernel, kernel_tolerance=kernel_tol,
-           kernel_ratio=kernel / kernel_tol if kernel_tol else None, merge_max_abs_diff=metrics["merge_max_abs_diff"],
-           merge_tolerance=metrics["merge_tolerance"], merge_check=metrics["run"]["merge_check"])
+    record(
+        "quantized_merge",
+        run=name,
+        kernel_diff=kernel,
+        kernel_tolerance=kernel_tol,
+        kernel_ratio=kernel / kernel_tol if kernel_tol else None,
+        merge_max_abs_diff=metrics["merge_max_abs_diff"],
+        merge_tolerance=metrics["merge_tolerance"],
+        merge_check=metrics["run"]["merge_check"],
+    )
     assert metrics["run"]["merge_check"] == "passed", f"{name}: {metrics['run']['merge_check']}"
     assert kernel <= kernel_tol and metrics["merge_max_abs_diff"] <= metrics["merge_tolerance"]

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_pipeline as run
 from tests.conftest import TINY_RUN, compose_config
+from tests.conftest import run_pipeline as run
 from tests.gpu.conftest import ON_CUDA, record
 
 pytestmark = pytest.mark.gpu
@@ -59,9 +59,15 @@ def check_run(metrics: dict, run_dir: Path, device: torch.device, name: str) -> 
     peak = metrics["run"].get("peak_gpu_memory_gib")
     reload_diff = reload_and_compare(run_dir / "merged", device)
     result = {
-        "run": name, "first_loss": logged[0], "last_loss": logged[-1], "merge_max_abs_diff": metrics["merge_max_abs_diff"],
-        "merge_tolerance": metrics["merge_tolerance"], "merge_check": metrics["run"]["merge_check"],
-        "reload_device_vs_cpu": reload_diff, "peak_gpu_memory_gib": peak, "tokens_per_s": metrics["tokens_per_s"],
+        "run": name,
+        "first_loss": logged[0],
+        "last_loss": logged[-1],
+        "merge_max_abs_diff": metrics["merge_max_abs_diff"],
+        "merge_tolerance": metrics["merge_tolerance"],
+        "merge_check": metrics["run"]["merge_check"],
+        "reload_device_vs_cpu": reload_diff,
+        "peak_gpu_memory_gib": peak,
+        "tokens_per_s": metrics["tokens_per_s"],
     }
     record("training", **result)
     assert all(map(lambda v: v == v and abs(v) != float("inf"), logged)), f"non-finite loss: {logged}"

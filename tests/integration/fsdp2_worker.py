@@ -22,8 +22,8 @@ from torch.distributed.tensor import DTensor
 
 from mora_train.adapters import build_adapter
 from mora_train.export import logits_of
-from mora_train.training.gather import FinalWeights, gather_trainable_state, unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
+from mora_train.training.gather import FinalWeights, gather_trainable_state, unsharded_adapter
 from tests.conftest import TINY_RUN, typed_config
 
 VARIANTS = {"lora": ["adapter=lora", "rank=4"], "mora": ["adapter=mora", "rank=4"], "full": ["adapter=full"]}
@@ -67,8 +67,12 @@ def check(overrides: list[str], mesh) -> dict:
     grad_diff = max((params[n].grad.full_tensor() - expected_grads[n]).abs().max().item() for n in names)
 
     fake_trainer = types.SimpleNamespace(
-        is_deepspeed_enabled=False, is_fsdp_enabled=True, model=model,
-        accelerator=types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=2))),
+        is_deepspeed_enabled=False,
+        is_fsdp_enabled=True,
+        model=model,
+        accelerator=types.SimpleNamespace(
+            state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(fsdp_version=2))
+        ),
     )
     state = gather_trainable_state(fake_trainer, names)
     result = {"local_shape": list(first.to_local().shape), "full_shape": list(first.shape), "grad_diff": grad_diff}

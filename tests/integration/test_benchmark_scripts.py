@@ -13,15 +13,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def test_bench_train_quick_reports_ratios_to_lora(tmp_path: Path) -> None:
-    done = run_script("bench_train.py", "--quick", "--methods", "mora_sharing", "lora", "--steps", "1",
-                      "--threads", "1", "--out", str(tmp_path))
+    done = run_script(
+        "bench_train.py",
+        "--quick",
+        "--methods",
+        "mora_sharing",
+        "lora",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     results = json.loads((tmp_path / "quick" / "results.json").read_text())["results"]
     assert set(results) == {"lora", "mora_sharing"}
     for rounds in results.values():
@@ -37,8 +49,20 @@ def test_bench_train_quick_reports_ratios_to_lora(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # ~30 s: a benchmark script's quick mode (run with `pytest -m slow`)
 def test_bench_memorization_quick_curves_plot_and_reuse(tmp_path: Path) -> None:
-    args = ["--quick", "--methods", "lora", "mora_sharing", "--steps", "2", "--eval-every", "1", "--threads", "1",
-            "--out", str(tmp_path)]
+    args = [
+        "--quick",
+        "--methods",
+        "lora",
+        "mora_sharing",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     run_script("bench_memorization.py", *args, "--grid", "lora=1e-2;mora_sharing=1e-2")
     # Widening the grid trains only the new point; the finished runs are reused.
     done = run_script("bench_memorization.py", *args, "--grid", "lora=1e-2;mora_sharing=1e-2,3e-2")
@@ -60,14 +84,30 @@ def test_bench_qmora_quick_runs_four_processes_and_tabulates(tmp_path: Path) -> 
     done = run_script("bench_qmora.py", "--quick", "--threads", "1", "--out", str(tmp_path))
     records = json.loads((tmp_path / "quick" / "results.json").read_text())["records"]
     assert [(r["method"], r["quantization"]) for r in records] == [
-        ("lora", "none"), ("lora", "nf4"), ("mora_rope", "none"), ("mora_rope", "nf4")]
+        ("lora", "none"),
+        ("lora", "nf4"),
+        ("mora_rope", "none"),
+        ("mora_rope", "nf4"),
+    ]
     assert all(r["peak_rss_bytes"] > 100 * 2**20 and r["tokens_per_s"] > 0 for r in records)
     assert "| MoRA rope r=8 | nf4 |" in done.stdout
 
 
 def test_bench_memorization_rejects_a_bad_grid(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_memorization.py"), "--quick",
-                           "--grid", "dora=1e-3", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_memorization.py"),
+            "--quick",
+            "--grid",
+            "dora=1e-3",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert done.returncode != 0 and "--grid part 'dora=1e-3'" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -95,14 +135,17 @@ def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
         sys.path.remove(str(REPO / "benchmarks"))
     overrides = ["task=gsm8k", "mode=eval"]
     (tmp_path / "gsm8k_base").mkdir()
-    (tmp_path / "gsm8k_base" / "stage.json").write_text(json.dumps({"overrides": overrides, "metrics": {"accuracy": 0.25}}))
+    (tmp_path / "gsm8k_base" / "stage.json").write_text(
+        json.dumps({"overrides": overrides, "metrics": {"accuracy": 0.25}})
+    )
     # Same overrides: the recorded metrics come back without starting mora-train (which would fail here:
     # smollm2 is not loadable in every test environment, and the stage would take minutes).
     assert bench_tasks.run_stage("gsm8k_base", overrides, tmp_path) == {"accuracy": 0.25}
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_memorization.py", "bench_pretrain.py", "bench_tasks.py",
-                                    "bench_qmora.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_train.py", "bench_memorization.py", "bench_pretrain.py", "bench_tasks.py", "bench_qmora.py"]
+)
 def test_help_names_the_command(script: str) -> None:
     done = run_script(script, "--help")
     assert f"python benchmarks/{script}" in done.stdout
@@ -120,4 +163,7 @@ def test_bench_gsm8k_evaluators_quick_compares_per_problem(tmp_path: Path) -> No
         counts = summary["summary"][f]
         assert counts["agree"] + counts["ours_only"] + counts["harness_only"] == 3
     assert summary["summary"]["same_prompt_text"] == 3
-    assert "| ours (task=gsm8k, math-verify) |" in (tmp_path / "summary.md").read_text() and "Disagreements:" in done.stdout
+    assert (
+        "| ours (task=gsm8k, math-verify) |" in (tmp_path / "summary.md").read_text()
+        and "Disagreements:" in done.stdout
+    )

@@ -17,7 +17,9 @@ def test_help_lists_groups_and_examples(tmp_path: Path) -> None:
 
 
 def test_cfg_job_prints_config_and_runs_nothing(tmp_path: Path) -> None:
-    result = run_cli(["--cfg", "job", "adapter=lora", "rank=16", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)
+    result = run_cli(
+        ["--cfg", "job", "adapter=lora", "rank=16", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 0
     assert "rank: 16" in result.stdout and "name: lora" in result.stdout
     assert not (tmp_path / "run").exists()

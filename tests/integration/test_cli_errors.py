@@ -18,7 +18,10 @@ from tests.conftest import compose_config, run_cli
 CASES = {
     "rank zero": (["rank=0"], ["rank=0", "positive"]),
     "rank negative": (["rank=-4"], ["rank=-4"]),
-    "missing model path": (["model.random_init=null", "model.name_or_path=./no/such/dir"], ["./no/such/dir", "does not exist"]),
+    "missing model path": (
+        ["model.random_init=null", "model.name_or_path=./no/such/dir"],
+        ["./no/such/dir", "does not exist"],
+    ),
     "name_or_path beside random_init": (["model.name_or_path=./no/such/dir"], ["model.random_init=null", "both set"]),
 }
 if not torch.cuda.is_available():
@@ -52,10 +55,13 @@ def test_finished_run_dir_is_not_overwritten(tmp_path: Path, capsys: pytest.Capt
     assert (run_dir / "metrics.json").read_text() == '{"char_accuracy": 1.0}'
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["adapter=dora"], ["adapter=dora", "full, lora, mora"]),  # Hydra refuses it, before the job
-    (["model=tiny-llama", "rank=0"], ["rank=0"]),  # validation refuses it, inside the job
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["adapter=dora"], ["adapter=dora", "full, lora, mora"]),  # Hydra refuses it, before the job
+        (["model=tiny-llama", "rank=0"], ["rank=0"]),  # validation refuses it, inside the job
+    ],
+)
 def test_the_process_exits_2_without_a_traceback(args: list[str], expected: list[str], tmp_path: Path) -> None:
     result = run_cli([*args, f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=180)
     assert result.returncode == 2, result.stderr[-2000:]

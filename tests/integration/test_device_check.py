@@ -25,8 +25,14 @@ SCRIPT = REPO / "scripts" / "device_check.sh"
 def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path) -> None:
     results = tmp_path / "results"
     env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(results)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=420)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", str(results)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
     assert sorted(p.name for p in results.iterdir()) == ["check.log", "gpu-tests.xml", "results.json", "results.md"]
 
@@ -34,8 +40,13 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
     assert record["dry_run"] is True
     status = {s["step"]: s["status"] for s in record["steps"]}
     has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
-    assert status == {"environment": "passed", "install": "skipped", "gpu-tests": "passed", "throughput": "passed",
-                      "quantized": "passed" if has_bitsandbytes else "skipped"}, record["steps"]
+    assert status == {
+        "environment": "passed",
+        "install": "skipped",
+        "gpu-tests": "passed",
+        "throughput": "passed",
+        "quantized": "passed" if has_bitsandbytes else "skipped",
+    }, record["steps"]
     outcomes = {t["test"]: t["outcome"] for t in record["tests"]}
     assert "failed" not in outcomes.values() and "error" not in outcomes.values()
     assert outcomes["test_engines_device::test_engine_matches_plain_run[fsdp]"] == "skipped"  # CUDA only
@@ -47,7 +58,14 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
     assert len(methods) == 6 and all("error" not in row for row in record["throughput"]["rows"])
 
     table = (results / "results.md").read_text()
-    for heading in ("| step | status |", "## GPU tests", "## MoRA layers", "## Training runs", "## Engines", "## Throughput"):
+    for heading in (
+        "| step | status |",
+        "## GPU tests",
+        "## MoRA layers",
+        "## Training runs",
+        "## Engines",
+        "## Throughput",
+    ):
         assert heading in table, heading
     assert "| deepspeed-zero3 |" in table and "MFU" in table
     if has_bitsandbytes:
@@ -61,7 +79,12 @@ def test_usage_errors_and_gpu_tests_left_out_of_the_default_run(tmp_path: Path) 
     assert usage.returncode == 2 and "usage:" in usage.stderr
     # Without `-m gpu` the GPU tests are deselected (not skipped), even when their folder is named. In one
     # process (-n 0): xdist workers deselect silently, and starting them costs more than the check.
-    default = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", "-n", "0"], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+    default = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", "-n", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert default.returncode == 5, default.stdout[-2000:]  # 5: no test ran
     assert "deselected" in default.stdout and "passed" not in default.stdout

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_pipeline as run
 from tests.conftest import REPO, TINY_RUN, compose_config
+from tests.conftest import run_pipeline as run
 from tests.support.faults import fault_env
 
 # Each test starts two training processes: one such test at a time (tests/conftest.py).
@@ -34,8 +34,20 @@ ADAPTER_ARGS = {
     "full": ["adapter=full", "trainer.learning_rate=3e-3"],
 }
 ACCELERATE_2_CPU = [
-    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
 ]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "mora-train"
 LOSS_TOLERANCE = 1e-3  # logged losses are ~5; reduction order is the only difference between the runs
@@ -90,8 +102,18 @@ def test_two_process_run_matches_one_process_and_writes_once(variant: str, tmp_p
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, f"ranks disagreed on the run dir: {run_dirs}"
     run_dir = run_dirs[0]
-    expected = {".hydra", "train.log", "resolved_config.yaml", "merged", "metrics.json", "predictions.jsonl",
-                "loss.png", "log_history.json", "tensorboard", "checksums.json"}
+    expected = {
+        ".hydra",
+        "train.log",
+        "resolved_config.yaml",
+        "merged",
+        "metrics.json",
+        "predictions.jsonl",
+        "loss.png",
+        "log_history.json",
+        "tensorboard",
+        "checksums.json",
+    }
     expected |= {"adapter"} if variant != "full" else set()
     found = {p.name for p in run_dir.iterdir()} - {"checkpoints"}  # (an empty checkpoints/ may exist)
     assert found == expected  # no half-written or per-rank leftovers
@@ -116,7 +138,11 @@ def test_fsdp2_shards_train_and_gather_exactly_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
@@ -157,7 +183,6 @@ def test_deepspeed_two_process_run_exports_gathered_weights(option: str, variant
     single_dir = tmp_path / "single"
     run(compose_config([*RUN, *ADAPTER_ARGS[variant], "trainer.save_steps=3"], single_dir))
     assert_same_training(run_dir, single_dir, variant)
-
 
 
 @pytest.mark.slow

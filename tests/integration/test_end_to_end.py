@@ -88,8 +88,13 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrainedR
     script = root / "plain.py"
     script.write_text(PLAIN_TRANSFORMERS_SCRIPT)
     merged = [str(trained[variant][0] / "merged") for variant in VARIANTS]
-    plain = subprocess.run([sys.executable, str(script), str(root / "batch.safetensors"), str(root / "out.safetensors"),
-                            *merged], cwd=root, capture_output=True, text=True, timeout=300)
+    plain = subprocess.run(
+        [sys.executable, str(script), str(root / "batch.safetensors"), str(root / "out.safetensors"), *merged],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plain.returncode == 0, plain.stderr[-3000:]
     logits = load_file(root / "out.safetensors")
     return {v: TrainedRun(*trained[v], plain_logits=logits[str(i)]) for i, v in enumerate(VARIANTS)}
@@ -108,7 +113,15 @@ def test_run_trains_exports_and_merged_model_stands_alone(variant: str, trained_
     losses = logged_losses(run_dir)
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("train_loss", "char_accuracy", "exact_match", "trainable_params", "train_runtime_s", "tokens_per_s", "merge_max_abs_diff"):
+    for key in (
+        "train_loss",
+        "char_accuracy",
+        "exact_match",
+        "trainable_params",
+        "train_runtime_s",
+        "tokens_per_s",
+        "merge_max_abs_diff",
+    ):
         assert key in metrics, key
     assert metrics["merge_max_abs_diff"] <= 1e-4
     assert (run_dir / "loss.png").stat().st_size > 0

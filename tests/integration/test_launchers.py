@@ -22,8 +22,10 @@ import yaml
 from mora_train.analysis.report import main as report_main
 from tests.conftest import CONFIG_DIR
 
-pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
-                    reason="hydra-submitit-launcher not installed (scripts/setup.sh installs it: pip install -e '.[slurm]')")
+pytest.importorskip(
+    "hydra_plugins.hydra_submitit_launcher",
+    reason="hydra-submitit-launcher not installed (scripts/setup.sh installs it: pip install -e '.[slurm]')",
+)
 
 FAST_JOB = [
     "model=tiny-llama",
@@ -43,8 +45,14 @@ FAST_JOB = [
 def launch(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, subprocess.CompletedProcess]:
     """`python -m mora_train ARGS`; returns the parent's PID with the finished process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    process = subprocess.Popen([sys.executable, "-m", "mora_train", *args], cwd=cwd, env=full_env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mora_train", *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stdout, stderr = process.communicate(timeout=600)
     return process.pid, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -65,8 +73,11 @@ def test_local_submitit_sweep_runs_each_job_in_its_own_process_and_reports_like_
     # No hydra.sweep.dir: the dated default, ${launch_time:...}, which each job's process must resolve as the
     # parent did (seconds later). W&B offline: the jobs' runs must share one group, the sweep dir.
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    parent_pid, result = launch(["-m", "hydra/launcher=local", "adapter=lora", "rank=2,4", *FAST_JOB,
-                                 "logging.report_to=[tensorboard,wandb]"], cwd=tmp_path, env=env)
+    parent_pid, result = launch(
+        ["-m", "hydra/launcher=local", "adapter=lora", "rank=2,4", *FAST_JOB, "logging.report_to=[tensorboard,wandb]"],
+        cwd=tmp_path,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep_dir,) = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]  # one sweep dir, no stray ones
     assert f"2 of 2 jobs succeeded in {sweep_dir.relative_to(tmp_path)}" in result.stdout
@@ -90,11 +101,18 @@ def test_local_submitit_sweep_runs_each_job_in_its_own_process_and_reports_like_
 
     groups = set()
     for run in (tmp_path / "wandb").glob("offline-run-*"):
-        inspect = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(run)],
-                                 capture_output=True, text=True, timeout=120)
+        inspect = subprocess.run(
+            [str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(run)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert inspect.returncode == 0, inspect.stderr[-2000:]
-        groups |= {json.loads(line)["run"]["run_group"] for line in inspect.stdout.splitlines()
-                   if line.strip() and json.loads(line).get("type") == "run"}
+        groups |= {
+            json.loads(line)["run"]["run_group"]
+            for line in inspect.stdout.splitlines()
+            if line.strip() and json.loads(line).get("type") == "run"
+        }
     assert groups == {str(sweep_dir.relative_to(tmp_path))}
 
 
@@ -107,18 +125,43 @@ def test_slurm_sweep_goes_through_sbatch_and_a_job_can_be_a_multi_process_accele
     keys reach the sbatch script, the jobs run as a SLURM job array (job ids ARRAY_TASK), and the job with
     accelerate.num_processes=2 runs as a 2-process accelerate launch (CPU processes here; GPUs on a node)."""
     sweep_dir, slurm_state = tmp_path / "sweep", tmp_path / "slurm"
-    env = {"PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(slurm_state),
-           "FAKE_SLURM_PYTHON": sys.executable}
-    _pid, result = launch(["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=proj42",
-                           "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=30", "accelerate.num_processes=1,2",
-                           "adapter=lora", "rank=2", *FAST_JOB, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=env)
+    env = {
+        "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_SLURM_DIR": str(slurm_state),
+        "FAKE_SLURM_PYTHON": sys.executable,
+    }
+    _pid, result = launch(
+        [
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.account=proj42",
+            "hydra.launcher.gpus_per_node=2",
+            "hydra.launcher.timeout_min=30",
+            "accelerate.num_processes=1,2",
+            "adapter=lora",
+            "rank=2",
+            *FAST_JOB,
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"2 of 2 jobs succeeded in {sweep_dir}" in result.stdout
     (sbatch,) = slurm_state.glob("sbatch-*.txt")
     script = sbatch.read_text()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --gpus-per-node=2", "#SBATCH --time=30",
-                 "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=8",
-                 "#SBATCH --job-name=mora-train", "#SBATCH --array=0-1%2"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj42",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --time=30",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --job-name=mora-train",
+        "#SBATCH --array=0-1%2",
+    ):
         assert line in script, f"{line} not in the sbatch script:\n{script}"
     array_id = sbatch.stem.split("-")[1]
 
@@ -164,8 +207,13 @@ def test_relaunch_command_carries_the_job_and_its_topology(job_config, monkeypat
     from mora_train.pipeline.run_config import ComposedConfig
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    cfg = job_config("accelerate.num_processes=4", "adapter=lora", "rank=8", "logging.report_to=[wandb]",
-                     'accelerate.args=["--gpu_ids","0,1,2,3"]')
+    cfg = job_config(
+        "accelerate.num_processes=4",
+        "adapter=lora",
+        "rank=8",
+        "logging.report_to=[wandb]",
+        'accelerate.args=["--gpu_ids","0,1,2,3"]',
+    )
     assert relaunch.wants_relaunch(ComposedConfig(cfg))
     run_dir = Path(cfg.output_dir)
     config = ComposedConfig(cfg).read()
@@ -174,7 +222,7 @@ def test_relaunch_command_carries_the_job_and_its_topology(job_config, monkeypat
     assert launch_args[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" not in launch_args
     assert launch_args[launch_args.index("--config_file") + 1].endswith("distributed/accelerate/multi_gpu.json")
     assert launch_args[launch_args.index("--num_processes") + 1] == "4" and "--gpu_ids" in launch_args
-    job = gpu[gpu.index("mora_train") + 1:]
+    job = gpu[gpu.index("mora_train") + 1 :]
     assert {"adapter=lora", "rank=8", f"output_dir='{run_dir}'"} <= set(job)  # quoted: the dir holds '=' and ','
     assert not any(a.startswith("logging.group") for a in job)  # a single run: no sweep to group by
     cpu = relaunch.accelerate_command(config, run_dir, cuda=False)
@@ -191,7 +239,9 @@ def test_relaunch_refuses_several_nodes_and_bad_settings(job_config, monkeypatch
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
     with pytest.raises(MoraTrainError, match="hydra.launcher.nodes=1"):
         relaunch.run_relaunched(ComposedConfig(job_config("accelerate.num_processes=8")).read())
-    _, problems = ComposedConfig(job_config("accelerate.num_processes=0", "accelerate.args=--gpu_ids")).read_with_problems()
+    _, problems = ComposedConfig(
+        job_config("accelerate.num_processes=0", "accelerate.args=--gpu_ids")
+    ).read_with_problems()
     assert any("accelerate.num_processes=0" in p for p in problems) and any("accelerate.args" in p for p in problems)
 
 
@@ -199,9 +249,15 @@ def test_a_failed_launch_is_read_as_the_run_s_error_and_exit_status() -> None:
     from mora_train.pipeline.relaunch import LaunchOutput
 
     output = LaunchOutput()
-    for line in ["loading...\n", "mora-train: error: invalid configuration (1 problem):\n",
-                 "  - `trainer.batch_size=8` is not a multiple of ...\n", "E1130 torchrun: failed\n",
-                 "  exitcode  : -15 (pid: 1)\n", "Root Cause (first observed failure):\n", "  exitcode  : 2 (pid: 2)\n"]:
+    for line in [
+        "loading...\n",
+        "mora-train: error: invalid configuration (1 problem):\n",
+        "  - `trainer.batch_size=8` is not a multiple of ...\n",
+        "E1130 torchrun: failed\n",
+        "  exitcode  : -15 (pid: 1)\n",
+        "Root Cause (first observed failure):\n",
+        "  exitcode  : 2 (pid: 2)\n",
+    ]:
         output.read(line)
     assert output.exit_code(1) == 2
     assert output.reason() == "invalid configuration (1 problem):\n  - `trainer.batch_size=8` is not a multiple of ..."

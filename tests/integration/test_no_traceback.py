@@ -79,7 +79,9 @@ def test_a_folder_that_is_not_a_model(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not (tmp_path / "run").exists()
 
 
-def test_truncated_weights_in_training_and_in_eval(model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_truncated_weights_in_training_and_in_eval(
+    model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(model_folder, broken)
     weights = broken / "model.safetensors"
@@ -109,9 +111,16 @@ def test_custom_code_without_trust_remote_code_names_the_key(model_folder: Path,
 
 def test_offline_hub_id_says_how_to_use_a_local_copy(tmp_path: Path) -> None:
     result = run_cli(
-        ["model=tiny-llama", "model.random_init=null", "model.tokenizer=null", "model.name_or_path=no-such-org/no-such-model",
-         f"output_dir={tmp_path / 'run'}"],
-        cwd=tmp_path, timeout=180, env={"HF_HUB_OFFLINE": "1"},
+        [
+            "model=tiny-llama",
+            "model.random_init=null",
+            "model.tokenizer=null",
+            "model.name_or_path=no-such-org/no-such-model",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        timeout=180,
+        env={"HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2, result.stderr[-2000:]
     clean(result.stderr)
@@ -149,8 +158,9 @@ def test_read_only_output_location(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr("mora_train.pipeline.train.os.access",
-                        lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    monkeypatch.setattr(
+        "mora_train.pipeline.train.os.access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+    )
     assert run_in_process(locked / "run", *[]) == 2
     err = capsys.readouterr().err
     clean(err)
@@ -159,8 +169,9 @@ def test_read_only_output_location(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("errno_name,code,text", [("EROFS", 2, "cannot write"), ("ENOSPC", 4, "no space left")])
-def test_write_failures_in_the_run_dir_are_clean(errno_name: str, code: int, text: str, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_write_failures_in_the_run_dir_are_clean(
+    errno_name: str, code: int, text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     import errno
 
     number = getattr(errno, errno_name)
@@ -254,8 +265,9 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(killed_run: Path, tmp_path: Path, capsys,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(
+    killed_run: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(killed_run, run_dir)
     corrupt_in_place(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
@@ -393,12 +405,18 @@ def test_a_huge_line_costs_what_reading_it_costs(tmp_path: Path) -> None:
     train = tmp_path / "train.jsonl"
     with open(train, "w") as handle:
         handle.write(json.dumps({"question": "word " * 4_000_000, "answer": "#### 1"}) + "\n")
-        for i in range(4):
-            handle.write(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n")
+        handle.writelines(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(4))
     tokenizer = byte_tokenizer()
     for too_long in ("drop", "truncate"):
-        cfg = compose_config(["model=tiny-llama", "task=gsm8k", "task.cache_dir=null", f"task.data.train={train}",
-                              f"task.too_long={too_long}"])
+        cfg = compose_config(
+            [
+                "model=tiny-llama",
+                "task=gsm8k",
+                "task.cache_dir=null",
+                f"task.data.train={train}",
+                f"task.too_long={too_long}",
+            ]
+        )
         started = time.perf_counter()
         data = TASKS["gsm8k"].build(read_run_config(cfg)[0].task, tokenizer, 64)
         assert time.perf_counter() - started < 30  # the GSM8K test set it also loads takes ~3 s

@@ -54,7 +54,7 @@ def test_a_wrong_dequantization_fails_the_run_loudly(tmp_path: Path, monkeypatch
 
     right = quantization.dequantized_weight
 
-    def off_by_five_percent(module):  # noqa: ANN001, ANN202
+    def off_by_five_percent(module):
         weight = right(module).clone()
         weight[0] *= 1.05
         return weight
@@ -70,8 +70,11 @@ def test_a_wrong_dequantization_fails_the_run_loudly(tmp_path: Path, monkeypatch
     assert (run_dir / "merged-unverified").is_dir() and (run_dir / "adapter").is_dir()
 
 
-@pytest.mark.parametrize("overrides", [("adapter=lora", "model.quantization=int8"), ("adapter=mora", "model.quantization=nf4")],
-                         ids=["int8-lora", "nf4-mora"])
+@pytest.mark.parametrize(
+    "overrides",
+    [("adapter=lora", "model.quantization=int8"), ("adapter=mora", "model.quantization=nf4")],
+    ids=["int8-lora", "nf4-mora"],
+)
 def test_a_bfloat16_base_passes_its_checks_against_the_rebuilt_adapter(tmp_path: Path, overrides) -> None:
     """A 16-bit base: training casts its norms and embeddings to float32 (peft's k-bit preparation), so the
     rebuilt reference must too, or the kernel check fails a correct run (int8 + bfloat16 exited 5 once)."""

@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
 from mora_train.cli.train import _run
 from mora_train.core.run_lock import LOCK_FILE
-from tests.conftest import validate_config as validate
+from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
 from tests.conftest import compose_config, run_cli
+from tests.conftest import validate_config as validate
 from tests.support import faults
 from tests.support.faults import fault_env, inject
 
@@ -127,7 +127,9 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted_run(
 
     monkeypatch.setattr(torch, "load", spy_load)
     assert run_in_process(run_dir) == 0, f"resume after a kill at step {kill_step} failed"
-    assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{newest}'} (step {newest})" in capsys.readouterr().out
+    assert (
+        f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{newest}'} (step {newest})" in capsys.readouterr().out
+    )
     # optimizer.pt, scheduler.pt, rng_state.pth: the only pickles read, and never as arbitrary objects.
     assert len(loads) >= 3 and all(k.get("weights_only") is True for k in loads), loads
     assert json.loads((run_dir / "metrics.json").read_text())["run"]["resumed_from_step"] == newest
@@ -142,7 +144,12 @@ CHECKPOINT_FILES = {
     "full": {"model.safetensors", "config.json", "generation_config.json"},
 }
 COMMON_CHECKPOINT_FILES = {
-    "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.json", COMPLETE_MARKER
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+    "training_args.json",
+    COMPLETE_MARKER,
 }
 
 
@@ -214,9 +221,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "merged").exists()
 
 
-def test_nonfinite_loss_skip_mode_drops_the_step_and_finishes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_nonfinite_loss_skip_mode_drops_the_step_and_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inject(monkeypatch, "nan@step=3")
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir, "trainer.nonfinite_loss=skip") == 0
@@ -301,8 +306,10 @@ def test_a_truncated_checkpoint_is_moved_aside_naming_the_file_and_outlives_rota
         assert run_in_process(run_dir, "trainer.max_steps=4") == 0
     assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
     aside = run_dir / "checkpoints" / ".corrupt-checkpoint-4"
-    assert (f"checkpoint {run_dir / 'checkpoints' / 'checkpoint-4'} is corrupt: adapter_model.safetensors is "
-            f"{size // 2} bytes, the manifest says {size} (truncated or replaced)") in caplog.text
+    assert (
+        f"checkpoint {run_dir / 'checkpoints' / 'checkpoint-4'} is corrupt: adapter_model.safetensors is "
+        f"{size // 2} bytes, the manifest says {size} (truncated or replaced)"
+    ) in caplog.text
     assert f"moved it aside to {aside}" in caplog.text
     # The resumed run saved a new checkpoint-4 and rotated (save_total_limit=2): the corrupt one is still kept.
     assert (aside / "adapter_model.safetensors").stat().st_size == size // 2
@@ -317,8 +324,13 @@ def test_a_second_run_on_a_run_dir_still_training_is_refused_naming_it(tmp_path:
     second = compose_config(with_run(overrides), run_dir)
     validate(second)  # this process's imports done beforehand: the refusal then takes well under a second
     log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would stall the first run
-    first = subprocess.Popen([sys.executable, "-m", "mora_train", *with_run(overrides), f"output_dir={run_dir}"],
-                             cwd=tmp_path, env={**os.environ, **ONE_THREAD}, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mora_train", *with_run(overrides), f"output_dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, **ONE_THREAD},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / LOCK_FILE).is_file() or not (run_dir / LOCK_FILE).read_text().strip():

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from tests.conftest import run_cli
 
-TINY = ["model=tiny-llama", "trainer.max_steps=2", "task.num_pairs=2", "trainer.batch_size=2", "trainer.micro_batch_size=2"]
+TINY = [
+    "model=tiny-llama",
+    "trainer.max_steps=2",
+    "task.num_pairs=2",
+    "trainer.batch_size=2",
+    "trainer.micro_batch_size=2",
+]
 
 
 def test_output_dir_is_hydras_run_dir_and_nothing_else_lands_in_the_cwd(tmp_path: Path) -> None:
@@ -78,14 +84,18 @@ def assert_composed_from_user_configs(config_yaml: str) -> None:
 def test_user_config_folder_adds_model_and_task_options(tmp_path: Path) -> None:
     mine = tmp_path / "my-configs"
     write_user_configs(mine)
-    shown = run_cli([f"hydra.searchpath=[file://{mine}]", "model=my-tiny", "task=my-uuid", "--cfg", "job"], cwd=tmp_path)
+    shown = run_cli(
+        [f"hydra.searchpath=[file://{mine}]", "model=my-tiny", "task=my-uuid", "--cfg", "job"], cwd=tmp_path
+    )
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert_composed_from_user_configs(shown.stdout)
     # And a tiny run with them through --config-dir, from a working directory the run dir is outside of:
     # nothing at all is created in it.
     cwd, run = tmp_path / "cwd", tmp_path / "run"
     cwd.mkdir()
-    result = run_cli([f"--config-dir={mine}", "model=my-tiny", "task=my-uuid", *TINY[1:2], *TINY[3:], f"output_dir={run}"], cwd=cwd)
+    result = run_cli(
+        [f"--config-dir={mine}", "model=my-tiny", "task=my-uuid", *TINY[1:2], *TINY[3:], f"output_dir={run}"], cwd=cwd
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(cwd.iterdir()) == []
     assert json.loads((run / "metrics.json").read_text())["task"] == "uuid"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mora_train.analysis.spectrum import load_spectra
 from mora_train.analysis.report import build_report
+from mora_train.analysis.spectrum import load_spectra
 from tests.conftest import run_cli
 from tests.support.faults import fault_env
 
@@ -52,7 +52,12 @@ def test_four_job_sweep_gives_four_row_report_with_plots(rank_sweep) -> None:
 
     rows = read_csv(sweep_dir / "report.csv")
     assert len(rows) == 4
-    assert sorted((r["adapter"], r["rank"]) for r in rows) == [("lora", "2"), ("lora", "4"), ("mora", "2"), ("mora", "4")]
+    assert sorted((r["adapter"], r["rank"]) for r in rows) == [
+        ("lora", "2"),
+        ("lora", "4"),
+        ("mora", "2"),
+        ("mora", "4"),
+    ]
     for row in rows:
         assert row["status"] == "ok" and row["error"] == ""
         assert row["primary_metric"] == "char_accuracy" and 0.0 <= float(row["primary_value"]) <= 1.0

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from mora_train.cli.train import _run
+from tests.conftest import SHARED_DATA, compose_config
 from tests.conftest import run_evaluation as run_eval
 from tests.conftest import run_pipeline as run
-from tests.conftest import SHARED_DATA, compose_config
 
 needs_shared_data = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent: the task integration tests read slices of the shared datasets"
+    not SHARED_DATA.is_dir(),
+    reason=f"{SHARED_DATA} is absent: the task integration tests read slices of the shared datasets",
 )
 
 TINY_TASK_RUN = [
@@ -28,8 +29,15 @@ TINY_TASK_RUN = [
     "trainer.logging_steps=1",
     "trainer.lr_scheduler=constant",
 ]
-GSM8K_SLICE = ["task=gsm8k", "trainer.max_seq_len=256", "task.too_long=truncate", "task.data.train.limit=8",
-               "task.eval.max_samples=2", "task.eval.batch_size=2", "task.eval.max_new_tokens=8"]
+GSM8K_SLICE = [
+    "task=gsm8k",
+    "trainer.max_seq_len=256",
+    "task.too_long=truncate",
+    "task.data.train.limit=8",
+    "task.eval.max_samples=2",
+    "task.eval.batch_size=2",
+    "task.eval.max_new_tokens=8",
+]
 
 
 def run_task(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, Path]:
@@ -64,19 +72,43 @@ def test_metamath_on_metamath_format_records(tmp_path: Path) -> None:
     # MetaMathQA itself is not in ../shared/data: GSM8K rows rewritten in its query/response format stand in.
     rows = [json.loads(line) for line in (SHARED_DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[:8]]
     train = tmp_path / "metamath.jsonl"
-    train.write_text("".join(json.dumps({"query": r["question"], "response": r["answer"].replace("####", "The answer is:")}) + "\n" for r in rows))
-    metrics, run_dir = run_task(tmp_path, "metamath", "task=metamath", "task.data.train.hub=null", f"task.data.train.path={train}",
-                                "trainer.max_seq_len=256", "task.too_long=truncate", "task.eval.max_samples=2",
-                                "task.eval.batch_size=2", "task.eval.max_new_tokens=8")
+    train.write_text(
+        "".join(
+            json.dumps({"query": r["question"], "response": r["answer"].replace("####", "The answer is:")}) + "\n"
+            for r in rows
+        )
+    )
+    metrics, run_dir = run_task(
+        tmp_path,
+        "metamath",
+        "task=metamath",
+        "task.data.train.hub=null",
+        f"task.data.train.path={train}",
+        "trainer.max_seq_len=256",
+        "task.too_long=truncate",
+        "task.eval.max_samples=2",
+        "task.eval.batch_size=2",
+        "task.eval.max_new_tokens=8",
+    )
     assert metrics["task"] == "metamath" and metrics["eval_samples"] == 2
     assert len(lines(run_dir / "predictions.jsonl")) == 2
 
 
 @needs_shared_data
 def test_instruction(tmp_path: Path) -> None:
-    metrics, run_dir = run_task(tmp_path, "instruction", "task=instruction", "trainer.max_seq_len=512", "task.data.train.limit=8",
-                                "task.eval.max_samples=4", "task.eval.num_generations=1", "task.eval.max_new_tokens=8")
-    assert metrics["primary_metric"] == "eval_loss" and math.isfinite(metrics["eval_loss"]) and metrics["eval_tokens"] > 0
+    metrics, run_dir = run_task(
+        tmp_path,
+        "instruction",
+        "task=instruction",
+        "trainer.max_seq_len=512",
+        "task.data.train.limit=8",
+        "task.eval.max_samples=4",
+        "task.eval.num_generations=1",
+        "task.eval.max_new_tokens=8",
+    )
+    assert (
+        metrics["primary_metric"] == "eval_loss" and math.isfinite(metrics["eval_loss"]) and metrics["eval_tokens"] > 0
+    )
     sample = lines(run_dir / "samples.jsonl")
     assert len(sample) == 1 and sample[0]["prompt"].endswith("### Assistant:\n") and sample[0]["reference"]
 
@@ -85,14 +117,26 @@ def test_instruction(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "task,benchmarks,slice_train",
     [
-        ("biomed", ["pubmedqa", "medqa_usmle", "mmlu_medical"], ["task.data.train.0.limit=4", "task.data.train.1.limit=4"]),
+        (
+            "biomed",
+            ["pubmedqa", "medqa_usmle", "mmlu_medical"],
+            ["task.data.train.0.limit=4", "task.data.train.1.limit=4"],
+        ),
         ("finance", ["financial_phrasebank", "twitter_sentiment", "gold_headline"], ["task.data.train.limit=16"]),
     ],
 )
 def test_continual_pretraining(tmp_path: Path, task: str, benchmarks: list[str], slice_train: list[str]) -> None:
     limits = [f"task.benchmarks.{b}.max_samples=2" for b in benchmarks]
-    metrics, run_dir = run_task(tmp_path, task, f"task={task}", "trainer.max_seq_len=128", "task.eval.max_samples=2",
-                                "task.eval.max_len=256", *slice_train, *limits)
+    metrics, run_dir = run_task(
+        tmp_path,
+        task,
+        f"task={task}",
+        "trainer.max_seq_len=128",
+        "task.eval.max_samples=2",
+        "task.eval.max_len=256",
+        *slice_train,
+        *limits,
+    )
     assert metrics["primary_metric"] == "benchmark_mean_accuracy"
     assert math.isfinite(metrics["eval_perplexity"]) and metrics["eval_tokens"] > 0
     for b in benchmarks:

@@ -21,7 +21,13 @@ import pytest
 
 from tests.conftest import REPO
 
-TINY = ["model=tiny-llama", "trainer.max_steps=2", "task.num_pairs=2", "trainer.batch_size=2", "trainer.micro_batch_size=2"]
+TINY = [
+    "model=tiny-llama",
+    "trainer.max_steps=2",
+    "task.num_pairs=2",
+    "trainer.batch_size=2",
+    "trainer.micro_batch_size=2",
+]
 
 
 def _run(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -38,18 +44,34 @@ def wheel_venv(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "mora_train", src / "mora_train", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                  "-w", tmp / "dist", src], cwd=tmp)
+    built = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            tmp / "dist",
+            src,
+        ],
+        cwd=tmp,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     [wheel] = list((tmp / "dist").glob("mora_train-*.whl"))
 
     env_dir = tmp / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).stdout.strip())
+    site = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).stdout.strip()
+    )
     (site / "repo_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # this (the repo's) venv
-    installed = _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel],
-                     cwd=tmp)
+    installed = _run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel], cwd=tmp
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
     return env_dir
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ENV_VAR = "MORA_TEST_FAULT"  # read by tests/support/plugin/sitecustomize.py only
 PLUGIN_DIR = Path(__file__).resolve().parent / "plugin"

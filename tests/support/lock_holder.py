@@ -31,8 +31,9 @@ class LockHolder:
     """`with LockHolder() as holder: holder.lock(run_dir) ...`; kill() ends it by SIGKILL, as a killed run ends."""
 
     def __init__(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, cwd=REPO)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
 
     @property
     def pid(self) -> int:
@@ -56,7 +57,7 @@ class LockHolder:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
-    def __enter__(self) -> "LockHolder":
+    def __enter__(self) -> LockHolder:
         return self
 
     def __exit__(self, *exc: object) -> None:

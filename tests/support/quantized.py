@@ -34,7 +34,9 @@ ADAPTERS = {
 
 def four_bit_layers(model: nn.Module) -> list[nn.Module]:
     """bitsandbytes' own 4-bit layers (peft's LoRA wrapper around one has the same class name)."""
-    return [m for m in model.modules() if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
+    return [
+        m for m in model.modules() if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+    ]
 
 
 def is_repacked(layer: nn.Module) -> bool:
@@ -47,15 +49,21 @@ def simulated_cpu_kernel(original: Any) -> Any:
     other weight goes to `original`."""
     import bitsandbytes.functional as F
 
-    def gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):  # noqa: ANN001, ANN202
+    def gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
         if not getattr(state, "packing_format_for_cpu", False):
             return original(A, B, out=out, transposed_A=transposed_A, transposed_B=transposed_B, state=state)
         copied = copy.copy(state)
         copied.original_nested = False  # the scales are taken below; bitsandbytes would re-quantize them
         codes, _ = F._convert_weight_packed_for_cpu_inverse(B, copied)
         scales = state.absmax.T.reshape(-1).float()
-        plain = F.QuantState(absmax=scales, shape=state.shape, code=state.code, blocksize=state.blocksize,
-                             quant_type=state.quant_type, dtype=torch.float32)
+        plain = F.QuantState(
+            absmax=scales,
+            shape=state.shape,
+            code=state.code,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            dtype=torch.float32,
+        )
         weight = F.dequantize_4bit(codes, plain).float()
         result = torch.nn.functional.linear(A.to(torch.bfloat16).float(), weight).to(torch.bfloat16).to(A.dtype)
         if out is not None:
@@ -151,9 +159,19 @@ def write_custom_code_model(folder: Path) -> Path:
         "class CustomLlamaConfig(LlamaConfig):\n    model_type = 'custom_llama'\n\n\n"
         "class CustomLlamaForCausalLM(LlamaForCausalLM):\n    config_class = CustomLlamaConfig\n"
     )
-    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     import json
@@ -161,7 +179,9 @@ def write_custom_code_model(folder: Path) -> Path:
     saved = json.loads((folder / "config.json").read_text())
     saved["model_type"] = "custom_llama"
     saved["architectures"] = ["CustomLlamaForCausalLM"]
-    saved["auto_map"] = {"AutoConfig": "custom_llama.CustomLlamaConfig",
-                         "AutoModelForCausalLM": "custom_llama.CustomLlamaForCausalLM"}
+    saved["auto_map"] = {
+        "AutoConfig": "custom_llama.CustomLlamaConfig",
+        "AutoModelForCausalLM": "custom_llama.CustomLlamaForCausalLM",
+    }
     (folder / "config.json").write_text(json.dumps(saved, indent=2))
     return folder

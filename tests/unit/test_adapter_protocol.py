@@ -54,7 +54,9 @@ def test_no_module_outside_the_adapters_package_branches_on_a_method_name() -> N
 def test_the_name_switch_detector_finds_switches(tmp_path: Path) -> None:
     # Written outside the package: another xdist worker may be scanning mora_train/ at this moment.
     probe = tmp_path / "probe_switch.py"
-    probe.write_text('def f(adapter):\n    if adapter.name == "mora":\n        return 1\n    return adapter in ("lora", "x")\n')
+    probe.write_text(
+        'def f(adapter):\n    if adapter.name == "mora":\n        return 1\n    return adapter in ("lora", "x")\n'
+    )
     assert len(_name_switches(probe)) == 2
 
 
@@ -176,16 +178,24 @@ def test_the_config_check_keeps_what_parsing_cannot_find() -> None:
     assert adapter_config_problems(lora, 8, cycle) == [
         "`trainer.restart.mora_types` only applies to adapter=mora; remove it"
     ]
-    refused = "\n".join(adapter_config_problems(full, 8, TrainerConfig(restart=RestartConfig(every_steps=4),
-                                                                         train_embeddings=True)))
+    refused = "\n".join(
+        adapter_config_problems(full, 8, TrainerConfig(restart=RestartConfig(every_steps=4), train_embeddings=True))
+    )
     assert "`trainer.restart.every_steps=4` with adapter=full" in refused
     assert "`trainer.train_embeddings=true` with adapter=full" in refused
 
 
 def test_settings_checks_name_the_key_and_the_fix() -> None:
-    _, problems = read_run_config(compose_config([
-        "adapter=lora", "adapter.alpha=-1", "adapter.dropout=1.5", "adapter.target_modules=all",
-    ]))
+    _, problems = read_run_config(
+        compose_config(
+            [
+                "adapter=lora",
+                "adapter.alpha=-1",
+                "adapter.dropout=1.5",
+                "adapter.target_modules=all",
+            ]
+        )
+    )
     assert "`adapter.alpha=-1` must be positive" in problems
     assert "`adapter.dropout=1.5` must be in [0, 1)" in problems
     assert any(p.startswith("`adapter.target_modules=all` must be a list of module names") for p in problems)

@@ -10,13 +10,15 @@ import torch
 from mora_train.adapters import build_adapter
 from mora_train.analysis.spectrum import (
     load_spectra,
-    main as spectrum_main,
     merged_deltas,
     per_block_mean,
     save_spectra,
     singular_values,
     singular_values_of,
     summarize,
+)
+from mora_train.analysis.spectrum import (
+    main as spectrum_main,
 )
 from mora_train.core.errors import MoraTrainError
 from mora_train.models import load_model_and_tokenizer
@@ -54,7 +56,9 @@ def test_lora_count_never_exceeds_rank_and_mora_goes_beyond(tmp_path: Path) -> N
 def test_merged_minus_base_recovers_the_adapter_update(tmp_path: Path) -> None:
     cfg = typed_config(["model=tiny-llama"], tmp_path)
     adapter = tiny_adapter("lora", tmp_path)
-    direct = {name: s.singular_values for name, s in zip(adapter.delta_weights(), singular_values(adapter.delta_weights()))}
+    direct = {
+        name: s.singular_values for name, s in zip(adapter.delta_weights(), singular_values(adapter.delta_weights()))
+    }
     merged = adapter.merge_and_unload()
     base, _ = load_model_and_tokenizer(cfg.model)  # the tiny base is rebuilt identically from its init seed
     via_merge = singular_values(merged_deltas(base, merged))
@@ -90,7 +94,9 @@ def test_spectrum_cli_on_an_adapter_folder(tmp_path: Path, capsys: pytest.Captur
     adapter_dir.mkdir()
     adapter.save(adapter_dir)
     out = tmp_path / "out"
-    assert spectrum_main([str(adapter_dir), "--base-model", "tiny-llama", "--threshold", "0.01", "--out", str(out)]) == 0
+    assert (
+        spectrum_main([str(adapter_dir), "--base-model", "tiny-llama", "--threshold", "0.01", "--out", str(out)]) == 0
+    )
     assert (out / "spectrum.png").stat().st_size > 0 and (out / "spectrum.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in printed and "14 layers" in printed

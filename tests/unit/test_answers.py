@@ -60,7 +60,10 @@ def test_no_answer_is_none_and_never_correct() -> None:
 def test_gsm8k_gold_answers_and_annotations() -> None:
     reference = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
     assert extract_answer(reference).text == "72"
-    assert strip_calculator_annotations(reference) == "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72"
+    assert (
+        strip_calculator_annotations(reference)
+        == "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72"
+    )
     assert answer_span("blah\n#### 1,234\nmore") == "1,234"
     assert answer_span("So the answer is: 5.\nQuestion: 7") == "5."
 

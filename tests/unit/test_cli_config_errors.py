@@ -37,14 +37,22 @@ def one_clean_paragraph(output: str) -> str:
 # -- Hydra's composition errors ----------------------------------------------------------------------------
 CASES = {
     "unknown key": (["foo=1"], ["foo=1", "no key 'foo'", "+foo=1"]),
-    "unknown adapter option": (["adapter=mora2"], ["adapter=mora2", "full, lora, mora, mora_sharing", "did you mean adapter=mora?"]),
+    "unknown adapter option": (
+        ["adapter=mora2"],
+        ["adapter=mora2", "full, lora, mora, mora_sharing", "did you mean adapter=mora?"],
+    ),
     "unknown task option": (["task=gsm9k"], ["task=gsm9k", "gsm8k", "uuid", "did you mean task=gsm8k?"]),
     "unknown model option": (["model=gpt-17"], ["model=gpt-17", "tiny-llama", "--config-dir"]),
-    "a key the chosen option lacks": (["adapter=lora", "adapter.mora_type=rope"],
-                                      ["adapter=lora has no key 'mora_type'", "adapter=mora", "+adapter.mora_type=rope"]),
+    "a key the chosen option lacks": (
+        ["adapter=lora", "adapter.mora_type=rope"],
+        ["adapter=lora has no key 'mora_type'", "adapter=mora", "+adapter.mora_type=rope"],
+    ),
     "a misspelt key": (["trainer.max_stpes=3"], ["trainer.max_stpes=3", "Did you mean trainer.max_steps"]),
     "a key outside its section": (["learning_rate=1e-3"], ["Did you mean trainer.learning_rate?"]),
-    "an override Hydra cannot parse": (["trainer.learning_rate=[1,2"], ["cannot read", "'trainer.learning_rate=[1,2'", "quoted"]),
+    "an override Hydra cannot parse": (
+        ["trainer.learning_rate=[1,2"],
+        ["cannot read", "'trainer.learning_rate=[1,2'", "quoted"],
+    ),
     "a group outside the defaults list": (["sweep=lr"], ["sweep=lr", "+sweep=lr"]),
     "--cfg job with an unknown key": (["--cfg", "job", "foo=1"], ["foo=1", "+foo=1"]),
     "two commands at once": (["--cfg", "job", "--run"], ["Only one of"]),
@@ -84,10 +92,14 @@ def test_a_comma_outside_a_sweep_gets_the_hydra_quoted_value(tmp_path: Path, mon
     assert parsed_value(argument) == f"{tmp_path}/a,b"
 
 
-def test_a_sweep_with_a_bad_value_is_refused_before_any_job_and_leaves_no_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_sweep_with_a_bad_value_is_refused_before_any_job_and_leaves_no_folder(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     sweep_dir = tmp_path / "sweep"
-    code, output = run_main(monkeypatch, capsys, "-m", "model=tiny-llama", "adapter=lora,mora2", f"hydra.sweep.dir={sweep_dir}")
+    code, output = run_main(
+        monkeypatch, capsys, "-m", "model=tiny-llama", "adapter=lora,mora2", f"hydra.sweep.dir={sweep_dir}"
+    )
     line = one_clean_paragraph(output)
     assert code == 2 and "adapter=lora,mora2" in line and "full, lora, mora, mora_sharing" in line
     assert not sweep_dir.exists()
@@ -126,7 +138,9 @@ needs_kernel_fs = pytest.mark.skipif(KERNEL_FS is None, reason="needs /sys refus
 
 
 @pytest.mark.parametrize("value,expected", [("", "is empty"), ("'   '", "is empty"), ("null", "names no folder")])
-def test_an_empty_output_dir_is_refused_and_nothing_is_written(value: str, expected: str, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_an_empty_output_dir_is_refused_and_nothing_is_written(
+    value: str, expected: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.chdir(tmp_path)
     for sweep in ([], ["-m"]):
         code, output = run_main(monkeypatch, capsys, *sweep, "model=tiny-llama", f"output_dir={value}")
@@ -151,7 +165,9 @@ def test_an_output_dir_under_a_kernel_filesystem_is_refused(tmp_path: Path, monk
     code, output = run_main(monkeypatch, capsys, "model=tiny-llama", f"output_dir={KERNEL_FS}/mora-run")
     line = one_clean_paragraph(output)
     assert code == 2 and f"output_dir={KERNEL_FS}/mora-run" in line and "no folder can be created" in line
-    code, output = run_main(monkeypatch, capsys, "-m", "model=tiny-llama", "rank=2,4", f"hydra.sweep.dir={KERNEL_FS}/sweep")
+    code, output = run_main(
+        monkeypatch, capsys, "-m", "model=tiny-llama", "rank=2,4", f"hydra.sweep.dir={KERNEL_FS}/sweep"
+    )
     assert code == 2 and "hydra.sweep.dir=" in one_clean_paragraph(output)
 
 

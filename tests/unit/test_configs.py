@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import validate_config as validate
 from tests.conftest import CONFIG_DIR, SHARED_DATA, compose_config
+from tests.conftest import validate_config as validate
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 
@@ -98,7 +98,10 @@ def test_without_data_dir_benchmarks_read_the_hub(tmp_path: Path, monkeypatch) -
     task = _resolved_task(["task=biomed"], tmp_path)
     pubmedqa = task["benchmarks"]["pubmedqa"]
     assert (pubmedqa["data"]["hub"], pubmedqa["data"]["hub_config"], pubmedqa["data"]["split"]) == (
-        "qiaojin/PubMedQA", "pqa_labeled", "train")
+        "qiaojin/PubMedQA",
+        "pqa_labeled",
+        "train",
+    )
     # The official test split: the id list shipped with the configs, for Hub and local data alike.
     ids = Path(pubmedqa["data"]["keep_if_in"]["file"])
     assert ids.is_file() and ids.is_relative_to(CONFIG_DIR)
@@ -109,7 +112,10 @@ def test_without_data_dir_benchmarks_read_the_hub(tmp_path: Path, monkeypatch) -
     finance = _resolved_task(["task=finance"], tmp_path)
     # FinancialPhraseBank's Hub copy is a loading script (datasets >= 4 refuses it): only with data_dir.
     assert finance["eval"]["benchmarks"] == ["twitter_sentiment", "gold_headline"]
-    assert finance["benchmarks"]["gold_headline"]["data"]["hub"] == "SaguaroCapital/sentiment-analysis-in-commodity-market-gold"
+    assert (
+        finance["benchmarks"]["gold_headline"]["data"]["hub"]
+        == "SaguaroCapital/sentiment-analysis-in-commodity-market-gold"
+    )
 
 
 def test_with_data_dir_tasks_read_its_files(tmp_path: Path, monkeypatch) -> None:
@@ -121,7 +127,9 @@ def test_with_data_dir_tasks_read_its_files(tmp_path: Path, monkeypatch) -> None
     assert data["eval"]["path"] == str(tmp_path / "env" / "gsm8k" / "test.jsonl")
     biomed = _resolved_task(["task=biomed", f"data_dir={tmp_path}"], tmp_path)
     assert [s["path"] for s in biomed["data"]["train"]] == [
-        str(tmp_path / "ncbi_disease_corpus" / "train.jsonl"), str(tmp_path / "pubmedqa" / "ori_pqal.jsonl")]
+        str(tmp_path / "ncbi_disease_corpus" / "train.jsonl"),
+        str(tmp_path / "pubmedqa" / "ori_pqal.jsonl"),
+    ]
     assert biomed["benchmarks"]["mmlu_medical"]["labels"] == ["A", "B", "C", "D"]
     assert "{QUESTION}" in biomed["benchmarks"]["pubmedqa"]["prompt"]
     assert _resolved_task(["task=finance", f"data_dir={tmp_path}"], tmp_path)["eval"]["benchmarks"] is None
@@ -161,8 +169,14 @@ def test_offline_hub_source_fails_with_one_clean_paragraph(tmp_path: Path) -> No
         "    print('ERROR:', err)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=CONFIG_DIR.parent.parent, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=CONFIG_DIR.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     line = result.stdout.strip()
     assert line.startswith("ERROR: could not load hub dataset 'openai/gsm8k'"), result.stdout + result.stderr[-2000:]
@@ -207,15 +221,20 @@ def test_every_launcher_config_is_tested() -> None:
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_launcher_config_extends_the_submitit_plugin_and_jobs_validate(launcher: str, tmp_path: Path) -> None:
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
-                        reason="hydra-submitit-launcher not installed (optional: pip install -e '.[slurm]')")
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher",
+        reason="hydra-submitit-launcher not installed (optional: pip install -e '.[slurm]')",
+    )
     cfg = compose_with_hydra([f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=30"]).hydra.launcher
     assert cfg._target_.endswith(LAUNCHERS[launcher]) and cfg.timeout_min == 30
     assert cfg.name == "mora-train"
     assert cfg._get_node("submitit_folder")._value() == "${hydra.sweep.dir}/.submitit/%j"  # inside the sweep dir
     if launcher == "slurm":  # the plugin's keys, with ours as defaults
         assert (cfg.partition, cfg.account, cfg.nodes, cfg.gpus_per_node, cfg.tasks_per_node) == (None, None, 1, 1, 1)
-        assert compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher.partition == "gpu"
+        assert (
+            compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher.partition
+            == "gpu"
+        )
     validate(compose_config(["model=tiny-llama", f"hydra/launcher={launcher}", "accelerate.num_processes=2"], tmp_path))
 
 
@@ -330,9 +349,16 @@ def test_every_shipped_lm_eval_task_loads_in_the_harness(tmp_path: Path) -> None
     manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
     loaded = manager.load(["gsm8k", "pubmedqa", "mmlu_medical"])
     sizes = {name: len(task.eval_docs) for name, task in loaded["tasks"].items()}
-    assert sizes == {"gsm8k": 1319, "pubmedqa": 500, "mmlu_anatomy": 135, "mmlu_clinical_knowledge": 265,
-                     "mmlu_college_biology": 144, "mmlu_college_medicine": 173, "mmlu_medical_genetics": 100,
-                     "mmlu_professional_medicine": 272}
+    assert sizes == {
+        "gsm8k": 1319,
+        "pubmedqa": 500,
+        "mmlu_anatomy": 135,
+        "mmlu_clinical_knowledge": 265,
+        "mmlu_college_biology": 144,
+        "mmlu_college_medicine": 173,
+        "mmlu_medical_genetics": 100,
+        "mmlu_professional_medicine": 272,
+    }
     assert "mmlu_medical" in loaded["groups"]
 
 

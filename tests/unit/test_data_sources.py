@@ -50,11 +50,18 @@ def test_json_object_keyed_by_id_and_wrapped_list(tmp_path: Path) -> None:
 
 def test_txt_units(tmp_path: Path) -> None:
     write(tmp_path / "a.txt", "first para\nstill first\n\nsecond para\r\n")
-    assert values(load_records({"path": str(tmp_path / "a.txt")}, "k")) == [{"text": "first para\nstill first\n\nsecond para\r\n"}]
+    assert values(load_records({"path": str(tmp_path / "a.txt")}, "k")) == [
+        {"text": "first para\nstill first\n\nsecond para\r\n"}
+    ]
     assert values(load_records({"path": str(tmp_path / "a.txt"), "text_unit": "line"}, "k")) == [
-        {"text": "first para"}, {"text": "still first"}, {"text": "second para"}]
+        {"text": "first para"},
+        {"text": "still first"},
+        {"text": "second para"},
+    ]
     assert values(load_records({"path": str(tmp_path / "a.txt"), "text_unit": "paragraph"}, "k")) == [
-        {"text": "first para\nstill first"}, {"text": "second para"}]
+        {"text": "first para\nstill first"},
+        {"text": "second para"},
+    ]
 
 
 def test_globs_folders_lists_and_limit(tmp_path: Path) -> None:
@@ -71,7 +78,10 @@ def test_globs_folders_lists_and_limit(tmp_path: Path) -> None:
 def test_line_separators_inside_json_strings_do_not_split_records(tmp_path: Path) -> None:
     # PubMedQA holds U+2029 inside an abstract; str.splitlines() would cut that record in two.
     jsonl(tmp_path / "d.jsonl", [{"t": "para one\u2029para two\u2028x\x1cy"}, {"t": "next"}])
-    assert [r.values["t"] for r in load_records(str(tmp_path / "d.jsonl"), "k")] == ["para one\u2029para two\u2028x\x1cy", "next"]
+    assert [r.values["t"] for r in load_records(str(tmp_path / "d.jsonl"), "k")] == [
+        "para one\u2029para two\u2028x\x1cy",
+        "next",
+    ]
 
 
 def test_keep_and_drop_filters(tmp_path: Path) -> None:
@@ -107,15 +117,29 @@ def test_hub_failure_says_how_to_use_local_files(monkeypatch: pytest.MonkeyPatch
         raise ConnectionError("Couldn't reach 'meta-math/MetaMathQA' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(MoraTrainError, match=r"meta-math/MetaMathQA.*task\.data\.train\.hub=null task\.data\.train\.path=DIR"):
+    with pytest.raises(
+        MoraTrainError, match=r"meta-math/MetaMathQA.*task\.data\.train\.hub=null task\.data\.train\.path=DIR"
+    ):
         load_records({"hub": "meta-math/MetaMathQA", "split": "train"}, "task.data.train")
 
 
 def test_field_mapping_paths_templates_and_lists() -> None:
-    record = Record({"title": "T", "abstract": ["a1", "a2"], "instances": [{"input": "", "output": "o"}],
-                     "options": {"A": "x"}, "Price Direction Up": 1}, "f line 1")
-    mapped = map_fields(record, {"text": "{title}\n{abstract}", "out": "instances.0.output", "opt": "options.A",
-                                 "up": "Price Direction Up"}, "task.data.fields", ("text", "out", "opt", "up"))
+    record = Record(
+        {
+            "title": "T",
+            "abstract": ["a1", "a2"],
+            "instances": [{"input": "", "output": "o"}],
+            "options": {"A": "x"},
+            "Price Direction Up": 1,
+        },
+        "f line 1",
+    )
+    mapped = map_fields(
+        record,
+        {"text": "{title}\n{abstract}", "out": "instances.0.output", "opt": "options.A", "up": "Price Direction Up"},
+        "task.data.fields",
+        ("text", "out", "opt", "up"),
+    )
     assert mapped == {"text": "T\na1\na2", "out": "o", "opt": "x", "up": 1}
     assert render("{{literal}} {title}", record, "k") == "{literal} T"
     # A source's own mapping wins over the task's.
@@ -125,8 +149,13 @@ def test_field_mapping_paths_templates_and_lists() -> None:
 
 def test_optional_fields_may_be_absent() -> None:
     record = Record({"instruction": "i", "output": "o"}, "f line 3")
-    mapped = map_fields(record, {"instruction": "instruction", "output": "output", "input": "input"},
-                        "task.data.fields", ("instruction", "output"), ("input",))
+    mapped = map_fields(
+        record,
+        {"instruction": "instruction", "output": "output", "input": "input"},
+        "task.data.fields",
+        ("instruction", "output"),
+        ("input",),
+    )
     assert mapped == {"instruction": "i", "output": "o"}
 
 
@@ -167,7 +196,9 @@ def test_empty_dataset_is_an_error(tmp_path: Path) -> None:
     jsonl(tmp_path / "d.jsonl", [{"id": 1}])
     write(tmp_path / "none.txt", "9\n")
     with pytest.raises(MoraTrainError, match="gave no records"):
-        load_records({"path": str(tmp_path / "d.jsonl"), "keep_if_in": {"field": "id", "file": str(tmp_path / "none.txt")}}, "k")
+        load_records(
+            {"path": str(tmp_path / "d.jsonl"), "keep_if_in": {"field": "id", "file": str(tmp_path / "none.txt")}}, "k"
+        )
 
 
 def test_source_config_problems(tmp_path: Path) -> None:
@@ -178,7 +209,9 @@ def test_source_config_problems(tmp_path: Path) -> None:
     assert any("split" in p for p in source_problems({"hub": "a/b"}, "task.data.train"))
     unknown = source_problems({"path": str(tmp_path), "spilt": "x"}, "k")
     assert any("`k.spilt` is not a known key (did you mean split?)" in p for p in unknown)
-    assert "`k.limit=0` must be a positive integer" in "\n".join(source_problems({"path": str(tmp_path), "limit": 0}, "k"))
+    assert "`k.limit=0` must be a positive integer" in "\n".join(
+        source_problems({"path": str(tmp_path), "limit": 0}, "k")
+    )
     (unset,) = source_problems(None, "task.data.eval")
     assert "`task.data.eval` is not set" in unset
     assert "empty list" in source_problems([], "task.data.eval")[0]
@@ -191,8 +224,14 @@ def test_source_config_problems(tmp_path: Path) -> None:
 def test_typed_and_plain_sources_read_the_same(tmp_path: Path) -> None:
     jsonl(tmp_path / "d.jsonl", [{"id": 1}, {"id": 2}, {"id": 3}])
     write(tmp_path / "ids.txt", "2\n")
-    plain = {"path": str(tmp_path / "d.jsonl"), "drop_if_in": {"field": "id", "file": str(tmp_path / "ids.txt")}, "limit": 1}
-    typed = DataSource(path=str(tmp_path / "d.jsonl"), drop_if_in=IdFilter(field="id", file=str(tmp_path / "ids.txt")), limit=1)
+    plain = {
+        "path": str(tmp_path / "d.jsonl"),
+        "drop_if_in": {"field": "id", "file": str(tmp_path / "ids.txt")},
+        "limit": 1,
+    }
+    typed = DataSource(
+        path=str(tmp_path / "d.jsonl"), drop_if_in=IdFilter(field="id", file=str(tmp_path / "ids.txt")), limit=1
+    )
     assert values(load_records(plain, "k")) == values(load_records(typed, "k")) == [{"id": 1}]
     assert sources.fingerprint_sources(plain) == sources.fingerprint_sources([typed])
 
@@ -235,7 +274,9 @@ def test_a_dangling_link_and_a_folder_for_an_id_file(tmp_path: Path) -> None:
     (link,) = source_problems(str(tmp_path / "data.jsonl"), "task.data.train")
     assert "symbolic link" in link and "gone.jsonl" in link
     jsonl(tmp_path / "ok.jsonl", [{"id": 1}])
-    (ids,) = source_problems({"path": str(tmp_path / "ok.jsonl"), "keep_if_in": {"field": "id", "file": str(tmp_path)}}, "k")
+    (ids,) = source_problems(
+        {"path": str(tmp_path / "ok.jsonl"), "keep_if_in": {"field": "id", "file": str(tmp_path)}}, "k"
+    )
     assert "keep_if_in.file" in ids and "is a folder; give a file" in ids
 
 

@@ -15,7 +15,7 @@ import torch
 
 from mora_train.config.overrides import parsed_value
 from mora_train.core.errors import MoraTrainError, RunStopped, shorten_long_values
-from tests.conftest import CONFIG_DIR, compose_config, typed_config
+from tests.conftest import CONFIG_DIR, typed_config
 
 
 @pytest.fixture
@@ -27,7 +27,9 @@ def sweep_job(tmp_path: Path):
 
     sweep_dir = tmp_path / "multirun" / "12-00,x=1"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["model=tiny-llama", "adapter=lora", "rank=2"], return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=["model=tiny-llama", "adapter=lora", "rank=2"], return_hydra_config=True
+        )
     with open_dict(cfg):
         cfg.hydra.mode = "MULTIRUN"
         cfg.hydra.job.num = 0
@@ -52,12 +54,17 @@ def test_a_stop_signal_in_a_sweep_says_how_to_finish_it(sweep_job, monkeypatch, 
     from mora_train.training.checkpoints import resume_command
 
     def stopped(composed):
-        raise RunStopped(f"interrupted by SIGINT: stopped after step 1. To continue: {resume_command(composed.output_dir)}", 130)
+        raise RunStopped(
+            f"interrupted by SIGINT: stopped after step 1. To continue: {resume_command(composed.output_dir)}", 130
+        )
 
     monkeypatch.setattr("mora_train.pipeline.train.run", stopped)
     sweep_dir = Path(sweep_job.hydra.sweep.dir)
-    monkeypatch.setattr(sys, "argv", ["mora-train", "-m", "model=tiny-llama", "adapter=lora", "rank=2,4",
-                                      "hydra.sweep.dir=multirun/old"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["mora-train", "-m", "model=tiny-llama", "adapter=lora", "rank=2,4", "hydra.sweep.dir=multirun/old"],
+    )
     with pytest.raises(SystemExit) as stop:
         _job(sweep_job)
     err = capsys.readouterr().err
@@ -78,12 +85,15 @@ def _exit_code(main, argv: list[str]) -> int:
         return int(stop.code)
 
 
-@pytest.mark.parametrize("command,argv,expected", [
-    ("generate", ["--batch-size", "0"], "--batch-size: 0 must be at least 1"),
-    ("generate", ["--max-new-tokens", "-1"], "--max-new-tokens: -1 must be at least 1"),
-    ("spectrum", ["RUN", "--threshold", "-1"], "--threshold: -1 must be a finite number >= 0"),
-    ("report", ["SWEEP", "--threshold", "nan"], "--threshold: nan must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "command,argv,expected",
+    [
+        ("generate", ["--batch-size", "0"], "--batch-size: 0 must be at least 1"),
+        ("generate", ["--max-new-tokens", "-1"], "--max-new-tokens: -1 must be at least 1"),
+        ("spectrum", ["RUN", "--threshold", "-1"], "--threshold: -1 must be a finite number >= 0"),
+        ("report", ["SWEEP", "--threshold", "nan"], "--threshold: nan must be a finite number >= 0"),
+    ],
+)
 def test_bad_numeric_arguments_exit_2(command: str, argv: list[str], expected: str, capsys) -> None:
     from mora_train.analysis import report, spectrum
     from mora_train.cli import generate
@@ -141,8 +151,12 @@ def test_custom_code_that_is_not_used_is_said(tmp_path: Path, caplog) -> None:
 # -- optional packages' notices ----------------------------------------------------------------------------
 def test_the_optional_packages_notices_are_dropped_and_nothing_else() -> None:
     import mora_train  # noqa: F401 - installs the filters
-    from mora_train.config.quiet import (BITSANDBYTES_CPU_LOGGER, BITSANDBYTES_KERNEL_NOTICE, DEEPSPEED_CPU_NOTICE,
-                                         DEEPSPEED_LOGGER)
+    from mora_train.config.quiet import (
+        BITSANDBYTES_CPU_LOGGER,
+        BITSANDBYTES_KERNEL_NOTICE,
+        DEEPSPEED_CPU_NOTICE,
+        DEEPSPEED_LOGGER,
+    )
 
     def passes(logger_name: str, message: str) -> bool:
         logger = logging.getLogger(logger_name)

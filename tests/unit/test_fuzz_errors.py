@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,8 +33,13 @@ BUDGETS = [pytest.param(FAST, id="fast"), pytest.param(LONG, id="long", marks=py
 def fuzz(name: str, budget: int, strategy: st.SearchStrategy, check: Callable[[Any], None]) -> None:
     """Run `check` on `budget` examples of `strategy`; count them under `name`."""
 
-    @settings(max_examples=budget, deadline=None, database=None, derandomize=budget == FAST,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=budget,
+        deadline=None,
+        database=None,
+        derandomize=budget == FAST,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def property_holds(example: Any) -> None:
         CASES[name] = CASES.get(name, 0) + 1
@@ -49,8 +55,13 @@ def fuzz(name: str, budget: int, strategy: st.SearchStrategy, check: Callable[[A
 # -- config overrides ---------------------------------------------------------------------------------------
 
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
 VALID = {
     "rank": st.sampled_from([1, 4, 8, 64]),
@@ -109,10 +120,10 @@ overrides = st.tuples(
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_fuzz_config_overrides(budget: int, tmp_path: Path) -> None:
-    from mora_train.pipeline.train import check_run_dir
-    from tests.conftest import validate_config as validate
     from mora_train.adapters import adapter_identity
+    from mora_train.pipeline.train import check_run_dir
     from mora_train.training.checkpoints import decide_resume
+    from tests.conftest import validate_config as validate
 
     def check(example: tuple[str, dict]) -> None:
         adapter, values = example
@@ -143,7 +154,7 @@ def corrupt_bytes(data: bytes, kind: str, at: float, value: int) -> bytes:
     if kind == "truncate":
         return data[:pos]
     if kind == "flip":
-        return data[:pos] + bytes([data[pos] ^ (value or 1)]) + data[pos + 1:] if data else data
+        return data[:pos] + bytes([data[pos] ^ (value or 1)]) + data[pos + 1 :] if data else data
     if kind == "insert":
         return data[:pos] + bytes([value]) * 3 + data[pos:]
     if kind == "invalid_utf8":
@@ -181,9 +192,11 @@ def test_fuzz_data_files(budget: int, tmp_path: Path) -> None:
                 cfg.task.data.fields[key] = field
         tokenize_train(read_run_config(cfg)[0].task, tokenizer, 64)
 
-    fields = st.dictionaries(st.sampled_from(["question", "answer"]),
-                             st.sampled_from(["question", "answer", "missing", "{question} {answer}", "a.0.b", "{", ""]),
-                             max_size=2)
+    fields = st.dictionaries(
+        st.sampled_from(["question", "answer"]),
+        st.sampled_from(["question", "answer", "missing", "{question} {answer}", "a.0.b", "{", ""]),
+        max_size=2,
+    )
     fuzz("data files", budget, st.tuples(st.sampled_from(sorted(FORMATS)), corruption, fields), check)
 
 
@@ -218,8 +231,9 @@ def test_fuzz_checkpoints(budget: int, tmp_path: Path) -> None:
         plan = decide_resume(run_dir, resume, False, {"adapter": "lora", "rank": 8})
         apply_resume_plan(plan)
 
-    example = st.tuples(st.sampled_from([2, 4]), st.sampled_from(names), corruption,
-                        st.sampled_from(["auto", True, "path"]))
+    example = st.tuples(
+        st.sampled_from([2, 4]), st.sampled_from(names), corruption, st.sampled_from(["auto", True, "path"])
+    )
     fuzz("checkpoints", budget, example, check)
 
 
@@ -228,10 +242,9 @@ def test_fuzz_checkpoints(budget: int, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_fuzz_model_folders(budget: int, tmp_path: Path) -> None:
-    from mora_train.models import load_model_and_tokenizer
-
     import dataclasses
 
+    from mora_train.models import load_model_and_tokenizer
     from tests.conftest import typed_config
 
     tiny = typed_config(["model=tiny-llama"]).model
@@ -251,9 +264,11 @@ def test_fuzz_model_folders(budget: int, tmp_path: Path) -> None:
             target.unlink()
         else:
             target.write_bytes(corrupt_bytes(target.read_bytes(), kind, at, value))
-        load_model_and_tokenizer(dataclasses.replace(
-            tiny, random_init=None, name_or_path=str(folder), tokenizer="byte" if byte_tokenizer else None
-        ))
+        load_model_and_tokenizer(
+            dataclasses.replace(
+                tiny, random_init=None, name_or_path=str(folder), tokenizer="byte" if byte_tokenizer else None
+            )
+        )
 
     fuzz("model folders", budget, st.tuples(st.sampled_from(names), corruption, st.booleans()), check)
 
@@ -262,10 +277,39 @@ def test_fuzz_model_folders(budget: int, tmp_path: Path) -> None:
 # Every command that writes a path the user named, through its own check (before any model loads): a target it
 # must not write is a MoraTrainError naming the path, never an OSError or a traceback, and nothing is touched.
 
-TARGETS = ["blank", "spaces", "new", "empty", "file", "foreign", "source", "inside", "source_file", "root",
-           "link_to_source", "inside_link", "under_file", "foreign_link", "dev_null", "ours", "random"]
-REFUSED_BY_ALL = {"blank", "spaces", "file", "foreign", "source", "inside", "source_file", "link_to_source",
-                  "inside_link", "under_file", "foreign_link", "dev_null"}
+TARGETS = [
+    "blank",
+    "spaces",
+    "new",
+    "empty",
+    "file",
+    "foreign",
+    "source",
+    "inside",
+    "source_file",
+    "root",
+    "link_to_source",
+    "inside_link",
+    "under_file",
+    "foreign_link",
+    "dev_null",
+    "ours",
+    "random",
+]
+REFUSED_BY_ALL = {
+    "blank",
+    "spaces",
+    "file",
+    "foreign",
+    "source",
+    "inside",
+    "source_file",
+    "link_to_source",
+    "inside_link",
+    "under_file",
+    "foreign_link",
+    "dev_null",
+}
 ACCEPTED_BY_ALL = {"new", "empty", "ours"}
 COMMANDS = ["export", "generate", "report", "spectrum"]
 
@@ -302,7 +346,9 @@ def _output_area(root: Path, command: str) -> dict[str, Path]:
     if command == "spectrum":
         import torch
 
-        save_spectra([LayerSpectrum("model.layers.0.q_proj", 4, 4, torch.ones(2))], ours / "spectrum.safetensors", "adapter")
+        save_spectra(
+            [LayerSpectrum("model.layers.0.q_proj", 4, 4, torch.ones(2))], ours / "spectrum.safetensors", "adapter"
+        )
     if command == "report":  # a sweep whose one run keeps its adapter/ in the source folder
         run = root / "sweep" / "0_run"
         run.mkdir(parents=True)
@@ -313,12 +359,22 @@ def _output_area(root: Path, command: str) -> dict[str, Path]:
 
 def _target(root: Path, kind: str, name: str) -> str:
     return {
-        "blank": "", "spaces": " \t ", "new": str(root / "new" / "out"), "empty": str(root / "empty"),
-        "file": str(root / "plain.txt"), "foreign": str(root / "foreign"), "source": str(root / "source"),
-        "inside": str(root / "source" / "sub"), "source_file": str(root / "source" / "requests.jsonl"),
-        "root": str(root), "link_to_source": str(root / "link"), "inside_link": str(root / "link" / "new"),
-        "under_file": str(root / "plain.txt" / "out"), "foreign_link": str(root / "foreign-link"),
-        "dev_null": "/dev/null", "ours": str(root / ("ours.jsonl" if "generate" in name else "ours")),
+        "blank": "",
+        "spaces": " \t ",
+        "new": str(root / "new" / "out"),
+        "empty": str(root / "empty"),
+        "file": str(root / "plain.txt"),
+        "foreign": str(root / "foreign"),
+        "source": str(root / "source"),
+        "inside": str(root / "source" / "sub"),
+        "source_file": str(root / "source" / "requests.jsonl"),
+        "root": str(root),
+        "link_to_source": str(root / "link"),
+        "inside_link": str(root / "link" / "new"),
+        "under_file": str(root / "plain.txt" / "out"),
+        "foreign_link": str(root / "foreign-link"),
+        "dev_null": "/dev/null",
+        "ours": str(root / ("ours.jsonl" if "generate" in name else "ours")),
         "random": str(root / name.split("|", 1)[1]) if "|" in name else str(root / "x"),
     }[kind]
 
@@ -332,7 +388,9 @@ def _check_command(command: str, root: Path, target: str, source: Path) -> None:
     elif command == "generate":
         from mora_train.pipeline.generate import run_generate
 
-        run_generate("tiny-llama", {"a": source}, source / "requests.jsonl", target)  # then: "not a PEFT adapter folder"
+        run_generate(
+            "tiny-llama", {"a": source}, source / "requests.jsonl", target
+        )  # then: "not a PEFT adapter folder"
     elif command == "report":
         from mora_train.analysis.report import check_report_target, find_runs
 
@@ -371,8 +429,12 @@ def test_fuzz_output_targets(budget: int, tmp_path: Path) -> None:
         target_refused = refused is not None and refused.startswith(option)
         if kind in REFUSED_BY_ALL:
             assert target_refused, f"{command} accepted {kind} target {target!r}: {refused}"
-            assert (target in refused or repr(target) in refused or repr(target.replace("\0", "")) in refused
-                    or not target.strip()), refused
+            assert (
+                target in refused
+                or repr(target) in refused
+                or repr(target.replace("\0", "")) in refused
+                or not target.strip()
+            ), refused
         if kind in ACCEPTED_BY_ALL and not (kind == "empty" and command == "generate"):
             assert not target_refused, f"{command} refused {kind} target {target!r}: {refused}"
         if kind == "empty" and command == "generate":  # a folder where a file is written
@@ -388,8 +450,11 @@ def test_fuzz_output_targets(budget: int, tmp_path: Path) -> None:
 # Another live process takes and drops run-dir locks (or is killed) at random; this process's writers and
 # readers must be refused exactly while that process holds the run dir, naming its PID, and accepted otherwise.
 
-ACTIONS = st.lists(st.tuples(st.sampled_from(["hold", "drop", "write", "read", "kill"]), st.sampled_from([0, 1])),
-                   min_size=1, max_size=8)
+ACTIONS = st.lists(
+    st.tuples(st.sampled_from(["hold", "drop", "write", "read", "kill"]), st.sampled_from([0, 1])),
+    min_size=1,
+    max_size=8,
+)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

@@ -41,28 +41,39 @@ pytest.importorskip("bitsandbytes")
 FAST, LONG = 4, 40
 BUDGETS = [pytest.param(FAST, id="fast"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
 
-EXPORTS = st.fixed_dictionaries({
-    "quantization": st.sampled_from(["nf4", "fp4", "int8"]),
-    "adapter": st.sampled_from(sorted(ADAPTERS)),
-    "repacked": st.booleans(),
-    "eval_forward": st.booleans(),
-    "reference": st.sampled_from(["rebuild", "live"]),
-    "double_quant": st.booleans(),
-    "compute_dtype": st.sampled_from(["float32", "bfloat16"]),
-})
+EXPORTS = st.fixed_dictionaries(
+    {
+        "quantization": st.sampled_from(["nf4", "fp4", "int8"]),
+        "adapter": st.sampled_from(sorted(ADAPTERS)),
+        "repacked": st.booleans(),
+        "eval_forward": st.booleans(),
+        "reference": st.sampled_from(["rebuild", "live"]),
+        "double_quant": st.booleans(),
+        "compute_dtype": st.sampled_from(["float32", "bfloat16"]),
+    }
+)
 
 
 def check_export(case: dict, folder: Path) -> None:
-    options = (f"model.quantization_options.double_quant={str(case['double_quant']).lower()}",
-               f"model.quantization_options.compute_dtype={case['compute_dtype']}")
+    options = (
+        f"model.quantization_options.double_quant={str(case['double_quant']).lower()}",
+        f"model.quantization_options.compute_dtype={case['compute_dtype']}",
+    )
     adapter, tokenizer = trained_adapter(case["quantization"], case["adapter"], steps=2, options=options)
     adapter_dir = save_adapter(adapter, folder / "adapter")
-    rebuilt = quantized_logits(load_adapter(load_base(case["quantization"], *options), adapter_dir).model, probe_batch())
+    rebuilt = quantized_logits(
+        load_adapter(load_base(case["quantization"], *options), adapter_dir).model, probe_batch()
+    )
     repacked = case["repacked"] and repack_like_the_cpu_kernel(adapter.model) > 0  # int8 has no 4-bit layer
     if case["eval_forward"]:
         eval_forward(adapter.model)
-    result = export_merged(adapter, tokenizer, probe_batch(), folder / "merged",
-                           quantized_reference=rebuilt if case["reference"] == "rebuild" else None)
+    result = export_merged(
+        adapter,
+        tokenizer,
+        probe_batch(),
+        folder / "merged",
+        quantized_reference=rebuilt if case["reference"] == "rebuild" else None,
+    )
     merged = AutoModelForCausalLM.from_pretrained(str(folder / "merged"), dtype=torch.float32)
     gap = float((logits_of(merged, probe_batch()) - rebuilt).abs().max())
     scale = max(float(rebuilt.abs().max()), 1.0)
@@ -76,7 +87,9 @@ def check_export(case: dict, folder: Path) -> None:
     if case["compute_dtype"] == "float32" and case["reference"] == "rebuild":
         assert not result.passed, (case, gap)
         message = result.failure_message(adapter_dir)
-        assert f"{result.quantized_kernel_diff:.3g}" in message and f"{result.quantized_kernel_tolerance:.3g}" in message
+        assert (
+            f"{result.quantized_kernel_diff:.3g}" in message and f"{result.quantized_kernel_tolerance:.3g}" in message
+        )
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -84,8 +97,13 @@ def test_quantized_exports_are_the_trained_model_or_fail_loudly(budget: int, tmp
     machine_with_avx512bf16(monkeypatch)
     cases = []
 
-    @settings(max_examples=budget, deadline=None, database=None, derandomize=budget == FAST,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=budget,
+        deadline=None,
+        database=None,
+        derandomize=budget == FAST,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(EXPORTS)
     def property_holds(case: dict) -> None:
         cases.append(case)

@@ -16,16 +16,26 @@ def lint_imports_command() -> list[str]:
     script = Path(sys.executable).with_name("lint-imports")
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+    ]
 
 
 def test_imports_follow_the_declared_layers() -> None:
     # A plain failure, not a skip: skipping would let violations through unnoticed.
-    assert importlib.util.find_spec("importlinter"), "import-linter is missing; install the dev extra: pip install -e '.[dev]'"
+    assert importlib.util.find_spec("importlinter"), (
+        "import-linter is missing; install the dev extra: pip install -e '.[dev]'"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [*lint_imports_command(), "--config", str(REPO / "pyproject.toml"), "--no-cache"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, f"lint-imports found imports that break the layering:\n{report}"

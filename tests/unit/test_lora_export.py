@@ -102,7 +102,10 @@ def test_bad_export_arguments_are_clear_errors(tmp_path: Path, capsys: pytest.Ca
     cases = [
         ([str(tmp_path / "not-an-adapter"), str(tmp_path / "o1"), "--base-model", "tiny-llama"], "adapter folder"),
         ([str(tmp_path / "missing"), str(tmp_path / "o2")], "does not exist"),
-        ([str(tmp_path / "not-an-adapter"), str(tmp_path / "o3"), "--rank", "0"], "--rank 0 must be a positive integer"),
+        (
+            [str(tmp_path / "not-an-adapter"), str(tmp_path / "o3"), "--rank", "0"],
+            "--rank 0 must be a positive integer",
+        ),
         ([str(tmp_path / "not-an-adapter"), str(tmp_path / "o4"), "--energy", "1.5"], "--energy 1.5 must be in (0, 1]"),
     ]
     for args, message in cases:
@@ -111,8 +114,11 @@ def test_bad_export_arguments_are_clear_errors(tmp_path: Path, capsys: pytest.Ca
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and "Traceback" not in err, err
     # The installed command behaves the same in its own process (one case: each start imports torch).
-    done = subprocess.run([sys.executable, "-m", "mora_train.cli.export", str(tmp_path / "missing"), str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mora_train.cli.export", str(tmp_path / "missing"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
@@ -137,8 +143,12 @@ def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Pa
     # (peft warns about adapter names inside its own "lora_" prefix: call the LoRA run's export "plain")
     adapters = {"sharing": tmp_path / "exp-sharing", "plain": tmp_path / "exp-lora"}
     model, tokenizer = load_many("tiny-llama", adapters)
-    requests = [{"adapter": "sharing", "prompt": "key 1 ->"}, {"adapter": "plain", "prompt": "another key ->"},
-                {"adapter": None, "prompt": "k"}, {"adapter": "plain", "prompt": "key 1 ->"}]
+    requests = [
+        {"adapter": "sharing", "prompt": "key 1 ->"},
+        {"adapter": "plain", "prompt": "another key ->"},
+        {"adapter": None, "prompt": "k"},
+        {"adapter": "plain", "prompt": "key 1 ->"},
+    ]
     mixed = generate(model, tokenizer, requests, max_new_tokens=6, batch_size=4)
     alone = [generate(model, tokenizer, [r], max_new_tokens=6, batch_size=1)[0] for r in requests]
     assert mixed == alone
@@ -147,8 +157,14 @@ def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Pa
 
 @pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_a_run_with_restarts_exports_its_total_update(tmp_path: Path) -> None:
-    remora = _train(tmp_path, "remora", "adapter=mora", "adapter.mora_type=sharing", "adapter.restart.every_steps=4",
-                    "adapter.restart.mora_types=[sharing,grouping]")
+    remora = _train(
+        tmp_path,
+        "remora",
+        "adapter=mora",
+        "adapter.mora_type=sharing",
+        "adapter.restart.every_steps=4",
+        "adapter.restart.mora_types=[sharing,grouping]",
+    )
     report = export_run(remora, tmp_path / "exp")
     assert report["how"].startswith("SVD of merged - base") and report["peft_max_abs_logit_diff"] < 1e-4
 

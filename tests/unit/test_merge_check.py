@@ -100,15 +100,20 @@ def test_a_16_bit_checkpoint_of_a_correct_large_delta_passes_a_measured_toleranc
     assert result.model.dtype == dtype and result.before_cast is not None
     # Before the cast the float32 check applies; after it, the cast's measured floor, below the estimate.
     assert result.before_cast.tolerance < result.tolerance < estimate
-    print(f"{dtype}: before the cast {result.before_cast.max_abs_diff:.3g} <= {result.before_cast.tolerance:.3g}; "
-          f"reloaded {result.max_abs_diff:.3g} <= {result.tolerance:.3g} (former estimate {estimate:.3g})")
+    print(
+        f"{dtype}: before the cast {result.before_cast.max_abs_diff:.3g} <= {result.before_cast.tolerance:.3g}; "
+        f"reloaded {result.max_abs_diff:.3g} <= {result.tolerance:.3g} (former estimate {estimate:.3g})"
+    )
 
 
-@pytest.mark.parametrize("dtype,fraction", [
-    pytest.param(torch.bfloat16, 0.01, id="bf16-1%"),
-    pytest.param(torch.bfloat16, 0.1, id="bf16-10%"),
-    pytest.param(torch.float16, 0.01, id="fp16-1%"),
-])
+@pytest.mark.parametrize(
+    "dtype,fraction",
+    [
+        pytest.param(torch.bfloat16, 0.01, id="bf16-1%"),
+        pytest.param(torch.bfloat16, 0.1, id="bf16-10%"),
+        pytest.param(torch.float16, 0.01, id="fp16-1%"),
+    ],
+)
 def test_a_16_bit_checkpoint_of_a_delta_wrong_on_one_layer_fails(dtype, fraction, tmp_path) -> None:
     adapter, tokenizer, probe = adapter_with_large_delta()
     estimate = merge_tolerance(dtype, 0.0, logits_of(adapter.model, probe, torch.float64))
@@ -130,7 +135,7 @@ def test_a_16_bit_checkpoint_that_lost_the_delta_after_the_cast_fails(tmp_path, 
     estimate = merge_tolerance(torch.bfloat16, 0.0, logits_of(adapter.model, probe, torch.float64))
     deltas = adapter.delta_weights()
 
-    def save_without_delta(model, tokenizer, target):  # noqa: ANN001, ANN202
+    def save_without_delta(model, tokenizer, target):
         with torch.no_grad():
             for name, delta in deltas.items():
                 model.get_submodule(name).weight -= delta.to(model.dtype)

@@ -145,7 +145,10 @@ def test_official_fixture_with_diverging_alias_is_refused(tmp_path: Path) -> Non
         load_adapter(fresh, tmp_path / "official")
 
 
-@pytest.mark.parametrize(("rank", "expected"), [(1, "rope"), (8, "rope"), (64, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing"), (1024, "sharing")])
+@pytest.mark.parametrize(
+    ("rank", "expected"),
+    [(1, "rope"), (8, "rope"), (64, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing"), (1024, "sharing")],
+)
 def test_mora_type_auto_follows_the_papers_rule_by_rank(rank: int, expected: str) -> None:
     from mora_train.adapters.mora import choose_mora_type
 
@@ -169,10 +172,12 @@ def test_mora_type_auto_is_recorded_in_title_adapter_config_and_metrics(tmp_path
     fresh, _ = load_model_and_tokenizer(typed_config("model=tiny-llama").model)
     assert load_adapter(fresh, tmp_path / "adapter").mora_type == "rope"
     cycle = TrainerConfig(restart=RestartConfig(every_steps=4, mora_types=[1, 2]))
-    assert adapter_config_problems(settings, 8, cycle) == [(
-        "`adapter.mora_type=auto` with `trainer.restart.mora_types=[1, 2]`: the restart cycle names the types "
-        "itself; set adapter.mora_type to the cycle's first type"
-    )]
+    assert adapter_config_problems(settings, 8, cycle) == [
+        (
+            "`adapter.mora_type=auto` with `trainer.restart.mora_types=[1, 2]`: the restart cycle names the types "
+            "itself; set adapter.mora_type to the cycle's first type"
+        )
+    ]
 
 
 def test_the_restart_cycle_is_checked_against_mora_type() -> None:
@@ -185,10 +190,12 @@ def test_the_restart_cycle_is_checked_against_mora_type() -> None:
 
     assert problems("sharing", [1, 2]) == []
     assert problems("sharing", None) == []
-    assert problems("rope", [1, 2]) == [(
-        "`trainer.restart.mora_types=[1, 2]` starts with sharing, but `adapter.mora_type=rope`: the restart cycle "
-        "starts with adapter.mora_type; set adapter.mora_type=sharing or put rope first in trainer.restart.mora_types"
-    )]
+    assert problems("rope", [1, 2]) == [
+        (
+            "`trainer.restart.mora_types=[1, 2]` starts with sharing, but `adapter.mora_type=rope`: the restart cycle "
+            "starts with adapter.mora_type; set adapter.mora_type=sharing or put rope first in trainer.restart.mora_types"
+        )
+    ]
     assert problems("rope", [1, 2], every_steps=0) == []  # no restarts: the cycle is never used
     assert problems("sharing", []) == [
         "`trainer.restart.mora_types=[]` must be a non-empty list such as [1, 2] or [sharing, grouping]"

@@ -118,8 +118,13 @@ CASES = [(s, k) for s in SHAPES for k in ALL_TYPES if _works(*s, k)]
 # ---------------------------------------------------------------------------------------------
 def test_type_tables_and_resolution() -> None:
     assert MORA_TYPES == {
-        "sharing": 1, "grouping": 2, "group_tile": 3, "share_group": 4, "rope": 6,
-        "decouple": None, "truncation": None,
+        "sharing": 1,
+        "grouping": 2,
+        "group_tile": 3,
+        "share_group": 4,
+        "rope": 6,
+        "decouple": None,
+        "truncation": None,
     }
     assert set(MORA_TYPE_DESCRIPTIONS) == set(MORA_TYPES)
     for name, number in MORA_TYPES.items():
@@ -225,7 +230,7 @@ def test_zero_init_and_only_M_trains(kind: str) -> None:
     assert not base.weight.requires_grad and not base.bias.requires_grad
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["mora_M"]
     assert layer.adapter_params() == {"mora_M": layer.mora_M}
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
     assert layer.mora_M.grad is not None and torch.count_nonzero(layer.mora_M.grad) > 0
     assert base.weight.grad is None and base.bias.grad is None
     assert torch.equal(base.weight, expected_weight)

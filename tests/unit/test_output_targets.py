@@ -65,11 +65,16 @@ def test_a_folder_this_command_wrote_may_be_replaced(places: dict[str, Path]) ->
     ours.mkdir()
     (ours / "export_report.json").write_text("{}")
     (ours / "adapter_config.json").write_text("{}")
-    assert output_target_problem(ours, "mora-train-export", "OUT_DIR", FOLDER, [places["source"]],
-                                 holds_file("export_report.json")) is None
+    assert (
+        output_target_problem(
+            ours, "mora-train-export", "OUT_DIR", FOLDER, [places["source"]], holds_file("export_report.json")
+        )
+        is None
+    )
     # The same rule without the provenance file: a foreign folder.
-    assert "not written by" in output_target_problem(places["foreign"], "mora-train-export", "OUT_DIR", FOLDER, [],
-                                                     holds_file("export_report.json"))
+    assert "not written by" in output_target_problem(
+        places["foreign"], "mora-train-export", "OUT_DIR", FOLDER, [], holds_file("export_report.json")
+    )
 
 
 def test_a_file_target(places: dict[str, Path]) -> None:
@@ -78,7 +83,9 @@ def test_a_file_target(places: dict[str, Path]) -> None:
     requests.write_text('{"adapter": null, "prompt": "hi"}\n')
 
     def problem(target, ours=lambda p: False):
-        return output_target_problem(target, "mora-train-generate", "--output", FILE, [requests, places["source"]], ours)
+        return output_target_problem(
+            target, "mora-train-generate", "--output", FILE, [requests, places["source"]], ours
+        )
 
     assert "itself" in problem(requests)
     assert "is inside" in problem(places["source"] / "answers.jsonl")
@@ -95,8 +102,9 @@ def test_files_written_into_a_folder_clash_only_with_files_of_their_names(places
     foreign = places["foreign"]
 
     def problem(target, ours=lambda p: False):
-        return output_target_problem(target, "mora-train-report", "--out", FILES, [places["source"]], ours,
-                                     names=["report.md", "report.csv"])
+        return output_target_problem(
+            target, "mora-train-report", "--out", FILES, [places["source"]], ours, names=["report.md", "report.csv"]
+        )
 
     assert problem(foreign) is None  # notes.txt stays: nothing of the report's names is there
     (foreign / "report.md").write_text("my own report")
@@ -235,8 +243,11 @@ def test_report_never_overwrites_a_foreign_report_nor_writes_into_a_run(tmp_path
     elsewhere.mkdir()
     (elsewhere / "report.md").write_text("my own report")
     before = snapshot(tmp_path)
-    for out, message in [(elsewhere, "already holds report.md"), (sweep / "0_run" / "adapter", "itself, which mora-train-report reads"),
-                         ("", "--out is empty")]:
+    for out, message in [
+        (elsewhere, "already holds report.md"),
+        (sweep / "0_run" / "adapter", "itself, which mora-train-report reads"),
+        ("", "--out is empty"),
+    ]:
         assert report_main([str(sweep), "--no-spectrum", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err

@@ -67,13 +67,17 @@ def test_packed_documents_do_not_attend_to_each_other(tiny, attention: str) -> N
 def test_perplexity_of_packed_blocks_equals_per_document_loss(tiny) -> None:
     model, _ = tiny
     docs = [[5, 6, 7, 8, 2], [9, 10, 11, 2], [12, 13, 14, 15, 16, 2]]
-    total, count = token_nll(model, pretrain_recipe.pack_documents(docs, block_size=7), PadCollator(pad_token_id=0), batch_size=2)
+    total, count = token_nll(
+        model, pretrain_recipe.pack_documents(docs, block_size=7), PadCollator(pad_token_id=0), batch_size=2
+    )
     expected, expected_count = 0.0, 0
     with torch.no_grad():
         # Same blocks cut by hand: [5 6 7 8 2 | 9 10] [11 2 | 12 13 14 15 16] [2]
         for segment in ([5, 6, 7, 8, 2], [9, 10], [11, 2], [12, 13, 14, 15, 16]):
             logits = model(input_ids=torch.tensor([segment])).logits[0]
-            expected += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(segment[1:]), reduction="sum").item()
+            expected += torch.nn.functional.cross_entropy(
+                logits[:-1], torch.tensor(segment[1:]), reduction="sum"
+            ).item()
             expected_count += len(segment) - 1
     assert count == expected_count
     assert total == pytest.approx(expected, rel=1e-5)
@@ -122,7 +126,10 @@ def benchmark_cfg(tmp_path: Path, rows: list[dict], *overrides: str):
 def test_benchmark_records_render_prompts_and_labels(tmp_path: Path) -> None:
     bench = benchmark_cfg(tmp_path, [{"text": "$TSLA soars", "label": 1}, {"text": "$X falls", "label": 0}])
     examples = load_benchmark(bench, "task.benchmarks.twitter_sentiment")
-    assert examples[0].prompt == "Tweet: $TSLA soars\nQuestion: Is this financial news tweet bearish, bullish or neutral?\nAnswer:"
+    assert (
+        examples[0].prompt
+        == "Tweet: $TSLA soars\nQuestion: Is this financial news tweet bearish, bullish or neutral?\nAnswer:"
+    )
     assert examples[0].choices == [" bearish", " bullish", " neutral"]
     assert [e.gold for e in examples] == [1, 0]
 
@@ -132,13 +139,27 @@ def test_benchmark_max_samples_is_a_prefix_or_a_seeded_sample(tmp_path: Path) ->
     rows = [{"text": f"t{i}", "label": 0 if i < 30 else 1} for i in range(60)]
     prefix = load_benchmark(benchmark_cfg(tmp_path, rows, "task.benchmarks.twitter_sentiment.max_samples=20"), "k")
     assert [e.prompt.split("\n")[0] for e in prefix] == [f"Tweet: t{i}" for i in range(20)]
-    sampled = load_benchmark(benchmark_cfg(tmp_path, rows, "task.benchmarks.twitter_sentiment.max_samples=20",
-                                           "+task.benchmarks.twitter_sentiment.sample_seed=0"), "k")
+    sampled = load_benchmark(
+        benchmark_cfg(
+            tmp_path,
+            rows,
+            "task.benchmarks.twitter_sentiment.max_samples=20",
+            "+task.benchmarks.twitter_sentiment.sample_seed=0",
+        ),
+        "k",
+    )
     order = [int(e.prompt.split("\n")[0].removeprefix("Tweet: t")) for e in sampled]
     assert len(set(order)) == 20 and order == sorted(order)  # distinct records, file order kept
     assert 0 < sum(e.gold for e in sampled) < 20  # both labels, unlike the prefix
-    again = load_benchmark(benchmark_cfg(tmp_path, rows, "task.benchmarks.twitter_sentiment.max_samples=20",
-                                         "+task.benchmarks.twitter_sentiment.sample_seed=0"), "k")
+    again = load_benchmark(
+        benchmark_cfg(
+            tmp_path,
+            rows,
+            "task.benchmarks.twitter_sentiment.max_samples=20",
+            "+task.benchmarks.twitter_sentiment.sample_seed=0",
+        ),
+        "k",
+    )
     assert [e.where for e in again] == [e.where for e in sampled]  # the seed fixes the sample
     _, problems = finance(tmp_path, "task.benchmarks.financial_phrasebank.sample_seed=yes")
     assert "`task.benchmarks.financial_phrasebank.sample_seed` must be int or null, got 'yes'" in problems
@@ -149,7 +170,9 @@ def test_benchmark_data_errors(tmp_path: Path) -> None:
         load_benchmark(benchmark_cfg(tmp_path, [{"text": "a", "label": 1}, {"text": "b", "label": 7}]), "k")
     with pytest.raises(MoraTrainError, match=r"bench\.jsonl line 1: field 'text' is missing.*fields: tweet, label"):
         load_benchmark(benchmark_cfg(tmp_path, [{"tweet": "a", "label": 1}]), "k")
-    _, found = finance(tmp_path, "task.benchmarks.gold_headline.labels=[1]", "task.eval.benchmarks=[gold_headline,nope]")
+    _, found = finance(
+        tmp_path, "task.benchmarks.gold_headline.labels=[1]", "task.eval.benchmarks=[gold_headline,nope]"
+    )
     problems = "\n".join(found)
     assert "one label per choice" in problems and "`task.eval.benchmarks` names 'nope'" in problems
 
@@ -164,20 +187,29 @@ def test_only_selected_benchmarks_need_their_data(tmp_path: Path) -> None:
 
 def test_pretrain_build_reads_templates_filters_and_caches(tmp_path: Path, tiny) -> None:
     _, tokenizer = tiny
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"pmid": i, "title": f"T{i}", "abstract": "a b c"}) + "\n" for i in range(4)))
+    (tmp_path / "docs.jsonl").write_text(
+        "".join(json.dumps({"pmid": i, "title": f"T{i}", "abstract": "a b c"}) + "\n" for i in range(4))
+    )
     (tmp_path / "ids.txt").write_text("1\n2\n")
     (tmp_path / "more.txt").write_text("free text document")
     (tmp_path / "bench.jsonl").write_text(json.dumps({"text": "t", "label": 2}) + "\n")
-    settings, problems = finance(tmp_path, f"task.data.eval={tmp_path / 'more.txt'}", f"task.cache_dir={tmp_path / 'cache'}",
-                                 "task.eval.benchmarks=[twitter_sentiment]",
-                                 f"task.benchmarks.twitter_sentiment.data.path={tmp_path / 'bench.jsonl'}")
+    settings, problems = finance(
+        tmp_path,
+        f"task.data.eval={tmp_path / 'more.txt'}",
+        f"task.cache_dir={tmp_path / 'cache'}",
+        "task.eval.benchmarks=[twitter_sentiment]",
+        f"task.benchmarks.twitter_sentiment.data.path={tmp_path / 'bench.jsonl'}",
+    )
     assert problems == []
     # A list of sources, each with its own field mapping and filter (a list cannot replace a mapping on the command
     # line): parsed from the plain values, as RunConfig parses the composed config.
     values = settings.to_dict()
     values["data"]["train"] = [
-        {"path": str(tmp_path / "docs.jsonl"), "fields": {"text": "{title}: {abstract}"},
-         "drop_if_in": {"field": "pmid", "file": str(tmp_path / "ids.txt")}},
+        {
+            "path": str(tmp_path / "docs.jsonl"),
+            "fields": {"text": "{title}: {abstract}"},
+            "drop_if_in": {"field": "pmid", "file": str(tmp_path / "ids.txt")},
+        },
         str(tmp_path / "more.txt"),
     ]
     cfg = parse(TASKS["finance"].settings, values, "task", problems)

@@ -94,8 +94,9 @@ def test_quantized_base_trains_only_the_adapter_and_merges_exactly(case, tmp_pat
 
     # The merged export: de-quantized, float, and the trained model's logits within the check's tolerance,
     # checked against the re-attached adapter's quantized forward (independent of the export).
-    result = export_merged(adapter, tokenizer, probe, tmp_path / "merged",
-                           quantized_reference=quantized_logits(reloaded.model, probe))
+    result = export_merged(
+        adapter, tokenizer, probe, tmp_path / "merged", quantized_reference=quantized_logits(reloaded.model, probe)
+    )
     assert result.passed, result.failure_message(tmp_path / "adapter")
     assert result.max_abs_diff <= 1e-4
     assert result.quantized_kernel_diff <= result.quantized_kernel_tolerance
@@ -138,15 +139,25 @@ def test_bad_quantization_combinations_are_all_listed_at_once() -> None:
     from mora_train.core.errors import ConfigError
     from tests.conftest import validate_config as validate
 
-    cfg = compose_config([
-        "model=tiny-llama", "model.quantization=int8", "adapter=full", "distributed=fsdp",
-        "model.quantization_options.compute_dtype=float16", "+model.quantization_options.blocksize=32",
-    ])
+    cfg = compose_config(
+        [
+            "model=tiny-llama",
+            "model.quantization=int8",
+            "adapter=full",
+            "distributed=fsdp",
+            "model.quantization_options.compute_dtype=float16",
+            "+model.quantization_options.blocksize=32",
+        ]
+    )
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     text = str(err.value)
-    for expected in ("`adapter=full` with `model.quantization=int8`", "compute_dtype=float16",
-                     "quantization_options.blocksize", "`model.quantization=int8` with `distributed=fsdp`"):
+    for expected in (
+        "`adapter=full` with `model.quantization=int8`",
+        "compute_dtype=float16",
+        "quantization_options.blocksize",
+        "`model.quantization=int8` with `distributed=fsdp`",
+    ):
         assert expected in text, text
     cfg = compose_config(["model=tiny-llama", "model.quantization=q3", "adapter=mora", "trainer.restart.every_steps=4"])
     with pytest.raises(ConfigError, match="`model.quantization=q3` is unknown"):

@@ -36,15 +36,18 @@ from tests.support.quantized import (
     probe_batch,
     repack_like_the_cpu_kernel,
     save_adapter,
-    tiny_model_cfg,
     trained_adapter,
     write_custom_code_model,
 )
 
 pytest.importorskip("bitsandbytes")
 
-CASES = [(q, a, layout) for q in ("nf4", "fp4", "int8") for a in ("lora", "sharing", "rope")
-         for layout in (("plain", "repacked") if q != "int8" else ("plain",))]
+CASES = [
+    (q, a, layout)
+    for q in ("nf4", "fp4", "int8")
+    for a in ("lora", "sharing", "rope")
+    for layout in (("plain", "repacked") if q != "int8" else ("plain",))
+]
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +95,9 @@ def test_merged_checkpoint_is_the_model_rebuilt_from_the_saved_adapter(quant, ad
         assert against_rebuild <= 2**-7 * scale, against_rebuild
         assert not result.passed and result.merge_passed
         message = result.failure_message(adapter_dir)
-        assert f"{result.quantized_kernel_diff:.3g}" in message and f"{result.quantized_kernel_tolerance:.3g}" in message
+        assert (
+            f"{result.quantized_kernel_diff:.3g}" in message and f"{result.quantized_kernel_tolerance:.3g}" in message
+        )
 
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
@@ -151,21 +156,25 @@ def test_a_wrong_dequantization_fails_the_merge_check(quant, reference, tmp_path
         import bitsandbytes.functional as F
 
         # The bug this guards against: a repacked layout read as the plain one.
-        def wrong(module):  # noqa: ANN001, ANN202
+        def wrong(module):
             if hasattr(module.weight, "quant_state"):
                 repack_like_the_cpu_kernel(module)
                 return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
             return right(module)
     else:
-        def wrong(module):  # noqa: ANN001, ANN202 - one row's scale off by 5 %
+
+        def wrong(module):
             weight = right(module).clone()
             weight[0] *= 1.05
             return weight
+
     monkeypatch.setattr(quantization, "dequantized_weight", wrong)
     result = export_merged(adapter, tokenizer, probe_batch(), tmp_path / "merged", quantized_reference=rebuilt)
     assert not result.passed and result.quantized_kernel_diff > result.quantized_kernel_tolerance
     assert result.merge_passed  # the merge itself was faithful to the (wrong) weights: only the kernel check sees it
-    assert "de-quantized weights do not compute what the quantized kernels compute" in result.failure_message(adapter_dir)
+    assert "de-quantized weights do not compute what the quantized kernels compute" in result.failure_message(
+        adapter_dir
+    )
 
 
 def test_mora_trains_after_an_eval_forward_on_a_4bit_base() -> None:
@@ -228,7 +237,9 @@ def test_export_run_on_a_quantized_run_passes_the_plain_peft_check(quant, adapte
     run_dir = tmp_path / "run"
     adapter, _ = trained_adapter(quant, adapter_name)
     save_adapter(adapter, run_dir / "adapter")
-    cfg = compose_config([*TINY_RUN, f"model.quantization={quant}", f"adapter={'lora' if adapter_name == 'lora' else 'mora'}"])
+    cfg = compose_config(
+        [*TINY_RUN, f"model.quantization={quant}", f"adapter={'lora' if adapter_name == 'lora' else 'mora'}"]
+    )
     OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
 
     report = export_run(run_dir, tmp_path / "exported")
@@ -245,7 +256,7 @@ def test_export_run_on_a_quantized_run_passes_the_plain_peft_check(quant, adapte
 
 @pytest.fixture
 def no_stdin(monkeypatch: pytest.MonkeyPatch):
-    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def refuse(*args, **kwargs):
         raise AssertionError(f"stdin was read: {args}")
 
     monkeypatch.setattr("builtins.input", refuse)
@@ -254,8 +265,13 @@ def no_stdin(monkeypatch: pytest.MonkeyPatch):
 def custom_code_cfg(folder: Path, quant: str = "none"):
     from tests.support.quantized import typed_model
 
-    return typed_model("model=tiny-llama", f"model.name_or_path={folder}", "~model.random_init",
-                       "model.trust_remote_code=true", f"model.quantization={quant}")
+    return typed_model(
+        "model=tiny-llama",
+        f"model.name_or_path={folder}",
+        "~model.random_init",
+        "model.trust_remote_code=true",
+        f"model.quantization={quant}",
+    )
 
 
 def test_a_custom_code_model_merges_and_reloads_without_reading_stdin(tmp_path, no_stdin) -> None:
@@ -271,17 +287,18 @@ def test_a_custom_code_model_merges_and_reloads_without_reading_stdin(tmp_path, 
             param.normal_(0, 1e-2)
     adapter_dir = save_adapter(adapter, tmp_path / "adapter")
     reference = quantized_logits(load_adapter(load_model_and_tokenizer(cfg)[0], adapter_dir).model, probe_batch())
-    result = export_merged(adapter, tokenizer, probe_batch(), tmp_path / "merged", quantized_reference=reference,
-                           trust_remote_code=True)
+    result = export_merged(
+        adapter, tokenizer, probe_batch(), tmp_path / "merged", quantized_reference=reference, trust_remote_code=True
+    )
     assert result.passed, result.failure_message(adapter_dir)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "custom_llama"
 
 
 @pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_the_plain_peft_check_of_a_custom_code_base_fails_in_one_line_and_keeps_its_output(tmp_path) -> None:
+    from mora_train.export_lora import export_lora
     from mora_train.models import load_model_and_tokenizer
     from mora_train.pipeline.lora_export import PEFT_CHECK_LOG, check_with_peft
-    from mora_train.export_lora import export_lora
 
     base, _ = load_model_and_tokenizer(custom_code_cfg(write_custom_code_model(tmp_path / "custom")))
     export_lora({"model.layers.0.self_attn.q_proj": (torch.zeros(64, 2), torch.zeros(2, 64))}, tmp_path / "exported")

@@ -10,28 +10,52 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mora_train.core.errors import ConfigError
-from mora_train.analysis.report import build_report, main as report_main
+from mora_train.analysis.report import build_report
+from mora_train.analysis.report import main as report_main
 from mora_train.analysis.sweep import failed_job_metric, record_job_failure
 from mora_train.config.resolvers import safe_dirname
+from mora_train.core.errors import ConfigError
 
 
 def make_run(
-    sweep: Path, name: str, adapter: str, rank: int | None, value: float | None, lr: float = 3e-4,
-    metric: str = "char_accuracy", greater: bool = True,
+    sweep: Path,
+    name: str,
+    adapter: str,
+    rank: int | None,
+    value: float | None,
+    lr: float = 3e-4,
+    metric: str = "char_accuracy",
+    greater: bool = True,
 ) -> Path:
     run = sweep / name
     (run / ".hydra").mkdir(parents=True)
-    config = {"adapter": {"name": adapter}, "rank": rank or 8, "task": {"name": "uuid"}, "trainer": {"learning_rate": lr}}
+    config = {
+        "adapter": {"name": adapter},
+        "rank": rank or 8,
+        "task": {"name": "uuid"},
+        "trainer": {"learning_rate": lr},
+    }
     if adapter == "mora":
         config["adapter"]["mora_type"] = "rope"
     (run / "resolved_config.yaml").write_text(OmegaConf.to_yaml(config))
-    (run / ".hydra" / "overrides.yaml").write_text(f"- adapter={adapter}\n- rank={rank}\n- trainer.learning_rate={lr}\n")
+    (run / ".hydra" / "overrides.yaml").write_text(
+        f"- adapter={adapter}\n- rank={rank}\n- trainer.learning_rate={lr}\n"
+    )
     if value is not None:
         metrics = {
-            "task": "uuid", "adapter": adapter, "rank": rank, "primary_metric": metric, "greater_is_better": greater,
-            metric: value, "exact_match": value / 2, "train_loss": 2.0, "final_logged_loss": 1.5,
-            "trainable_params": 1000, "train_runtime_s": 3.0, "tokens_per_s": 1234.5, "merge_max_abs_diff": 1e-7,
+            "task": "uuid",
+            "adapter": adapter,
+            "rank": rank,
+            "primary_metric": metric,
+            "greater_is_better": greater,
+            metric: value,
+            "exact_match": value / 2,
+            "train_loss": 2.0,
+            "final_logged_loss": 1.5,
+            "trainable_params": 1000,
+            "train_runtime_s": 3.0,
+            "tokens_per_s": 1234.5,
+            "merge_max_abs_diff": 1e-7,
             "run": {"wall_time_s": 5.0, "world_size": 1, "resumed_from_step": None, "peak_gpu_memory_gib": 1.5},
         }
         (run / "metrics.json").write_text(json.dumps(metrics))
@@ -126,7 +150,9 @@ def test_failed_job_metric_is_the_worst_value_for_an_optimising_sweeper(sweeper:
 def test_a_loss_type_sweep_ranks_the_lowest_loss_best(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     for i, loss in enumerate([2.5, 1.2, 3.0]):
-        make_run(sweep, f"{i}_adapter=lora,rank={8 * (i + 1)}", "lora", 8 * (i + 1), loss, metric="eval_loss", greater=False)
+        make_run(
+            sweep, f"{i}_adapter=lora,rank={8 * (i + 1)}", "lora", 8 * (i + 1), loss, metric="eval_loss", greater=False
+        )
     report = build_report(sweep, spectrum=False)
     text = (sweep / "report.md").read_text()
     assert "(lower is better)" in text and "eval_loss = 1.2" in text and "Best:" in text
@@ -134,4 +160,6 @@ def test_a_loss_type_sweep_ranks_the_lowest_loss_best(tmp_path: Path) -> None:
     assert "1_adapter=lora,rank=16" in best_line, best_line
     rows = {r["run"]: r for r in report.rows}
     # Bookkeeping (world size, resume step, memory) is never taken for a metric.
-    assert all("world_size" not in r["secondary_metrics"] and "peak_gpu" not in r["secondary_metrics"] for r in rows.values())
+    assert all(
+        "world_size" not in r["secondary_metrics"] and "peak_gpu" not in r["secondary_metrics"] for r in rows.values()
+    )

@@ -76,11 +76,21 @@ def test_gsm8k_loss_is_on_the_answer_and_eos_only(tmp_path: Path, gsm8k_files: t
     assert data.problems[0].where.endswith("test.jsonl line 1")
 
 
-def test_metamath_maps_its_own_fields_and_evaluates_on_gsm8k_fields(tmp_path: Path, gsm8k_files: tuple[str, str]) -> None:
+def test_metamath_maps_its_own_fields_and_evaluates_on_gsm8k_fields(
+    tmp_path: Path, gsm8k_files: tuple[str, str]
+) -> None:
     tokenizer = byte_tokenizer()
-    train = jsonl(tmp_path / "mm.jsonl", [{"query": "What is 3*3?", "response": "3*3 = 9. The answer is: 9", "type": "GSM_Rephrased"}])
-    cfg = task_cfg(tmp_path, "metamath", "task.data.train.hub=null", f"task.data.train.path={train}",
-                   f"task.data.eval.path={gsm8k_files[1]}")
+    train = jsonl(
+        tmp_path / "mm.jsonl",
+        [{"query": "What is 3*3?", "response": "3*3 = 9. The answer is: 9", "type": "GSM_Rephrased"}],
+    )
+    cfg = task_cfg(
+        tmp_path,
+        "metamath",
+        "task.data.train.hub=null",
+        f"task.data.train.path={train}",
+        f"task.data.eval.path={gsm8k_files[1]}",
+    )
     data = build_math(cfg, tokenizer, 512)
     assert "### Instruction:\nWhat is 3*3?\n\n### Response:" in prompt_text(tokenizer, data.train[0])
     assert labelled_text(tokenizer, data.train[0]) == " 3*3 = 9. The answer is: 9</s>"
@@ -110,21 +120,44 @@ def test_math_data_errors(tmp_path: Path, gsm8k_files: tuple[str, str]) -> None:
         build_math(cfg, tokenizer, 256)
     renamed = jsonl(tmp_path / "renamed.jsonl", [{"problem": "q", "solution": "#### 1"}])
     cfg = task_cfg(tmp_path, "gsm8k", f"task.data.train={renamed}", f"task.data.eval={gsm8k_files[1]}")
-    with pytest.raises(MoraTrainError, match=r"renamed\.jsonl line 1: field 'question' is missing.*fields: problem, solution"):
+    with pytest.raises(
+        MoraTrainError, match=r"renamed\.jsonl line 1: field 'question' is missing.*fields: problem, solution"
+    ):
         build_math(cfg, tokenizer, 256)
     # eval.max_samples evaluates a prefix.
-    cfg = task_cfg(tmp_path, "gsm8k", f"task.data.train={gsm8k_files[0]}", f"task.data.eval={gsm8k_files[1]}", "task.eval.max_samples=1")
+    cfg = task_cfg(
+        tmp_path,
+        "gsm8k",
+        f"task.data.train={gsm8k_files[0]}",
+        f"task.data.eval={gsm8k_files[1]}",
+        "task.eval.max_samples=1",
+    )
     assert len(TASKS["gsm8k"].build_eval(cfg, tokenizer, 256).problems) == 1
 
 
 def test_math_config_problems(tmp_path: Path) -> None:
-    _, found = task_problems(tmp_path, "gsm8k", "task.prompt_template='Q: {query}'", "task.too_long=cut",
-                             "task.eval.stop=nope", f"task.data.train={tmp_path / 'missing.jsonl'}",
-                             "task.data.eval=null", "task.data.fields.answer=null", "+task.promt_template=x")
+    _, found = task_problems(
+        tmp_path,
+        "gsm8k",
+        "task.prompt_template='Q: {query}'",
+        "task.too_long=cut",
+        "task.eval.stop=nope",
+        f"task.data.train={tmp_path / 'missing.jsonl'}",
+        "task.data.eval=null",
+        "task.data.fields.answer=null",
+        "+task.promt_template=x",
+    )
     problems = "\n".join(found)
-    for expected in ("must contain {question}", "unknown fields ['query']", "`task.too_long=cut`", "`task.eval.stop",
-                     "missing.jsonl` does not exist", "`task.data.eval` is not set", "`task.data.fields.answer` is missing",
-                     "`task.promt_template` is not a known key (did you mean prompt_template"):
+    for expected in (
+        "must contain {question}",
+        "unknown fields ['query']",
+        "`task.too_long=cut`",
+        "`task.eval.stop",
+        "missing.jsonl` does not exist",
+        "`task.data.eval` is not set",
+        "`task.data.fields.answer` is missing",
+        "`task.promt_template` is not a known key (did you mean prompt_template",
+    ):
         assert expected in problems
 
 
@@ -165,8 +198,15 @@ CHAT_TEMPLATE = (
 
 def instruction_cfg(tmp_path: Path, rows: list[dict], *overrides: str):
     path = jsonl(tmp_path / "inst.jsonl", rows)
-    return task_cfg(tmp_path, "instruction", f"task.data.train={path}", f"task.data.eval={path}",
-                    "task.data.fields.input=input", "task.data.fields.output=output", *overrides)
+    return task_cfg(
+        tmp_path,
+        "instruction",
+        f"task.data.train={path}",
+        f"task.data.eval={path}",
+        "task.data.fields.input=input",
+        "task.data.fields.output=output",
+        *overrides,
+    )
 
 
 def test_alpaca_records_use_the_documented_fallback(tmp_path: Path) -> None:
@@ -176,21 +216,31 @@ def test_alpaca_records_use_the_documented_fallback(tmp_path: Path) -> None:
     assert prompt_text(tokenizer, data.train[0]) == "### User:\nTranslate\n\nchat\n\n### Assistant:\n"
     assert labelled_text(tokenizer, data.train[0]) == "cat</s>"
     assert prompt_text(tokenizer, data.train[1]) == "### User:\nSay hi\n\n### Assistant:\n"  # no input: no blank block
-    assert instruction_recipe.fallback_prompt(data.eval_conversations[1].messages[:1]) == "### User:\nSay hi\n\n### Assistant:\n"
+    assert (
+        instruction_recipe.fallback_prompt(data.eval_conversations[1].messages[:1])
+        == "### User:\nSay hi\n\n### Assistant:\n"
+    )
 
 
 def test_chat_records_multi_turn_fallback_and_sharegpt(tmp_path: Path) -> None:
     tokenizer = byte_tokenizer()
     rows = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
-                      {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": "4"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
         {"messages": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hey"}]},
     ]
     data = build_instruction(instruction_cfg(tmp_path, rows), tokenizer, 256)
     assert labelled_text(tokenizer, data.train[0]) == "2</s>4</s>"
     assert tokenizer.decode(data.train[0]["input_ids"]) == (
-        "### System:\nBe brief.\n\n### User:\n1+1?\n\n### Assistant:\n2</s>\n\n### User:\n2+2?\n\n### Assistant:\n4</s>")
+        "### System:\nBe brief.\n\n### User:\n1+1?\n\n### Assistant:\n2</s>\n\n### User:\n2+2?\n\n### Assistant:\n4</s>"
+    )
     assert labelled_text(tokenizer, data.train[1]) == "hey</s>"
 
 
@@ -211,10 +261,16 @@ def test_chat_template_labels_each_assistant_turn_and_ends_with_eos(tmp_path: Pa
 def test_instruction_data_errors(tmp_path: Path) -> None:
     tokenizer = byte_tokenizer()
     with pytest.raises(MoraTrainError, match=r"inst\.jsonl line 1: the conversation has no assistant message"):
-        build_instruction(instruction_cfg(tmp_path, [{"messages": [{"role": "user", "content": "hi"}]}]), tokenizer, 256)
+        build_instruction(
+            instruction_cfg(tmp_path, [{"messages": [{"role": "user", "content": "hi"}]}]), tokenizer, 256
+        )
     with pytest.raises(MoraTrainError, match=r"line 1: message 0 has role 'bot'"):
         build_instruction(instruction_cfg(tmp_path, [{"messages": [{"role": "bot", "content": "x"}]}]), tokenizer, 256)
     with pytest.raises(MoraTrainError, match=r"field 'output' is missing.*fields: instruction, response"):
         build_instruction(instruction_cfg(tmp_path, [{"instruction": "i", "response": "r"}]), tokenizer, 256)
     with pytest.raises(MoraTrainError, match="has no chat template"):
-        build_instruction(instruction_cfg(tmp_path, [{"instruction": "i", "output": "o"}], "task.use_chat_template=true"), tokenizer, 256)
+        build_instruction(
+            instruction_cfg(tmp_path, [{"instruction": "i", "output": "o"}], "task.use_chat_template=true"),
+            tokenizer,
+            256,
+        )

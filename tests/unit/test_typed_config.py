@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -30,10 +29,15 @@ def test_dictconfig_is_named_only_in_config_cli_and_the_root_config_module() -> 
         tree = ast.parse(path.read_text(encoding="utf-8"))
         names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
         names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom | ast.Import)
-                    for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom | ast.Import)
+            for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        }
         if {"DictConfig", "OmegaConf"} & names or "omegaconf" in imported:
             offenders.append(relative)
     assert not offenders, f"DictConfig/OmegaConf below the pipeline's root config: {offenders}"
@@ -59,8 +63,15 @@ def test_the_shipped_adapter_configs_restate_the_typed_defaults(name: str) -> No
 
 
 def test_the_moved_adapter_keys_still_work_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
-    cfg = compose_config(["model=tiny-llama", "adapter=lora", "adapter.restart.every_steps=5",
-                          "adapter.restart.warmup_steps=2", "adapter.train_embeddings=true"])
+    cfg = compose_config(
+        [
+            "model=tiny-llama",
+            "adapter=lora",
+            "adapter.restart.every_steps=5",
+            "adapter.restart.warmup_steps=2",
+            "adapter.train_embeddings=true",
+        ]
+    )
     with caplog.at_level(logging.WARNING):
         run, problems = read_run_config(cfg)
     assert problems == []
@@ -80,8 +91,16 @@ def test_the_shipped_configs_say_nothing_through_the_moved_keys(caplog: pytest.L
 
 
 def test_every_problem_of_every_section_arrives_together() -> None:
-    cfg = compose_config(["model=tiny-llama", "trainer.max_steps=ten", "+adapter.alpah=3", "trainer.precision=fp8",
-                          "model.dtype=f32", "+trainer.restart.bogus=1"])
+    cfg = compose_config(
+        [
+            "model=tiny-llama",
+            "trainer.max_steps=ten",
+            "+adapter.alpah=3",
+            "trainer.precision=fp8",
+            "model.dtype=f32",
+            "+trainer.restart.bogus=1",
+        ]
+    )
     _, problems = read_run_config(cfg)
     text = "\n".join(problems)
     assert len(problems) == 5, text

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import validate_config as validate
 from mora_train.core.errors import ConfigError
 from tests.conftest import compose_config
+from tests.conftest import validate_config as validate
 
 
 def problems_of(overrides: list[str], tmp_path: Path) -> list[str]:
@@ -41,7 +41,9 @@ def test_unknown_mora_type_lists_valid_ones(tmp_path: Path) -> None:
 
 
 def test_missing_local_model_path(tmp_path: Path) -> None:
-    problems = problems_of(["model=smollm2-135m", "model.package=null", f"model.name_or_path={tmp_path}/nope"], tmp_path)
+    problems = problems_of(
+        ["model=smollm2-135m", "model.package=null", f"model.name_or_path={tmp_path}/nope"], tmp_path
+    )
     assert any("does not exist" in p and "nope" in p for p in problems)
 
 

@@ -19,14 +19,13 @@ def fill(pattern: str, env: dict) -> str:
     job = env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"]
     task = env.get("SLURM_ARRAY_TASK_ID", "0")
     jid = f"{job}_{task}" if env.get("SLURM_ARRAY_JOB_ID") else env["SLURM_JOB_ID"]
-    return (pattern.replace("%A", job).replace("%a", task).replace("%j", jid)
-            .replace("%t", env.get("SLURM_PROCID", "0")))
+    return pattern.replace("%A", job).replace("%a", task).replace("%j", jid).replace("%t", env.get("SLURM_PROCID", "0"))
 
 
 def sbatch(args: list[str]) -> None:
     script = Path(args[-1])
     text = script.read_text()
-    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", text, flags=re.M))
+    flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(.*)$", text, flags=re.MULTILINE))
     state = Path(os.environ["FAKE_SLURM_DIR"])
     state.mkdir(parents=True, exist_ok=True)
     counter = state / "next_job_id"
@@ -36,9 +35,17 @@ def sbatch(args: list[str]) -> None:
     tasks = range(int(flags["array"].split("%")[0].split("-")[1]) + 1) if "array" in flags else [None]
     for task in tasks:
         # an array task has a job id of its own; a single job has the one sbatch printed
-        env = {**os.environ, "SLURM_JOB_ID": str(job_id if task is None else job_id + 1 + task), "SLURM_NTASKS": "1",
-               "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
-               "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost"}
+        env = {
+            **os.environ,
+            "SLURM_JOB_ID": str(job_id if task is None else job_id + 1 + task),
+            "SLURM_NTASKS": "1",
+            "SLURM_JOB_NUM_NODES": "1",
+            "SLURM_NNODES": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0",
+            "SLURM_JOB_NODELIST": "localhost",
+        }
         if task is not None:
             env.update(SLURM_ARRAY_JOB_ID=str(job_id), SLURM_ARRAY_TASK_ID=str(task))
         out = Path(fill(flags.get("output", "slurm-%j.out"), env))
