@@ -41,8 +41,15 @@ def main() -> None:
 
     base = ["task=uuid", "rank=8"]
     if opts.quick:
-        base += ["model=tiny-llama", "task.num_pairs=4", "trainer.max_steps=6", "trainer.batch_size=4",
-                 "trainer.micro_batch_size=4", "trainer.learning_rate=1e-2", "trainer.save_steps=0"]
+        base += [
+            "model=tiny-llama",
+            "task.num_pairs=4",
+            "trainer.max_steps=6",
+            "trainer.batch_size=4",
+            "trainer.micro_batch_size=4",
+            "trainer.learning_rate=1e-2",
+            "trainer.save_steps=0",
+        ]
     rows = []
     for kind in ("rope", "sharing"):
         run_dir = opts.out / f"run-{kind}"
@@ -54,8 +61,17 @@ def main() -> None:
             metrics = run_mora_train(overrides, run_dir, threads=opts.threads)
             (run_dir / "overrides.json").write_text(json.dumps(overrides))
         adapter_bytes = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size
-        rows.append({"type": kind, "what": "MoRA model (merged/)", "rank": "-", "char_accuracy": metrics["char_accuracy"],
-                     "error": 0.0, "mb": adapter_bytes / 2**20, "time_s": None})
+        rows.append(
+            {
+                "type": kind,
+                "what": "MoRA model (merged/)",
+                "rank": "-",
+                "char_accuracy": metrics["char_accuracy"],
+                "error": 0.0,
+                "mb": adapter_bytes / 2**20,
+                "time_s": None,
+            }
+        )
         for rank in (None, *RANKS):
             label = "exact" if rank is None else f"r{rank}"
             started = time.time()
@@ -63,26 +79,46 @@ def main() -> None:
             elapsed = time.time() - started  # export + the plain-peft check, no evaluation
             evaluated = export_run(run_dir, opts.out / f"export-{kind}-{label}", rank=rank, check=False, evaluate=True)
             size = (opts.out / f"export-{kind}-{label}" / "adapter_model.safetensors").stat().st_size
-            rows.append({
-                "type": kind, "what": f"LoRA export {label}", "rank": report["rank"],
-                "char_accuracy": evaluated["evaluation"]["exported_lora"], "error": report["max_relative_error"],
-                "mean_error": report["mean_relative_error"], "peft_diff": report["peft_max_abs_logit_diff"],
-                "mb": size / 2**20, "time_s": elapsed, "adapter_accuracy": evaluated["evaluation"]["adapter"],
-            })
-            print(f"  {kind} {label}: rank {report['rank']}, char acc {rows[-1]['char_accuracy']:.4f} "
-                  f"(adapter {rows[-1]['adapter_accuracy']:.4f}), max rel err {report['max_relative_error']:.2e}, "
-                  f"{size / 2**20:.1f} MB, {elapsed:.1f} s", flush=True)
+            rows.append(
+                {
+                    "type": kind,
+                    "what": f"LoRA export {label}",
+                    "rank": report["rank"],
+                    "char_accuracy": evaluated["evaluation"]["exported_lora"],
+                    "error": report["max_relative_error"],
+                    "mean_error": report["mean_relative_error"],
+                    "peft_diff": report["peft_max_abs_logit_diff"],
+                    "mb": size / 2**20,
+                    "time_s": elapsed,
+                    "adapter_accuracy": evaluated["evaluation"]["adapter"],
+                }
+            )
+            print(
+                f"  {kind} {label}: rank {report['rank']}, char acc {rows[-1]['char_accuracy']:.4f} "
+                f"(adapter {rows[-1]['adapter_accuracy']:.4f}), max rel err {report['max_relative_error']:.2e}, "
+                f"{size / 2**20:.1f} MB, {elapsed:.1f} s",
+                flush=True,
+            )
     lines = [
-        f"Machine: {machine_line(opts.threads)}. Command: `python benchmarks/bench_lora_export.py{' --quick' if opts.quick else ''}`.",
+        (
+            f"Machine: {machine_line(opts.threads)}. "
+            f"Command: `python benchmarks/bench_lora_export.py{' --quick' if opts.quick else ''}`."
+        ),
         "",
-        "| MoRA type | model | LoRA rank | UUID char accuracy | max / mean relative ΔW error | peft check max abs logit diff | file MB | export + check s |",
+        (
+            "| MoRA type | model | LoRA rank | UUID char accuracy | max / mean relative ΔW error | "
+            "peft check max abs logit diff | file MB | export + check s |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         err = "-" if r["what"].startswith("MoRA") else f"{r['error']:.2e} / {r['mean_error']:.2e}"
         diff = f"{r['peft_diff']:.1e}" if "peft_diff" in r else "-"
         secs = "-" if r["time_s"] is None else f"{r['time_s']:.1f}"
-        lines.append(f"| {r['type']} | {r['what']} | {r['rank']} | {r['char_accuracy']:.4f} | {err} | {diff} | {r['mb']:.2f} | {secs} |")
+        lines.append(
+            f"| {r['type']} | {r['what']} | {r['rank']} | {r['char_accuracy']:.4f} | "
+            f"{err} | {diff} | {r['mb']:.2f} | {secs} |"
+        )
     table = "\n".join(lines)
     (opts.out / "results.md").write_text(table + "\n")
     (opts.out / "results.json").write_text(json.dumps(rows, indent=1))

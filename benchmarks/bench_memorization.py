@@ -25,11 +25,25 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from harness import (METHOD_LABELS, METHODS, REPO, build_adapter_from_config, compose, finished_record, machine_line,
-                     method_overrides, save_record)
+from harness import (
+    METHOD_LABELS,
+    METHODS,
+    REPO,
+    build_adapter_from_config,
+    compose,
+    finished_record,
+    machine_line,
+    method_overrides,
+    save_record,
+)
 
 # Learning-rate grids per method: adapters take a higher rate than full fine-tuning of all weights.
-DEFAULT_GRID = {"full": [5e-5, 2e-4], "lora": [1e-3, 3e-3, 1e-2], "mora_sharing": [1e-3, 3e-3], "mora_rope": [1e-3, 3e-3, 1e-2]}
+DEFAULT_GRID = {
+    "full": [5e-5, 2e-4],
+    "lora": [1e-3, 3e-3, 1e-2],
+    "mora_sharing": [1e-3, 3e-3],
+    "mora_rope": [1e-3, 3e-3, 1e-2],
+}
 
 
 def parse_grid(text: str | None, methods: list[str]) -> dict[str, list[float]]:
@@ -49,14 +63,24 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
     from transformers import TrainerCallback, set_seed
 
     from mora_train.adapters.base import count_parameters
-    from mora_train.training.restarts import TrainingExtras
     from mora_train.tasks import uuid as uuid_task
+    from mora_train.training.restarts import TrainingExtras
     from mora_train.training.trainer import train
 
-    overrides = [f"model={opts.model}", "task=uuid", f"task.num_pairs={opts.pairs}", *method_overrides(method, opts.rank),
-                 f"trainer.max_steps={opts.steps}", f"trainer.batch_size={opts.batch}",
-                 f"trainer.micro_batch_size={opts.batch}", f"trainer.learning_rate={lr}", "trainer.save_steps=0",
-                 f"trainer.logging_steps={opts.eval_every}", f"seed={opts.seed}", *getattr(opts, "extra_overrides", [])]
+    overrides = [
+        f"model={opts.model}",
+        "task=uuid",
+        f"task.num_pairs={opts.pairs}",
+        *method_overrides(method, opts.rank),
+        f"trainer.max_steps={opts.steps}",
+        f"trainer.batch_size={opts.batch}",
+        f"trainer.micro_batch_size={opts.batch}",
+        f"trainer.learning_rate={lr}",
+        "trainer.save_steps=0",
+        f"trainer.logging_steps={opts.eval_every}",
+        f"seed={opts.seed}",
+        *getattr(opts, "extra_overrides", []),
+    ]
     run_dir = out / (f"{method}_lr{lr:g}" + getattr(opts, "run_suffix", ""))
     done = run_dir / "record.json"
     record = None if opts.redo else finished_record(done, overrides)
@@ -80,7 +104,10 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
             metrics = uuid_task.evaluate(cfg.task, model, tokenizer, data, run_dir)
         model.train(was_training)
         curve.append({"step": step, "char_accuracy": metrics["char_accuracy"], "exact_match": metrics["exact_match"]})
-        print(f"    step {step:4d}: char acc {metrics['char_accuracy']:.3f}, exact {metrics['exact_match']:.3f}", flush=True)
+        print(
+            f"    step {step:4d}: char acc {metrics['char_accuracy']:.3f}, exact {metrics['exact_match']:.3f}",
+            flush=True,
+        )
 
     class EvalEvery(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # after the optimizer step
@@ -89,11 +116,22 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
 
     started = time.time()
     evaluate(0)
-    result = train(adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, None, TrainingExtras(callbacks=[EvalEvery()]))
+    result = train(
+        adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, None, TrainingExtras(callbacks=[EvalEvery()])
+    )
     losses = [h["loss"] for h in result.log_history if "loss" in h]
-    record = {"method": method, "lr": lr, "rank": opts.rank, "trainable": trainable, "curve": curve,
-              "final_loss": losses[-1] if losses else None, "train_runtime_s": result.runtime_s,
-              "tokens_per_s": result.tokens_per_s, "wall_s": time.time() - started, "overrides": overrides}
+    record = {
+        "method": method,
+        "lr": lr,
+        "rank": opts.rank,
+        "trainable": trainable,
+        "curve": curve,
+        "final_loss": losses[-1] if losses else None,
+        "train_runtime_s": result.runtime_s,
+        "tokens_per_s": result.tokens_per_s,
+        "wall_s": time.time() - started,
+        "overrides": overrides,
+    }
     save_record(done, record)
     return record
 
@@ -104,22 +142,34 @@ def best_of(records: list[dict]) -> dict:
 
 def tables(by_method: dict[str, list[dict]], opts: argparse.Namespace) -> str:
     steps = [p["step"] for p in next(iter(by_method.values()))[0]["curve"]]
-    grid_lines = ["| method | trainable params | lr | final char acc | final exact match | final loss | train s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-    curve_lines = [f"| method (best lr) | {' | '.join(f'step {s}' for s in steps)} | exact match |",
-                   "|---" * (len(steps) + 2) + "|"]
+    grid_lines = [
+        "| method | trainable params | lr | final char acc | final exact match | final loss | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    curve_lines = [
+        f"| method (best lr) | {' | '.join(f'step {s}' for s in steps)} | exact match |",
+        "|---" * (len(steps) + 2) + "|",
+    ]
     for method, records in by_method.items():
         label = METHOD_LABELS[method] + ("" if method == "full" else f" r={opts.rank}")
         for r in records:
             last = r["curve"][-1]
-            grid_lines.append(f"| {label} | {r['trainable']:,} | {r['lr']:g} | {last['char_accuracy']:.3f} | "
-                              f"{last['exact_match']:.3f} | {r['final_loss']:.4f} | {r['train_runtime_s']:.0f} |")
+            grid_lines.append(
+                f"| {label} | {r['trainable']:,} | {r['lr']:g} | {last['char_accuracy']:.3f} | "
+                f"{last['exact_match']:.3f} | {r['final_loss']:.4f} | {r['train_runtime_s']:.0f} |"
+            )
         best = best_of(records)
-        curve_lines.append(f"| {label} (lr {best['lr']:g}) | "
-                           + " | ".join(f"{p['char_accuracy']:.3f}" for p in best["curve"])
-                           + f" | {best['curve'][-1]['exact_match']:.3f} |")
-    return ("Learning-rate grid (char accuracy / exact match after the last step):\n\n" + "\n".join(grid_lines)
-            + "\n\nCharacter accuracy during training at each method's best learning rate:\n\n" + "\n".join(curve_lines))
+        curve_lines.append(
+            f"| {label} (lr {best['lr']:g}) | "
+            + " | ".join(f"{p['char_accuracy']:.3f}" for p in best["curve"])
+            + f" | {best['curve'][-1]['exact_match']:.3f} |"
+        )
+    return (
+        "Learning-rate grid (char accuracy / exact match after the last step):\n\n"
+        + "\n".join(grid_lines)
+        + "\n\nCharacter accuracy during training at each method's best learning rate:\n\n"
+        + "\n".join(curve_lines)
+    )
 
 
 def plot(by_method: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -129,16 +179,22 @@ def plot(by_method: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = dict(zip(METHODS, ["tab:gray", "tab:blue", "tab:orange", "tab:red"]))
+    colors = dict(zip(METHODS, ["tab:gray", "tab:blue", "tab:orange", "tab:red"], strict=True))
     for method, records in by_method.items():
         best = best_of(records)
         for r in records:
             xs = [p["step"] for p in r["curve"]]
             ys = [p["char_accuracy"] for p in r["curve"]]
             is_best = r is best
-            ax.plot(xs, ys, marker="o" if is_best else None, linestyle="-" if is_best else ":",
-                    color=colors[method], alpha=1.0 if is_best else 0.6,
-                    label=f"{METHOD_LABELS[method]} lr {r['lr']:g}" + (" (best)" if is_best else ""))
+            ax.plot(
+                xs,
+                ys,
+                marker="o" if is_best else None,
+                linestyle="-" if is_best else ":",
+                color=colors[method],
+                alpha=1.0 if is_best else 0.6,
+                label=f"{METHOD_LABELS[method]} lr {r['lr']:g}" + (" (best)" if is_best else ""),
+            )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("character accuracy (greedy, all keys)")
     ax.set_ylim(0, 1.02)
@@ -162,11 +218,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; quick 4)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default 15; quick 2)")
-    parser.add_argument("--grid", default=None, help="per-method learning rates, e.g. 'lora=1e-3,3e-3;full=1e-4' "
-                        f"(default {json.dumps(DEFAULT_GRID)})")
+    parser.add_argument(
+        "--grid",
+        default=None,
+        help=f"per-method learning rates, e.g. 'lora=1e-3,3e-3;full=1e-4' (default {json.dumps(DEFAULT_GRID)})",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--redo", action="store_true", help="rerun (method, lr) pairs already finished under --out "
-                        "(by default their record.json is reused, so widening --grid only runs the new points)")
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="rerun (method, lr) pairs already finished under --out "
+        "(by default their record.json is reused, so widening --grid only runs the new points)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "memorization")
     opts = parser.parse_args()
@@ -181,8 +244,10 @@ def main() -> None:
     torch.set_num_threads(opts.threads)
     out = opts.out / ("quick" if opts.quick else "full")
     command = "python benchmarks/bench_memorization.py " + " ".join(sys.argv[1:])
-    header = (f"# {machine_line(opts.threads)}\n# command: {command}\n# model {opts.model}, {opts.pairs} pairs, rank "
-              f"{opts.rank}, {opts.steps} steps of batch {opts.batch}, grid {json.dumps(grid)}")
+    header = (
+        f"# {machine_line(opts.threads)}\n# command: {command}\n# model {opts.model}, {opts.pairs} pairs, rank "
+        f"{opts.rank}, {opts.steps} steps of batch {opts.batch}, grid {json.dumps(grid)}"
+    )
     print(header, flush=True)
     started = time.time()
     by_method: dict[str, list[dict]] = {}
@@ -195,9 +260,14 @@ def main() -> None:
     print(f"\n{text}\n\nwall time {wall:.0f} s ({wall / 60:.1f} min)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(f"{header}\n\n{text}\n\nwall time {wall:.0f} s\n")
-    (out / "results.json").write_text(json.dumps({"command": command, "by_method": by_method, "wall_s": wall}, indent=1))
-    plot(by_method, out / "accuracy_vs_step.png",
-         f"UUID memorization, {opts.model}, {opts.pairs} pairs, r={opts.rank}, batch {opts.batch}")
+    (out / "results.json").write_text(
+        json.dumps({"command": command, "by_method": by_method, "wall_s": wall}, indent=1)
+    )
+    plot(
+        by_method,
+        out / "accuracy_vs_step.png",
+        f"UUID memorization, {opts.model}, {opts.pairs} pairs, r={opts.rank}, batch {opts.batch}",
+    )
     print(f"plot: {out / 'accuracy_vs_step.png'}")
 
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from harness import cpu_model, reset_peak_rss, status_kb  # noqa: E402
+
 from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem, mora_square_side  # noqa: E402
 
 
@@ -140,8 +141,12 @@ def time_configs(configs: list[str], d_in: int, d_out: int, tokens: int, reps: i
     for c in configs:
         # Spread of the paired ratios (quartiles), to show how much noise the overhead carries.
         q1, _, q3 = statistics.quantiles(ratios[c], n=4) if len(ratios[c]) > 1 else (1.0, 1.0, 1.0)
-        out[c] = {"median": statistics.median(times[c]),
-                  "ratio": statistics.median(ratios[c]) if ratios[c] else 1.0, "q1": q1, "q3": q3}
+        out[c] = {
+            "median": statistics.median(times[c]),
+            "ratio": statistics.median(ratios[c]) if ratios[c] else 1.0,
+            "q1": q1,
+            "q3": q3,
+        }
     return out
 
 
@@ -190,7 +195,9 @@ def main() -> None:
     parser.add_argument("--no-delta", action="store_true", help="skip the delta_weight()/merge() timings")
     parser.add_argument("--delta-only", action="store_true", help="only the delta_weight()/merge() timings")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
-    parser.add_argument("--memory-child", nargs=4, metavar=("CONFIG", "D_IN", "D_OUT", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-child", nargs=4, metavar=("CONFIG", "D_IN", "D_OUT", "TOKENS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.memory_child:
         config, d_in, d_out, tokens = args.memory_child
@@ -198,15 +205,20 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    shapes = [(256, 256), (256, 688)] if args.quick else [
-        tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    shapes = (
+        [(256, 256), (256, 688)]
+        if args.quick
+        else [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    )
     tokens = args.tokens or (256 if args.quick else 2048)
     reps = args.reps or 5
     ranks = [8, 32] if args.quick else [int(r) for r in args.ranks.split(",")]
     types = list(MORA_TYPES)
 
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu_model()}), "
-          f"{tokens} tokens, {reps} rounds, float32")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu_model()}), "
+        f"{tokens} tokens, {reps} rounds, float32"
+    )
     print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}\n")
 
     for d_in, d_out in shapes:
@@ -217,32 +229,41 @@ def main() -> None:
         med = time_configs(configs, d_in, d_out, tokens, reps) if configs else {}
         # The quick smoke run probes memory for a few configurations only (each probe is a new process).
         probed = configs[:3] if args.quick else configs
-        mem = {c: (None if args.no_memory or c not in probed else measure_memory(c, d_in, d_out, tokens))
-               for c in configs}
+        mem = {
+            c: (None if args.no_memory or c not in probed else measure_memory(c, d_in, d_out, tokens)) for c in configs
+        }
         print(f"### {d_out} x {d_in} (d_in={d_in}, d_out={d_out}), {tokens} tokens, forward+backward\n")
         if not configs:
             print("(forward+backward skipped: --delta-only)\n")
         else:
-            print("| configuration | r_hat | median ms | overhead (median of paired ratios) | quartiles of the ratios "
-                  "| peak extra MB | vs frozen MB |")
+            print(
+                "| configuration | r_hat | median ms | overhead (median of paired ratios) | quartiles of the ratios "
+                "| peak extra MB | vs frozen MB |"
+            )
             print("|---|---:|---:|---:|---:|---:|---:|")
             for c in configs:
                 r_hat = ""
                 if c.startswith("mora"):
                     _, t, r = c.split(":")
                     r_hat = str(mora_square_side(d_in, d_out, int(r), t))
-                name = {"frozen": "frozen nn.Linear", "lora:8": "peft LoRA r=8"}.get(c, c.replace("mora:", "MoRA ").replace(":", " r="))
+                name = {"frozen": "frozen nn.Linear", "lora:8": "peft LoRA r=8"}.get(
+                    c, c.replace("mora:", "MoRA ").replace(":", " r=")
+                )
                 m_txt = "n/a" if mem[c] is None else f"{mem[c]:.0f}"
                 dm = "n/a" if mem[c] is None or mem["frozen"] is None else f"{mem[c] - mem['frozen']:+.0f}"
                 over = "" if c == "frozen" else f"{100 * (med[c]['ratio'] - 1):+.1f}%"
-                spread = "" if c == "frozen" else f"{100 * (med[c]['q1'] - 1):+.1f}% .. {100 * (med[c]['q3'] - 1):+.1f}%"
+                spread = (
+                    "" if c == "frozen" else f"{100 * (med[c]['q1'] - 1):+.1f}% .. {100 * (med[c]['q3'] - 1):+.1f}%"
+                )
                 print(f"| {name} | {r_hat} | {med[c]['median'] * 1e3:.1f} | {over} | {spread} | {m_txt} | {dm} |")
             print()
         for rank in [] if args.no_delta else ranks:
             usable = [t for t in types if mora_shape_problem("", d_in, d_out, rank, t) is None]
             dt = time_delta(usable, d_in, d_out, rank, max(reps, 5))
-            print(f"delta_weight() / merge() for {d_out} x {d_in}, rank {rank} (median ms); floor = allocate and "
-                  f"write a {d_out} x {d_in} float32 tensor: {dt['delta']['floor'] * 1e3:.1f} ms\n")
+            print(
+                f"delta_weight() / merge() for {d_out} x {d_in}, rank {rank} (median ms); floor = allocate and "
+                f"write a {d_out} x {d_in} float32 tensor: {dt['delta']['floor'] * 1e3:.1f} ms\n"
+            )
             print("| type | delta_weight() ms (new tensor) | delta_weight(out=buffer) ms | merge ms (in place) |")
             print("|---|---:|---:|---:|")
             for t in usable:

@@ -30,22 +30,59 @@ VARIANTS = {
 
 def settings(quick: bool) -> dict:
     if quick:
-        return {"model": ["model.random_init.hidden_size=64", "model.random_init.intermediate_size=160",
-                          "model.random_init.num_hidden_layers=2"],
-                "steps": 12, "every": 4, "warmup": 1, "rank": 4, "seq": 64, "batch": 4, "docs": 40, "eval_docs": 5}
-    return {"model": ["model.random_init.hidden_size=256", "model.random_init.intermediate_size=688",
-                      "model.random_init.num_hidden_layers=4", "model.random_init.num_attention_heads=4",
-                      "model.random_init.num_key_value_heads=4"],
-            "steps": 400, "every": 100, "warmup": 10, "rank": 16, "seq": 128, "batch": 8, "docs": None, "eval_docs": 100}
+        return {
+            "model": [
+                "model.random_init.hidden_size=64",
+                "model.random_init.intermediate_size=160",
+                "model.random_init.num_hidden_layers=2",
+            ],
+            "steps": 12,
+            "every": 4,
+            "warmup": 1,
+            "rank": 4,
+            "seq": 64,
+            "batch": 4,
+            "docs": 40,
+            "eval_docs": 5,
+        }
+    return {
+        "model": [
+            "model.random_init.hidden_size=256",
+            "model.random_init.intermediate_size=688",
+            "model.random_init.num_hidden_layers=4",
+            "model.random_init.num_attention_heads=4",
+            "model.random_init.num_key_value_heads=4",
+        ],
+        "steps": 400,
+        "every": 100,
+        "warmup": 10,
+        "rank": 16,
+        "seq": 128,
+        "batch": 8,
+        "docs": None,
+        "eval_docs": 100,
+    }
 
 
 def overrides(name: str, s: dict, lr: float) -> list[str]:
-    args = ["task=pretrain", "model=llama-tiny", *s["model"], *VARIANTS[name], f"rank={s['rank']}",
-            "adapter.train_embeddings=true", f"trainer.max_steps={s['steps']}", f"trainer.batch_size={s['batch']}",
-            f"trainer.micro_batch_size={s['batch']}", f"trainer.max_seq_len={s['seq']}", f"trainer.learning_rate={lr}",
-            "trainer.lr_scheduler=cosine", f"trainer.warmup_steps={max(1, s['steps'] // 20)}",
-            f"trainer.logging_steps={max(1, s['steps'] // 20)}", "trainer.save_steps=0",
-            f"task.eval.max_samples={s['eval_docs']}"]
+    args = [
+        "task=pretrain",
+        "model=llama-tiny",
+        *s["model"],
+        *VARIANTS[name],
+        f"rank={s['rank']}",
+        "adapter.train_embeddings=true",
+        f"trainer.max_steps={s['steps']}",
+        f"trainer.batch_size={s['batch']}",
+        f"trainer.micro_batch_size={s['batch']}",
+        f"trainer.max_seq_len={s['seq']}",
+        f"trainer.learning_rate={lr}",
+        "trainer.lr_scheduler=cosine",
+        f"trainer.warmup_steps={max(1, s['steps'] // 20)}",
+        f"trainer.logging_steps={max(1, s['steps'] // 20)}",
+        "trainer.save_steps=0",
+        f"task.eval.max_samples={s['eval_docs']}",
+    ]
     if s["docs"]:
         args += [f"task.data.train.0.limit={s['docs']}", "task.data.train.1.limit=1"]
     if name.startswith("re"):
@@ -69,7 +106,9 @@ def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> di
     for name, param in merged.named_parameters():
         kind = name.rsplit(".", 2)[-2]
         if kind.endswith("_proj") and name in base_weights:
-            counts.setdefault(kind, []).append(count_singular_values_above(param.detach() - base_weights[name], threshold))
+            counts.setdefault(kind, []).append(
+                count_singular_values_above(param.detach() - base_weights[name], threshold)
+            )
     return {k: sum(v) / len(v) for k, v in sorted(counts.items())}
 
 
@@ -86,7 +125,14 @@ def run_variant(name: str, lr: float, s: dict, out: Path, threads: int) -> dict:
     started = time.time()
     metrics = run_mora_train(args, run_dir, threads)
     ranks = delta_ranks(args, run_dir / "merged")
-    record = {"name": name, "lr": lr, "overrides": args, "metrics": metrics, "ranks": ranks, "wall_s": time.time() - started}
+    record = {
+        "name": name,
+        "lr": lr,
+        "overrides": args,
+        "metrics": metrics,
+        "ranks": ranks,
+        "wall_s": time.time() - started,
+    }
     save_record(record_path, record)
     print(f"  perplexity {metrics['eval_perplexity']:.3f}  ΔW rank {ranks}  ({record['wall_s']:.0f} s)", flush=True)
     return record
@@ -94,26 +140,43 @@ def run_variant(name: str, lr: float, s: dict, out: Path, threads: int) -> dict:
 
 def results_table(records: list[dict]) -> str:
     kinds = sorted({k for r in records for k in r["ranks"]})
-    lines = [f"| variant | lr | held-out ppl | final train loss | trainable | {' | '.join(f'rank ΔW {k}' for k in kinds)} | wall s |",
-             "|---" * (6 + len(kinds)) + "|"]
+    lines = [
+        (
+            f"| variant | lr | held-out ppl | final train loss | trainable | "
+            f"{' | '.join(f'rank ΔW {k}' for k in kinds)} | wall s |"
+        ),
+        "|---" * (6 + len(kinds)) + "|",
+    ]
     for r in records:
         m = r["metrics"]
-        lines.append(f"| {r['name']} | {r['lr']:g} | {m['eval_perplexity']:.3f} | {m['final_logged_loss']:.3f} | "
-                     f"{m['trainable_params']:,} | " + " | ".join(f"{r['ranks'].get(k, 0):.1f}" for k in kinds)
-                     + f" | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {r['lr']:g} | {m['eval_perplexity']:.3f} | {m['final_logged_loss']:.3f} | "
+            f"{m['trainable_params']:,} | "
+            + " | ".join(f"{r['ranks'].get(k, 0):.1f}" for k in kinds)
+            + f" | {r['wall_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: checks the pipeline")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "runs" / "pretrain",
-                        help="run dirs go to OUT/full (or OUT/quick); finished runs there with the same arguments are "
-                             "reused, so two processes can split the variants and a third prints the whole table")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "runs" / "pretrain",
+        help="run dirs go to OUT/full (or OUT/quick); finished runs there with the same arguments are "
+        "reused, so two processes can split the variants and a third prints the whole table",
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lr", type=float, nargs="+", default=[3e-3],
-                        help="learning rate, or several for a grid (each variant at each rate; the best per variant "
-                             "by held-out perplexity is tabled separately)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=[3e-3],
+        help="learning rate, or several for a grid (each variant at each rate; the best per variant "
+        "by held-out perplexity is tabled separately)",
+    )
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     opts = parser.parse_args()
     s = settings(opts.quick)
@@ -121,8 +184,10 @@ def main() -> None:
     records = [run_variant(name, lr, s, out, opts.threads) for name in opts.variants for lr in opts.lr]
     report = results_table(records)
     if len(opts.lr) > 1:
-        best = [min((r for r in records if r["name"] == name), key=lambda r: r["metrics"]["eval_perplexity"])
-                for name in opts.variants]
+        best = [
+            min((r for r in records if r["name"] == name), key=lambda r: r["metrics"]["eval_perplexity"])
+            for name in opts.variants
+        ]
         report += "\n\nBest learning rate per variant (lowest held-out perplexity):\n\n" + results_table(best)
     print("\n" + report)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,19 +40,25 @@ def run_child(opts: argparse.Namespace) -> None:
     opts.run_suffix = f"_{opts.quantization}"
     opts.redo = True
     record = bench_memorization.run_one(opts.method, opts.lr, opts, opts.out)
-    record.update(quantization=opts.quantization, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    record.update(
+        quantization=opts.quantization, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     save_record(opts.record, record)
 
 
 def table(records: list[dict]) -> str:
     steps = " → ".join(str(p["step"]) for p in records[0]["curve"])
-    lines = [f"| method | base | lr | peak RSS | tokens/s | char acc at step {steps} | exact match | final loss |",
-             "|---|---|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        f"| method | base | lr | peak RSS | tokens/s | char acc at step {steps} | exact match | final loss |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
     for r in records:
         curve = " → ".join(f"{p['char_accuracy']:.3f}" for p in r["curve"])
-        lines.append(f"| {LABELS[r['method']]} | {'fp32' if r['quantization'] == 'none' else r['quantization']} | "
-                     f"{r['lr']:g} | {r['peak_rss_bytes'] / 2**20:,.0f} MiB | {r['tokens_per_s']:,.0f} | {curve} | "
-                     f"{r['curve'][-1]['exact_match']:.3f} | {r['final_loss']:.4f} |")
+        lines.append(
+            f"| {LABELS[r['method']]} | {'fp32' if r['quantization'] == 'none' else r['quantization']} | "
+            f"{r['lr']:g} | {r['peak_rss_bytes'] / 2**20:,.0f} MiB | {r['tokens_per_s']:,.0f} | {curve} | "
+            f"{r['curve'][-1]['exact_match']:.3f} | {r['final_loss']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -76,8 +82,10 @@ def main() -> None:
         return
 
     command = "python benchmarks/bench_qmora.py " + " ".join(sys.argv[1:])
-    header = (f"# {machine_line(opts.threads)}\n# command: {command}\n# model {opts.model}, {opts.pairs} pairs, rank "
-              f"{opts.rank}, {opts.steps} steps of batch {opts.batch}, each run in its own process")
+    header = (
+        f"# {machine_line(opts.threads)}\n# command: {command}\n# model {opts.model}, {opts.pairs} pairs, rank "
+        f"{opts.rank}, {opts.steps} steps of batch {opts.batch}, each run in its own process"
+    )
     print(header, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -86,9 +94,22 @@ def main() -> None:
         for quantization in QUANTIZATIONS:
             record_path = out / f"{method}_{quantization}.json"
             print(f"{method}, base {quantization}", flush=True)
-            args = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--quantization", quantization,
-                    "--record", str(record_path), "--threads", str(opts.threads), "--out", str(opts.out)]
-            done = subprocess.run(args + (["--quick"] if opts.quick else []), cwd=REPO)
+            args = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--method",
+                method,
+                "--quantization",
+                quantization,
+                "--record",
+                str(record_path),
+                "--threads",
+                str(opts.threads),
+                "--out",
+                str(opts.out),
+            ]
+            # check=False: a failure is reported below with the method and base it ran.
+            done = subprocess.run(args + (["--quick"] if opts.quick else []), cwd=REPO, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"the {method} run on the {quantization} base failed (exit {done.returncode})")
             records.append(json.loads(record_path.read_text()))

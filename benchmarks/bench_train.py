@@ -31,7 +31,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from harness import METHOD_LABELS, METHODS, REPO, build_adapter_from_config, compose, machine_line, method_overrides, reset_peak_rss, status_kb
+from harness import (
+    METHOD_LABELS,
+    METHODS,
+    REPO,
+    build_adapter_from_config,
+    compose,
+    machine_line,
+    method_overrides,
+    reset_peak_rss,
+    status_kb,
+)
 
 
 def child(method: str, opts: argparse.Namespace) -> dict:
@@ -59,7 +69,7 @@ def child(method: str, opts: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    timed = times[opts.warmup:]
+    timed = times[opts.warmup :]
     return {
         "method": method,
         "tokens_per_s": opts.batch * opts.seq / statistics.median(timed),
@@ -73,10 +83,28 @@ def child(method: str, opts: argparse.Namespace) -> dict:
 
 
 def run_child(method: str, opts: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--model", opts.model, "--rank", str(opts.rank),
-           "--batch", str(opts.batch), "--seq", str(opts.seq), "--steps", str(opts.steps),
-           "--warmup", str(opts.warmup), "--threads", str(opts.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--model",
+        opts.model,
+        "--rank",
+        str(opts.rank),
+        "--batch",
+        str(opts.batch),
+        "--seq",
+        str(opts.seq),
+        "--steps",
+        str(opts.steps),
+        "--warmup",
+        str(opts.warmup),
+        "--threads",
+        str(opts.threads),
+    ]
+    # check=False: a failure is reported below with the child's stderr.
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -85,21 +113,29 @@ def run_child(method: str, opts: argparse.Namespace) -> dict:
 def table(results: dict[str, list[dict]], opts: argparse.Namespace) -> str:
     lora = results.get("lora")
     lines = [
-        f"| method (r={opts.rank}) | trainable params | tokens/s (median of rounds) | ratio to LoRA "
-        "(median of per-round ratios) | peak RSS MB | ratio to LoRA | RSS after load MB |",
+        (
+            f"| method (r={opts.rank}) | trainable params | tokens/s (median of rounds) | ratio to LoRA "
+            "(median of per-round ratios) | peak RSS MB | ratio to LoRA | RSS after load MB |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, rounds in results.items():
         tps = statistics.median(r["tokens_per_s"] for r in rounds)
         peak = statistics.median(r["peak_rss_mb"] for r in rounds)
         if lora:
-            speed_ratio = statistics.median(r["tokens_per_s"] / l["tokens_per_s"] for r, l in zip(rounds, lora))
-            mem_ratio = statistics.median(r["peak_rss_mb"] / l["peak_rss_mb"] for r, l in zip(rounds, lora))
+            speed_ratio = statistics.median(
+                r["tokens_per_s"] / lo["tokens_per_s"] for r, lo in zip(rounds, lora, strict=True)
+            )
+            mem_ratio = statistics.median(
+                r["peak_rss_mb"] / lo["peak_rss_mb"] for r, lo in zip(rounds, lora, strict=True)
+            )
             ratios = f"{speed_ratio:.3f} | {peak:.0f} | {mem_ratio:.3f}"
         else:
             ratios = f"n/a | {peak:.0f} | n/a"
-        lines.append(f"| {METHOD_LABELS[method]} | {rounds[0]['trainable']:,} | {tps:.1f} | {ratios} | "
-                     f"{statistics.median(r['rss_loaded_mb'] for r in rounds):.0f} |")
+        lines.append(
+            f"| {METHOD_LABELS[method]} | {rounds[0]['trainable']:,} | {tps:.1f} | {ratios} | "
+            f"{statistics.median(r['rss_loaded_mb'] for r in rounds):.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -124,8 +160,11 @@ def main() -> None:
         return
     rounds = opts.rounds or (1 if opts.quick else 3)
     command = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
-    print(f"# {machine_line(opts.threads)}\n# command: {command}\n# model {opts.model}, batch {opts.batch} x "
-          f"{opts.seq} tokens, {opts.warmup} warm-up + {opts.steps} timed steps, {rounds} rounds", flush=True)
+    print(
+        f"# {machine_line(opts.threads)}\n# command: {command}\n# model {opts.model}, batch {opts.batch} x "
+        f"{opts.seq} tokens, {opts.warmup} warm-up + {opts.steps} timed steps, {rounds} rounds",
+        flush=True,
+    )
     # LoRA first in the dict so the table lists it first; the run order is shuffled per round below.
     methods = sorted(opts.methods, key=lambda m: m != "lora")
     results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -137,15 +176,19 @@ def main() -> None:
         for method in order:
             r = run_child(method, opts)
             results[method].append(r)
-            print(f"[{datetime.now():%H:%M:%S}] round {round_index + 1}: {method:13s} {r['tokens_per_s']:7.1f} tokens/s, "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"[{datetime.now():%H:%M:%S}] round {round_index + 1}: {method:13s} {r['tokens_per_s']:7.1f} tokens/s, "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     text = table(results, opts)
     print(f"\n{text}\n\nwall time {time.time() - started:.0f} s")
     out = opts.out / ("quick" if opts.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"command": command, "machine": machine_line(opts.threads),
-                                                  "results": results}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps({"command": command, "machine": machine_line(opts.threads), "results": results}, indent=1)
+    )
 
 
 if __name__ == "__main__":

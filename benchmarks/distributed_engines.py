@@ -30,9 +30,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 FULL_JOB = ["model=smollm2-135m", "trainer.precision=bf16", "trainer.max_steps=60", "task.num_pairs=16"]
 QUICK_JOB = [
-    "model=tiny-llama", "task.num_pairs=8", "trainer.max_steps=12", "trainer.batch_size=8",
-    "trainer.micro_batch_size=4", "trainer.learning_rate=1e-2", "trainer.warmup_steps=0",
-    "trainer.lr_scheduler=constant", "task.eval.max_samples=4",
+    "model=tiny-llama",
+    "task.num_pairs=8",
+    "trainer.max_steps=12",
+    "trainer.batch_size=8",
+    "trainer.micro_batch_size=4",
+    "trainer.learning_rate=1e-2",
+    "trainer.warmup_steps=0",
+    "trainer.lr_scheduler=constant",
+    "task.eval.max_samples=4",
 ]
 ADAPTERS = {"mora": ["adapter=mora", "rank=8"], "lora": ["adapter=lora", "rank=8"]}
 
@@ -40,7 +46,10 @@ ADAPTERS = {"mora": ["adapter=mora", "rank=8"], "lora": ["adapter=lora", "rank=8
 def launch(processes: list[str], job: list[str], run_dir: Path) -> tuple[int, str, float]:
     command = ["bash", str(REPO / "scripts" / "launch.sh"), *processes, *job, f"output_dir={run_dir}", "overwrite=true"]
     started = time.time()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    # check=False: the caller gets the return code and records a failed engine as a row.
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, check=False
+    )
     (run_dir.parent / f"{run_dir.name}.log").write_text(result.stdout + result.stderr)
     return result.returncode, result.stderr[-1500:], time.time() - started
 
@@ -99,7 +108,10 @@ def main() -> None:
                 f"{metrics['merge_max_abs_diff']:.1e} | {diff:.1e} | {wall:.0f} |"
             )
             print(rows[-1], flush=True)
-    print("\n| adapter | engine | train tokens/s | peak GPU GiB | train loss | merge check | merged logits vs first engine | wall s |")
+    print(
+        "\n| adapter | engine | train tokens/s | peak GPU GiB | train loss | "
+        "merge check | merged logits vs first engine | wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

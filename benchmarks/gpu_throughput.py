@@ -38,8 +38,14 @@ from harness import compose, method_overrides
 SPEC_PEAK_TFLOPS = 989.0  # NVIDIA H100/H200 SXM, dense BF16 (no sparsity)
 MEASURED_PEAK_TFLOPS = 790.0  # bf16 matmul peak measured on the H200 (device docs)
 # (method, rank, model.quantization)
-CASES = [("full", 0, "none"), ("lora", 8, "none"), ("mora_sharing", 8, "none"), ("mora_rope", 8, "none"),
-         ("mora_sharing", 256, "none"), ("mora_rope", 256, "none")]
+CASES = [
+    ("full", 0, "none"),
+    ("lora", 8, "none"),
+    ("mora_sharing", 8, "none"),
+    ("mora_rope", 8, "none"),
+    ("mora_sharing", 256, "none"),
+    ("mora_rope", 256, "none"),
+]
 # --quantized (issue 15): QMoRA vs QLoRA on an nf4 base (bf16 compute), and MoRA on the bf16 base beside them.
 QUANTIZED_CASES = [("lora", 8, "nf4"), ("mora_rope", 8, "nf4"), ("mora_rope", 8, "none")]
 
@@ -99,10 +105,17 @@ def measure(method: str, rank: int, opts: argparse.Namespace, device, quantizati
     if cuda:
         torch.cuda.empty_cache()
     return {
-        "method": method, "rank": rank if method != "full" else None, "label": label(method, rank, quantization),
+        "method": method,
+        "rank": rank if method != "full" else None,
+        "label": label(method, rank, quantization),
         "quantization": quantization,
-        "base_params": base_params, "trainable_params": trainable, "batch": opts.batch, "seq": opts.seq,
-        "step_s": step_s, "tokens_per_s": tokens_per_s, "peak_gpu_memory_gib": peak,
+        "base_params": base_params,
+        "trainable_params": trainable,
+        "batch": opts.batch,
+        "seq": opts.seq,
+        "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
+        "peak_gpu_memory_gib": peak,
         "mfu_spec": 6 * base_params * tokens_per_s / (opts.peak_tflops * 1e12),
         "mfu_measured_peak": 6 * base_params * tokens_per_s / (MEASURED_PEAK_TFLOPS * 1e12),
     }
@@ -114,12 +127,18 @@ def is_oom(err: BaseException) -> bool:
 
 def table(result: dict) -> str:
     lines = [
-        f"Throughput: model {result['model']} (N = {result['base_params'] / 1e6:,.1f} M parameters), {result['precision']}, "
-        f"seq {result['seq']}, batch {result['batch']}, {result['rounds']} round(s) x {result['steps']} timed steps, "
-        f"{result['device_name']}. MFU = 6 N tokens/s / peak; peak {result['peak_tflops']:.0f} TFLOP/s (dense BF16 spec) "
-        f"and {MEASURED_PEAK_TFLOPS:.0f} TFLOP/s (measured).",
+        (
+            f"Throughput: model {result['model']} (N = {result['base_params'] / 1e6:,.1f} M parameters), "
+            f"{result['precision']}, seq {result['seq']}, batch {result['batch']}, "
+            f"{result['rounds']} round(s) x {result['steps']} timed steps, {result['device_name']}. "
+            f"MFU = 6 N tokens/s / peak; peak {result['peak_tflops']:.0f} TFLOP/s (dense BF16 spec) "
+            f"and {MEASURED_PEAK_TFLOPS:.0f} TFLOP/s (measured)."
+        ),
         "",
-        "| method | trainable params | tokens/s | vs LoRA | MFU (spec peak) | MFU (measured peak) | peak GPU GiB | peak GiB vs LoRA |",
+        (
+            "| method | trainable params | tokens/s | vs LoRA | MFU (spec peak) | "
+            "MFU (measured peak) | peak GPU GiB | peak GiB vs LoRA |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
@@ -138,7 +157,9 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", "--quick", action="store_true", help="tiny-llama on CPU, seq 64, batch 2: checks the script")
+    parser.add_argument(
+        "--dry-run", "--quick", action="store_true", help="tiny-llama on CPU, seq 64, batch 2: checks the script"
+    )
     parser.add_argument("--model", default="llama-1b")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=16)
@@ -155,7 +176,8 @@ def main() -> None:
     import torch
 
     if opts.dry_run:
-        opts.model, opts.seq, opts.batch, opts.steps, opts.warmup, opts.rounds, opts.ranks = "tiny-llama", 64, 2, 2, 1, 1, [4, 16]
+        opts.model, opts.seq, opts.batch, opts.steps = "tiny-llama", 64, 2, 2
+        opts.warmup, opts.rounds, opts.ranks = 1, 1, [4, 16]
         device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
@@ -164,11 +186,21 @@ def main() -> None:
     small, large = opts.ranks
     cases = [(m, {8: small, 256: large}.get(r, r), q) for m, r, q in (QUANTIZED_CASES if opts.quantized else CASES)]
     result = {
-        "model": opts.model, "precision": opts.precision, "seq": opts.seq, "batch": opts.batch, "steps": opts.steps,
-        "warmup": opts.warmup, "rounds": opts.rounds, "peak_tflops": opts.peak_tflops,
-        "measured_peak_tflops": MEASURED_PEAK_TFLOPS, "device": str(device),
+        "model": opts.model,
+        "precision": opts.precision,
+        "seq": opts.seq,
+        "batch": opts.batch,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
+        "rounds": opts.rounds,
+        "peak_tflops": opts.peak_tflops,
+        "measured_peak_tflops": MEASURED_PEAK_TFLOPS,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU",
-        "torch": torch.__version__, "base_params": 0, "rows": [], "per_round": [],
+        "torch": torch.__version__,
+        "base_params": 0,
+        "rows": [],
+        "per_round": [],
     }
 
     def save() -> None:
@@ -181,7 +213,8 @@ def main() -> None:
     for round_no in range(opts.rounds):
         order = list(cases)
         rng.shuffle(order)
-        if round_no == 0 and ("full", 0, "none") in order:  # full FT first: it needs the most memory and fixes the batch
+        # Full FT first: it needs the most memory and fixes the batch.
+        if round_no == 0 and ("full", 0, "none") in order:
             order.remove(("full", 0, "none"))
             order.insert(0, ("full", 0, "none"))
         measured = {}
@@ -199,8 +232,12 @@ def main() -> None:
                         result["batch"] = opts.batch
                         print(f"full FT out of memory: batch halved to {opts.batch}", flush=True)
                         continue
-                    row = {"method": method, "rank": rank, "label": label(method, rank, quantization),
-                           "error": f"{type(err).__name__}: {err}"}
+                    row = {
+                        "method": method,
+                        "rank": rank,
+                        "label": label(method, rank, quantization),
+                        "error": f"{type(err).__name__}: {err}",
+                    }
                     break
             measured[(method, rank, quantization)] = row
             result["base_params"] = row.get("base_params", result["base_params"])

@@ -32,7 +32,12 @@ METHODS: dict[str, list[str]] = {
     "mora_sharing": ["adapter=mora", "adapter.mora_type=sharing"],
     "mora_rope": ["adapter=mora", "adapter.mora_type=rope"],
 }
-METHOD_LABELS = {"full": "full FT", "lora": "LoRA", "mora_sharing": "MoRA type 1 (sharing)", "mora_rope": "MoRA type 6 (rope)"}
+METHOD_LABELS = {
+    "full": "full FT",
+    "lora": "LoRA",
+    "mora_sharing": "MoRA type 1 (sharing)",
+    "mora_rope": "MoRA type 6 (rope)",
+}
 
 
 def compose(overrides: list[str]):  # -> mora_train.pipeline.run_config.RunConfig
@@ -91,7 +96,8 @@ def run_mora_train(overrides: list[str], run_dir: Path, threads: int | None = No
     if threads:
         # On a CPU shared with other jobs, torch's default (all cores) can be ~10x slower than 1 thread.
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    # check=False: a failure exits below with the run's last output (the logs are written first).
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, check=False)
     (run_dir / "stdout.log").write_text(result.stdout)
     (run_dir / "stderr.log").write_text(result.stderr)
     if result.returncode != 0:
@@ -114,10 +120,18 @@ def reset_peak_rss() -> None:
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (e.g. 'AMD EPYC')."""
-    return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")), platform.processor() or "unknown CPU")
+    return next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
 
 
 def machine_line(threads: int) -> str:
-    return (f"{date.today():%Y-%m-%d}, {cpu_model()}, {torch.get_num_threads() if threads <= 0 else threads} threads, "
-            f"torch {torch.__version__}, python {platform.python_version()}")
+    return (
+        f"{date.today():%Y-%m-%d}, {cpu_model()}, {torch.get_num_threads() if threads <= 0 else threads} threads, "
+        f"torch {torch.__version__}, python {platform.python_version()}"
+    )

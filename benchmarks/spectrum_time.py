@@ -19,8 +19,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mora_train.adapters import build_adapter
-from mora_train.analysis.spectrum import base_model_config, load_base_model, run_spectrum, summarize
+from mora_train.analysis.spectrum import load_base_model, run_spectrum, summarize
 from mora_train.models import load_model_and_tokenizer
+from mora_train.pipeline.run_config import named_model_config
 
 BASE = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,8 +35,10 @@ def randomize_(params: dict[str, torch.nn.Parameter], scale: float) -> None:
 
 
 def adapter_case(adapter: str, rank: int, mora_type: str, workdir: Path) -> tuple[float, float, dict]:
-    model, _ = load_model_and_tokenizer(base_model_config(BASE))
-    cfg = OmegaConf.create({"name": adapter, "alpha": 16, "mora_type": mora_type, "target_modules": TARGETS, "dropout": 0.0})
+    model, _ = load_model_and_tokenizer(named_model_config(BASE))
+    cfg = OmegaConf.create(
+        {"name": adapter, "alpha": 16, "mora_type": mora_type, "target_modules": TARGETS, "dropout": 0.0}
+    )
     wrapped = build_adapter(model, cfg, rank)
     randomize_(wrapped.trainable_parameters(), 0.01)
     folder = workdir / f"{adapter}-{rank}"
@@ -52,7 +55,7 @@ def timed(folder: Path) -> tuple[float, float, dict]:
 
 
 def merged_case(workdir: Path) -> tuple[float, float, dict]:
-    model = load_base_model(base_model_config(BASE))
+    model = load_base_model(named_model_config(BASE))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -67,7 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="LoRA r=8 only")
     args = parser.parse_args()
-    cases = [("lora", 8, "rope")] if args.quick else [("lora", 8, "rope"), ("mora", 8, "rope"), ("mora", 256, "sharing")]
+    cases = (
+        [("lora", 8, "rope")] if args.quick else [("lora", 8, "rope"), ("mora", 8, "rope"), ("mora", 256, "sharing")]
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ΔW of all 210 SmolLM2 projections")
     with tempfile.TemporaryDirectory() as tmp:
         for adapter, rank, mora_type in cases:

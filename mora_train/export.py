@@ -318,6 +318,13 @@ def merge_tolerance(dtype: torch.dtype, floor: float, logits: torch.Tensor) -> f
     return max(MERGE_TOLERANCE.get(dtype, 1e-4), FLOOR_FACTOR * floor)
 
 
+def as_module(model: PreTrainedModel) -> torch.nn.Module:
+    """`model` itself, typed as the nn.Module it is, for `.to(...)`: transformers wraps PreTrainedModel.to with
+    functools.wraps(nn.Module.to), and typeshed's type of such a wrapper does not bind `self` (mypy then reads
+    the dtype as the model argument). The call still runs transformers' .to."""
+    return model
+
+
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """save_pretrained (safetensors) + tokenizer + generation config, written to a temp dir then renamed."""
 
@@ -331,7 +338,7 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targ
 
 
 def quantized_reference_logits(
-    load_base: Callable[[], torch.nn.Module], adapter_dir: Path, probe: dict[str, torch.Tensor]
+    load_base: Callable[[], PreTrainedModel], adapter_dir: Path, probe: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """Logits of the trained model rebuilt from scratch: the saved adapter on a freshly loaded quantized base,
     computed by the quantized kernels — nothing the export or an evaluation did to the live model reaches it."""
@@ -409,10 +416,10 @@ def export_merged(
         before_cast = BeforeCastCheck(max_abs_diff=diff, tolerance=held, dtype=dtype)
         # The reloaded checkpoint adds the cast's rounding to whatever the merge left (at most the above).
         tolerance = max(held, merge_tolerance(dtype, cast_floor, adapted_logits))
-    merged.to(dtype)
+    as_module(merged).to(dtype)
     save_merged(merged, tokenizer, target)
     reloaded = reload_merged(target, dtype, trust_remote_code)
-    reloaded.to(next(merged.parameters()).device)
+    as_module(reloaded).to(next(merged.parameters()).device)
     diff = (logits_of(reloaded, probe, compare_dtype) - adapted_logits).abs().max().item()
     result = ExportResult(
         merged_dir=target,

@@ -107,13 +107,13 @@ def export_lora(
         raise MoraTrainError("the adapter has no adapted layers to export")
     rows: list[LayerExport] = []
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, (B, A) in factors.items():
-        d_out, d_in, exact_rank = B.shape[0], A.shape[1], A.shape[0]
+    for name, (B_exact, A_exact) in factors.items():
+        d_out, d_in, exact_rank = B_exact.shape[0], A_exact.shape[1], A_exact.shape[0]
         needs_cut = rank is not None or energy is not None or exact_rank > min(d_in, d_out)
         if needs_cut:
-            B, A, error = truncate(B, A, rank, energy)
+            B, A, error = truncate(B_exact, A_exact, rank, energy)
         else:
-            error = 0.0
+            B, A, error = B_exact, A_exact, 0.0
         kept[name] = (B, A)
         rows.append(LayerExport(name, d_out, d_in, exact_rank, A.shape[0], error))
     uniform = max(row.rank for row in rows)

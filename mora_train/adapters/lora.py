@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
@@ -27,9 +27,35 @@ from mora_train.adapters.config import AdapterSettings, LowRankSettings
 from mora_train.config.schema import section, setting
 from mora_train.core.errors import MoraTrainError
 
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
+
 log = logging.getLogger(__name__)
 
 PEFT_ADAPTER = "default"
+
+
+class _LoraFactor(Protocol):
+    """A LoRA factor of a linear layer (peft's lora_A / lora_B entry: an nn.Linear)."""
+
+    weight: nn.Parameter
+
+
+class _LoraLinear(Protocol):
+    """What this adapter uses of a peft LoRA layer on a linear base layer. peft's lora.Linear and its
+    bitsandbytes variants all have it, but share only the LoraLayer mixin, which declares neither nn.Module's
+    methods nor get_delta_weight, and types the base layer and the lora_A / lora_B entries as nn.Module."""
+
+    r: dict[str, int]
+    scaling: dict[str, float]
+    lora_A: Mapping[str, _LoraFactor]
+    lora_B: Mapping[str, _LoraFactor]
+
+    def get_base_layer(self) -> nn.Linear: ...
+    def get_delta_weight(self, adapter: str) -> torch.Tensor: ...
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None: ...
+    def unmerge(self) -> None: ...
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
 @section
@@ -91,7 +117,8 @@ class LoraAdapter(Adapter):
             targets = sorted(find_target_linears(model, list(target_modules)))
             config = LoraConfig(
                 r=rank,
-                lora_alpha=alpha,
+                # peft annotates lora_alpha as int, but takes any number: its scaling is lora_alpha / r.
+                lora_alpha=alpha,  # type: ignore[arg-type]
                 lora_dropout=dropout,
                 target_modules=targets,
                 bias="none",
@@ -99,7 +126,8 @@ class LoraAdapter(Adapter):
             )
             peft_model = get_peft_model(model, config)
         self.peft_model = peft_model
-        self.base_model = peft_model.get_base_model()
+        # peft types it nn.Module; for LoRA (not a prompt-learning method) it is the transformers model wrapped.
+        self.base_model = cast(PreTrainedModel, peft_model.get_base_model())
         self.target_modules = list(target_modules)
 
     @property
@@ -112,8 +140,9 @@ class LoraAdapter(Adapter):
     def identity_now(self) -> dict[str, Any]:
         return {"adapter": self.name, "rank": self.rank}
 
-    def _lora_layers(self) -> dict[str, LoraLayer]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)}
+    def _lora_layers(self) -> dict[str, _LoraLinear]:
+        # LoRA on linear layers (the targets find_target_linears picks): each has what _LoraLinear lists.
+        return {n: cast(_LoraLinear, m) for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)}
 
     def module_summaries(self) -> list[ModuleSummary]:
         rows = []
@@ -151,7 +180,7 @@ class LoraAdapter(Adapter):
 
     @torch.no_grad()
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        factors = {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, layer in self._lora_layers().items():
             scaling = layer.scaling[PEFT_ADAPTER]
             B = layer.lora_B[PEFT_ADAPTER].weight.float() * scaling  # scaling folded in: exported scaling is 1
@@ -196,7 +225,8 @@ class LoraAdapter(Adapter):
                 problems.append(f"{key}: saved {tuple(tensor.shape)}, model has {tuple(expected[live_key])}")
         if problems:
             raise MoraTrainError(f"LoRA adapter in {directory} does not fit this model: " + "; ".join(problems))
-        result = set_peft_model_state_dict(self.peft_model, state)
+        # peft annotates its result as `namedtuple` (the factory, not a type); it is torch's load_state_dict result.
+        result = cast("_IncompatibleKeys", set_peft_model_state_dict(self.peft_model, state))
         if result.unexpected_keys:
             raise MoraTrainError(
                 f"LoRA adapter in {directory} names modules this model lacks: {sorted(result.unexpected_keys)[:5]}"

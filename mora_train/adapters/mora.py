@@ -58,7 +58,10 @@ MORA_TYPE_DESCRIPTIONS: dict[str, str] = {
     "grouping": "type 2: sum contiguous groups of input features; repeat each output over a contiguous group",
     "group_tile": "type 3: sum contiguous groups of input features; tile the r_hat outputs",
     "share_group": "type 4: wrap-pad x, sum its r_hat-chunks; repeat each output over a contiguous group",
-    "rope": "type 6, paper Eq. 9: wrap-pad x, rotate chunk b by RoPE angles, M on every chunk, concatenate (good for small rank)",
+    "rope": (
+        "type 6, paper Eq. 9: wrap-pad x, rotate chunk b by RoPE angles, M on every chunk, concatenate "
+        "(good for small rank)"
+    ),
     "decouple": "type 6 without the rotation: M on every wrap-padded chunk, concatenate",
     "truncation": "paper baseline: keep the first r_hat input features, write the first r_hat outputs, zeros elsewhere",
 }
@@ -211,7 +214,8 @@ class _Operators:
         self.s_out, self.a_out = d_out // r, d_out - r * (d_out // r)
         # Rows of the (block) pre-image that delta_W repeats: the tile period of the chunked types.
         self.period = self.padded if self.comp == "chunk" else r
-        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._rope_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- derived tables (never buffers: they are recomputed per device/dtype, never saved) ----------
     def _index(self, name: str, device: torch.device) -> torch.Tensor:
@@ -229,8 +233,8 @@ class _Operators:
         return idx
 
     def rope_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("rope", device, dtype)
-        tables = self._cache.get(key)
+        key = (device, dtype)
+        tables = self._rope_cache.get(key)
         if tables is None:
             r = self.r
             # Angles in float64 then cast, so low-precision tables are correctly rounded.
@@ -238,8 +242,8 @@ class _Operators:
             freqs = torch.outer(torch.arange(self.n_chunks, dtype=torch.float64), inv_freq)
             emb = torch.cat((freqs, freqs), dim=-1)  # pair (k, k + r/2) shares angle k
             tables = (emb.cos().to(device, dtype), emb.sin().to(device, dtype))
-            self._cache[key] = tables  # type: ignore[assignment]
-        return tables  # type: ignore[return-value]
+            self._rope_cache[key] = tables
+        return tables
 
     def mixing(self, M: torch.Tensor) -> torch.Tensor:
         """The matrix (or per-chunk matrices) applied between compression and decompression.
@@ -665,7 +669,8 @@ class MoRALinear(nn.Module):
         elif out.shape != (self.out_features, self.in_features) or out.dtype != M.dtype or out.device != M.device:
             raise ValueError(
                 f"MoRA layer '{self.layer_name or '<unnamed layer>'}': out must be a {self.out_features} x "
-                f"{self.in_features} {M.dtype} tensor on {M.device}, got {tuple(out.shape)} {out.dtype} on {out.device}."
+                f"{self.in_features} {M.dtype} tensor on {M.device}, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}."
             )
         self._ops.rows_into(out, self._ops.factor(M), "copy")
         return out

@@ -25,7 +25,7 @@ def official_state_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     ours: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         module = key.removeprefix(PEFT_PREFIX)
-        if module.endswith(".lora_A.weight") or module.endswith(".lora_A.default.weight"):
+        if module.endswith((".lora_A.weight", ".lora_A.default.weight")):
             ours[module.split(".lora_A.")[0] + ".mora_M"] = tensor
     for key, tensor in state.items():
         if ".lora_B." in key:
@@ -41,6 +41,8 @@ def load_official_mora(model: PreTrainedModel, adapter_dir: Path, config: dict) 
         raise MoraTrainError(
             f"{adapter_dir}: target_modules given as a regex ({targets!r}) is not supported; list module names"
         )
+    if targets is None:
+        raise MoraTrainError(f"{adapter_dir}: adapter_config.json names no target_modules; list module names")
     adapter = MoraAdapter(
         model, int(config["r"]), config.get("mora_type", 1), list(targets), float(config.get("lora_dropout", 0.0))
     )

@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ from mora_train.core.outputs import FILES, check_output_target
 from mora_train.core.run_lock import refuse_if_being_written
 from mora_train.models.config import ModelConfig
 from mora_train.pipeline.run_config import named_model_config, saved_run_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def counts_above(spectra: list[LayerSpectrum], threshold: float) -> dict[str, in
 # -- where ΔW comes from ------------------------------------------------------------------------------
 
 
-def adapter_deltas(base_model: nn.Module, adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+def adapter_deltas(base_model: PreTrainedModel, adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """ΔW of every adapted layer of a saved LoRA/MoRA adapter, attached to `base_model` (which it modifies)."""
     from mora_train.adapters import load_adapter
 
@@ -147,7 +151,7 @@ def merged_deltas(base_model: nn.Module, merged_model: nn.Module) -> dict[str, t
     return deltas
 
 
-def load_base_model(model_cfg: ModelConfig) -> nn.Module:
+def load_base_model(model_cfg: ModelConfig) -> PreTrainedModel:
     from mora_train.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_cfg)
@@ -221,7 +225,7 @@ def load_spectra(path: Path) -> tuple[list[LayerSpectrum], str]:
         metadata = f.metadata() or {}
         shapes = dict(item.split("=") for item in metadata.get("shapes", "").split(";") if item)
         spectra = []
-        for name in f.keys():
+        for name in f.keys():  # noqa: SIM118 - safe_open has keys() but no __iter__
             d_out, d_in = (int(v) for v in shapes.get(name, "0x0").split("x"))
             spectra.append(LayerSpectrum(name, d_out, d_in, f.get_tensor(name)))
     spectra.sort(key=_layer_order)
@@ -272,7 +276,7 @@ def plot_spectrum(
     for i, s in enumerate(spectra):
         by_kind.setdefault(s.kind, []).append((s.block if s.block is not None else i, s.count_above(threshold)))
     for kind, points in sorted(by_kind.items()):
-        xs, ys = zip(*sorted(points))
+        xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o", markersize=3, label=kind)
     if rank_line:
         ax.axhline(rank_line, color="grey", linestyle="--", linewidth=1, label=f"rank {rank_line}")

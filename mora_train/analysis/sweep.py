@@ -59,7 +59,16 @@ def _job_label() -> str:
     if not HydraConfig.initialized():
         return "job"
     job = HydraConfig.get().job
-    return f"job {job.get('num', '?')} ({job.get('override_dirname') or 'no overrides'})"
+    return f"job {_hydra_value(job, 'num', '?')} ({_hydra_value(job, 'override_dirname', None) or 'no overrides'})"
+
+
+def _hydra_value(node: Any, key: str, default: Any) -> Any:
+    """A value of Hydra's runtime config, or `default` where it is absent or still unset (`???`: a single run's
+    job.num), which the config raises on."""
+    try:
+        return getattr(node, key)
+    except Exception:  # noqa: BLE001 - AttributeError, or omegaconf's MissingMandatoryValue for ???
+        return default
 
 
 def failed_job_metric(sweeper_cfg: Any = None) -> float:
@@ -147,9 +156,9 @@ def unfinished_sweep_hint(argv: list[str]) -> str:
     sweep_dir = Path(str(hydra_cfg.sweep.dir)).resolve()
     command = paste_command(argv, "hydra.sweep.dir", str(sweep_dir))
     return (
-        f"The sweep stopped in job {hydra_cfg.job.get('num', '?')}; the jobs after it never started. To finish the "
-        f"sweep, run it again in the same sweep dir: {command}\nThere finished jobs are not run again (each is "
-        "refused as a finished run), the stopped job resumes from its checkpoint and the others run"
+        f"The sweep stopped in job {_hydra_value(hydra_cfg.job, 'num', '?')}; the jobs after it never started. To "
+        f"finish the sweep, run it again in the same sweep dir: {command}\nThere finished jobs are not run again "
+        "(each is refused as a finished run), the stopped job resumes from its checkpoint and the others run"
     )
 
 

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         "--evaluate",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="re-run the task's evaluation on the adapter and on the export (default: for truncated exports of a run dir)",
+        help="re-run the task's evaluation on the adapter and on the export "
+        "(default: for truncated exports of a run dir)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -61,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     report = run_command("mora-train-export", work)
     lines = [
         f"exported {report['layers']} layers as LoRA rank {report['rank']} to {args.out_dir} ({report['how']})",
-        f"relative Frobenius error of ΔW: max {report['max_relative_error']:.2e}, mean {report['mean_relative_error']:.2e} "
-        f"(per layer: {args.out_dir}/export_report.md)",
+        (
+            f"relative Frobenius error of ΔW: max {report['max_relative_error']:.2e}, "
+            f"mean {report['mean_relative_error']:.2e} (per layer: {args.out_dir}/export_report.md)"
+        ),
     ]
     if "peft_max_abs_logit_diff" in report:
         lines.append(f"plain peft check: max |logit difference| {report['peft_max_abs_logit_diff']:.2e}")

@@ -5,6 +5,7 @@ Returns the task's primary metric, so Hydra sweepers (e.g. Optuna) can optimise 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mora_train.cli.config_errors import hydra_error_problem, hydra_errors_raised, user_environment
-from mora_train.config.overrides import parse_override, shell_override
+from mora_train.config.overrides import open_mapping_overrides, parse_override, shell_override
 from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, MoraTrainError, report_unexpected
 from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
 from mora_train.core.run_lock import RunDirBusy
@@ -65,10 +66,8 @@ def _run(cfg: DictConfig) -> float | None:
         detach_run_log()
         # A refused run leaves no trace: the (empty) folder Hydra created for it goes again.
         if was_absent_or_empty and run_dir.is_dir() and not any(run_dir.iterdir()):
-            try:
+            with contextlib.suppress(OSError):
                 run_dir.rmdir()
-            except OSError:
-                pass
 
 
 def _job(cfg: DictConfig) -> float | None:
@@ -133,7 +132,7 @@ def _job(cfg: DictConfig) -> float | None:
         # Outside training, or a second Ctrl-C: stop now. Outputs are renamed into place only when complete.
         print(_interrupted(Path(cfg.output_dir)), file=sys.stderr, flush=True)
         sys.exit(130)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - the CLI's last line: a bug is one line and a traceback file
         if in_multirun():  # out of memory, a bug in one configuration...: recorded with its traceback
             return record_failure(err)
         report_unexpected("mora-train", err, Path(cfg.output_dir))
@@ -217,7 +216,7 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
+    argv = open_mapping_overrides(sys.argv[1:])
     precheck_output_dir(argv)
     # Under a multi-process launcher: join the process group and agree on the run dir before Hydra runs.
     register_launch_time_resolver()

@@ -75,3 +75,15 @@ def parsed_value(text: str) -> Any:
     if override is None or override.is_sweep_override() or override.is_delete():
         return None
     return override.value()
+
+
+# Config mappings whose keys are the user's to choose (TrainingArguments fields, a scheduler's arguments): the
+# shipped config holds them empty, so Hydra would want `+` before every key under them.
+OPEN_MAPPINGS = ("trainer.hf", "trainer.lr_scheduler_kwargs")
+_KEY_UNDER_OPEN_MAPPING = re.compile(r"(" + "|".join(re.escape(m) for m in OPEN_MAPPINGS) + r")\.[\w.]+=")
+
+
+def open_mapping_overrides(arguments: list[str]) -> list[str]:
+    """`trainer.hf.KEY=V` and `trainer.lr_scheduler_kwargs.KEY=V` as `++KEY=V` (add, or set when a config file
+    already set it), so that keys under the open mappings need no `+`; every other argument as it is."""
+    return [f"++{argument}" if _KEY_UNDER_OPEN_MAPPING.match(argument) else argument for argument in arguments]

@@ -187,7 +187,10 @@ def unknown_top_level_key(root: type, key: str) -> str:
     known = sorted(f.name for f in dataclasses.fields(root))
     homes = [path for path in key_paths(root) if path.rsplit(".", 1)[-1] == key and "." in path]
     hint = f"; did you mean {' or '.join(homes)}?" if homes else closest(key, known)
-    return f"`{key}` is not a key mora-train reads (added with +{key}=...?){hint} The top-level keys are {', '.join(known)}"
+    return (
+        f"`{key}` is not a key mora-train reads (added with +{key}=...?){hint} "
+        f"The top-level keys are {', '.join(known)}"
+    )
 
 
 def key_paths(cls: type, prefix: str = "") -> list[str]:

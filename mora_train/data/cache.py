@@ -31,10 +31,8 @@ CACHE_FORMAT_VERSION = 1
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything in the tokenizer that changes token ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        vocab = backend.to_str()
-    else:  # slow tokenizers: the vocabulary is what we can see
-        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    # Slow tokenizers have no backend: the vocabulary is what we can see.
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = [
         type(tokenizer).__name__,
         vocab,

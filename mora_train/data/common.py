@@ -51,7 +51,7 @@ def encode_prompt_completion(
     Sequences over max_seq_len are cut from the end.
     """
     prompt_ids = tokenize_capped(tokenizer, prompt, max_seq_len, add_special_tokens=True)
-    completion_ids = tokenize_capped(tokenizer, completion, max_seq_len) + [tokenizer.eos_token_id]
+    completion_ids = [*tokenize_capped(tokenizer, completion, max_seq_len), tokenizer.eos_token_id]
     input_ids = (prompt_ids + completion_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_seq_len]
     return {"input_ids": input_ids, "labels": labels}

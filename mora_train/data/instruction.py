@@ -158,7 +158,7 @@ def encode_fallback(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
         head = (FALLBACK_TURN_SEPARATOR if i else "") + FALLBACK_HEADERS[message["role"]]
         if message["role"] == "assistant":
             head_ids = _ids(tokenizer, head, special=(i == 0))
-            body_ids = _ids(tokenizer, message["content"], special=False) + [tokenizer.eos_token_id]
+            body_ids = [*_ids(tokenizer, message["content"], special=False), tokenizer.eos_token_id]
             input_ids += head_ids + body_ids
             labels += [IGNORE_INDEX] * len(head_ids) + body_ids
         else:

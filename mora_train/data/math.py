@@ -103,7 +103,7 @@ def encode_pair(
     record costs what its first max_tokens tokens cost; fit_to_length then truncates or drops it as usual."""
     if max_tokens is not None:
         prompt_ids = tokenize_capped(tokenizer, prompt, max_tokens, add_special_tokens=True)
-        completion_ids = tokenize_capped(tokenizer, completion, max_tokens) + [tokenizer.eos_token_id]
+        completion_ids = [*tokenize_capped(tokenizer, completion, max_tokens), tokenizer.eos_token_id]
         return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

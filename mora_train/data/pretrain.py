@@ -87,7 +87,7 @@ def document_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of one document, ending with EOS (BOS too if the tokenizer adds one by default)."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids = ids + [tokenizer.eos_token_id]
+        ids = [*ids, tokenizer.eos_token_id]
     return ids
 
 
@@ -108,7 +108,7 @@ def pack_documents(documents: Iterable[list[int]], block_size: int) -> list[dict
             piece = doc[offset : offset + take]
             ids += piece
             positions += list(range(take))
-            labels += [IGNORE_INDEX] + piece[1:]
+            labels += [IGNORE_INDEX, *piece[1:]]
             offset += take
             if len(ids) == block_size:
                 blocks.append({"input_ids": ids, "labels": labels, "position_ids": positions})

@@ -178,7 +178,7 @@ def _read_csv(path: Path, text: str, delimiter: str) -> list[Record]:
                     f"{path} line {reader.line_num}: {len(row)} fields, but the header has {len(header)} "
                     f"({', '.join(header)}); check quoting and delimiters on that line"
                 )
-            records.append(Record(dict(zip(header, row)), f"{path} line {reader.line_num}"))
+            records.append(Record(dict(zip(header, row, strict=True)), f"{path} line {reader.line_num}"))
     except csv.Error as err:
         raise MoraTrainError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
     return records
@@ -282,7 +282,8 @@ def as_text(value: Any) -> str:
 
 
 def render(template: str, record: Record, key: str) -> str:
-    """Fill `{field}` / `{a.b.0}` placeholders from the record (lists joined by newlines); `{{`/`}}` are literal braces."""
+    """Fill `{field}` / `{a.b.0}` placeholders from the record (lists joined by newlines); `{{`/`}}` are literal
+    braces."""
     parts = []
     for literal, name, spec, _ in _parse_template(template, key):
         parts.append(literal)

@@ -57,5 +57,5 @@ def build(settings: UuidRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len:
     pairs = uuid_pairs(settings.num_pairs, settings.data_seed)
     prompts = [settings.prompt_template.format(key=k) for k, _ in pairs]
     completions = [settings.completion_template.format(value=v) for _, v in pairs]
-    train = [encode_prompt_completion(tokenizer, p, c, max_seq_len) for p, c in zip(prompts, completions)]
+    train = [encode_prompt_completion(tokenizer, p, c, max_seq_len) for p, c in zip(prompts, completions, strict=True)]
     return UUIDData(train=train, prompts=prompts, targets=[v for _, v in pairs])

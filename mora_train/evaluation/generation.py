@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @torch.no_grad()
@@ -37,7 +39,8 @@ def greedy_generate(
         # Left padding keeps every prompt's last token at the same position, where generation continues.
         input_ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids in encoded], device=device)
         attention = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        generated = model.generate(
+        # PreTrainedModel itself has no generate(): the causal LMs evaluated here also subclass GenerationMixin.
+        generated = cast(GenerationMixin, model).generate(
             input_ids=input_ids,
             attention_mask=attention,
             max_new_tokens=max_new_tokens,

@@ -55,7 +55,9 @@ def evaluate(
             add_special_tokens=not prompt_has_special_tokens,
         )
         with open(Path(run_dir) / "samples.jsonl", "w") as f:
-            for (messages, reference), text, output in zip(samples, prompts, outputs):
-                f.write(json.dumps({"prompt": text, "reference": reference, "generated": output}) + "\n")
+            f.writelines(
+                json.dumps({"prompt": text, "reference": reference, "generated": output}) + "\n"
+                for (_, reference), text, output in zip(samples, prompts, outputs, strict=True)
+            )
     metrics["eval_runtime_s"] = time.time() - started
     return metrics

@@ -53,7 +53,12 @@ class _TaskDumper(yaml.SafeDumper):
     pass
 
 
-_TaskLoader.add_constructor("!function", lambda loader, node: FunctionRef(loader.construct_scalar(node)))
+def _function_ref(loader: _TaskLoader, node: yaml.ScalarNode) -> FunctionRef:
+    # Typed ScalarNode for construct_scalar; another node under the tag makes it raise PyYAML's ConstructorError.
+    return FunctionRef(loader.construct_scalar(node))
+
+
+_TaskLoader.add_constructor("!function", _function_ref)
 _TaskDumper.add_representer(FunctionRef, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 # Prompts with newlines stay one readable line ("Question: {{question}}\nAnswer:"), as in the shipped files.
 _TaskDumper.add_representer(

@@ -49,7 +49,7 @@ def evaluate(
     elapsed = time.time() - started
     correct = found = 0
     with open(Path(run_dir) / "predictions.jsonl", "w") as f:
-        for problem, output in zip(problems, outputs):
+        for problem, output in zip(problems, outputs, strict=True):
             completion = cut_at_stop(output, stop)
             prediction = extract_answer(completion)
             hit = answers_match(prediction, problem.gold)

@@ -85,11 +85,11 @@ def score_choices(
         ids = torch.tensor([list(inputs[i]) + [pad] * (longest - len(inputs[i])) for i in batch], device=device)
         mask = torch.tensor([[1] * len(inputs[i]) + [0] * (longest - len(inputs[i])) for i in batch], device=device)
         positions = sorted({p for i in batch for p, _ in wanted[i]})
-        keep = torch.tensor(positions, device=device)
+        kept = torch.tensor(positions, device=device)
         try:  # only the logits we need: a full (batch, length, vocabulary) tensor is GBs for long prompts
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=kept, use_cache=False).logits
         except TypeError:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, keep]
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, kept]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         column = {p: k for k, p in enumerate(positions)}
         for row, i in enumerate(batch):
@@ -117,7 +117,7 @@ def evaluate_benchmark(
     scores, truncated = score_choices(model, tokenizer, examples, batch_size, max_len, f"{name} eval")
     by_mean = score == "mean"
     correct = 0
-    for example, choice_scores in zip(examples, scores):
+    for example, choice_scores in zip(examples, scores, strict=True):
         values = [total / n if by_mean else total for total, n in choice_scores]
         predicted = max(range(len(values)), key=lambda i: values[i])
         correct += predicted == example.gold

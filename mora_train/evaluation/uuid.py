@@ -14,7 +14,7 @@ from mora_train.evaluation.generation import greedy_generate
 
 def char_accuracy(prediction: str, target: str) -> float:
     """Share of the target's characters reproduced at the same position (a short prediction misses the rest)."""
-    hits = sum(1 for p, t in zip(prediction, target) if p == t)
+    hits = sum(1 for p, t in zip(prediction, target, strict=False) if p == t)
     return hits / len(target)
 
 
@@ -39,15 +39,15 @@ def evaluate(
     # The completion template puts text before the value (" {value}"); compare what follows it.
     prefix = completion_template.split("{value}", maxsplit=1)[0]
     # Anything generated after the value's length (a model that never learned to stop) is ignored.
-    predictions = [o.removeprefix(prefix).strip()[: len(t)] for o, t in zip(outputs, targets)]
-    scores = [char_accuracy(p, t) for p, t in zip(predictions, targets)]
+    predictions = [o.removeprefix(prefix).strip()[: len(t)] for o, t in zip(outputs, targets, strict=True)]
+    scores = [char_accuracy(p, t) for p, t in zip(predictions, targets, strict=True)]
     with open(Path(run_dir) / "predictions.jsonl", "w") as f:
         f.writelines(
             json.dumps({"prompt": prompt, "target": target, "prediction": prediction, "char_accuracy": score}) + "\n"
-            for prompt, target, prediction, score in zip(prompts, targets, predictions, scores)
+            for prompt, target, prediction, score in zip(prompts, targets, predictions, scores, strict=True)
         )
     return {
         "char_accuracy": sum(scores) / len(scores),
-        "exact_match": sum(p == t for p, t in zip(predictions, targets)) / len(targets),
+        "exact_match": sum(p == t for p, t in zip(predictions, targets, strict=True)) / len(targets),
         "eval_samples": len(targets),
     }

@@ -16,7 +16,7 @@ from mora_train.core.errors import MoraTrainError, package_hint
 from mora_train.core.io import write_dir_atomically
 from mora_train.core.paths import looks_like_local_path, package_dir
 from mora_train.models.config import ModelConfig, model_source_conflict
-from mora_train.models.quantization import bitsandbytes_config, quantized_device_map
+from mora_train.models.quantization import bitsandbytes_config, quantized_device_map, set_plain_attribute
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
             "truncated or of an architecture transformers cannot de-quantize. Download it again or use a model folder"
         ) from None
     # The weights are already float; without this save_pretrained refuses a "quantized" model.
-    model.hf_quantizer = None
+    set_plain_attribute(model, "hf_quantizer", None)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -130,7 +130,7 @@ def resolve_model_path(model: ModelConfig) -> str:
     return name
 
 
-def _hub_error(name: str, err: Exception) -> MoraTrainError:
+def _hub_error(name: str, err: BaseException) -> MoraTrainError:
     return MoraTrainError(
         f"could not load model '{name}' from the Hugging Face Hub ({type(err).__name__}: "
         f"{str(err).splitlines()[0] if str(err) else 'no details'}). If this machine is offline or the model is "
@@ -301,7 +301,8 @@ def warn_if_custom_code_unused(path: str, trust_remote_code: bool) -> None:
         log.warning(
             "%s ships custom code (auto_map in config.json: %s), which is NOT used: model.trust_remote_code is false, "
             "so transformers loads its built-in %r class instead, and that is what trains. Add "
-            "model.trust_remote_code=true to use the folder's own code (it runs that code: only if you trust its author)",
+            "model.trust_remote_code=true to use the folder's own code "
+            "(it runs that code: only if you trust its author)",
             path,
             classes,
             model_type,

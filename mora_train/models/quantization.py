@@ -26,14 +26,19 @@ import contextlib
 import copy
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, cast
 
 import torch
 from torch import nn
 
 from mora_train.models.config import COMPUTE_DTYPES, STORAGE_DTYPES, ModelConfig
 
+if TYPE_CHECKING:  # bitsandbytes itself is imported only where a quantized model needs it
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt, Params4bit
+
 log = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def bitsandbytes_config(model: ModelConfig) -> Any:
@@ -67,7 +72,7 @@ def quantized_device_map() -> dict[str, Any]:
 # -- a loaded model ------------------------------------------------------------------------------------
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
+def is_quantized_linear(module: nn.Module) -> TypeGuard[nn.Linear]:
     """A bitsandbytes 4-bit or 8-bit linear layer (by class name: bitsandbytes is imported only when used)."""
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4") and isinstance(
         module, nn.Linear
@@ -82,12 +87,22 @@ def is_quantized(model: nn.Module) -> bool:
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model computes in: its quantized layers' compute dtype, else its first float parameter's."""
     for module in model.modules():
-        if is_quantized_linear(module) and getattr(module, "compute_dtype", None) is not None:
-            return module.compute_dtype
+        if not is_quantized_linear(module):
+            continue
+        dtype = getattr(module, "compute_dtype", None)  # a 4-bit layer's: None until set or its first forward
+        if isinstance(dtype, torch.dtype):
+            return dtype
     for param in model.parameters():
         if param.dtype.is_floating_point:
             return param.dtype
     return torch.float32
+
+
+def set_plain_attribute(module: nn.Module, name: str, value: object) -> None:
+    """`module.<name> = value` for an attribute that is neither a tensor nor a module (a flag, transformers'
+    hf_quantizer): exactly that assignment, which torch's stubs refuse to type-check (they type every attribute
+    assigned on an nn.Module as Tensor | Module)."""
+    setattr(module, name, value)
 
 
 def is_repacked_for_cpu(module: nn.Module) -> bool:
@@ -128,12 +143,14 @@ def keep_training_layout(model: nn.Module) -> int:
     for module in model.modules():
         if not is_quantized_linear(module) or not hasattr(module, "support_avx512bf16_for_cpu"):
             continue
-        module.support_avx512bf16_for_cpu = False
-        if is_repacked_for_cpu(module):
-            codes, plain = _training_layout_of_repacked(module.weight, module.weight.quant_state)
-            module.weight.data = codes
-            module.weight.quant_state = plain
-            module.quant_state = plain
+        layer = cast("Linear4bit", module)  # only bitsandbytes' 4-bit layers have support_avx512bf16_for_cpu
+        layer.support_avx512bf16_for_cpu = False
+        if is_repacked_for_cpu(layer):
+            weight = cast("Params4bit", layer.weight)  # nn.Linear types it a Tensor; a 4-bit layer's is a Params4bit
+            codes, plain = _training_layout_of_repacked(weight, weight.quant_state)
+            weight.data = codes
+            weight.quant_state = plain
+            layer.quant_state = plain
             restored += 1
     if restored:
         log.warning(
@@ -146,7 +163,7 @@ def keep_training_layout(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
+def dequantized_weight(module: nn.Linear) -> torch.Tensor:
     """The float32 weight a quantized linear layer's forward multiplies by (d_out x d_in); a float layer's own
     weight. Either 4-bit layout (plain, or repacked for the CPU kernel) is read as what it holds."""
     weight = module.weight
@@ -164,9 +181,11 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     # the weight is still float (Int8Params quantizes on .to/.cuda).
     if weight.dtype != torch.int8:
         return weight.detach().float()
-    scale = getattr(weight, "SCB", None)
+    scale: torch.Tensor | None = getattr(weight, "SCB", None)
     if scale is None:
-        scale = module.state.SCB
+        scale = cast("Linear8bitLt", module).state.SCB  # an int8 weight is a Linear8bitLt's
+    if scale is None:  # bitsandbytes keeps them on the weight or the layer's matmul state once it quantized
+        raise RuntimeError(f"{type(module).__name__} layer: its int8 weight has no row scales (SCB)")
     return F.int8_vectorwise_dequant(weight.data, scale).float()
 
 
@@ -231,7 +250,7 @@ class DequantizedLinear(nn.Linear):
 
 
 @torch.no_grad()
-def dequantize_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def dequantize_linears(model: ModuleT, dtype: torch.dtype | None = None) -> ModuleT:
     """Replace every quantized linear layer of `model` (also inside adapter wrappers) by a `DequantizedLinear`
     holding its de-quantized weight, in `dtype` (default: the compute dtype). The model then computes what it
     did, minus the quantized kernels' own rounding (none for 4-bit on CPU, whose forward is x @ dequantize(W))."""
@@ -262,21 +281,21 @@ def forget_quantization(model: nn.Module) -> None:
     """Drop transformers' record that the model was loaded quantized (its layers are float now), so that
     save_pretrained writes a plain checkpoint and `.to(dtype)` is allowed."""
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        set_plain_attribute(model, "hf_quantizer", None)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):  # is_quantized: `.float()` refuses
         if getattr(model, flag, False):
             setattr(model, flag, False)
-    if getattr(config, "_is_quantized", False):
+    if config is not None and getattr(config, "_is_quantized", False):
         config._is_quantized = False
     if hasattr(model, "quantization_method"):
         with contextlib.suppress(AttributeError):
             del model.quantization_method
 
 
-def as_float32(model: nn.Module) -> nn.Module:
+def as_float32(model: ModuleT) -> ModuleT:
     """`model` in float32, in place: its quantized layers de-quantized (the weights their kernels multiply by),
     transformers' record of the quantization dropped, everything else cast (`.float()` alone is refused on a
     quantized model)."""
@@ -308,11 +327,11 @@ def adapters_attached(model: nn.Module) -> Iterator[None]:
     if not is_quantized(model) or getattr(model, "_hf_peft_config_loaded", False):
         yield
         return
-    model._hf_peft_config_loaded = True
+    set_plain_attribute(model, "_hf_peft_config_loaded", True)
     try:
         yield
     finally:
-        model._hf_peft_config_loaded = False
+        set_plain_attribute(model, "_hf_peft_config_loaded", False)
 
 
 def logical_numel(param: torch.Tensor) -> int:

@@ -81,7 +81,7 @@ def verify_outputs(run_dir: Path, name: str) -> str | None:
 
 def run_dir_output(run_dir: Path) -> Path:
     """The verified output of a run dir to evaluate: merged/, else (missing or corrupt) adapter/."""
-    problems = []
+    problems: list[str] = []
     for name, marker in (("merged", "config.json"), ("adapter", ADAPTER_CONFIG_NAME)):
         if not (run_dir / name / marker).is_file():
             continue
@@ -147,7 +147,7 @@ def _run_eval(composed: ComposedConfig, lock: RunDirLock) -> dict[str, Any]:
     task = TASKS[config.task.name]
     model, tokenizer, loaded = load_checkpoint(config)
     if torch.cuda.is_available():
-        model.to("cuda")
+        torch.nn.Module.to(model, "cuda")  # (transformers' wrapper of .to confuses type checkers)
     # The task's evaluation data, unless only lm-evaluation-harness evaluates (eval.backend=lm_eval).
     build = task.build_eval or task.build
     data = build(config.task, tokenizer, config.trainer.max_seq_len) if config.eval.runs_task else None

@@ -129,6 +129,6 @@ def run_generate(
     requests = read_requests(requests_path, adapters)
     model, tokenizer = load_many(base_model, adapters)
     completions = generate(model, tokenizer, requests, max_new_tokens, batch_size)
-    results = [{**r, "completion": c} for r, c in zip(requests, completions)]
+    results = [{**r, "completion": c} for r, c in zip(requests, completions, strict=True)]
     write_text_atomically(Path(output), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     return results

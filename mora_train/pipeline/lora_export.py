@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME, match_target_linears, svd_factors
@@ -102,13 +103,15 @@ def _probe(vocab_size: int) -> torch.Tensor:
 PEFT_CHECK_LOG = "peft_check_stderr.log"  # in the export folder when the plain-peft check fails
 
 
-def check_with_peft(base: nn.Module, folder: Path, reference: nn.Module, trust_remote_code: bool = False) -> float:
+def check_with_peft(
+    base: PreTrainedModel, folder: Path, reference: nn.Module, trust_remote_code: bool = False
+) -> float:
     """Max |logit difference| between `reference` and plain peft's base + exported folder (other process)."""
     ids = _probe(base.config.vocab_size)
     with torch.no_grad():
         expected = reference(input_ids=ids).logits.float()
-    with tempfile.TemporaryDirectory(prefix="mora-export-check-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="mora-export-check-") as tmp_name:
+        tmp = Path(tmp_name)
         base.save_pretrained(tmp / "base")
         torch.save(ids, tmp / "ids.pt")
         done = subprocess.run(
@@ -123,6 +126,7 @@ def check_with_peft(base: nn.Module, folder: Path, reference: nn.Module, trust_r
                 "1" if trust_remote_code else "0",
             ],
             capture_output=True,
+            check=False,  # a failure is read from its stderr below
             text=True,
             stdin=subprocess.DEVNULL,
         )
@@ -185,7 +189,7 @@ def _model_config(source: Path, run_cfg: RunConfig | None, base_model: str | Non
 
 
 def _update_factors(
-    source: Path, run_cfg: RunConfig | None, adapter_dir: Path, base: nn.Module, trust_remote_code: bool
+    source: Path, run_cfg: RunConfig | None, adapter_dir: Path, base: PreTrainedModel, trust_remote_code: bool
 ) -> tuple[dict, nn.Module, str]:
     """The LoRA factors of the run's update, the model they reproduce, and how they were found."""
     if run_cfg is not None and run_cfg.trainer.restart.every_steps > 0:
@@ -254,7 +258,7 @@ def export_run(
     report["base_quantization"] = model_cfg.quantization_name
     if check:
         report["peft_max_abs_logit_diff"] = check_with_peft(fresh_base, out_dir, reference, trust_remote_code)
-    if evaluate or (evaluate is None and report["truncated"] and run_cfg is not None):
+    if run_cfg is not None and (evaluate or (evaluate is None and report["truncated"])):  # evaluate needs a run
         report["evaluation"] = _evaluate_export(run_cfg, reference, fresh_base, tokenizer, out_dir)
     report["export_time_s"] = time.time() - started
     table = json.loads((out_dir / REPORT_JSON).read_text())

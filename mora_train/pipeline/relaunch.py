@@ -40,7 +40,7 @@ def wants_relaunch(composed: ComposedConfig) -> bool:
     return not launched and composed.read().accelerate.num_processes > 1
 
 
-def quoted(value: str) -> str:
+def quoted(value: str | Path) -> str:
     """A Hydra override value that stays one string whatever it holds (job dirs hold '=' and ',')."""
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -101,9 +101,10 @@ def run_relaunched(config: RunConfig) -> dict[str, Any]:
     nodes = _nodes_of_this_job()
     if nodes > 1:
         raise MoraTrainError(
-            f"accelerate.num_processes={config.accelerate.num_processes} runs one `accelerate launch` on the job's node, but this "
-            f"job has {nodes} nodes; give each job one node (hydra.launcher.nodes=1) with num_processes GPUs, or run "
-            'a multi-node job with scripts/launch.sh --nodes M on every node (README "Multi-GPU and multi-node training")'
+            f"accelerate.num_processes={config.accelerate.num_processes} runs one `accelerate launch` on the job's "
+            f"node, but this job has {nodes} nodes; give each job one node (hydra.launcher.nodes=1) with "
+            "num_processes GPUs, or run a multi-node job with scripts/launch.sh --nodes M on every node "
+            '(README "Multi-GPU and multi-node training")'
         )
     run_dir = Path(config.output_dir)
     command = accelerate_command(config, run_dir)

@@ -50,8 +50,10 @@ class AccelerateConfig(Section):
     def check(self, prefix: str) -> list[str]:
         if self.num_processes < 1:
             return [
-                f"`{prefix}.num_processes={self.num_processes}` must be a whole number of processes, at least 1 "
-                "(1: the job runs in its own process; N: an N-process accelerate launch of it)"
+                (
+                    f"`{prefix}.num_processes={self.num_processes}` must be a whole number of processes, at least 1 "
+                    "(1: the job runs in its own process; N: an N-process accelerate launch of it)"
+                )
             ]
         return []
 
@@ -104,15 +106,14 @@ class RunConfig(Section):
         return not isinstance(self.adapter, _UnknownVariant) and not isinstance(self.task, _UnknownVariant)
 
     def check(self, prefix: str) -> list[str]:
-        problems = []
+        problems: list[str] = []
         if self.checkpoint is not None and self.mode == "train":
             problems.append("`checkpoint` is only read with mode=eval; add mode=eval, or drop checkpoint=... to train")
-        elif self.checkpoint is not None:
-            if not Path(self.checkpoint).expanduser().exists():
-                problems.append(
-                    f"`checkpoint={self.checkpoint}` does not exist; give a run dir, a merged model folder or an "
-                    "adapter folder (or leave it out to evaluate the base model of model=...)"
-                )
+        elif self.checkpoint is not None and not Path(self.checkpoint).expanduser().exists():
+            problems.append(
+                f"`checkpoint={self.checkpoint}` does not exist; give a run dir, a merged model folder or an "
+                "adapter folder (or leave it out to evaluate the base model of model=...)"
+            )
         if self.seed < 0:
             problems.append(f"`seed={self.seed}` must be a non-negative integer")
         return problems
@@ -184,7 +185,7 @@ _WARNED: set[str] = set()
 
 def read_run_config(cfg: DictConfig | Mapping[str, Any]) -> tuple[RunConfig, list[str]]:
     """The typed config and every problem found (an empty list: the config is valid)."""
-    values = plain_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    values = plain_config(cfg) if isinstance(cfg, DictConfig) else {str(k): v for k, v in cfg.items()}
     for warning in move_renamed_keys(values):
         if warning not in _WARNED:  # the config is read more than once per job (validation, relaunch)
             _WARNED.add(warning)
@@ -213,9 +214,14 @@ def saved_run_config(run_dir: Path) -> RunConfig | None:
     path = Path(run_dir) / RESOLVED_CONFIG
     if not path.is_file():
         return None
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    run, _ = read_run_config(values if isinstance(values, dict) else {})
+    run, _ = read_run_config(_mapping(OmegaConf.load(path)))
     return run
+
+
+def _mapping(node: Any) -> dict[str, Any]:
+    """A loaded YAML mapping as plain values with string keys ({} for anything else)."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else None
+    return {str(k): v for k, v in values.items()} if isinstance(values, dict) else {}
 
 
 def named_model_config(base_model: str) -> ModelConfig:
@@ -228,9 +234,8 @@ def named_model_config(base_model: str) -> ModelConfig:
         composed = OmegaConf.merge(
             OmegaConf.load(CONFIG_DIR / "model" / "smollm2-135m.yaml"), {"name_or_path": base_model, "package": None}
         )
-    values = OmegaConf.to_container(composed, resolve=True)
     problems: list[str] = []
-    model = parse(ModelConfig, values if isinstance(values, dict) else {}, "model", problems)
+    model = parse(ModelConfig, _mapping(composed), "model", problems)
     if problems:
         raise ConfigError([problem.replace("`model.", "`--base-model ", 1) for problem in problems])
     return model

@@ -191,7 +191,7 @@ def _warn_config_changes(previous_path: Path, resolved: dict[str, Any]) -> None:
         return
     try:
         before = _flatten(yaml.safe_load(previous_path.read_text(encoding="utf-8")))
-    except Exception:  # an unreadable old config must not stop a resume
+    except Exception:  # noqa: BLE001 - an unreadable old config must not stop a resume
         return
     now = _flatten(resolved)
     ignored = {"output_dir", "overwrite", "trainer.resume"}
@@ -352,11 +352,10 @@ def export_checked_merge(
     """Merge into run_dir/merged and check it against the trained model (see mora_train.export)."""
     probe = probe_batch(data.train, tokenizer.pad_token_id)
     quantized_reference = None
-    whole_in_adapter = adapter_dir is not None and not config.trainer.train_embeddings
-    if config.model.is_quantized and whole_in_adapter:
+    # Trained embeddings are not in adapter/: such runs are checked against the live model's forward.
+    if config.model.is_quantized and adapter_dir is not None and not config.trainer.train_embeddings:
         # The merge check's reference on a quantized base: the saved adapter on a freshly loaded quantized base,
         # which nothing done to the live model (an eval forward, the export's de-quantization) can reach.
-        # Trained embeddings are not in adapter/: such runs are checked against the live model's forward.
         quantized_reference = quantized_reference_logits(
             lambda: load_model_and_tokenizer(config.model)[0], adapter_dir, probe
         )

@@ -122,18 +122,16 @@ def is_complete(checkpoint: Path) -> bool:
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Complete checkpoint folders under checkpoints_dir, oldest step first."""
-    if not Path(checkpoints_dir).is_dir():
-        return []
-    found = [p for p in Path(checkpoints_dir).iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted((p for p in found if is_complete(p)), key=checkpoint_step)
+    return [p for p in checkpoint_folders(checkpoints_dir) if is_complete(p)]
 
 
 def checkpoint_folders(checkpoints_dir: Path) -> list[Path]:
     """Every folder named checkpoint-N under checkpoints_dir, complete or not, oldest step first."""
     if not Path(checkpoints_dir).is_dir():
         return []
-    found = [p for p in Path(checkpoints_dir).iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
+    folders = (p for p in Path(checkpoints_dir).iterdir() if p.is_dir())
+    steps = {p: step for p in folders if (step := checkpoint_step(p)) is not None}
+    return sorted(steps, key=steps.__getitem__)
 
 
 def newest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:

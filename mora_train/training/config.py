@@ -145,8 +145,10 @@ def precision_problems(precision: str, prefix: str = "trainer") -> list[str]:
     """fp16 needs a GPU; bf16 needs a GPU that supports it (or the CPU)."""
     if precision == "fp16" and not torch.cuda.is_available():
         return [
-            f"`{prefix}.precision=fp16` needs a CUDA GPU and none is visible; use {prefix}.precision=bf16 "
-            f"(runs on CPU) or {prefix}.precision=fp32"
+            (
+                f"`{prefix}.precision=fp16` needs a CUDA GPU and none is visible; use {prefix}.precision=bf16 "
+                f"(runs on CPU) or {prefix}.precision=fp32"
+            )
         ]
     if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         return [f"`{prefix}.precision=bf16` is not supported by this GPU; use {prefix}.precision=fp16 or fp32"]

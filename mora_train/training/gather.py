@@ -68,6 +68,12 @@ def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {_strip_wrapper_names(name): param for name, param in module.named_parameters()}
 
 
+def _trained_model(trainer: Trainer) -> torch.nn.Module:
+    # Trainer.model is None only before a model_init builds one; gathering runs after training, with the model set.
+    assert trainer.model is not None
+    return trainer.model
+
+
 def _gather_deepspeed(module: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor] | None:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
@@ -90,7 +96,7 @@ def _gather_fsdp(trainer: Trainer, names: list[str]) -> dict[str, torch.Tensor] 
     if trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
         from torch.distributed.tensor import DTensor
 
-        params = _named_parameters(trainer.model)
+        params = _named_parameters(_trained_model(trainer))
         state = {}
         for name in names:  # full_tensor() is an all-gather: same order on every rank
             param = params[name]
@@ -117,7 +123,7 @@ def gather_trainable_state(trainer: Trainer, names: list[str]) -> dict[str, torc
     A collective under DeepSpeed and FSDP: every rank must call it. Never returns a [0]-shaped shard.
     """
     if trainer.is_deepspeed_enabled:
-        state = _gather_deepspeed(trainer.model, names)
+        state = _gather_deepspeed(_trained_model(trainer), names)
     elif trainer.is_fsdp_enabled:
         state = _gather_fsdp(trainer, names)
     else:

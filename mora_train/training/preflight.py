@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,6 +43,12 @@ def _model_bytes(model: nn.Module) -> tuple[int, int]:
     return count, size
 
 
+def _method_rank(rank: int | None) -> int:
+    # None only for a method that ignores the rank (adapter=full): the config check refused a missing rank for
+    # every method that uses one (adapter_config_problems), so the adapters' `rank: int` holds where it is read.
+    return cast(int, rank)
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
 
@@ -68,7 +75,7 @@ def estimate_run_bytes(
         parameters = count_parameters(model)[1]  # packed 4-bit weights at their unquantized size
         merged = parameters * (export_dtype or compute_dtype(model)).itemsize
         element = 4
-    count = adapter_type(adapter).trainable_count(model, layers, adapter, rank)
+    count = adapter_type(adapter).trainable_count(model, layers, adapter, _method_rank(rank))
     trainable = count * element
     # A checkpoint holds the trained weights and their two AdamW moments.
     checkpoint = trainable + ADAM_STATES_PER_PARAM * trainable
@@ -127,7 +134,7 @@ def model_fit_problems(
             f"named {linear_layer_names(model)}: set adapter.target_modules to some of those"
         )
     if not unmatched:
-        problems.extend(adapter_type(adapter).layer_problems(layers, adapter, rank))
+        problems.extend(adapter_type(adapter).layer_problems(layers, adapter, _method_rank(rank)))
     parts = estimate_run_bytes(
         model,
         layers,

@@ -29,12 +29,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 from mora_train.adapters import Adapter
 from mora_train.core.errors import MoraTrainError
@@ -137,12 +137,13 @@ def wrap_scheduler(scheduler: Any, settings: RestartConfig) -> None:
 # Trained embeddings / head
 
 
-def embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def embedding_parameters(model: PreTrainedModel) -> dict[str, nn.Parameter]:
     """Input embeddings and LM head weights (once if tied)."""
     found: dict[str, nn.Parameter] = {}
     for name, module in (("embed_tokens", model.get_input_embeddings()), ("lm_head", model.get_output_embeddings())):
         if module is not None and all(module.weight is not p for p in found.values()):
-            found[name] = module.weight
+            # transformers types these as plain Modules; their weight is an nn.Embedding's / nn.Linear's Parameter.
+            found[name] = cast(nn.Parameter, module.weight)
     return found
 
 

@@ -177,7 +177,7 @@ def current_job(logging: LoggingConfig | None, run_dir: Path) -> Job:
     except ImportError:  # pragma: no cover - hydra is a dependency
         hydra_cfg = None
     if hydra_cfg is not None:
-        exclude = set(hydra_cfg.job.config.override_dirname.get("exclude_keys") or [])
+        exclude = set(getattr(hydra_cfg.job.config.override_dirname, "exclude_keys", None) or [])
         job.overrides = parse_overrides(list(hydra_cfg.overrides.task), exclude)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job.sweep_dir = str(hydra_cfg.sweep.dir)

@@ -156,6 +156,8 @@ class AdapterTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        # Typed optional, but TrainingArguments.__post_init__ replaced a None output_dir ("trainer_output").
+        assert output_dir is not None
         os.makedirs(output_dir, exist_ok=True)
         self.adapter.save(Path(output_dir), state_dict=state_dict)
         for extra in self.checkpoint_state:
@@ -216,6 +218,7 @@ class AdapterTrainer(Trainer):
 
     def save_last_good_checkpoint(self) -> Path | None:
         """After NonFiniteLoss: checkpoint the state before the bad step (weights and optimizer untouched by it)."""
+        assert self.args.output_dir is not None  # typed optional; TrainingArguments.__post_init__ filled it in
         checkpoints_dir = Path(self.args.output_dir)
         existing = checkpoints_dir / f"checkpoint-{self.state.global_step}"
         if is_complete(existing):

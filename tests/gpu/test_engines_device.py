@@ -2,8 +2,9 @@
 
 Each engine runs the same MoRA job (tiny-llama, 6 optimizer steps, fp32, a loss logged every step) launched
 as a user would, with the README's one-GPU command `scripts/launch.sh --gpus 1 distributed=...` (accelerate's
-one-process launcher; on CPU, in the device check's dry run, the same command trains on CPU). ZeRO-3 partitions even the tiny model's small weights
-(stage3_param_persistence_threshold=0). The plain run is the same job in this process (distributed=none).
+one-process launcher; on CPU, in the device check's dry run, the same command trains on CPU). ZeRO-3 partitions
+even the tiny model's small weights (stage3_param_persistence_threshold=0). The plain run is the same job in this
+process (distributed=none).
 
 Tolerances (the engines differ only in reduction order and in where clipping and AdamW run):
 * logged losses (≈ 5): max |engine - plain| ≤ 2e-3;
@@ -79,7 +80,7 @@ def test_engine_matches_plain_run(engine: str, device: torch.device, plain: Path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     expected_engine = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3", "fsdp": "fsdp"}[engine]
     got, ref = losses(run_dir), losses(plain)
-    loss_diff = max(abs(a - b) for a, b in zip(got, ref))
+    loss_diff = max(abs(a - b) for a, b in zip(got, ref, strict=True))
     engine_w, plain_w = (
         load_file(run_dir / "merged" / "model.safetensors"),
         load_file(plain / "merged" / "model.safetensors"),

@@ -13,6 +13,7 @@ is within 2e-2 relative of the fp32 run's, then the same checks.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def check_run(metrics: dict, run_dir: Path, device: torch.device, name: str) -> 
         "tokens_per_s": metrics["tokens_per_s"],
     }
     record("training", **result)
-    assert all(map(lambda v: v == v and abs(v) != float("inf"), logged)), f"non-finite loss: {logged}"
+    assert all(math.isfinite(v) for v in logged), f"non-finite loss: {logged}"
     assert logged[-1] < logged[0], f"{name}: the loss did not fall: {logged}"
     assert metrics["run"]["merge_check"] == "passed" and metrics["merge_max_abs_diff"] <= metrics["merge_tolerance"]
     assert reload_diff <= RELOAD_ATOL, f"{name}: merged model on {device} vs CPU: {reload_diff:.2e}"

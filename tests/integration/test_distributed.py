@@ -77,7 +77,8 @@ def trained_weights(run_dir: Path, variant: str) -> dict[str, torch.Tensor]:
 def assert_same_training(dist_dir: Path, single_dir: Path, variant: str) -> None:
     dist_losses, single_losses = logged_losses(dist_dir), logged_losses(single_dir)
     assert len(dist_losses) == len(single_losses) == 6
-    assert max(abs(a - b) for a, b in zip(dist_losses, single_losses)) <= LOSS_TOLERANCE, (dist_losses, single_losses)
+    loss_diff = max(abs(a - b) for a, b in zip(dist_losses, single_losses, strict=True))
+    assert loss_diff <= LOSS_TOLERANCE, (dist_losses, single_losses)
     assert dist_losses[-1] < dist_losses[0], "the loss did not fall"
     dist_weights, single_weights = trained_weights(dist_dir, variant), trained_weights(single_dir, variant)
     assert dist_weights.keys() == single_weights.keys()

@@ -139,7 +139,8 @@ def test_run_trains_exports_and_merged_model_stands_alone(variant: str, trained_
 
         reference_model = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
         assert any(
-            not torch.equal(a, b) for a, b in zip(base.state_dict().values(), reference_model.state_dict().values())
+            not torch.equal(a, b)
+            for a, b in zip(base.state_dict().values(), reference_model.state_dict().values(), strict=True)
         ), "full fine-tuning changed no weight"
     else:
         adapter_files = {p.name for p in (run_dir / "adapter").iterdir()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,7 +238,7 @@ def test_relaunch_refuses_several_nodes_and_bad_settings(job_config, monkeypatch
     from mora_train.pipeline.run_config import ComposedConfig
 
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
-    with pytest.raises(MoraTrainError, match="hydra.launcher.nodes=1"):
+    with pytest.raises(MoraTrainError, match=re.escape("hydra.launcher.nodes=1")):
         relaunch.run_relaunched(ComposedConfig(job_config("accelerate.num_processes=8")).read())
     _, problems = ComposedConfig(
         job_config("accelerate.num_processes=0", "accelerate.args=--gpu_ids")

@@ -45,7 +45,7 @@ def rank_sweep(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_four_job_sweep_gives_four_row_report_with_plots(rank_sweep) -> None:
-    sweep_dir, report, result = rank_sweep
+    sweep_dir, _report, result = rank_sweep
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(jobs) == 4 and [j.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]
     assert "4 of 4 jobs succeeded" in result.stdout
@@ -82,7 +82,7 @@ def test_four_job_sweep_gives_four_row_report_with_plots(rank_sweep) -> None:
 
 
 def test_spectrum_mora_has_higher_rank_update_than_lora(rank_sweep) -> None:
-    sweep_dir, report, _ = rank_sweep
+    _sweep_dir, report, _ = rank_sweep
     threshold = 0.1
     mean_counts = {}
     for run in report.runs:

@@ -147,7 +147,7 @@ def test_continual_pretraining(tmp_path: Path, task: str, benchmarks: list[str],
 
 @needs_shared_data
 def test_standalone_eval_of_run_dir_adapter_and_base_model(gsm8k_run, tmp_path: Path) -> None:
-    train_metrics, run_dir = gsm8k_run
+    _train_metrics, run_dir = gsm8k_run
     trained = lines(run_dir / "predictions.jsonl")
     results = {}
     for name, checkpoint in (("run", run_dir), ("adapter", run_dir / "adapter"), ("base", None)):

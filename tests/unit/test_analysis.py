@@ -57,7 +57,8 @@ def test_merged_minus_base_recovers_the_adapter_update(tmp_path: Path) -> None:
     cfg = typed_config(["model=tiny-llama"], tmp_path)
     adapter = tiny_adapter("lora", tmp_path)
     direct = {
-        name: s.singular_values for name, s in zip(adapter.delta_weights(), singular_values(adapter.delta_weights()))
+        name: s.singular_values
+        for name, s in zip(adapter.delta_weights(), singular_values(adapter.delta_weights()), strict=True)
     }
     merged = adapter.merge_and_unload()
     base, _ = load_model_and_tokenizer(cfg.model)  # the tiny base is rebuilt identically from its init seed

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-LINTED = ["mora_train", "tests"]
+LINTED = ["mora_train", "tests", "benchmarks", "scripts"]
 
 
 def run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -262,7 +262,7 @@ def test_sweep_config_composes_and_its_jobs_validate(sweep: str, tmp_path: Path)
     jobs = list(itertools.product(*grid.values()))
     assert len(jobs) == SWEEP_JOBS[sweep]
     for values in jobs:
-        job = [f"{k}={v}" for k, v in zip(grid, values)]
+        job = [f"{k}={v}" for k, v in zip(grid, values, strict=True)]
         validate(compose_config(["model=tiny-llama", f"+sweep={sweep}", *job], tmp_path))
 
 

@@ -32,7 +32,7 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path: P
         tmp.write_text("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         write_file_atomically(path, half_then_fail)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
 

@@ -186,8 +186,10 @@ def test_unknown_backend_and_missing_tasks_or_data_dir(tmp_path: Path) -> None:
         tmp_path,
     )
     assert found == [
-        f"`eval.lm_eval.include_path` names folders that do not exist: {tmp_path / 'x'}; give folders of "
-        "lm-eval task YAML files"
+        (
+            f"`eval.lm_eval.include_path` names folders that do not exist: {tmp_path / 'x'}; give folders of "
+            "lm-eval task YAML files"
+        )
     ]
 
 

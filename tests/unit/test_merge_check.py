@@ -49,7 +49,7 @@ def adapter_with_large_delta(rank: int = 64, scale: float = 3.0):
 def merge_wrong_on_one_layer(adapter, fraction: float) -> None:
     """Make the adapter's merge add (1 + fraction) x ΔW to its first layer: a merge off by `fraction` there."""
     deltas = adapter.delta_weights()
-    name = sorted(deltas)[0]
+    name = min(deltas)
     real_merge = adapter.merge_and_unload
 
     def wrong_merge():

@@ -146,7 +146,7 @@ def test_official_fixture_with_diverging_alias_is_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
-    ("rank", "expected"),
+    "rank,expected",
     [(1, "rope"), (8, "rope"), (64, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing"), (1024, "sharing")],
 )
 def test_mora_type_auto_follows_the_papers_rule_by_rank(rank: int, expected: str) -> None:
@@ -193,7 +193,8 @@ def test_the_restart_cycle_is_checked_against_mora_type() -> None:
     assert problems("rope", [1, 2]) == [
         (
             "`trainer.restart.mora_types=[1, 2]` starts with sharing, but `adapter.mora_type=rope`: the restart cycle "
-            "starts with adapter.mora_type; set adapter.mora_type=sharing or put rope first in trainer.restart.mora_types"
+            "starts with adapter.mora_type; set adapter.mora_type=sharing or put rope first in "
+            "trainer.restart.mora_types"
         )
     ]
     assert problems("rope", [1, 2], every_steps=0) == []  # no restarts: the cycle is never used

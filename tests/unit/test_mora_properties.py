@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +26,7 @@ def _build(d_in: int, d_out: int, rank: int, kind: str, seed: int) -> MoRALinear
     base = nn.Linear(d_in, d_out, dtype=torch.float64)
     problem = mora_shape_problem(LAYER, d_in, d_out, rank, kind)
     if problem is not None:
-        with pytest.raises(ValueError) as err:
+        with pytest.raises(ValueError, match=re.escape(LAYER)) as err:
             MoRALinear(base, rank, kind, layer_name=LAYER)
         assert LAYER in str(err.value) and f"{d_out} x {d_in}" in str(err.value)
         return None

@@ -100,8 +100,8 @@ def test_choice_scores_equal_a_brute_force_forward(tiny) -> None:
     ]
     scores, truncated = score_choices(model, tokenizer, examples, batch_size=2, max_len=512)
     assert truncated == 0
-    for example, row in zip(examples, scores):
-        for choice, (total, n) in zip(example.choices, row):
+    for example, row in zip(examples, scores, strict=True):
+        for choice, (total, n) in zip(example.choices, row, strict=True):
             assert n == len(tokenizer(choice, add_special_tokens=False)["input_ids"])
             assert total == pytest.approx(brute_force_logprob(model, tokenizer, example.prompt, choice), abs=1e-4)
 

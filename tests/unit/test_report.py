@@ -112,7 +112,8 @@ def test_job_failure_record_keeps_the_traceback_and_spares_finished_runs(tmp_pat
     try:
         raise RuntimeError("CUDA out of memory")
     except RuntimeError as err:
-        assert math.isnan(record_job_failure(run, err))
+        returned = record_job_failure(run, err)
+    assert math.isnan(returned)
     error = json.loads((run / "error.json").read_text())
     assert error["user_error"] is False and error["message"] == "RuntimeError: CUDA out of memory"
     assert "Traceback" in error["traceback"] and "Traceback" in (run / "error.txt").read_text()

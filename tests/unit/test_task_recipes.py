@@ -51,11 +51,15 @@ def build_instruction(cfg, tokenizer, max_seq_len: int):
 
 
 def labelled_text(tokenizer, example: dict) -> str:
-    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX]
+    )
 
 
 def prompt_text(tokenizer, example: dict) -> str:
-    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label == IGNORE_INDEX]
+    )
 
 
 @pytest.fixture
@@ -108,7 +112,7 @@ def test_too_long_drop_and_truncate_are_counted(tmp_path: Path, gsm8k_files: tup
     truncated = build_math(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=truncate"), tokenizer, 60)
     assert len(truncated.train) == 2 and truncated.stats["truncated"] == 1
     assert max(len(e["input_ids"]) for e in truncated.train) == 60
-    with pytest.raises(MoraTrainError, match="no examples left: all 2 were dropped.*max_seq_len=20"):
+    with pytest.raises(MoraTrainError, match=r"no examples left: all 2 were dropped.*max_seq_len=20"):
         build_math(task_cfg(tmp_path, "gsm8k", *common, "task.too_long=drop"), tokenizer, 20)
 
 

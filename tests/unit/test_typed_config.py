@@ -123,3 +123,27 @@ def test_the_run_config_is_plain_typed_values() -> None:
     assert problems == []
     assert isinstance(run, RunConfig) and isinstance(run.trainer, TrainerConfig)
     assert isinstance(run.trainer.learning_rate, float) and isinstance(run.adapter.target_modules, list)
+
+
+def test_keys_under_the_open_mappings_need_no_plus_on_the_command_line() -> None:
+    from mora_train.config.overrides import open_mapping_overrides
+
+    given = [
+        "trainer.hf.neftune_noise_alpha=5",
+        "trainer.lr_scheduler_kwargs.min_lr_rate=0.1",
+        "+trainer.hf.torch_compile=false",
+        "trainer.lr_scheduler=cosine_with_min_lr",
+        "trainer.hf={}",
+    ]
+    rewritten = open_mapping_overrides(given)
+    assert rewritten == [
+        "++trainer.hf.neftune_noise_alpha=5",
+        "++trainer.lr_scheduler_kwargs.min_lr_rate=0.1",
+        "+trainer.hf.torch_compile=false",
+        "trainer.lr_scheduler=cosine_with_min_lr",
+        "trainer.hf={}",
+    ]
+    run, problems = read_run_config(compose_config(["model=tiny-llama", *rewritten[:-1]]))
+    assert problems == []
+    assert run.trainer.hf == {"neftune_noise_alpha": 5, "torch_compile": False}
+    assert run.trainer.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
