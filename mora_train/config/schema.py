@@ -105,26 +105,33 @@ class _Invalid(Exception):
     """A value that does not fit a type; the message is complete (the key and the value are in it)."""
 
 
+SCALARS = (type(None), bool, int, float, str)
+NO_FIT = object()  # what fit_scalar returns for a value that does not fit (None is a value that fits null)
+
+
+def fit_scalar(tp: Any, value: Any) -> Any:
+    """`value` as scalar type `tp` (one of SCALARS), or NO_FIT. bool is not an int here (YAML's true is no step
+    count) and an int is a float (YAML's 1 for 1.0)."""
+    if tp is type(None):
+        return None if value is None else NO_FIT
+    if tp is bool or tp is str:
+        return value if isinstance(value, tp) else NO_FIT
+    if isinstance(value, bool):
+        return NO_FIT
+    if tp is int:
+        return value if isinstance(value, int) else NO_FIT
+    return float(value) if isinstance(value, (int, float)) else NO_FIT
+
+
 def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     """`value` as type `tp`, or _Invalid with the message; nested sections report their own problems."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    if tp in SCALARS:
+        fitted = fit_scalar(tp, value)
+        if fitted is not NO_FIT:
+            return fitted
     elif origin is Literal:
         choices = typing.get_args(tp)
         if any(value == choice and type(value) is type(choice) for choice in choices):

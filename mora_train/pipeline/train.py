@@ -36,7 +36,7 @@ from mora_train.training.checkpoints import (
     resume_command,
 )
 from mora_train.training.gather import unsharded_adapter
-from mora_train.training.preflight import check_model_fit
+from mora_train.training.preflight import PlannedRun, check_model_fit
 from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
 from mora_train.training.restarts import setup_training_extras
 from mora_train.training.trainer import TrainResult, plot_loss, train
@@ -258,15 +258,8 @@ def _run(composed: ComposedConfig, lock: RunDirLock | None) -> dict[str, Any]:
     task = TASKS[config.task.name]
 
     model, tokenizer = load_model_and_tokenizer(config.model)
-    check_model_fit(
-        model,
-        model_cfg=config.model,
-        trainer=config.trainer,
-        adapter=config.adapter,
-        rank=config.rank,
-        output_dir=run_dir,
-        export_dtype=config.export.torch_dtype,
-    )
+    fit = PlannedRun(config.model, config.trainer, config.adapter, config.rank, run_dir, config.export.torch_dtype)
+    check_model_fit(model, fit)
     data = task.build(config.task, tokenizer, config.trainer.max_seq_len)
     if not data.train:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")

@@ -24,7 +24,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
-from mora_train.config.schema import closest, type_name
+from mora_train.config.schema import NO_FIT, SCALARS, closest, fit_scalar, type_name
 from mora_train.core.errors import ConfigError
 from mora_train.training.config import TrainerConfig
 
@@ -350,21 +350,10 @@ def _fit(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any or isinstance(tp, (typing.TypeVar, str)):
         return value
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    if tp in SCALARS:
+        fitted = fit_scalar(tp, value)
+        if fitted is not NO_FIT:
+            return fitted
     elif _is_enum(tp):
         if isinstance(value, tp):
             return value

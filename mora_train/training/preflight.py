@@ -9,6 +9,7 @@ enough free disk for what the run will write (the merged checkpoint above all).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -49,45 +50,45 @@ def _method_rank(rank: int | None) -> int:
     return cast(int, rank)
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """What the checks against the loaded model read of the run's config."""
+
+    model_cfg: ModelConfig
+    trainer: TrainerConfig
+    adapter: AdapterSettings
+    rank: int | None
+    output_dir: Path
+    export_dtype: torch.dtype | None  # the merged checkpoint's (export.dtype; None: the dtype the model computed in)
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
 
 
-def estimate_run_bytes(
-    model: nn.Module,
-    layers: dict[str, nn.Linear],
-    *,
-    model_cfg: ModelConfig,
-    trainer: TrainerConfig,
-    adapter: AdapterSettings,
-    rank: int | None,
-    output_dir: Path,
-    export_dtype: torch.dtype | None,
-) -> dict[str, int]:
-    """Bytes the run will still write: merged checkpoint, adapter folder, training checkpoints, small files.
-
-    `export_dtype`: the merged checkpoint's dtype (export.dtype; None: the dtype the model computed in)."""
+def estimate_run_bytes(model: nn.Module, layers: dict[str, nn.Linear], run: PlannedRun) -> dict[str, int]:
+    """Bytes the run will still write: merged checkpoint, adapter folder, training checkpoints, small files."""
     parameters, merged = _model_bytes(model)
     element = next(model.parameters()).element_size()
-    if model_cfg.is_quantized:
+    if run.model_cfg.is_quantized:
         # The merged checkpoint is de-quantized: every weight at export.dtype (default the compute dtype), not
         # the packed 4-/8-bit codes in memory; adapters train in float32 beside them.
         parameters = count_parameters(model)[1]  # packed 4-bit weights at their unquantized size
-        merged = parameters * (export_dtype or compute_dtype(model)).itemsize
+        merged = parameters * (run.export_dtype or compute_dtype(model)).itemsize
         element = 4
-    count = adapter_type(adapter).trainable_count(model, layers, adapter, _method_rank(rank))
+    count = adapter_type(run.adapter).trainable_count(model, layers, run.adapter, _method_rank(run.rank))
     trainable = count * element
     # A checkpoint holds the trained weights and their two AdamW moments.
     checkpoint = trainable + ADAM_STATES_PER_PARAM * trainable
     # RUN_DIR/adapter is not written when it would only repeat merged/ (every weight trained).
     whole_model = count >= parameters
     checkpoints = 0
-    if trainer.save_steps > 0:
-        saves = max(trainer.max_steps, 0) // trainer.save_steps or 1
-        limit = trainer.save_total_limit
+    if run.trainer.save_steps > 0:
+        saves = max(run.trainer.max_steps, 0) // run.trainer.save_steps or 1
+        limit = run.trainer.save_total_limit
         # One more than the limit exists for a moment: the new one is published before the oldest is deleted.
         kept = saves if limit is None else min(saves, limit + 1)
-        existing = _dir_bytes(Path(output_dir) / "checkpoints")
+        existing = _dir_bytes(Path(run.output_dir) / "checkpoints")
         checkpoints = max(kept * checkpoint - existing, 0)
     return {
         "merged checkpoint": merged,
@@ -110,19 +111,10 @@ def disk_problem(parts: dict[str, int], output_dir: Path) -> str | None:
     )
 
 
-def model_fit_problems(
-    model: nn.Module,
-    *,
-    model_cfg: ModelConfig,
-    trainer: TrainerConfig,
-    adapter: AdapterSettings,
-    rank: int | None,
-    output_dir: Path,
-    export_dtype: torch.dtype | None,
-) -> list[str]:
+def model_fit_problems(model: nn.Module, run: PlannedRun) -> list[str]:
     """Every way the adapter and trainer settings do not fit this model or this disk, one message each."""
     problems: list[str] = []
-    targets = adapter.target_modules
+    targets = run.adapter.target_modules
     if isinstance(targets, str):  # "all" (full fine-tuning)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         unmatched: list[str] = []
@@ -134,42 +126,15 @@ def model_fit_problems(
             f"named {linear_layer_names(model)}: set adapter.target_modules to some of those"
         )
     if not unmatched:
-        problems.extend(adapter_type(adapter).layer_problems(layers, adapter, _method_rank(rank)))
-    parts = estimate_run_bytes(
-        model,
-        layers,
-        model_cfg=model_cfg,
-        trainer=trainer,
-        adapter=adapter,
-        rank=rank,
-        output_dir=output_dir,
-        export_dtype=export_dtype,
-    )
-    problem = disk_problem(parts, output_dir)
+        problems.extend(adapter_type(run.adapter).layer_problems(layers, run.adapter, _method_rank(run.rank)))
+    problem = disk_problem(estimate_run_bytes(model, layers, run), run.output_dir)
     if problem:
         problems.append(problem)
     return problems
 
 
-def check_model_fit(
-    model: nn.Module,
-    *,
-    model_cfg: ModelConfig,
-    trainer: TrainerConfig,
-    adapter: AdapterSettings,
-    rank: int | None,
-    output_dir: Path,
-    export_dtype: torch.dtype | None,
-) -> None:
+def check_model_fit(model: nn.Module, run: PlannedRun) -> None:
     """ConfigError listing every problem of `model_fit_problems` (none: return)."""
-    problems = model_fit_problems(
-        model,
-        model_cfg=model_cfg,
-        trainer=trainer,
-        adapter=adapter,
-        rank=rank,
-        output_dir=output_dir,
-        export_dtype=export_dtype,
-    )
+    problems = model_fit_problems(model, run)
     if problems:
         raise ConfigError(problems)

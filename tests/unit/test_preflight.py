@@ -12,28 +12,21 @@ from mora_train.adapters.base import match_target_linears
 from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
 from mora_train.pipeline.run_config import RunConfig
-from mora_train.training.preflight import estimate_run_bytes, model_fit_problems
+from mora_train.training.preflight import PlannedRun, estimate_run_bytes, model_fit_problems
 from mora_train.training.resilience import is_disk_full
 from tests.conftest import compose_config, compose_run
 from tests.conftest import validate_config as validate
 
 
-def fit_arguments(run: RunConfig) -> dict:
+def fit_arguments(run: RunConfig) -> PlannedRun:
     """The sections check_model_fit reads, as pipeline.train passes them."""
-    return {
-        "model_cfg": run.model,
-        "trainer": run.trainer,
-        "adapter": run.adapter,
-        "rank": run.rank,
-        "output_dir": Path(run.output_dir),
-        "export_dtype": run.export.torch_dtype,
-    }
+    return PlannedRun(run.model, run.trainer, run.adapter, run.rank, Path(run.output_dir), run.export.torch_dtype)
 
 
 def fit_problems(tmp_path: Path, *overrides: str) -> list[str]:
     run = compose_run(["model=tiny-llama", *overrides], tmp_path / "run")
     model, _ = load_model_and_tokenizer(run.model)
-    return model_fit_problems(model, **fit_arguments(run))
+    return model_fit_problems(model, fit_arguments(run))
 
 
 def test_a_fitting_config_has_no_problems(tmp_path: Path) -> None:
@@ -68,7 +61,7 @@ def test_disk_estimate_counts_merged_model_adapter_and_checkpoints(tmp_path: Pat
     )
     model, _ = load_model_and_tokenizer(run.model)
     layers, _ = match_target_linears(model, list(run.adapter.target_modules))
-    parts = estimate_run_bytes(model, layers, **fit_arguments(run))
+    parts = estimate_run_bytes(model, layers, fit_arguments(run))
     params = sum(p.numel() for p in model.parameters())
     lora = sum(4 * (m.in_features + m.out_features) for m in layers.values())
     assert parts["merged checkpoint"] == 4 * params
