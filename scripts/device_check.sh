@@ -2,7 +2,7 @@
 # The GPU check: one command, ≤ 8 minutes on one H200, results in RESULTS_DIR (results.md, results.json,
 # check.log, gpu-tests.xml), written after every step, so a failed or timed-out step still leaves them.
 #
-#   scripts/device_check.sh RESULTS_DIR              # on the GPU machine (README "GPU")
+#   scripts/device_check.sh RESULTS_DIR              # on the GPU machine (docs/distributed.md, "GPU")
 #   scripts/device_check.sh --dry-run RESULTS_DIR    # on CPU, tiny sizes: every step that can run there
 #   options: --wheels DIR (default: device_wheels, built by scripts/pack_device_wheels.sh; given with
 #            --dry-run, the dry run installs from it too: how to try the folder on a bare CPU machine)

@@ -4,7 +4,7 @@
 #   bash scripts/pack_device_wheels.sh            # -> device_wheels/ (git-ignored), prints its size
 #   WHEELS=/tmp/w PY_TARGET=3.11 bash scripts/pack_device_wheels.sh   # another folder / Python
 #
-# The GPU machine (README "GPU") has Python 3.12 with torch, transformers, accelerate, peft, triton,
+# The GPU machine (docs/distributed.md, "GPU") has Python 3.12 with torch, transformers, accelerate, peft, triton,
 # safetensors, numpy and pytest, and no network. This script takes the project's own dependency list
 # (pyproject.toml `dependencies` + the `deepspeed` extra), drops what is there already (those packages and
 # torch's, numpy's and pytest's own dependencies), and brings the rest with all of its dependencies (pip
