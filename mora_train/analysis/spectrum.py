@@ -7,7 +7,7 @@ can reach rank r̂, full fine-tuning any rank. ΔW comes from either
 * a merged model minus its base model, weight by weight (any run, full fine-tuning included).
 
 Singular values are computed once per run and cached in RUN_DIR/spectrum.safetensors, so a report
-can recount them at any threshold for free.
+can recount them at any threshold for free. The command (mora_train.cli.spectrum):
 
     mora-train-spectrum RUN_DIR [--threshold 0.1]
     mora-train-spectrum ADAPTER_DIR --base-model smollm2-135m
@@ -20,22 +20,17 @@ command did not write.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from mora_train.core.errors import MoraTrainError, non_negative_float, report_unexpected
+from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import save_figure_atomically, write_file_atomically
 from mora_train.core.outputs import FILES, check_output_target
-from mora_train.core.run_lock import refuse_if_being_written
+from mora_train.export.delta import BLOCK_INDEX, adapter_deltas, load_merged, merged_deltas
 from mora_train.models.config import ModelConfig
 from mora_train.pipeline.run_config import named_model_config, saved_run_config
 
@@ -47,7 +42,6 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.1  # the paper's Fig. 5 counts singular values > 0.1
 SPECTRUM_FILE = "spectrum.safetensors"
 SPECTRUM_PLOT = "spectrum.png"
-_BLOCK = re.compile(r"\.(\d+)\.")
 
 
 @dataclass
@@ -67,7 +61,7 @@ class LayerSpectrum:
     @property
     def block(self) -> int | None:
         """Transformer block index (the number in `layers.N.`), if any."""
-        match = _BLOCK.search(f".{self.name}.")
+        match = BLOCK_INDEX.search(f".{self.name}.")
         return int(match.group(1)) if match else None
 
     def count_above(self, threshold: float) -> int:
@@ -107,48 +101,6 @@ def counts_above(spectra: list[LayerSpectrum], threshold: float) -> dict[str, in
 
 
 # -- where ΔW comes from ------------------------------------------------------------------------------
-
-
-def adapter_deltas(base_model: PreTrainedModel, adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """ΔW of every adapted layer of a saved LoRA/MoRA adapter, attached to `base_model` (which it modifies)."""
-    from mora_train.adapters import load_adapter
-
-    try:
-        adapter = load_adapter(base_model, adapter_dir)
-    except MoraTrainError:
-        raise
-    except Exception as err:  # noqa: BLE001 - corrupt adapter files, or an adapter of another base model
-        raise MoraTrainError(
-            f"could not attach the adapter in {adapter_dir} to its base model ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no details'}); its files are corrupt or it belongs to "
-            "another base model (pass that one with --base-model)"
-        ) from None
-    return adapter.delta_weights()
-
-
-def merged_deltas(base_model: nn.Module, merged_model: nn.Module) -> dict[str, torch.Tensor]:
-    """W_merged - W_base for every linear layer inside the transformer blocks (not the LM head).
-
-    Layers whose weights did not change are left out (a LoRA run that targets only some layers).
-    """
-    base_linears = {n: m for n, m in base_model.named_modules() if isinstance(m, nn.Linear)}
-    deltas = {}
-    with torch.no_grad():
-        for name, module in merged_model.named_modules():
-            if not isinstance(module, nn.Linear) or _BLOCK.search(f".{name}.") is None:
-                continue
-            base = base_linears.get(name)
-            if base is None or base.weight.shape != module.weight.shape:
-                raise MoraTrainError(
-                    f"merged model layer {name} has no counterpart of the same shape in the base model; "
-                    "is --base-model the model this run started from?"
-                )
-            delta = module.weight.float() - base.weight.float()
-            if delta.abs().max().item() > 0:
-                deltas[name] = delta
-    if not deltas:
-        raise MoraTrainError("the merged model equals the base model in every block layer: nothing was trained")
-    return deltas
 
 
 def load_base_model(model_cfg: ModelConfig) -> PreTrainedModel:
@@ -194,16 +146,7 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
 
 
 def _merged_vs_base(merged_dir: Path, model_cfg: ModelConfig) -> list[LayerSpectrum]:
-    from transformers import AutoModelForCausalLM
-
-    from mora_train.models import load_error
-
-    try:
-        merged = AutoModelForCausalLM.from_pretrained(
-            merged_dir, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code
-        )
-    except Exception as err:  # noqa: BLE001 - the loading boundary: corrupt weights, not a model, ...
-        raise load_error("model", str(merged_dir), err, "path") from None
+    merged = load_merged(merged_dir, model_cfg.trust_remote_code)
     return singular_values(merged_deltas(load_base_model(model_cfg), merged))
 
 
@@ -228,11 +171,11 @@ def load_spectra(path: Path) -> tuple[list[LayerSpectrum], str]:
         for name in f.keys():  # noqa: SIM118 - safe_open has keys() but no __iter__
             d_out, d_in = (int(v) for v in shapes.get(name, "0x0").split("x"))
             spectra.append(LayerSpectrum(name, d_out, d_in, f.get_tensor(name)))
-    spectra.sort(key=_layer_order)
+    spectra.sort(key=layer_order)
     return spectra, metadata.get("source", "unknown")
 
 
-def _layer_order(spectrum: LayerSpectrum) -> tuple:
+def layer_order(spectrum: LayerSpectrum) -> tuple:
     return (spectrum.block if spectrum.block is not None else -1, spectrum.name)
 
 
@@ -242,7 +185,7 @@ def cached_run_spectrum(run_dir: Path, refresh: bool = False) -> tuple[list[Laye
     if cache.is_file() and not refresh:
         return load_spectra(cache)
     spectra, source = run_spectrum(run_dir)
-    spectra.sort(key=_layer_order)
+    spectra.sort(key=layer_order)
     save_spectra(spectra, cache, source)
     return spectra, source
 
@@ -304,7 +247,7 @@ def save_figure(fig, path: Path) -> None:
     save_figure_atomically(fig, path)
 
 
-# -- command line ---------------------------------------------------------------------------------
+# -- where the command writes ---------------------------------------------------------------------------
 
 RUN_OUTPUTS = ("adapter", "merged", "merged-unverified", "checkpoints")
 
@@ -334,69 +277,3 @@ def check_spectrum_target(out: str | None, path: Path, is_run: bool, base_model:
         ours=lambda folder: Path(folder).resolve() == home or is_earlier_spectrum(folder),
         names=(SPECTRUM_FILE, SPECTRUM_PLOT),
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mora-train-spectrum",
-        description="Count the singular values of ΔW above a threshold, per layer (paper Fig. 5).",
-    )
-    parser.add_argument("path", help="a run dir, an adapter folder, or a merged-model folder")
-    parser.add_argument(
-        "--base-model",
-        help="base model: config name (smollm2-135m, tiny-llama), hub id or folder; "
-        "default: the run's own (resolved_config.yaml)",
-    )
-    parser.add_argument(
-        "--threshold", type=non_negative_float, default=DEFAULT_THRESHOLD, help="default %(default)s (the paper's)"
-    )
-    parser.add_argument(
-        "--out", help="folder for spectrum.png/.safetensors (default: the run dir, else the current dir)"
-    )
-    parser.add_argument("--refresh", action="store_true", help="recompute even if the run dir has a cached spectrum")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started = time.time()
-    path = Path(args.path)
-    try:
-        is_run = (path / "resolved_config.yaml").is_file()
-        refuse_if_being_written(path, "PATH", "mora-train-spectrum")
-        out = check_spectrum_target(args.out, path, is_run, args.base_model)
-        if is_run and args.base_model is None:
-            spectra, source = cached_run_spectrum(path, refresh=args.refresh)
-        else:
-            spectra, source = run_spectrum(path, args.base_model)
-            spectra.sort(key=_layer_order)
-    except MoraTrainError as err:
-        print(f"mora-train-spectrum: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 2)
-    except Exception as err:  # noqa: BLE001 - a bug: one line and the traceback in a file, never a bare traceback
-        report_unexpected("mora-train-spectrum", err, None)
-        return 1
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if out != path or not is_run:
-            save_spectra(spectra, out / SPECTRUM_FILE, source)
-        plot_spectrum(spectra, args.threshold, out / SPECTRUM_PLOT, f"{path.name}: ΔW ({source})")
-    except OSError as err:
-        print(
-            f"mora-train-spectrum: error: cannot write the spectrum into {out}: {err.strerror or err} "
-            f"({err.filename or out}); choose a writable folder with --out DIR",
-            file=sys.stderr,
-        )
-        return 2
-    print(f"{'layer':<48} {'shape':>11} {'> ' + format(args.threshold, 'g'):>8} {'max sv':>9}")
-    for s in spectra:
-        top = s.singular_values[0].item() if s.singular_values.numel() else 0.0
-        print(f"{s.name:<48} {f'{s.d_out}x{s.d_in}':>11} {s.count_above(args.threshold):>8} {top:>9.4f}")
-    summary = summarize(spectra, args.threshold)
-    print(
-        f"{summary['layers']} layers, ΔW from {source}: singular values > {args.threshold:g} per layer "
-        f"mean {summary['mean']:.1f}, min {summary['min']}, max {summary['max']}   "
-        f"plot: {out / SPECTRUM_PLOT}   ({time.time() - started:.1f} s)"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

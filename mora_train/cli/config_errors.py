@@ -161,7 +161,8 @@ def _missing_option(err: Any, argv: list[str]) -> str:
     suggestion = f" (did you mean {group}={closest[0]}?)" if closest else ""
     return (
         f"{text}; the options of {group} are: {', '.join(options)}{suggestion}. Pick one with {group}=NAME, or "
-        f'add {group}/{name}.yaml in a folder of yours and pass --config-dir FOLDER (README "Your own configs")'
+        f"add {group}/{name}.yaml in a folder of yours and pass --config-dir FOLDER "
+        '(docs/configuration.md, "Your own configs")'
     )
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from mora_train.core.errors import run_command
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mora-train-export",
         description=(
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         help="re-run the task's evaluation on the adapter and on the export "
         "(default: for truncated exports of a run dir)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def work():  # the pipeline is imported here, so that --help stays fast (no torch import)
@@ -60,11 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     report = run_command("mora-train-export", work)
+    print(_summary(report, args.out_dir))
+
+
+def _summary(report: dict[str, Any], out_dir: str) -> str:
+    """What was exported and how exact it is, the plain-peft check and evaluation if run, and how to serve it."""
     lines = [
-        f"exported {report['layers']} layers as LoRA rank {report['rank']} to {args.out_dir} ({report['how']})",
+        f"exported {report['layers']} layers as LoRA rank {report['rank']} to {out_dir} ({report['how']})",
         (
             f"relative Frobenius error of ΔW: max {report['max_relative_error']:.2e}, "
-            f"mean {report['mean_relative_error']:.2e} (per layer: {args.out_dir}/export_report.md)"
+            f"mean {report['mean_relative_error']:.2e} (per layer: {out_dir}/export_report.md)"
         ),
     ]
     if "peft_max_abs_logit_diff" in report:
@@ -79,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             "does not: export with --rank 512 (or --energy) for vLLM"
         )
     else:
-        lines.append(f"serve: vllm serve BASE --enable-lora --max-lora-rank {serve} --lora-modules NAME={args.out_dir}")
-    print("\n".join(lines))
+        lines.append(f"serve: vllm serve BASE --enable-lora --max-lora-rank {serve} --lora-modules NAME={out_dir}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

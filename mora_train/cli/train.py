@@ -14,16 +14,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mora_train.cli.config_errors import hydra_error_problem, hydra_errors_raised, user_environment
-from mora_train.config.overrides import open_mapping_overrides, parse_override, shell_override
-from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, MoraTrainError, report_unexpected
+from mora_train.config.overrides import open_mapping_overrides, parse_override
+from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, report_unexpected
 from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
-from mora_train.core.run_lock import RunDirBusy
 from mora_train.training.distributed import (
-    MainProcessFailed,
     is_main_process,
     launch_time,
     prepare_cli,
-    rank,
     run_on_main_process,
     shutdown,
 )
@@ -51,12 +48,13 @@ def _run(cfg: DictConfig) -> float | None:
     """The job: every expected failure ends as one paragraph and an exit code, never a traceback.
 
     Expected failures are MoraTrainError (exit 2 and the codes in mora_train.core.errors); anything else is a
-    bug: one line naming the error and the file holding its full traceback (in the run dir), exit 1.
+    bug: one line naming the error and the file holding its full traceback (in the run dir), exit 1. In a sweep
+    a failed job is recorded and the sweep goes on (mora_train.cli.job_failures holds the whole policy).
     """
-    from mora_train.pipeline.train import EarlyLog, detach_run_log
+    from mora_train.pipeline.run_log import EarlyLog, detach_run_log
 
     root = logging.getLogger()
-    root.addHandler(EarlyLog())  # held until the run dir may be written (pipeline.train.prepare_run_dir)
+    root.addHandler(EarlyLog())  # held until the run dir may be written (pipeline.run_dir.prepare_run_dir)
     run_dir = Path(str(cfg.get("output_dir") or "."))
     was_absent_or_empty = not run_dir.is_dir() or not any(run_dir.iterdir())
     try:
@@ -71,33 +69,10 @@ def _run(cfg: DictConfig) -> float | None:
 
 
 def _job(cfg: DictConfig) -> float | None:
-    from mora_train.analysis.sweep import (
-        failed_job_metric,
-        in_multirun,
-        jobs_run_apart,
-        record_job_failure,
-        unfinished_sweep_hint,
-    )
+    from mora_train.cli.job_failures import handle_failure
     from mora_train.pipeline.relaunch import run_relaunched, wants_relaunch
-    from mora_train.pipeline.run_config import ComposedConfig, write_hydra_records
+    from mora_train.pipeline.run_config import ComposedConfig
     from mora_train.pipeline.train import run
-
-    def record_failure(err: BaseException, sweep_goes_on: bool = True) -> float:
-        # Rank 0 alone writes the job's error record; the other ranks go on (or stop) with it. A job refused
-        # because another live run holds its dir writes nothing there: that folder is the other run's.
-        if not is_main_process() or isinstance(err, RunDirBusy):
-            return failed_job_metric()
-        try:
-            run_dir: Path | None = Path(str(cfg.output_dir))
-        except Exception:  # noqa: BLE001 - output_dir itself may be what failed to resolve
-            run_dir = None
-        try:  # the sweep report finds jobs by .hydra/config.yaml, which a refused job has not written yet
-            if run_dir is not None:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_hydra_records(run_dir, cfg)
-        except OSError:
-            pass
-        return record_job_failure(run_dir, err, sweep_goes_on)
 
     composed = ComposedConfig(cfg)
     try:
@@ -109,48 +84,13 @@ def _job(cfg: DictConfig) -> float | None:
             return score(run_relaunched(composed.read()))  # whose rank 0 has printed the summary
         else:
             metrics = run(composed)
-    except MainProcessFailed:
-        # A rank != 0: rank 0 has printed (and in a sweep, recorded) the error; follow it.
-        if in_multirun():
-            return failed_job_metric()
-        sys.exit(EXIT_USER)
-    except MoraTrainError as err:
-        after = ""
-        if in_multirun():
-            if getattr(err, "exit_code", EXIT_USER) < 128:  # one bad job must not end the sweep: record it, go on
-                return record_failure(err)
-            if jobs_run_apart():  # a job in a process of its own (submitit, Ray) stopped by a signal: only this job
-                return record_failure(err, sweep_goes_on=False)
-            # SIGINT/SIGTERM: the user stops the whole sweep; the job's record says so
-            record_failure(err, sweep_goes_on=False)
-            after = "\n" + unfinished_sweep_hint(sys.argv[1:])
-        logging.getLogger("mora_train").debug("user error", exc_info=True)
-        where = "" if is_main_process() else f" (rank {rank()})"
-        print(f"\nmora-train: error{where}: {err}{after}", file=sys.stderr, flush=True)
-        sys.exit(getattr(err, "exit_code", EXIT_USER))  # README: "When things go wrong" lists the codes
-    except KeyboardInterrupt:
-        # Outside training, or a second Ctrl-C: stop now. Outputs are renamed into place only when complete.
-        print(_interrupted(Path(cfg.output_dir)), file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the CLI's last line: a bug is one line and a traceback file
-        if in_multirun():  # out of memory, a bug in one configuration...: recorded with its traceback
-            return record_failure(err)
-        report_unexpected("mora-train", err, Path(cfg.output_dir))
-        sys.exit(EXIT_UNEXPECTED)
+    except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 - the CLI's last line: job_failures' table decides
+        return handle_failure(cfg, err)
     # What a sweeper optimises: the task's primary metric signed so that higher is better (losses negated).
     objective = score(metrics)
-    if not is_main_process():
-        return objective
-    print("\n" + summary_line(metrics, Path(cfg.output_dir)), flush=True)
+    if is_main_process():
+        print("\n" + summary_line(metrics, Path(cfg.output_dir)), flush=True)
     return objective
-
-
-def _interrupted(run_dir: Path) -> str:
-    return (
-        f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
-        f"{run_dir / 'checkpoints'} (if any) are kept: rerun with "
-        f"{shell_override('output_dir', str(run_dir.resolve()))} to resume"
-    )
 
 
 SHOW_ONLY_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")

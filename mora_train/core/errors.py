@@ -1,6 +1,6 @@
 """User-facing errors: the CLI prints their message as one paragraph and exits non-zero, no traceback.
 
-Exit codes (README "When things go wrong" has the same table):
+Exit codes (docs/errors.md has the same table):
 
 | code | meaning |
 |---|---|

@@ -38,6 +38,10 @@ def model_context(model: PreTrainedModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+# One scoring request: (example index, choice index, input index, the choice's token ids).
+Request = tuple[int, int, int, list[int]]
+
+
 @torch.no_grad()
 def score_choices(
     model: PreTrainedModel,
@@ -49,10 +53,24 @@ def score_choices(
 ) -> tuple[list[list[tuple[float, int]]], int]:
     """For each example and choice: (log p(choice | prompt), number of choice tokens); and how many prompts were cut."""
     model.eval()
-    device = next(model.parameters()).device
     limit = min(max_len, model_context(model) or max_len)
+    inputs, requests, truncated = _choice_requests(tokenizer, examples, limit)
+    logprob_of = _token_logprobs(model, inputs, requests, batch_size, tokenizer.pad_token_id, desc)
+    scores: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(ex.choices) for ex in examples]
+    for e, c, index, choice_ids in requests:
+        start = len(inputs[index]) - len(choice_ids)
+        total = sum(logprob_of[(index, start + j, t)] for j, t in enumerate(choice_ids))
+        scores[e][c] = (total, len(choice_ids))
+    return scores, truncated
+
+
+def _choice_requests(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[ChoiceQuestion], limit: int
+) -> tuple[list[tuple[int, ...]], list[Request], int]:
+    """The distinct model inputs (prompt + choice minus its last token, cut to `limit`), one request per choice,
+    and how many prompts were cut."""
     sequences: dict[tuple[int, ...], int] = {}  # distinct model inputs -> index
-    requests: list[tuple[int, int, int, list[int]]] = []  # (example, choice, input index, choice ids)
+    requests: list[Request] = []
     truncated = 0
     for e, example in enumerate(examples):
         prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
@@ -70,15 +88,25 @@ def score_choices(
             index = sequences.setdefault(seq, len(sequences))
             requests.append((e, c, index, choice_ids))
         truncated += cut
-    # Which positions of each input we need log-probs at, and for which token.
-    inputs = list(sequences)
+    return list(sequences), requests, truncated
+
+
+def _token_logprobs(
+    model: PreTrainedModel,
+    inputs: list[tuple[int, ...]],
+    requests: list[Request],
+    batch_size: int,
+    pad: int,
+    desc: str,
+) -> dict[tuple[int, int, int], float]:
+    """(input index, position, token) -> log-prob, for the positions and tokens the requests need."""
+    device = next(model.parameters()).device
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # similar lengths share a batch
-    logprob_of: dict[tuple[int, int, int], float] = {}  # (input index, position, token) -> log-prob
+    logprob_of: dict[tuple[int, int, int], float] = {}
     wanted: dict[int, list[tuple[int, int]]] = {}  # input index -> [(position, token)]
     for _, _, index, choice_ids in requests:
         start = len(inputs[index]) - len(choice_ids)  # position whose logits predict the first choice token
         wanted.setdefault(index, []).extend((start + j, t) for j, t in enumerate(choice_ids))
-    pad = tokenizer.pad_token_id
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch = order[b : b + batch_size]
         longest = max(len(inputs[i]) for i in batch)
@@ -95,12 +123,7 @@ def score_choices(
         for row, i in enumerate(batch):
             for p, t in wanted[i]:
                 logprob_of[(i, p, t)] = logprobs[row, column[p], t].item()
-    scores: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(ex.choices) for ex in examples]
-    for e, c, index, choice_ids in requests:
-        start = len(inputs[index]) - len(choice_ids)
-        total = sum(logprob_of[(index, start + j, t)] for j, t in enumerate(choice_ids))
-        scores[e][c] = (total, len(choice_ids))
-    return scores, truncated
+    return logprob_of
 
 
 def evaluate_benchmark(

@@ -1,6 +1,6 @@
 """4-bit and 8-bit base models through bitsandbytes: load, prepare for adapter training, de-quantize.
 
-`model.quantization` = none | nf4 | fp4 | int8 (README "QMoRA"). The base's linear layers become
+`model.quantization` = none | nf4 | fp4 | int8 (docs/adapters.md, "QMoRA"). The base's linear layers become
 bitsandbytes `Linear4bit` / `Linear8bitLt` (both subclasses of `nn.Linear`, so adapters find and wrap them
 like any linear layer); everything else (embeddings, norms, the LM head) stays in `model.dtype`.
 

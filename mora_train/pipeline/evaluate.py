@@ -28,8 +28,8 @@ from mora_train.core.run_lock import RunDirLock, refuse_if_being_written
 from mora_train.models import DTYPES, load_error, load_model_and_tokenizer
 from mora_train.models.config import ModelConfig
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
+from mora_train.pipeline.run_dir import CHECKSUMS_JSON, check_run_dir, prepare_run_dir
 from mora_train.pipeline.scoring import evaluate_model
-from mora_train.pipeline.train import CHECKSUMS_JSON, check_run_dir, prepare_run_dir
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.training.checkpoints import file_sha256

@@ -3,11 +3,11 @@
 Hydra runs a job's function in one process: the CLI's own, or under a launcher plugin a fresh one per job
 (submitit: one per SLURM job of the array, on its node). A job that should train on the N GPUs of its node
 starts, from that process, `accelerate launch --num_processes N -m mora_train <the job's overrides>
-output_dir=<the job's run dir>` and waits for it: the N processes are an ordinary multi-process run (README
-"Multi-GPU and multi-node training": rank 0 writes the run dir, the engine is `distributed=`), writing into
-the job's run dir. This process then reads the run's metrics.json and returns it as the job's result, so the
-sweep's summary, `mora-train-report` and sweepers see the job like any other; a failed launch is the job's
-error (exit status and the run's error paragraph), recorded as any failed job is.
+output_dir=<the job's run dir>` and waits for it: the N processes are an ordinary multi-process run
+(docs/distributed.md, "Multi-GPU and multi-node training": rank 0 writes the run dir, the engine is
+`distributed=`), writing into the job's run dir. This process then reads the run's metrics.json and returns it
+as the job's result, so the sweep's summary, `mora-train-report` and sweepers see the job like any other; a
+failed launch is the job's error (exit status and the run's error paragraph), recorded as any failed job is.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def run_relaunched(config: RunConfig) -> dict[str, Any]:
             f"accelerate.num_processes={config.accelerate.num_processes} runs one `accelerate launch` on the job's "
             f"node, but this job has {nodes} nodes; give each job one node (hydra.launcher.nodes=1) with "
             "num_processes GPUs, or run a multi-node job with scripts/launch.sh --nodes M on every node "
-            '(README "Multi-GPU and multi-node training")'
+            '(docs/distributed.md, "Multi-GPU and multi-node training")'
         )
     run_dir = Path(config.output_dir)
     command = accelerate_command(config, run_dir)

@@ -1,7 +1,7 @@
 """The run's typed config: built once from Hydra's composed config, then handed down section by section.
 
 Each section is declared next to the code that owns it (models/config.py, adapters/*, training/config.py,
-tasks, evaluation/config.py, export.py); this module assembles them into `RunConfig` and is, with config/
+tasks, evaluation/config.py, export/merge.py); this module assembles them into `RunConfig` and is, with config/
 and cli/, the only place that sees a DictConfig. `read_run_config` reports every problem of every section
 in one ConfigError, each naming the key and the fix.
 """
@@ -40,7 +40,7 @@ MOVED_KEYS = {
 
 @section
 class AccelerateConfig(Section):
-    """A job as an N-process `accelerate launch` of itself (README "Sweeps on a cluster")."""
+    """A job as an N-process `accelerate launch` of itself (docs/sweeps.md, "Sweeps on a cluster")."""
 
     num_processes: int = setting(
         default=1, help="processes per job; 1: the job runs in its own process; ignored under a launcher already"

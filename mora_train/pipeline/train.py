@@ -1,47 +1,48 @@
-"""One run, start to finish: config -> model -> adapter -> data -> train -> export -> evaluate -> metrics."""
+"""One run, start to finish: config -> model -> adapter -> data -> train -> export -> evaluate -> metrics.
+
+The recipe has three steps, which `_run` calls in order: `setup_run` (every check, then model, data, adapter and
+the run dir), `train_run` (every rank trains) and `finish_run` (rank 0 exports, verifies, evaluates and writes the
+record). The run dir's checks and records live in pipeline.run_dir, its log file in pipeline.run_log.
+"""
 
 from __future__ import annotations
 
-import logging
-import logging.handlers
 import os
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import set_seed
 
 from mora_train.adapters import Adapter, adapter_identity, build_adapter
 from mora_train.adapters.base import count_parameters
-from mora_train.config.output_dir import output_dir_problem
 from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
-from mora_train.core.io import write_dir_atomically, write_json_atomically, write_text_atomically
+from mora_train.core.io import write_dir_atomically, write_json_atomically
 from mora_train.core.metrics import METRICS_JSON, make_record
 from mora_train.core.run_lock import RunDirLock
-from mora_train.export import ExportResult, export_merged, probe_batch, quantized_reference_logits
+from mora_train.export import (
+    ExportResult,
+    export_merged,
+    probe_batch,
+    quantized_reference_logits,
+    unsharded_adapter,
+)
 from mora_train.models import load_model_and_tokenizer
-from mora_train.pipeline.run_config import RESOLVED_CONFIG, ComposedConfig, RunConfig
+from mora_train.pipeline.run_config import ComposedConfig, RunConfig
+from mora_train.pipeline.run_dir import UNVERIFIED_MERGED, check_run_dir, prepare_run_dir, write_output_checksums
 from mora_train.pipeline.scoring import evaluate_model, not_evaluated
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
 from mora_train.training import distributed, tracking
-from mora_train.training.checkpoints import (
-    apply_resume_plan,
-    checkpoint_step,
-    decide_resume,
-    file_sha256,
-    resume_command,
-)
-from mora_train.training.gather import unsharded_adapter
+from mora_train.training.checkpoints import checkpoint_step
 from mora_train.training.preflight import PlannedRun, check_model_fit
 from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
-from mora_train.training.restarts import setup_training_extras
+from mora_train.training.restarts import TrainingExtras, setup_training_extras
+from mora_train.training.resume import apply_resume_plan, decide_resume, resume_command
 from mora_train.training.trainer import TrainResult, plot_loss, train
-
-log = logging.getLogger(__name__)
 
 
 def format_summary(config: RunConfig, adapter: Adapter) -> str:
@@ -66,150 +67,6 @@ def format_summary(config: RunConfig, adapter: Adapter) -> str:
         for (kind, d_out, d_in, size), counts in sorted(groups.items()):
             lines.append(f"  {kind:<12} {f'{d_out} x {d_in}':>17} {size:>8} {len(counts):>6} {counts[0]:>13,}")
     return "\n".join(lines)
-
-
-def check_run_dir(config: RunConfig, lock: RunDirLock | None = None) -> Path:
-    """Every refusal about the run dir itself, before anything is written (prepare_run_dir writes).
-
-    With `lock` (the process that writes the run dir) the writer lock is taken once the location is known to be
-    usable and before every refusal that reads the run dir (finished run; the caller's resume plan), so that no
-    decision is taken on files another live run is changing: a second writer is refused naming the first's PID."""
-    run_dir = Path(config.output_dir)
-    problem = output_dir_problem(run_dir)
-    if problem:
-        raise MoraTrainError(problem)
-    if lock is not None:
-        lock.acquire()
-    if (run_dir / METRICS_JSON).exists() and not config.overwrite:
-        raise MoraTrainError(
-            f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
-            "or pass overwrite=true to replace it"
-        )
-    return run_dir
-
-
-def prepare_run_dir(config: RunConfig, composed: ComposedConfig) -> Path:
-    """Create the run dir and write its config records; called only once every refusal has passed.
-
-    Writes resolved_config.yaml, Hydra's .hydra/ records (Hydra itself is told not to write them at startup:
-    configs/config.yaml sets hydra.output_subdir=null) and starts train.log with what was logged so far."""
-    run_dir = check_run_dir(config)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / RESOLVED_CONFIG
-        _warn_config_changes(config_path, composed.resolved())
-        composed.write_records(run_dir)
-        write_text_atomically(config_path, composed.resolved_yaml())
-    except OSError as err:
-        raise output_error(run_dir, err) from None
-    attach_run_log(run_dir)
-    return run_dir
-
-
-def output_error(run_dir: Path, err: OSError) -> MoraTrainError:
-    """A failed write into the run dir as the project's error: what, where, and the fix."""
-    if is_disk_full(err, run_dir):
-        return RunStopped(
-            f"no space left on the disk holding {run_dir} ({format_bytes(free_bytes(run_dir))} free) while writing "
-            f"{err.filename or run_dir}; free some space or choose another output_dir=...",
-            exit_code=4,
-        )
-    return MoraTrainError(
-        f"cannot write the run's outputs in {run_dir}: {err.strerror or err} ({err.filename or run_dir}); "
-        "choose a writable location with output_dir=..."
-    )
-
-
-UNVERIFIED_MERGED = "merged-unverified"  # a merged/ that failed the merge check, kept for inspection
-CHECKSUMS_JSON = "checksums.json"  # sha256 of every file of adapter/ and merged/, checked by mode=eval
-
-
-def write_output_checksums(run_dir: Path) -> None:
-    """RUN_DIR/checksums.json: size and sha256 of every file under adapter/ and merged/ (verify_outputs)."""
-    entries = {}
-    for name in ("adapter", "merged"):
-        folder = Path(run_dir) / name
-        if folder.is_dir():
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    entries[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    write_json_atomically(Path(run_dir) / CHECKSUMS_JSON, entries)
-
-
-class EarlyLog(logging.handlers.MemoryHandler):
-    """Holds what is logged before the run dir may be written; attach_run_log replays it into train.log."""
-
-    def __init__(self) -> None:
-        super().__init__(capacity=1 << 30, flushLevel=logging.CRITICAL + 1, target=None)
-
-    def shouldFlush(self, record: logging.LogRecord) -> bool:
-        return False
-
-
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
-
-
-def attach_run_log(run_dir: Path) -> None:
-    """Start RUN_DIR/train.log (appended to, like Hydra's job log) with the records held so far."""
-    root = logging.getLogger()
-    early = [h for h in root.handlers if isinstance(h, EarlyLog)]
-    if not early and not any(isinstance(h, RunLogHandler) for h in root.handlers):
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return  # called from Python without the CLI: no run log
-    handler = RunLogHandler(Path(run_dir) / "train.log")
-    for buffer in early:
-        for record in buffer.buffer:
-            if record.levelno >= root.getEffectiveLevel():
-                handler.handle(record)
-        buffer.buffer.clear()
-        root.removeHandler(buffer)
-    for old in [h for h in root.handlers if isinstance(h, RunLogHandler)]:
-        root.removeHandler(old)
-        old.close()
-    root.addHandler(handler)
-
-
-class RunLogHandler(logging.FileHandler):
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, mode="a", encoding="utf-8")
-        self.setFormatter(logging.Formatter(LOG_FORMAT))
-
-
-def detach_run_log() -> None:
-    """End of a job: close train.log and drop anything still held (a refused run writes no log)."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, (EarlyLog, RunLogHandler))]:
-        root.removeHandler(handler)
-        handler.close()
-
-
-def _warn_config_changes(previous_path: Path, resolved: dict[str, Any]) -> None:
-    """When continuing in a run dir, name the settings that differ from the run's previous start."""
-    if not previous_path.is_file():
-        return
-    try:
-        before = _flatten(yaml.safe_load(previous_path.read_text(encoding="utf-8")))
-    except Exception:  # noqa: BLE001 - an unreadable old config must not stop a resume
-        return
-    now = _flatten(resolved)
-    ignored = {"output_dir", "overwrite", "trainer.resume"}
-    changed = sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
-    if changed:
-        log.warning(
-            "the config differs from this run dir's previous start in: %s",
-            ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed),
-        )
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def run(composed: ComposedConfig) -> dict[str, Any]:
@@ -243,11 +100,35 @@ def run(composed: ComposedConfig) -> dict[str, Any]:
             lock.release()
 
 
+@dataclass
+class PreparedRun:
+    """What setup hands to training and to finishing: the checked config, its run dir and what was built."""
+
+    config: RunConfig
+    run_dir: Path
+    task: Any
+    tokenizer: Any
+    data: Any
+    adapter: Adapter
+    extras: TrainingExtras
+    resume_from: Path | None
+    parameter_counts: tuple[int, int]  # trainable, total (before training: what the summary shows)
+    started: float
+
+
 def _run(composed: ComposedConfig, lock: RunDirLock | None) -> dict[str, Any]:
+    prepared = setup_run(composed, lock)
+    result = train_run(prepared)
+    return distributed.run_on_main_process(lambda: finish_run(prepared, result))
+
+
+def setup_run(composed: ComposedConfig, lock: RunDirLock | None) -> PreparedRun:
+    """Check the config and the run dir, build model, data and adapter; then, every refusal passed, write the run dir.
+
+    Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank),
+    checks the run dir and decides which checkpoint to resume from; the others share its outcome.
+    Nothing is written into the run dir until every refusal has passed (docs/errors.md)."""
     started = time.time()
-    # Under a multi-process launch rank 0 alone checks the config (one error message, not one per rank),
-    # checks the run dir and decides which checkpoint to resume from; the others share its outcome.
-    # Nothing is written into the run dir until every refusal has passed (README: "When things go wrong").
     config = distributed.run_on_main_process(lambda: validate(composed))
     run_dir = distributed.run_on_main_process(lambda: check_run_dir(config, lock))
     identity = adapter_identity(config.adapter, config.rank)
@@ -272,55 +153,54 @@ def _run(composed: ComposedConfig, lock: RunDirLock | None) -> dict[str, Any]:
     if distributed.is_main_process():
         tracking.start(config.logging, composed.resolved(), run_dir)  # logging.report_to's runs, grouped by sweep
     resume_from = distributed.run_on_main_process(lambda: apply_resume_plan(plan))
-    if resume_from is not None and distributed.is_main_process():
+    counts = count_parameters(adapter.model)
+    prepared = PreparedRun(config, run_dir, task, tokenizer, data, adapter, extras, resume_from, counts, started)
+    if distributed.is_main_process():
+        announce(prepared)
+    return prepared
+
+
+def announce(prepared: PreparedRun) -> None:
+    """Rank 0: where training resumes from, and the model and adapter summary."""
+    if prepared.resume_from is not None:
         print(
-            f"resuming from {resume_from} (step {checkpoint_step(resume_from)}); "
+            f"resuming from {prepared.resume_from} (step {checkpoint_step(prepared.resume_from)}); "
             "trainer.resume=false overwrite=true starts over instead",
             flush=True,
         )
-    trainable, total = count_parameters(adapter.model)
-    if distributed.is_main_process():
-        print(format_summary(config, adapter), flush=True)
+    print(format_summary(prepared.config, prepared.adapter), flush=True)
 
-    result = train(
-        adapter,
-        tokenizer,
-        data.train,
+
+def train_run(prepared: PreparedRun) -> TrainResult:
+    """Every rank trains (mora_train.training.trainer: checkpoints, stops on signals, non-finite losses)."""
+    config = prepared.config
+    return train(
+        prepared.adapter,
+        prepared.tokenizer,
+        prepared.data.train,
         config.trainer,
         config.seed,
-        run_dir,
-        resume_from,
-        extras,
+        prepared.run_dir,
+        prepared.resume_from,
+        prepared.extras,
         config.distributed,
         config.logging,
     )
-    return distributed.run_on_main_process(
-        lambda: finish_run(config, task, adapter, tokenizer, data, result, run_dir, trainable, total, started)
-    )
 
 
-def finish_run(
-    config: RunConfig,
-    task: Any,
-    adapter: Adapter,
-    tokenizer: Any,
-    data: Any,
-    result: TrainResult,
-    run_dir: Path,
-    trainable: int,
-    total: int,
-    started: float,
-) -> dict[str, Any]:
+def finish_run(prepared: PreparedRun, result: TrainResult) -> dict[str, Any]:
     """Rank 0: export the adapter and the merged model, verify, evaluate, write metrics and the loss plot."""
+    config, task, run_dir = prepared.config, prepared.task, prepared.run_dir
+    tokenizer, data = prepared.tokenizer, prepared.data
     # After ZeRO / FSDP training the live weights are shards: export a rebuilt copy holding the gathered ones.
-    adapter = unsharded_adapter(adapter, result.final_weights, lambda: rebuilt_adapter(config))
+    adapter = unsharded_adapter(prepared.adapter, result.final_weights, lambda: rebuilt_adapter(config))
     adapter_dir = None
     if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
         adapter_dir = run_dir / "adapter"
         write_dir_atomically(adapter_dir, adapter.save)
     export = export_checked_merge(config, adapter, tokenizer, data, run_dir, adapter_dir)
     scores = evaluate_verified_merge(config, task, export, tokenizer, data, run_dir)
-    metrics = run_record(config, task, adapter, result, export, scores, (trainable, total), started)
+    metrics = run_record(config, task, adapter, result, export, scores, prepared.parameter_counts, prepared.started)
     plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
     write_json_atomically(run_dir / METRICS_JSON, metrics)
     tracking.finish(metrics)  # the final metrics and the merge check, to the trackers of logging.report_to

@@ -11,7 +11,7 @@ from mora_train.adapters import adapter_config_problems
 from mora_train.core.errors import ConfigError
 from mora_train.evaluation import lm_harness
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
-from mora_train.training import distributed
+from mora_train.training import distributed_config
 from mora_train.training.hf_arguments import hf_problems
 from mora_train.training.restarts import restart_problems
 
@@ -23,7 +23,7 @@ def cross_section_problems(run: RunConfig) -> list[str]:
     problems += restart_problems(run.trainer, quantization)
     problems += hf_problems(run.trainer)
     problems += lm_harness.config_problems(run.eval, run.task.name)
-    problems += distributed.config_problems(run.distributed, run.trainer, run.adapter, quantization=quantization)
+    problems += distributed_config.config_problems(run.distributed, run.trainer, run.adapter, quantization=quantization)
     return problems
 
 

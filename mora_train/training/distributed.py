@@ -1,4 +1,4 @@
-"""Multi-process runs: one run dir, one writer, engine settings, and what only data parallelism allows.
+"""Multi-process runs: which process this is, the process groups, one launch time, and rank 0's solo phases.
 
 transformers.Trainer does the data-parallel work (Accelerate underneath: DDP, FSDP or DeepSpeed, chosen by
 `distributed=`). This module holds what a multi-process *CLI run* needs around it:
@@ -12,8 +12,8 @@ transformers.Trainer does the data-parallel work (Accelerate underneath: DDP, FS
   wait on a long-timeout gloo group and share its result, or fail with it.
 
 The `distributed` section itself (`DistributedConfig`), its TrainingArguments keys and the engine checks
-that run before any model loads live in `mora_train.training.distributed_config` (re-exported here);
-gathering sharded weights after training lives in `mora_train.training.gather`.
+that run before any model loads live in `mora_train.training.distributed_config`; gathering sharded weights
+after training lives in `mora_train.training.gather`.
 
 Launchers that set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are supported: `accelerate
 launch` (multi-GPU or multi-node), `torchrun`, and the `deepspeed` launcher.
@@ -29,13 +29,6 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from mora_train.core.errors import MoraTrainError
-from mora_train.training.distributed_config import (  # noqa: F401 - re-exported: distributed.config_problems etc.
-    BACKENDS,
-    DistributedConfig,
-    config_problems,
-    deepspeed_config,
-    training_arguments_kwargs,
-)
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,7 @@
-"""After training: gather full weights from ZeRO / FSDP shards, check DDP replicas, rebuild for export.
+"""After training: gather full weights from ZeRO / FSDP shards and check DDP replicas.
 
 Every rank calls `collect_final_weights` right after `Trainer.train()` (it runs collectives); rank 0 then
-calls `unsharded_adapter` inside its solo export phase. The exported adapter and merged checkpoint of a
-sharded run are thus written by exactly the code a single process runs, from the same (fp32) weights.
+rebuilds the model from them for export (export.gather.unsharded_adapter).
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +19,6 @@ from mora_train.training.distributed import all_gather_object, is_main_process, 
 
 if TYPE_CHECKING:
     from transformers import Trainer
-
-    from mora_train.adapters.base import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +60,9 @@ def _strip_wrapper_names(name: str) -> str:
     return name
 
 
-def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def unwrapped_named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The module's parameters by the names the unwrapped model gives them (no FSDP, checkpoint or compile
+    wrapper names): the keys of the gathered state."""
     return {_strip_wrapper_names(name): param for name, param in module.named_parameters()}
 
 
@@ -78,7 +76,7 @@ def _gather_deepspeed(module: torch.nn.Module, names: list[str]) -> dict[str, to
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    params = _named_parameters(module)
+    params = unwrapped_named_parameters(module)
     state: dict[str, torch.Tensor] = {}
     for name in names:  # the same order on every rank: each step is a collective under ZeRO-3
         param = params[name]
@@ -96,7 +94,7 @@ def _gather_fsdp(trainer: Trainer, names: list[str]) -> dict[str, torch.Tensor] 
     if trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
         from torch.distributed.tensor import DTensor
 
-        params = _named_parameters(_trained_model(trainer))
+        params = unwrapped_named_parameters(_trained_model(trainer))
         state = {}
         for name in names:  # full_tensor() is an all-gather: same order on every rank
             param = params[name]
@@ -127,7 +125,7 @@ def gather_trainable_state(trainer: Trainer, names: list[str]) -> dict[str, torc
     elif trainer.is_fsdp_enabled:
         state = _gather_fsdp(trainer, names)
     else:
-        params = _named_parameters(trainer.accelerator.unwrap_model(trainer.model))
+        params = unwrapped_named_parameters(trainer.accelerator.unwrap_model(trainer.model))
         state = {n: params[n].detach().to(torch.float32).cpu().clone() for n in names} if is_main_process() else None
     if state is not None:
         empty = [n for n, t in state.items() if t.numel() == 0]
@@ -138,7 +136,7 @@ def gather_trainable_state(trainer: Trainer, names: list[str]) -> dict[str, torc
 
 def weights_checksum(module: torch.nn.Module, names: list[str]) -> str:
     """sha256 over the bytes of the named parameters (exact: any differing bit changes it)."""
-    params = _named_parameters(module)
+    params = unwrapped_named_parameters(module)
     digest = hashlib.sha256()
     for name in names:
         tensor = params[name].detach().contiguous().cpu()
@@ -173,37 +171,3 @@ def collect_final_weights(trainer: Trainer, names: list[str]) -> FinalWeights:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return FinalWeights(engine, world_size(), state, checksums, device, peak)
-
-
-def unsharded_adapter(adapter: Adapter, final: FinalWeights | None, rebuild: Callable[[], Adapter]) -> Adapter:
-    """The adapter to export on rank 0: the live one, or a rebuilt one holding the gathered weights.
-
-    `rebuild` must build the same base model and adapter as the run did (same config); every trainable
-    weight is then replaced by its gathered full-precision value, and any missing or mis-shaped weight
-    is an error (so a [0]-shaped ZeRO-3 shard can never reach the exported adapter).
-    """
-    # Rank 0 builds and loads models alone from here on: never under ZeRO-3's zero.Init (a collective), which
-    # transformers would use while a ZeRO-3 TrainingArguments is alive (even when training was skipped).
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    if final is None or final.trainable_state is None:
-        return adapter
-    fresh = rebuild()
-    live = _named_parameters(fresh.model)
-    state = final.trainable_state
-    problems = [f"{n}: not in the rebuilt model" for n in state if n not in live]
-    problems += [f"{n}: trained but not gathered" for n in fresh.trainable_parameters() if n not in state]
-    problems += [
-        f"{n}: gathered shape {tuple(t.shape)}, model's {tuple(live[n].shape)}"
-        for n, t in state.items()
-        if n in live and t.shape != live[n].shape
-    ]
-    if problems:
-        raise MoraTrainError("cannot rebuild the trained model from the gathered weights: " + "; ".join(problems[:8]))
-    with torch.no_grad():
-        for name, tensor in state.items():
-            live[name].copy_(tensor.to(dtype=live[name].dtype))
-    fresh.model.to(final.device)
-    log.info("rebuilt the %s-trained model on rank 0 from gathered full-precision weights", final.engine)
-    return fresh

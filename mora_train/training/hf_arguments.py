@@ -29,7 +29,7 @@ from mora_train.core.errors import ConfigError
 from mora_train.training.config import TrainerConfig
 
 # TrainingArguments fields mora-train sets from its own keys (training.trainer.training_arguments and
-# training.distributed.training_arguments_kwargs): where to set each instead. A test checks that every
+# training.distributed_config.training_arguments_kwargs): where to set each instead. A test checks that every
 # field those functions set is listed here.
 OWNED_FIELDS: dict[str, str] = {
     "output_dir": "`output_dir` (checkpoints go to OUTPUT_DIR/checkpoints)",

@@ -69,7 +69,7 @@ class MlflowSettings(Section):
 
 @section
 class LoggingConfig(Section):
-    """Experiment trackers (README "Experiment tracking"): logging.report_to=[tensorboard,wandb,mlflow]."""
+    """Experiment trackers (docs/sweeps.md, "Experiment tracking"): logging.report_to=[tensorboard,wandb,mlflow]."""
 
     report_to: list[str] | str | None = setting(
         factory=lambda: ["tensorboard"],

@@ -1,51 +1,35 @@
-"""Train an Adapter with transformers.Trainer (Accelerate underneath; DeepSpeed/FSDP by config)."""
+"""Train an Adapter with transformers.Trainer (Accelerate underneath; DeepSpeed/FSDP by config).
+
+The Trainer subclass (checkpoints, the non-finite guard) is mora_train.training.adapter_trainer.AdapterTrainer.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from mora_train.adapters.base import Adapter
-from mora_train.core.errors import MoraTrainError, RunStopped
+from mora_train.core.errors import RunStopped
 from mora_train.core.io import save_figure_atomically, write_json_atomically
 from mora_train.data.common import PadCollator, count_tokens
 from mora_train.models.quantization import adapters_attached
 from mora_train.training import tracking
-from mora_train.training.checkpoints import (
-    STAGING_DIR,
-    checkpoint_step,
-    is_complete,
-    newest_complete_checkpoint,
-    publish,
-    rotate,
-)
+from mora_train.training.adapter_trainer import AdapterTrainer
+from mora_train.training.checkpoints import checkpoint_step
 from mora_train.training.config import TrainerConfig
 from mora_train.training.distributed import is_main_process, rank, world_size
 from mora_train.training.distributed_config import DistributedConfig, training_arguments_kwargs
-from mora_train.training.gather import FinalWeights, collect_final_weights, gather_trainable_state
+from mora_train.training.gather import FinalWeights, collect_final_weights
 from mora_train.training.hf_arguments import hf_arguments
-from mora_train.training.resilience import (
-    NonFiniteLoss,
-    StopOnSignal,
-    StopSignals,
-    format_bytes,
-    free_bytes,
-    is_disk_full,
-)
+from mora_train.training.resilience import NonFiniteLoss, StopOnSignal, StopSignals
 from mora_train.training.restarts import TrainingExtras
 from mora_train.training.tracking import LoggingConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,162 +94,6 @@ def training_arguments(
     return TrainingArguments(**args)
 
 
-class AdapterTrainer(Trainer):
-    """transformers.Trainer with crash-safe checkpoints and a guard against non-finite updates.
-
-    * Checkpoints hold only the adapter's weights for lora/mora (MBs, not the base model), and no pickled
-      TrainingArguments. Each is written to checkpoints/.staging/, marked complete, then renamed into place
-      (mora_train.training.checkpoints), so resume never meets a half-written one.
-    * A non-finite loss or gradient norm is caught before the optimizer step that would apply it:
-      nonfinite_loss="stop" raises NonFiniteLoss, "skip" drops that step's gradients and goes on.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        adapter: Adapter,
-        nonfinite_loss: str = "stop",
-        checkpoint_state: list | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.adapter = adapter
-        # Extra state saved into / loaded from every checkpoint beside the adapter (objects with save(dir), load(dir)),
-        # e.g. the base weights that ReMoRA/ReLoRA restarts merged into (mora_train.training.restarts).
-        self.checkpoint_state = list(checkpoint_state or [])
-        self.nonfinite_loss = nonfinite_loss
-        self.skipped_steps: list[int] = []
-        self._bad_loss: torch.Tensor | None = None  # any non-finite micro-batch loss in the current step
-        self._staging_root: Path | None = None  # set while the stock checkpoint code writes into staging
-        # Everything that trains (the adapter, plus embeddings with trainer.train_embeddings), named before the
-        # engine wraps or shards the model; the names stay valid after.
-        self.trained_parameter_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # The live trained weights are shards ([0]-shaped under ZeRO-3) or bf16 copies: gather the fp32
-            # trained weights alone onto rank 0 (a collective: every rank is here), never the frozen base.
-            state = gather_trainable_state(self, self.trained_parameter_names)
-            self._save(output_dir, state_dict=state)
-            return
-        super().save_model(output_dir, _internal_call)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """A checkpoint holds what the method trains (Adapter.save: adapter weights, or every weight for full
-        fine-tuning), the extra checkpoint state, and the TrainingArguments as JSON (not the stock pickle)."""
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        # Typed optional, but TrainingArguments.__post_init__ replaced a None output_dir ("trainer_output").
-        assert output_dir is not None
-        os.makedirs(output_dir, exist_ok=True)
-        self.adapter.save(Path(output_dir), state_dict=state_dict)
-        for extra in self.checkpoint_state:
-            extra.save(Path(output_dir))
-        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        if self.is_fsdp_enabled:
-            raise MoraTrainError(
-                "resuming a run under FSDP is not supported (its live weights are shards); "
-                "resume under DDP (distributed=none/ddp) or DeepSpeed (distributed=zero2/zero3)"
-            )
-        self.adapter.load_weights(Path(resume_from_checkpoint))
-        for extra in self.checkpoint_state:
-            extra.load(Path(resume_from_checkpoint))
-
-    def _get_output_dir(self, trial: Any) -> str:
-        if self._staging_root is not None:
-            return str(self._staging_root)
-        return super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """The stock checkpoint (weights, optimizer, scheduler, RNG, trainer state), written atomically."""
-        checkpoints_dir = Path(super()._get_output_dir(trial))
-        step = self.state.global_step
-        staged = checkpoints_dir / STAGING_DIR / f"checkpoint-{step}"
-        if self.args.should_save:
-            shutil.rmtree(staged, ignore_errors=True)
-        if self.args.world_size > 1:
-            self.accelerator.wait_for_everyone()  # cleared before any rank writes its rng_state_N.pth into it
-        self._staging_root = staged.parent
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as err:
-            disk_full, free = is_disk_full(err, staged), free_bytes(checkpoints_dir)
-            if self.args.should_save:
-                shutil.rmtree(staged.parent, ignore_errors=True)  # the partial checkpoint (and .staging itself)
-            if not disk_full:
-                raise
-            newest = newest_complete_checkpoint(checkpoints_dir)
-            raise RunStopped(
-                f"no space left on the disk holding {checkpoints_dir} while saving the checkpoint of step {step} "
-                f"({format_bytes(free)} free; {type(err).__name__}: {err}). The partial checkpoint was removed and "
-                f"the completed ones are intact (newest: {newest or 'none'}). Free some space, or move the run dir "
-                "to a bigger disk, and resume",
-                exit_code=4,
-            ) from err
-        finally:
-            self._staging_root = None
-        if self.args.world_size > 1:
-            self.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_N.pth) are in staging
-        if self.args.should_save:
-            info = {"step": step, **self.adapter.identity_now()}
-            publish(staged, checkpoints_dir / staged.name, info)
-            rotate(checkpoints_dir, self.args.save_total_limit)
-        if self.args.world_size > 1:
-            self.accelerator.wait_for_everyone()
-
-    def save_last_good_checkpoint(self) -> Path | None:
-        """After NonFiniteLoss: checkpoint the state before the bad step (weights and optimizer untouched by it)."""
-        assert self.args.output_dir is not None  # typed optional; TrainingArguments.__post_init__ filled it in
-        checkpoints_dir = Path(self.args.output_dir)
-        existing = checkpoints_dir / f"checkpoint-{self.state.global_step}"
-        if is_complete(existing):
-            return existing
-        finite = all(torch.isfinite(p).all() for p in self.adapter.trainable_parameters().values())
-        if self.state.global_step == 0 or not finite:
-            return newest_complete_checkpoint(checkpoints_dir)
-        self._save_checkpoint(self.model_wrapped, trial=None)
-        return existing
-
-    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        # Accumulated on the device: one host sync per optimizer step (in _get_grad_norm), not per micro-batch.
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
-        return loss
-
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
-        # Called once per optimizer step, after clipping and just before optimizer.step().
-        grad_norm = super()._get_grad_norm(model, grad_norm)
-        self._guard_nonfinite(model, grad_norm)
-        return grad_norm
-
-    def _guard_nonfinite(self, model: torch.nn.Module, grad_norm: Any) -> None:
-        bad_loss, self._bad_loss = self._bad_loss, None
-        device = bad_loss.device if bad_loss is not None else self.args.device
-        flags = torch.zeros(2, dtype=torch.int32, device=device)
-        if bad_loss is not None:
-            flags[0] = bad_loss.to(torch.int32)
-        # Under fp16 the gradient scaler expects inf gradients now and then and skips those steps itself.
-        if grad_norm is not None and not self.args.fp16:
-            flags[1] = (~torch.isfinite(torch.as_tensor(grad_norm, device=device))).to(torch.int32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every process must take the same decision
-        bad_loss_seen, bad_grad_seen = flags.tolist()
-        if not (bad_loss_seen or bad_grad_seen):
-            return
-        step = self.state.global_step + 1
-        what = "loss" if bad_loss_seen else "gradient norm"
-        if self.nonfinite_loss != "skip":
-            raise NonFiniteLoss(step, what)
-        for param in model.parameters():
-            param.grad = None  # the optimizer leaves parameters without gradients (and their moments) alone
-        self.skipped_steps.append(step)
-        log.warning("step %d: non-finite %s; skipped this step (trainer.nonfinite_loss=skip)", step, what)
-
-
 def train(
     adapter: Adapter,
     tokenizer: Any,
@@ -283,7 +111,6 @@ def train(
     `extras`: what trainer.restart / trainer.train_embeddings add (restarts.setup_training_extras);
     `logging` picks the trackers the training log goes to (None: the default, TensorBoard)."""
     args = training_arguments(trainer, seed, run_dir / "checkpoints", distributed)
-    model = adapter.model
     embeddings = adapter.base_model.get_input_embeddings()
     if trainer.gradient_checkpointing and (embeddings is None or not embeddings.weight.requires_grad):
         # Frozen embeddings give checkpointed blocks inputs without grad; the adapters inside still need it.
@@ -293,9 +120,9 @@ def train(
     callbacks = [*tracking.trainer_callbacks(logging, run_dir), stop_on_signal]  # logging.report_to
     if extras is not None:
         callbacks += extras.callbacks
-    with adapters_attached(model):  # transformers refuses a quantized base it does not see adapters on
+    with adapters_attached(adapter.model):  # transformers refuses a quantized base it does not see adapters on
         hf_trainer = AdapterTrainer(
-            model=model,
+            model=adapter.model,
             args=args,
             train_dataset=train_examples,
             data_collator=PadCollator(tokenizer.pad_token_id),
@@ -312,26 +139,48 @@ def train(
             hf_trainer._load_from_checkpoint(str(resume_from))
             return _finished_result(saved, run_dir, resumed_from)
     with signals:
-        try:
-            output = hf_trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except NonFiniteLoss as err:
-            kept = hf_trainer.save_last_good_checkpoint()
-            raise RunStopped(
-                f"training stopped at step {err.step}: the {err.what} is not finite (NaN or Inf). No update was "
-                f"applied from it; the last good state is kept in {kept or 'no checkpoint (no step had completed)'}. "
-                "Usual fixes: lower trainer.learning_rate, keep trainer.max_grad_norm > 0, prefer trainer.precision="
-                "bf16 or fp32 over fp16, check the data; or set trainer.nonfinite_loss=skip to skip such steps. "
-                "Then resume",
-                exit_code=3,
-            ) from None
+        output = _train_until_stopped(hf_trainer, resume_from)
     if stop_on_signal.stopped_at is not None:
-        signum = signals.received or signal.SIGTERM
-        checkpoint = run_dir / "checkpoints" / f"checkpoint-{stop_on_signal.stopped_at}"
+        raise _signal_stop(hf_trainer, signals, stop_on_signal.stopped_at, run_dir)
+    return _train_result(hf_trainer, output, trainer, train_examples, run_dir, resumed_from)
+
+
+def _train_until_stopped(hf_trainer: AdapterTrainer, resume_from: str | Path | None) -> Any:
+    """hf_trainer.train(); a non-finite loss or gradient stops the run with the last good state checkpointed."""
+    try:
+        return hf_trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFiniteLoss as err:
+        kept = hf_trainer.save_last_good_checkpoint()
         raise RunStopped(
-            f"interrupted by {signal.Signals(signum).name}: stopped after step {stop_on_signal.stopped_at} of "
-            f"{hf_trainer.state.max_steps} and saved checkpoint {checkpoint}. To continue",
-            exit_code=128 + int(signum),
-        )
+            f"training stopped at step {err.step}: the {err.what} is not finite (NaN or Inf). No update was "
+            f"applied from it; the last good state is kept in {kept or 'no checkpoint (no step had completed)'}. "
+            "Usual fixes: lower trainer.learning_rate, keep trainer.max_grad_norm > 0, prefer trainer.precision="
+            "bf16 or fp32 over fp16, check the data; or set trainer.nonfinite_loss=skip to skip such steps. "
+            "Then resume",
+            exit_code=3,
+        ) from None
+
+
+def _signal_stop(hf_trainer: AdapterTrainer, signals: StopSignals, stopped_at: int, run_dir: Path) -> RunStopped:
+    """The stop of a run that SIGINT/SIGTERM ended after a step, its checkpoint saved (exit 128 + the signal)."""
+    signum = signals.received or signal.SIGTERM
+    checkpoint = run_dir / "checkpoints" / f"checkpoint-{stopped_at}"
+    return RunStopped(
+        f"interrupted by {signal.Signals(signum).name}: stopped after step {stopped_at} of "
+        f"{hf_trainer.state.max_steps} and saved checkpoint {checkpoint}. To continue",
+        exit_code=128 + int(signum),
+    )
+
+
+def _train_result(
+    hf_trainer: AdapterTrainer,
+    output: Any,
+    trainer: TrainerConfig,
+    train_examples: list[dict],
+    run_dir: Path,
+    resumed_from: int | None,
+) -> TrainResult:
+    """The finished training's numbers; log_history.json written (rank 0), sharded weights gathered (every rank)."""
     runtime = float(output.metrics.get("train_runtime", 0.0))
     steps_run = hf_trainer.state.global_step - (resumed_from or 0)
     # Tokens this process trained on (the state's counter includes the steps before a resume).

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2, ZeRO-3 and FSDP, each in one process, against the plain run: same losses, same merged weights.
 
 Each engine runs the same MoRA job (tiny-llama, 6 optimizer steps, fp32, a loss logged every step) launched
-as a user would, with the README's one-GPU command `scripts/launch.sh --gpus 1 distributed=...` (accelerate's
+as a user would, with docs/distributed.md's one-GPU command `scripts/launch.sh --gpus 1 distributed=...` (accelerate's
 one-process launcher; on CPU, in the device check's dry run, the same command trains on CPU). ZeRO-3 partitions
 even the tiny model's small weights (stage3_param_persistence_threshold=0). The plain run is the same job in this
 process (distributed=none).

@@ -1,6 +1,6 @@
 """QMoRA's merge check on the device: a short nf4 MoRA and int8 LoRA run through the real pipeline.
 
-Both checks of a quantized run must pass (README "QMoRA"): the de-quantized base against the saved adapter on a
+Both checks of a quantized run must pass (docs/adapters.md): the de-quantized base against the saved adapter on a
 freshly loaded quantized base (`quantized_kernel_max_abs_diff` <= `quantized_kernel_tolerance`), and the reloaded
 merged checkpoint. On a GPU, LLM.int8 trains with int8 activations, so the int8 kernel check uses a relative
 tolerance reasoned from bitsandbytes' CPU emulation of it (models/quantization.py), not yet measured on a GPU:

@@ -21,9 +21,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from mora_train.adapters import build_adapter
-from mora_train.export import logits_of
+from mora_train.export import logits_of, unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
-from mora_train.training.gather import FinalWeights, gather_trainable_state, unsharded_adapter
+from mora_train.training.gather import FinalWeights, gather_trainable_state
 from tests.conftest import TINY_RUN, typed_config
 
 VARIANTS = {"lora": ["adapter=lora", "rank=4"], "mora": ["adapter=mora", "rank=4"], "full": ["adapter=full"]}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mora_train.analysis.report import main as report_main
+from mora_train.cli.report import main as report_main
 from tests.conftest import CONFIG_DIR
 
 pytest.importorskip(

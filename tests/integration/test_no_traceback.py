@@ -158,9 +158,7 @@ def test_read_only_output_location(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(
-        "mora_train.pipeline.train.os.access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
-    )
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
     assert run_in_process(locked / "run", *[]) == 2
     err = capsys.readouterr().err
     clean(err)
@@ -179,9 +177,9 @@ def test_write_failures_in_the_run_dir_are_clean(
     def fail(path, _text):
         raise OSError(number, os.strerror(number), str(path))
 
-    monkeypatch.setattr("mora_train.pipeline.train.write_text_atomically", fail)
+    monkeypatch.setattr("mora_train.pipeline.run_dir.write_text_atomically", fail)
     if errno_name == "ENOSPC":
-        monkeypatch.setattr("mora_train.pipeline.train.free_bytes", lambda path: 0)
+        monkeypatch.setattr("mora_train.pipeline.run_dir.free_bytes", lambda path: 0)
     assert run_in_process(tmp_path / "run") == code
     err = capsys.readouterr().err
     clean(err)
@@ -349,7 +347,7 @@ def test_no_environment_variable_in_the_product_changes_training(tmp_path: Path,
 
 
 def test_spectrum_with_a_base_model_that_is_not_a_model(tmp_path: Path, capsys) -> None:
-    from mora_train.analysis.spectrum import main as spectrum_main
+    from mora_train.cli.spectrum import main as spectrum_main
 
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir, "trainer.max_steps=1", "trainer.save_steps=0") == 0
@@ -362,7 +360,7 @@ def test_spectrum_with_a_base_model_that_is_not_a_model(tmp_path: Path, capsys) 
 
 
 def test_report_into_an_unwritable_place_is_clean(tmp_path: Path, capsys) -> None:
-    from mora_train.analysis.report import main as report_main
+    from mora_train.cli.report import main as report_main
 
     run_dir = tmp_path / "sweep" / "run"
     run_dir.mkdir(parents=True)
@@ -376,7 +374,7 @@ def test_report_into_an_unwritable_place_is_clean(tmp_path: Path, capsys) -> Non
 
 
 def test_a_failed_merge_check_keeps_the_adapter_writes_metrics_and_exits_5(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr("mora_train.export.merge_tolerance", lambda *args: -1.0)  # any difference fails
+    monkeypatch.setattr("mora_train.export.merge.merge_tolerance", lambda *args: -1.0)  # any difference fails
     run_dir = tmp_path / "run"
     assert run_in_process(run_dir, "trainer.max_steps=1", "trainer.save_steps=0") == 5
     err = capsys.readouterr().err

@@ -1,6 +1,5 @@
 """Fault injection on the tiny model: kills, interrupts, NaN, full disk, corrupt checkpoints, a second run on a
-live run dir. Each test checks the exit code, the message, and that nothing complete was lost (README: "When
-things go wrong").
+live run dir. Each test checks the exit code, the message, and that nothing complete was lost (docs/errors.md).
 
 Faults are injected by the tests' own hooks (tests/support/faults.py): in-process by monkeypatching the trainer,
 in subprocesses through a test-only sitecustomize plugin; nothing in mora_train reads an environment variable to

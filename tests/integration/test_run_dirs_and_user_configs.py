@@ -36,7 +36,7 @@ def test_without_output_dir_the_run_dir_is_hydras_dated_folder(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
 
 
-# The README's example ("Your own configs"), written as a user would.
+# The example of docs/configuration.md ("Your own configs"), written as a user would.
 MY_MODEL = """\
 # model/my-tiny.yaml: a tiny random Llama of one's own
 name_or_path: null

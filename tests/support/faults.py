@@ -75,7 +75,7 @@ def install(spec: str, patch: Callable[[Any, str, Any], None] = setattr) -> None
     import transformers
     from transformers import TrainerCallback
 
-    from mora_train.training import trainer as trainer_module
+    from mora_train.training.adapter_trainer import AdapterTrainer
 
     fault, point, number = parse(spec)
     fired: list[bool] = []
@@ -86,7 +86,7 @@ def install(spec: str, patch: Callable[[Any, str, Any], None] = setattr) -> None
         fired.append(True)
         return True
 
-    cls = trainer_module.AdapterTrainer
+    cls = AdapterTrainer
     if point == "step" and fault != "nan":
 
         class StepFault(TrainerCallback):

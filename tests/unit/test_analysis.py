@@ -10,17 +10,15 @@ import torch
 from mora_train.adapters import build_adapter
 from mora_train.analysis.spectrum import (
     load_spectra,
-    merged_deltas,
     per_block_mean,
     save_spectra,
     singular_values,
     singular_values_of,
     summarize,
 )
-from mora_train.analysis.spectrum import (
-    main as spectrum_main,
-)
+from mora_train.cli.spectrum import main as spectrum_main
 from mora_train.core.errors import MoraTrainError
+from mora_train.export import merged_deltas
 from mora_train.models import load_model_and_tokenizer
 from tests.conftest import typed_config
 

@@ -15,11 +15,11 @@ from mora_train.training.checkpoints import (
     STAGING_DIR,
     complete_checkpoints,
     is_complete,
-    plan_resume,
     publish,
     rotate,
 )
 from mora_train.training.resilience import StopSignals
+from mora_train.training.resume import plan_resume
 
 
 def make_checkpoint(checkpoints: Path, step: int, adapter: str = "lora", rank: int | None = 8) -> Path:

@@ -1,5 +1,5 @@
 """What Hydra refuses on the command line, and output_dir= values no run can be written to: exit 2, one paragraph
-naming the argument and the fix, no traceback, nothing created (README "When things go wrong").
+naming the argument and the fix, no traceback, nothing created (docs/errors.md).
 
 The CLI's main() runs in-process (Hydra composes and fails before any job starts): what the `mora-train` process
 would print and exit with, at a fraction of a subprocess's cost.

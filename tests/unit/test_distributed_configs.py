@@ -20,7 +20,7 @@ import torch
 
 from mora_train.core.errors import ConfigError, MoraTrainError
 from mora_train.pipeline.run_config import RunConfig, load_run_config
-from mora_train.training import distributed
+from mora_train.training import distributed, distributed_config
 from mora_train.training.distributed_config import DistributedConfig
 from tests.conftest import CONFIG_DIR, REPO, TINY_RUN, compose_config
 from tests.conftest import validate_config as validate
@@ -118,7 +118,7 @@ def test_deepspeed_accepts_the_config_the_trainer_builds(
     run = sections(f"distributed={option}", f"trainer.precision={precision}")
     # Before the TrainingArguments: while a ZeRO-3 one exists, transformers builds models under zero.Init.
     model, _ = load_model_and_tokenizer(run.model)
-    kwargs = distributed.training_arguments_kwargs(run.distributed, run.trainer)
+    kwargs = distributed_config.training_arguments_kwargs(run.distributed, run.trainer)
     args = TrainingArguments(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -146,7 +146,7 @@ def test_fsdp_settings_build_accelerates_fsdp2_plugin_with_its_own_checkpointing
     from transformers import TrainingArguments
 
     run = sections("distributed=fsdp", "trainer.gradient_checkpointing=true")
-    kwargs = distributed.training_arguments_kwargs(run.distributed, run.trainer)
+    kwargs = distributed_config.training_arguments_kwargs(run.distributed, run.trainer)
     # trainer.gradient_checkpointing becomes FSDP's activation checkpointing (the Trainer refuses both).
     assert kwargs["activation_checkpointing"] is False and kwargs["fsdp_config"]["activation_checkpointing"] is True
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
@@ -286,12 +286,12 @@ def test_a_quantized_base_is_refused_under_a_sharding_engine(launched: None) -> 
     from mora_train.training.config import TrainerConfig
 
     fsdp = DistributedConfig(name="fsdp", backend="fsdp", fsdp_config={"version": 2})
-    problems = distributed.config_problems(fsdp, TrainerConfig(), LoraSettings(name="lora"), quantization="nf4")
+    problems = distributed_config.config_problems(fsdp, TrainerConfig(), LoraSettings(name="lora"), quantization="nf4")
     assert any(
         "`model.quantization=nf4` with `distributed=fsdp` (fsdp)" in p and "distributed=ddp" in p for p in problems
     )
     ddp = DistributedConfig(name="ddp", backend="ddp")
-    assert distributed.config_problems(ddp, TrainerConfig(), LoraSettings(name="lora"), quantization="nf4") == []
+    assert distributed_config.config_problems(ddp, TrainerConfig(), LoraSettings(name="lora"), quantization="nf4") == []
 
 
 def test_the_section_alone_refuses_a_missing_deepspeed_json_and_fsdp_settings_adapters_cannot_use() -> None:

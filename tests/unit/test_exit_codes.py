@@ -1,4 +1,4 @@
-"""The messages and exit codes the README promises, beyond the config: paste-able resume and sweep commands,
+"""The messages and exit codes the docs promise, beyond the config: paste-able resume and sweep commands,
 other commands' bad arguments and input (exit 2), long values shortened, model-source warnings, and the
 optional packages' notices that a default job must not print."""
 
@@ -41,7 +41,7 @@ def sweep_job(tmp_path: Path):
 
 
 def test_the_resume_command_of_a_sweep_job_pastes_as_printed(sweep_job) -> None:
-    from mora_train.training.checkpoints import resume_command
+    from mora_train.training.resume import resume_command
 
     run_dir = Path(sweep_job.output_dir)
     words = shlex.split(resume_command(run_dir))  # as a shell reads the printed line
@@ -51,7 +51,7 @@ def test_the_resume_command_of_a_sweep_job_pastes_as_printed(sweep_job) -> None:
 
 def test_a_stop_signal_in_a_sweep_says_how_to_finish_it(sweep_job, monkeypatch, capsys) -> None:
     from mora_train.cli.train import _job
-    from mora_train.training.checkpoints import resume_command
+    from mora_train.training.resume import resume_command
 
     def stopped(composed):
         raise RunStopped(
@@ -95,8 +95,7 @@ def _exit_code(main, argv: list[str]) -> int:
     ],
 )
 def test_bad_numeric_arguments_exit_2(command: str, argv: list[str], expected: str, capsys) -> None:
-    from mora_train.analysis import report, spectrum
-    from mora_train.cli import generate
+    from mora_train.cli import generate, report, spectrum
 
     main = {"generate": generate.main, "spectrum": spectrum.main, "report": report.main}[command]
     if command == "generate":

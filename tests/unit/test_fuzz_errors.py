@@ -120,8 +120,8 @@ overrides = st.tuples(
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_fuzz_config_overrides(budget: int, tmp_path: Path) -> None:
     from mora_train.adapters import adapter_identity
-    from mora_train.pipeline.train import check_run_dir
-    from mora_train.training.checkpoints import decide_resume
+    from mora_train.pipeline.run_dir import check_run_dir
+    from mora_train.training.resume import decide_resume
     from tests.conftest import validate_config as validate
 
     def check(example: tuple[str, dict]) -> None:
@@ -210,7 +210,8 @@ def test_fuzz_data_files(budget: int, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_fuzz_checkpoints(budget: int, tmp_path: Path) -> None:
-    from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, apply_resume_plan, decide_resume, publish
+    from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, publish
+    from mora_train.training.resume import apply_resume_plan, decide_resume
 
     template = tmp_path / "template"
     for step in (2, 4):
@@ -344,7 +345,7 @@ def _output_area(root: Path, command: str) -> dict[str, Path]:
         (ours / "export_report.json").write_text("{}")
         (ours / "adapter_config.json").write_text("{}")
     if command == "report":
-        from mora_train.analysis.report import CSV_COLUMNS
+        from mora_train.analysis.report_tables import CSV_COLUMNS
 
         (ours / "report.csv").write_text(",".join(CSV_COLUMNS) + "\n")
         (ours / "report.md").write_text("# Sweep report\n")
@@ -397,7 +398,8 @@ def _check_command(command: str, root: Path, target: str, source: Path) -> None:
             "tiny-llama", {"a": source}, source / "requests.jsonl", target
         )  # then: "not a PEFT adapter folder"
     elif command == "report":
-        from mora_train.analysis.report import check_report_target, find_runs
+        from mora_train.analysis.report import check_report_target
+        from mora_train.analysis.runs import find_runs
 
         check_report_target(target, root / "sweep", find_runs(root / "sweep"))
     else:

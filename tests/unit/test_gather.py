@@ -9,9 +9,9 @@ import torch
 
 from mora_train.adapters import build_adapter, load_adapter
 from mora_train.core.errors import MoraTrainError
-from mora_train.export import logits_of, probe_batch
+from mora_train.export import logits_of, probe_batch, unsharded_adapter
 from mora_train.models import load_model_and_tokenizer
-from mora_train.training.gather import FinalWeights, unsharded_adapter, weights_checksum
+from mora_train.training.gather import FinalWeights, weights_checksum
 from tests.conftest import TINY_RUN, compose_run
 
 ADAPTERS = {"lora": ["adapter=lora", "rank=4"], "mora": ["adapter=mora", "rank=4"], "full": ["adapter=full"]}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import SchedulerType, TrainingArguments, get_scheduler
 
-import mora_train.training.distributed as distributed_module
+import mora_train.training.distributed_config as distributed_config_module
 import mora_train.training.trainer as trainer_module
 from mora_train.core.errors import ConfigError
 from mora_train.training.config import TrainerConfig
@@ -76,7 +76,7 @@ def test_field_mora_train_owns_points_to_our_key(field: str, ours: str) -> None:
 def test_owned_fields_cover_what_training_arguments_sets() -> None:
     """Every TrainingArguments field mora-train's own code sets must be refused in trainer.hf."""
     set_by_us = _keys_set_in(trainer_module.training_arguments) | _keys_set_in(
-        distributed_module.training_arguments_kwargs
+        distributed_config_module.training_arguments_kwargs
     )
     assert set_by_us, "found no TrainingArguments keys: has training_arguments moved?"
     assert set_by_us <= set(OWNED_FIELDS), sorted(set_by_us - set(OWNED_FIELDS))

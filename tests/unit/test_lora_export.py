@@ -15,10 +15,10 @@ from torch import nn
 from mora_train.adapters import build_adapter
 from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem
 from mora_train.core.errors import MoraTrainError
-from mora_train.export_lora import export_lora, truncate
+from mora_train.export import check_with_peft, export_lora, truncate
 from mora_train.models import load_model_and_tokenizer
 from mora_train.pipeline.generate import generate, load_many
-from mora_train.pipeline.lora_export import check_with_peft, export_run
+from mora_train.pipeline.lora_export import export_run
 from tests.conftest import TINY_RUN, compose_config, typed_config
 
 EXACT_TYPES = [t for t in MORA_TYPES if t not in ("rope", "decouple")]

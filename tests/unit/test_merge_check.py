@@ -141,7 +141,7 @@ def test_a_16_bit_checkpoint_that_lost_the_delta_after_the_cast_fails(tmp_path, 
                 model.get_submodule(name).weight -= delta.to(model.dtype)
         save_merged(model, tokenizer, target)
 
-    monkeypatch.setattr("mora_train.export.save_merged", save_without_delta)
+    monkeypatch.setattr("mora_train.export.merge.save_merged", save_without_delta)
     result = export_merged(adapter, tokenizer, probe, tmp_path / "merged", torch.bfloat16)
     assert result.before_cast.passed and not result.passed and result.max_abs_diff > result.tolerance
     assert result.max_abs_diff <= estimate  # which the former tolerance let pass

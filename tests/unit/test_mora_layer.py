@@ -1,4 +1,4 @@
-"""Unit tests for the MoRA layer against a naive, loop-based reading of the operator table (README.md, "Adapters")."""
+"""Unit tests for the MoRA layer against a naive, loop-based reading of the operator table (docs/adapters.md)."""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def test_files_written_into_a_folder_clash_only_with_files_of_their_names(places
 
 def fake_run_dir(root: Path) -> Path:
     """A finished run's adapter/ with checksums.json (no training: every refusal comes before a model loads)."""
-    from mora_train.pipeline.train import write_output_checksums
+    from mora_train.pipeline.run_dir import write_output_checksums
 
     run_dir = root / "run"
     (run_dir / "adapter").mkdir(parents=True)
@@ -234,7 +234,7 @@ def test_generate_may_replace_answers_it_wrote(tmp_path: Path) -> None:
 
 
 def test_report_never_overwrites_a_foreign_report_nor_writes_into_a_run(tmp_path: Path, capsys) -> None:
-    from mora_train.analysis.report import main as report_main
+    from mora_train.cli.report import main as report_main
 
     sweep = tmp_path / "sweep"
     (sweep / "0_run" / "adapter").mkdir(parents=True)
@@ -260,9 +260,11 @@ def test_report_never_overwrites_a_foreign_report_nor_writes_into_a_run(tmp_path
 
 
 def test_spectrum_out_is_checked_before_any_model_loads(tmp_path: Path, capsys, monkeypatch) -> None:
-    from mora_train.analysis import spectrum
+    from mora_train.analysis import spectrum as spectrum_library
+    from mora_train.cli import spectrum
 
-    monkeypatch.setattr(spectrum, "run_spectrum", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    for module in (spectrum, spectrum_library):  # the command's direct call and the run dir's cached one
+        monkeypatch.setattr(module, "run_spectrum", lambda *a, **k: pytest.fail("loaded a model before refusing"))
     run_dir = fake_run_dir(tmp_path)
     foreign = tmp_path / "plots"
     foreign.mkdir()

@@ -296,9 +296,8 @@ def test_a_custom_code_model_merges_and_reloads_without_reading_stdin(tmp_path, 
 
 @pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_the_plain_peft_check_of_a_custom_code_base_fails_in_one_line_and_keeps_its_output(tmp_path) -> None:
-    from mora_train.export_lora import export_lora
+    from mora_train.export import PEFT_CHECK_LOG, check_with_peft, export_lora
     from mora_train.models import load_model_and_tokenizer
-    from mora_train.pipeline.lora_export import PEFT_CHECK_LOG, check_with_peft
 
     base, _ = load_model_and_tokenizer(custom_code_cfg(write_custom_code_model(tmp_path / "custom")))
     export_lora({"model.layers.0.self_attn.q_proj": (torch.zeros(64, 2), torch.zeros(2, 64))}, tmp_path / "exported")

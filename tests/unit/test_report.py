@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from mora_train.analysis.report import build_report
-from mora_train.analysis.report import main as report_main
 from mora_train.analysis.sweep import failed_job_metric, record_job_failure
+from mora_train.cli.report import main as report_main
 from mora_train.config.resolvers import safe_dirname
 from mora_train.core.errors import ConfigError
 

@@ -104,7 +104,7 @@ def test_a_second_mora_train_on_a_live_run_exits_2_naming_the_pid_and_changes_no
 
 def test_readers_refuse_a_run_still_being_written(tmp_path: Path, capsys) -> None:
     from mora_train.analysis.report import build_report
-    from mora_train.analysis.spectrum import main as spectrum_main
+    from mora_train.cli.spectrum import main as spectrum_main
     from mora_train.pipeline.lora_export import export_run
 
     run_dir = tmp_path / "sweep" / "run"

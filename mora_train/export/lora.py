@@ -11,7 +11,6 @@ and config keys peft writes itself, `lora_alpha = r` so that peft's scaling alph
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +84,14 @@ def peft_config(rank: int, target_modules: list[str], base_model: str | None) ->
     }
 
 
+def check_truncation(rank: int | None, energy: float | None) -> None:
+    """Refuse a --rank that is not a positive integer or an --energy outside (0, 1]."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise MoraTrainError(f"--rank {rank!r} must be a positive integer (the LoRA rank to keep per layer)")
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise MoraTrainError(f"--energy {energy!r} must be in (0, 1]: the share of each layer's ΔW energy to keep")
+
+
 def export_lora(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     out_dir: Path,
@@ -99,10 +106,7 @@ def export_lora(
     rank / energy truncate (each layer keeps at most `rank`, or the singular values holding `energy` of
     its ΔW energy); without them every layer is exported exactly (to float32 rounding).
     """
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise MoraTrainError(f"--rank {rank!r} must be a positive integer (the LoRA rank to keep per layer)")
-    if energy is not None and not (0.0 < energy <= 1.0):
-        raise MoraTrainError(f"--energy {energy!r} must be in (0, 1]: the share of each layer's ΔW energy to keep")
+    check_truncation(rank, energy)
     if not factors:
         raise MoraTrainError("the adapter has no adapted layers to export")
     rows: list[LayerExport] = []
@@ -173,11 +177,3 @@ def summarize(rows: list[LayerExport]) -> dict[str, Any]:
 def vllm_max_lora_rank(rank: int) -> int | None:
     """The smallest `--max-lora-rank` vLLM accepts that serves rank `rank` (None: above vLLM's largest)."""
     return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
-
-
-def read_report(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / REPORT_JSON
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise MoraTrainError(f"{path} is missing or unreadable ({err}); export the adapter again") from None

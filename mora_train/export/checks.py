@@ -1,4 +1,5 @@
-"""Merge the adapter into the base weights, save a plain transformers checkpoint, and prove it loads."""
+"""How the merged checkpoint is checked: the tolerance of its logits, which follows the rounding floor of the model
+at hand, and, on a quantized base, the de-quantized weights against the quantized kernels."""
 
 from __future__ import annotations
 
@@ -7,41 +8,15 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from mora_train.adapters.base import Adapter
-from mora_train.config.schema import Section, section, setting
-from mora_train.core.errors import MoraTrainError
-from mora_train.core.io import write_dir_atomically
-from mora_train.data.common import PadCollator
-from mora_train.models.quantization import (
-    compute_dtype,
-    is_quantized,
-    keep_training_layout,
-    kernel_relative_tolerance,
-    training_kernels,
-)
+from mora_train.export.probe import logits_of, quantized_logits
+from mora_train.models.quantization import keep_training_layout, kernel_relative_tolerance
 
 log = logging.getLogger(__name__)
-
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@section
-class ExportConfig(Section):
-    """The merged checkpoint (RUN_DIR/merged)."""
-
-    dtype: Literal["fp32", "bf16", "fp16"] | None = setting(
-        default=None, help="the merged checkpoint's dtype; null: the dtype the model computed in (never 4-/8-bit codes)"
-    )
-
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        return EXPORT_DTYPES[self.dtype] if self.dtype is not None else None
-
 
 # The merge check's tolerance (max |logit difference| between the adapted model and its reloaded merged
 # checkpoint) is never below these absolute floors...
@@ -103,114 +78,9 @@ class BeforeCastCheck:
         return self.max_abs_diff <= self.tolerance
 
 
-@dataclass
-class ExportResult:
-    merged_dir: Path
-    max_abs_diff: float
-    model: PreTrainedModel  # the merged model as reloaded from disk
-    tolerance: float = 0.0  # the merge check's tolerance for this model (see FLOOR_FACTOR)
-    kernel: KernelCheck | None = None  # quantized base only
-    before_cast: BeforeCastCheck | None = None  # checkpoint coarser than the trained dtype only
-
-    @property
-    def merge_passed(self) -> bool:
-        """Whether the reloaded checkpoint reproduced the adapted logits within its tolerance and, when it was
-        cast to a coarser dtype, the merged model did within the trained dtype's before that cast."""
-        return self.max_abs_diff <= self.tolerance and (self.before_cast is None or self.before_cast.passed)
-
-    @property
-    def passed(self) -> bool:
-        """Whether merged/ is the trained model: the merge reproduced and, on a quantized base, the de-quantized
-        weights reproduce the quantized kernels' reference."""
-        return self.merge_passed and (self.kernel is None or self.kernel.passed)
-
-    @property
-    def quantized_kernel_diff(self) -> float | None:
-        return self.kernel.max_abs_diff if self.kernel is not None else None
-
-    @property
-    def quantized_kernel_tolerance(self) -> float | None:
-        return self.kernel.tolerance if self.kernel is not None else None
-
-    def failure_message(self, adapter_dir: Path | None) -> str:
-        keep = (
-            f"The adapter in {adapter_dir} is intact: re-attach it with mora_train.load_adapter(base_model, "
-            f"'{adapter_dir}')"
-            if adapter_dir
-            else "The trained weights are in the run's last checkpoint"
-        )
-        problems = []
-        if self.before_cast is not None and not self.before_cast.passed:
-            problems.append(
-                f"before its cast to {_dtype_name(self.before_cast.dtype)} the merged model's max |logit difference| "
-                f"{self.before_cast.max_abs_diff:.3g} > tolerance {self.before_cast.tolerance:.3g} (the model's float "
-                f"rounding floor x {FLOOR_FACTOR:g})"
-            )
-        if not self.max_abs_diff <= self.tolerance:
-            floor = (
-                "the model's float rounding floor"
-                if self.before_cast is None
-                else (f"the rounding floor of {_dtype_name(self.before_cast.dtype)} weights")
-            )
-            problems.append(
-                f"max |logit difference| {self.max_abs_diff:.3g} > tolerance {self.tolerance:.3g} ({floor} "
-                f"x {FLOOR_FACTOR:g})"
-            )
-        if self.kernel is not None and not self.kernel.passed:
-            problems.append(
-                f"its de-quantized weights do not compute what the quantized kernels compute: max |logit difference| "
-                f"{self.kernel.max_abs_diff:.3g} from {self.kernel.reference} > tolerance {self.kernel.tolerance:.3g} "
-                "(the kernels' own rounding; a larger gap means the de-quantization misread the 4-/8-bit weights)"
-            )
-        return (
-            f"the merged checkpoint does not reproduce the trained model: {'; and '.join(problems)}. It was kept as "
-            f"{self.merged_dir} for inspection and not evaluated; metrics.json records merge_max_abs_diff, "
-            "merge_tolerance, merge_before_cast_max_abs_diff, merge_before_cast_tolerance, "
-            "quantized_kernel_max_abs_diff, quantized_kernel_tolerance and run.merge_check. "
-            f"{keep}. Please report this with the run's resolved_config.yaml and `pip show bitsandbytes`"
-        )
-
-
-def probe_batch(examples: list[dict], pad_token_id: int, size: int = 4) -> dict[str, torch.Tensor]:
-    """A fixed small batch (the first training examples) to compare logits on."""
-    # Only ids and labels: packed examples' position ids would switch the collator to its mask-free layout.
-    batch = PadCollator(pad_token_id)([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples[:size]])
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits of the real (unpadded) tokens; with `dtype`, computed in that dtype and the model restored after."""
-    model.eval()
-    return _forward_logits(model, batch, dtype)
-
-
-@torch.no_grad()
-def quantized_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of the real tokens as training computed them: eval mode, but the quantized layers' training kernels
-    (models.quantization.training_kernels: on CPU, int8 evaluates with int8 activations but trained without)."""
-    model.eval()
-    with training_kernels(model):
-        return _forward_logits(model, batch)
-
-
-def _forward_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    first = next(model.parameters())
-    original = first.dtype
-    if dtype is not None and dtype != original:
-        model.to(dtype)  # fp32 -> fp64 -> fp32 is exact, so the model comes back unchanged
-    try:
-        out = model(**{k: v.to(first.device) for k, v in batch.items()})
-    finally:
-        if dtype is not None and dtype != original:
-            model.to(original)
-    mask = batch["attention_mask"].to(first.device).bool()
-    return out.logits.to(torch.float64)[mask]
-
-
 def check_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype logits are compared in: float64 for a float32 model on CPU up to FLOAT64_CHECK_MAX_PARAMS
+    parameters, else None (the model's own)."""
     first = next(model.parameters())
     small = sum(p.numel() for p in model.parameters()) <= FLOAT64_CHECK_MAX_PARAMS
     return torch.float64 if first.dtype == torch.float32 and first.device.type == "cpu" and small else None
@@ -223,7 +93,7 @@ def rounding_floor(model: torch.nn.Module, batch: dict[str, torch.Tensor], refer
     return float((own - reference).abs().max().item()) if own.shape == reference.shape else 0.0
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -318,25 +188,6 @@ def merge_tolerance(dtype: torch.dtype, floor: float, logits: torch.Tensor) -> f
     return max(MERGE_TOLERANCE.get(dtype, 1e-4), FLOOR_FACTOR * floor)
 
 
-def as_module(model: PreTrainedModel) -> torch.nn.Module:
-    """`model` itself, typed as the nn.Module it is, for `.to(...)`: transformers wraps PreTrainedModel.to with
-    functools.wraps(nn.Module.to), and typeshed's type of such a wrapper does not bind `self` (mypy then reads
-    the dtype as the model argument). The call still runs transformers' .to."""
-    return model
-
-
-def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer + generation config, written to a temp dir then renamed."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(str(tmp))
-
-    write_dir_atomically(target, write)
-
-
 def quantized_reference_logits(
     load_base: Callable[[], PreTrainedModel], adapter_dir: Path, probe: dict[str, torch.Tensor]
 ) -> torch.Tensor:
@@ -374,90 +225,3 @@ def kernel_tolerance(relative: float, reference_logits: torch.Tensor) -> float:
     """`relative` (models.quantization.kernel_relative_tolerance) of the reference's largest |logit|."""
     scale = float(reference_logits.abs().max().item()) if reference_logits.numel() else 0.0
     return relative * max(scale, 1.0)
-
-
-def export_merged(
-    adapter: Adapter,
-    tokenizer: PreTrainedTokenizerBase,
-    probe: dict[str, torch.Tensor],
-    target: Path,
-    dtype: torch.dtype | None = None,
-    quantized_reference: torch.Tensor | None = None,
-    trust_remote_code: bool = False,
-) -> ExportResult:
-    """Merge, save to `target` in `dtype` (default: the dtype the model computed in — on a quantized base its
-    compute dtype, never the 4-/8-bit codes), reload it with plain transformers and compare logits with the
-    adapted model.
-
-    On a quantized base the de-quantized weights are first checked against `quantized_reference` (logits of
-    an independent rebuild of the trained model, `quantized_reference_logits`; default: the live model's
-    quantized forward). The result says whether both checks passed; on a failure the caller keeps the
-    adapter, records the outcome and stops. `trust_remote_code`: model.trust_remote_code, for the reload.
-    """
-    trained_dtype = compute_dtype(adapter.model)
-    kernel = check_quantized_kernels(adapter, probe, quantized_reference) if is_quantized(adapter.model) else None
-    compare_dtype = check_dtype(adapter.model)
-    adapted_logits = logits_of(adapter.model, probe, compare_dtype)
-    floor = rounding_floor(adapter.model, probe, adapted_logits) if compare_dtype is not None else 0.0
-    dtype = dtype or trained_dtype
-    # On a quantized base peft's k-bit preparation keeps norms, embeddings and the LM head in float32, so a
-    # checkpoint in a 16-bit compute dtype is coarser than part of what the model computed in.
-    finest = torch.float32 if kernel is not None else trained_dtype
-    coarser = torch.finfo(dtype).eps > torch.finfo(finest).eps
-    cast_floor = export_rounding_floor(adapter.model, probe, adapted_logits, dtype, compare_dtype) if coarser else 0.0
-    merged = adapter.merge_and_unload()
-    tolerance = merge_tolerance(trained_dtype, floor, adapted_logits)
-    before_cast = None
-    if coarser:
-        diff = float((logits_of(merged, probe, compare_dtype) - adapted_logits).abs().max().item())
-        # Held in float32 (a 16-bit compute dtype's de-quantized base, cast up for the float64 reference), the
-        # merged weights are checked as a float32 checkpoint; held in the 16-bit dtype, as one in that dtype.
-        held = merge_tolerance(coarsest_float_dtype(merged), floor, adapted_logits)
-        before_cast = BeforeCastCheck(max_abs_diff=diff, tolerance=held, dtype=dtype)
-        # The reloaded checkpoint adds the cast's rounding to whatever the merge left (at most the above).
-        tolerance = max(held, merge_tolerance(dtype, cast_floor, adapted_logits))
-    as_module(merged).to(dtype)
-    save_merged(merged, tokenizer, target)
-    reloaded = reload_merged(target, dtype, trust_remote_code)
-    as_module(reloaded).to(next(merged.parameters()).device)
-    diff = (logits_of(reloaded, probe, compare_dtype) - adapted_logits).abs().max().item()
-    result = ExportResult(
-        merged_dir=target,
-        max_abs_diff=diff,
-        model=reloaded,
-        tolerance=tolerance,
-        kernel=kernel,
-        before_cast=before_cast,
-    )
-    if before_cast is not None:
-        log.info(
-            "merged model before its cast to %s: max |logit difference| %.3g, tolerance %.3g (rounding floor %.3g x "
-            "%g)",
-            _dtype_name(dtype),
-            before_cast.max_abs_diff,
-            before_cast.tolerance,
-            floor,
-            FLOOR_FACTOR,
-        )
-    log.info(
-        "merged checkpoint %s %s the adapted logits: max |difference| %.3g, tolerance %.3g (rounding floor %.3g x %g)",
-        target,
-        "reproduces" if result.merge_passed else "does NOT reproduce",
-        diff,
-        tolerance,
-        cast_floor if coarser else floor,
-        FLOOR_FACTOR,
-    )
-    return result
-
-
-def reload_merged(target: Path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
-    """The checkpoint just written to `target`, loaded by plain transformers in `dtype`."""
-    try:
-        # trust_remote_code is always given (never None): transformers would otherwise ask on stdin.
-        return AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype, trust_remote_code=bool(trust_remote_code))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise MoraTrainError(
-            f"the merged checkpoint just written to {target} cannot be read back ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no details'}); check the disk, then rerun"
-        ) from None
