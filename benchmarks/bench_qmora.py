@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""QMoRA vs QLoRA: does MoRA keep its memorization advantage over LoRA on a 4-bit (nf4) base? (issue 15)
+"""QMoRA vs QLoRA: does MoRA keep its memorization advantage over LoRA on a 4-bit (nf4) base?
 
 The memorization setting of benchmarks/bench_memorization.py (SmolLM2-135M, 32 UUID pairs, r=8, 60 steps of
 8, greedy evaluation over all keys), each method at its best learning rate from that benchmark (RESULTS.md:

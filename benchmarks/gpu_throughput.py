@@ -46,7 +46,7 @@ CASES = [
     ("mora_sharing", 256, "none"),
     ("mora_rope", 256, "none"),
 ]
-# --quantized (issue 15): QMoRA vs QLoRA on an nf4 base (bf16 compute), and MoRA on the bf16 base beside them.
+# --quantized: QMoRA vs QLoRA on an nf4 base (bf16 compute), and MoRA on the bf16 base beside them.
 QUANTIZED_CASES = [("lora", 8, "nf4"), ("mora_rope", 8, "nf4"), ("mora_rope", 8, "none")]
 
 

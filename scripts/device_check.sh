@@ -262,7 +262,7 @@ else
     record throughput failed 0 "no CUDA device (use --dry-run on CPU)"
 fi
 
-# -- quantized: QMoRA vs QLoRA on an nf4 base, and bf16 MoRA (issue 15) --------------------------------------
+# -- quantized: QMoRA vs QLoRA on an nf4 base, and bf16 MoRA ---------------------------------------------
 q_args=(benchmarks/gpu_throughput.py --quantized --json "$work/quantized.json" --md "$work/quantized.md")
 if ! "$py" -c "import bitsandbytes" 2>/dev/null; then
     # Its 41 MiB wheel does not fit in the 64 MiB carry beside the others (scripts/pack_device_wheels.sh).

@@ -96,10 +96,6 @@ def singular_values(delta_weights: dict[str, torch.Tensor]) -> list[LayerSpectru
     return spectra
 
 
-def counts_above(spectra: list[LayerSpectrum], threshold: float) -> dict[str, int]:
-    return {s.name: s.count_above(threshold) for s in spectra}
-
-
 # -- where ΔW comes from ------------------------------------------------------------------------------
 
 

@@ -10,23 +10,22 @@ show are data below, each saying where in transformers it comes from.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import importlib.util
 import inspect
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import transformers
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
-from mora_train.config.schema import NO_FIT, SCALARS, closest, fit_scalar, type_name
+from mora_train.config.schema import closest
 from mora_train.core.errors import ConfigError
 from mora_train.training.config import TrainerConfig
+from mora_train.training.hf_types import Mismatch, enum_hint, expected_type, fit_annotation
 
 # TrainingArguments fields mora-train sets from its own keys (training.trainer.training_arguments and
 # training.distributed_config.training_arguments_kwargs): where to set each instead. A test checks that every
@@ -281,10 +280,10 @@ def _hf_fields(hf: Mapping[str, Any], prefix: str, problems: list[str]) -> dict[
             problems.append(f"`{key}` is set by mora-train from {OWNED_FIELDS[name]}; set that instead of {prefix}.hf")
         else:
             try:
-                converted = _fit(fields[name], value)
-            except _Mismatch:
+                converted = fit_annotation(fields[name], value)
+            except Mismatch:
                 problems.append(
-                    f"`{key}` must be {_expected(fields[name])}, got {value!r}{_enum_hint(fields[name], value)}"
+                    f"`{key}` must be {expected_type(fields[name])}, got {value!r}{enum_hint(fields[name], value)}"
                 )
                 continue
             if name in _NEEDS_EVAL_LOOP and converted != _NEEDS_EVAL_LOOP[name]:
@@ -304,9 +303,9 @@ def _scheduler_value_problems(rule: SchedulerRule, arg: str, value: Any, key: st
         return [f"`{key}.{arg}={value}` is not one of {', '.join(choices)}{closest(str(value), list(choices))}"]
     if arg in rule.types:
         try:
-            _fit(rule.types[arg], value)
-        except _Mismatch:
-            return [f"`{key}.{arg}` must be {_expected(rule.types[arg])}, got {value!r}"]
+            fit_annotation(rule.types[arg], value)
+        except Mismatch:
+            return [f"`{key}.{arg}` must be {expected_type(rule.types[arg])}, got {value!r}"]
     return []
 
 
@@ -322,88 +321,3 @@ def _optimizer_package(optim: str) -> tuple[str, str] | None:
     if "bnb" in optim or optim.startswith("paged_") or ("bit" in optim and "torch" not in optim):
         return ("bitsandbytes", "bitsandbytes")
     return None
-
-
-# -- values against transformers' annotations -----------------------------------------------------------------
-
-
-class _Mismatch(Exception):
-    """A value that does not fit an annotation."""
-
-
-def _union_members(tp: Any, none_first: bool = True) -> list[Any]:
-    """The members of a union, null first (to match a None value first) or last (to name them); `SomeEnum |
-    str` means "SomeEnum or one of its string values" (transformers converts the string in __post_init__),
-    so the str member is dropped when an enum is a member."""
-    members = list(typing.get_args(tp))
-    if any(_is_enum(m) for m in members):
-        members = [m for m in members if m is not str]
-    return sorted(members, key=lambda m: (m is type(None)) != none_first)
-
-
-def _is_enum(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, enum.Enum)
-
-
-def _fit(tp: Any, value: Any) -> Any:
-    """`value` converted to annotation `tp`, or _Mismatch."""
-    origin = typing.get_origin(tp)
-    if tp is Any or isinstance(tp, (typing.TypeVar, str)):
-        return value
-    if tp in SCALARS:
-        fitted = fit_scalar(tp, value)
-        if fitted is not NO_FIT:
-            return fitted
-    elif _is_enum(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, str) and value in {member.value for member in tp}:
-            return value  # TrainingArguments turns the string into the member itself
-    elif origin is Literal:
-        if any(value == choice and type(value) is type(choice) for choice in typing.get_args(tp)):
-            return value
-    elif origin in (Union, types.UnionType):
-        for member in _union_members(tp):
-            try:
-                return _fit(member, value)
-            except _Mismatch:
-                continue
-    elif origin in (list, Sequence) or tp is list:
-        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-            (item,) = typing.get_args(tp) or (Any,)
-            return [_fit(item, element) for element in value]
-    elif origin in (dict, Mapping) or tp is dict:
-        if isinstance(value, Mapping):
-            args = typing.get_args(tp)
-            item = args[1] if args else Any
-            return {k: _fit(item, v) for k, v in value.items()}
-    elif isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-    else:
-        return value  # an annotation this check does not know: TrainingArguments itself will judge
-    raise _Mismatch
-
-
-def _expected(tp: Any) -> str:
-    """How a message names annotation `tp` (enums by their values)."""
-    origin = typing.get_origin(tp)
-    if _is_enum(tp):
-        return "one of " + ", ".join(str(member.value) for member in tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_expected(member) for member in _union_members(tp, none_first=False))
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        return "a list" if item is Any else f"a list of {_expected(item)}"
-    if isinstance(tp, type) and not typing.get_args(tp) and tp.__module__ != "builtins":
-        return f"a {tp.__name__} object (it cannot come from a config file)"
-    return type_name(tp)
-
-
-def _enum_hint(tp: Any, value: Any) -> str:
-    """' (did you mean X?)' for a string close to one of the enum values `tp` takes."""
-    if not isinstance(value, str):
-        return ""
-    enums = [tp] if _is_enum(tp) else [m for m in typing.get_args(tp) if _is_enum(m)]
-    values = [str(member.value) for e in enums for member in e]
-    return closest(value, values) if values else ""

@@ -1,4 +1,4 @@
-"""Issue 18: every expected failure is one clean paragraph and an exit code, never a traceback; a refused run
+"""Every expected failure is one clean paragraph and an exit code, never a traceback; a refused run
 leaves no trace; corrupt checkpoints are moved aside and resume falls back to an intact one.
 
 Most cases call the CLI's job function in-process (fast); the ones that depend on what happens before the job

@@ -1,4 +1,4 @@
-"""Fuzzing the error boundary (issue 18): random config overrides (valid and invalid values of every key) and
+"""Fuzzing the error boundary: random config overrides (valid and invalid values of every key) and
 random corruptions of data files, checkpoints and model folders, run in-process through validation and
 loading. The property: a clean project error (MoraTrainError, ConfigError included) or success — never any
 other exception (which the CLI would report as a bug). Two families check more than that: output targets
