@@ -49,3 +49,27 @@ def test_code_is_formatted() -> None:
 def test_mypy_finds_nothing() -> None:
     result = run_tool("mypy", "--config-file", str(REPO / "pyproject.toml"))
     assert result.returncode == 0, f"mypy found problems:\n{result.stdout}{result.stderr}"
+
+
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 400
+# The MoRA operators: one class per compression and decompression, each forward beside its adjoint, read as one table.
+LONG_MODULES_ALLOWED = {"mora_train/adapters/mora_operators.py"}
+
+
+def test_functions_and_modules_stay_short() -> None:
+    """A function over 60 lines or a module over 400 is a sign to split by concern (the operators module excepted)."""
+    import ast
+
+    long_functions, long_modules = [], []
+    for path in sorted((REPO / "mora_train").rglob("*.py")):
+        relative = path.relative_to(REPO).as_posix()
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > MAX_MODULE_LINES and relative not in LONG_MODULES_ALLOWED:
+            long_modules.append(f"{relative} ({text.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{relative}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long_modules and not long_functions, f"modules: {long_modules}; functions: {long_functions}"
