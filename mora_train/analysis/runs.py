@@ -189,9 +189,9 @@ def find_runs(sweep_dir: Path) -> list[Run]:
         config = _load_yaml(config_path) if config_path.is_file() else {}
         metrics = None
         holder = holder_of(path)
-        if holder is None and (path / RunDir.METRICS).is_file():  # a running run's metrics.json may be replaced
+        if holder is None and (RunDir(path).metrics).is_file():  # a running run's metrics.json may be replaced
             try:
-                metrics = json.loads((path / RunDir.METRICS).read_text())
+                metrics = json.loads((RunDir(path).metrics).read_text())
             except json.JSONDecodeError:
                 log.warning("%s/metrics.json is not valid JSON; the run is listed as failed", path)
         overrides_path = RunDir(path).hydra_overrides

@@ -23,10 +23,10 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sweep_job_dirs(sweep_dir)
-        failed = [j for j in jobs if not (j / RunDir.METRICS).exists()]
+        failed = [j for j in jobs if not (RunDir(j).metrics).exists()]
         lines = [f"\nsweep finished: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded in {sweep_dir}"]
         for job in failed:
-            reason = "see error.txt" if (job / RunDir.ERROR_JSON).exists() else "no metrics.json"
+            reason = "see error.txt" if (RunDir(job).error_json).exists() else "no metrics.json"
             lines.append(f"  failed: {job.name} ({reason})")
         lines.append(f"report: mora-train-report {sweep_dir}")
         print("\n".join(lines), file=sys.stderr if failed else sys.stdout, flush=True)

@@ -119,7 +119,7 @@ def report_unexpected(program: str, err: BaseException, run_dir: Path | None) ->
     path: Path | None = None
     try:
         if run_dir is not None and Path(run_dir).is_dir() and os.access(run_dir, os.W_OK):
-            path = Path(run_dir) / RunDir.TRACEBACK
+            path = RunDir(run_dir).traceback
             path.write_text(text)
         else:
             fd, name = tempfile.mkstemp(prefix=f"{program}-traceback-", suffix=".txt")

@@ -80,7 +80,7 @@ class RunDirLock:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / RunDir.LOCK
+        return RunDir(self.run_dir).lock
 
     @property
     def held(self) -> bool:
@@ -227,7 +227,7 @@ def holder_of(run_dir: str | Path) -> Holder | None:
 def _probe(run_dir: Path) -> Holder | None:
     """Who holds run_dir's lock (a shared lock taken and dropped at once succeeds when nobody does)."""
     try:
-        fd = os.open(run_dir / RunDir.LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(RunDir(run_dir).lock, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:

@@ -302,8 +302,8 @@ def evaluate(lm: LmEvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dic
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    out = RunDir(run_dir).lm_eval
-    folders = write_task_dirs(lm, out / "tasks")
+    run = RunDir(run_dir)
+    folders = write_task_dirs(lm, run.lm_eval / "tasks")
     # The already-loaded model and tokenizer: what the pipeline evaluates (a merged run, a checkpoint, an
     # adapter merged into its base), on the device it is on. Only the copied task folders are indexed.
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=lm.batch_size)
@@ -321,9 +321,9 @@ def evaluate(lm: LmEvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dic
     runtime = time.time() - started
     samples = results.pop("samples", None) or {}
     for task, docs in samples.items():
-        with open(RunDir(run_dir).lm_eval_samples(task), "w") as f:
+        with open(run.lm_eval_samples(task), "w") as f:
             f.writelines(json.dumps(doc, default=str, ensure_ascii=False) + "\n" for doc in docs)
-    RunDir(run_dir).lm_eval_results.write_text(json.dumps(results, default=str, indent=1, ensure_ascii=False))
+    run.lm_eval_results.write_text(json.dumps(results, default=str, indent=1, ensure_ascii=False))
     return {
         "version": lm_eval.__version__,
         "settings": settings(lm),

@@ -59,7 +59,7 @@ def verify_outputs(run_dir: Path, name: str) -> str | None:
 
     Run dirs written before checksums.json existed are not checked (None)."""
     try:
-        entries = json.loads((run_dir / RunDir.CHECKSUMS).read_text())
+        entries = json.loads((RunDir(run_dir).checksums).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
@@ -169,5 +169,5 @@ def _run_eval(composed: ComposedConfig, lock: RunDirLock) -> dict[str, Any]:
         run={"wall_time_s": time.time() - started},
         lm_eval=scores.lm_eval,
     )
-    write_json_atomically(run_dir / RunDir.METRICS, metrics)
+    write_json_atomically(RunDir(run_dir).metrics, metrics)
     return metrics

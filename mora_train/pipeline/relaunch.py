@@ -125,8 +125,8 @@ def run_relaunched(config: RunConfig) -> dict[str, Any]:
             # The processes got the signal too: they save a checkpoint and stop. Wait for them.
             continue
     sys.stderr.flush()
-    if status == 0 and (run_dir / RunDir.METRICS).is_file():
-        return json.loads((run_dir / RunDir.METRICS).read_text())
+    if status == 0 and (RunDir(run_dir).metrics).is_file():
+        return json.loads((RunDir(run_dir).metrics).read_text())
     code = output.exit_code(status)
     message = (
         f"the {config.accelerate.num_processes}-process accelerate launch of this job failed (exit status {code}): "

@@ -34,7 +34,7 @@ def check_run_dir(config: RunConfig, lock: RunDirLock | None = None) -> Path:
         raise MoraTrainError(problem)
     if lock is not None:
         lock.acquire()
-    if (run_dir / RunDir.METRICS).exists() and not config.overwrite:
+    if (RunDir(run_dir).metrics).exists() and not config.overwrite:
         raise MoraTrainError(
             f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
             "or pass overwrite=true to replace it"
@@ -50,7 +50,7 @@ def prepare_run_dir(config: RunConfig, composed: ComposedConfig) -> Path:
     run_dir = check_run_dir(config)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / RunDir.RESOLVED_CONFIG
+        config_path = RunDir(run_dir).resolved_config
         _warn_config_changes(config_path, composed.resolved())
         composed.write_records(run_dir)
         write_text_atomically(config_path, composed.resolved_yaml())

@@ -110,7 +110,7 @@ def decide_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[st
     `identity` (adapters.adapter_identity) is what the checkpoint must have been written by.
     """
     run_dir = Path(run_dir)
-    checkpoints_dir = run_dir / RunDir.CHECKPOINTS
+    checkpoints_dir = RunDir(run_dir).checkpoints
     found = checkpoint_folders(checkpoints_dir)  # a checkpoint-N was published complete: if it is not, it is corrupt
     existing = [p for p in found if is_complete(p)]
     finished = RunDir(run_dir).metrics.exists()
@@ -140,16 +140,16 @@ def decide_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[st
 def _given_checkpoint(resume: str) -> Path:
     """trainer.resume=PATH: the checkpoint folder it names, or the newest intact checkpoint of the run dir it names."""
     given = Path(resume).expanduser()
-    if checkpoint_step(given) is None and (given / RunDir.CHECKPOINTS).is_dir():
-        candidates = complete_checkpoints(given / RunDir.CHECKPOINTS)
+    if checkpoint_step(given) is None and (RunDir(given).checkpoints).is_dir():
+        candidates = complete_checkpoints(RunDir(given).checkpoints)
         if not candidates:
             raise MoraTrainError(
-                f"trainer.resume={resume}: {given / RunDir.CHECKPOINTS} holds no complete checkpoint; give a "
+                f"trainer.resume={resume}: {RunDir(given).checkpoints} holds no complete checkpoint; give a "
                 "RUN_DIR/checkpoints/checkpoint-N folder, a run dir with checkpoints, or trainer.resume=auto"
             )
         start, corrupt = _newest_intact(candidates)
         if start is None:
-            raise _all_corrupt_error(given / RunDir.CHECKPOINTS, corrupt)
+            raise _all_corrupt_error(RunDir(given).checkpoints, corrupt)
         for path, why in corrupt:  # another run dir's files: reported, not moved
             log.warning("skipping corrupt checkpoint %s: %s", path, why)
         return start
@@ -177,7 +177,7 @@ def _check_start_over(run_dir: Path, resume: Any, overwrite: bool, existing: lis
         )
     if existing and not overwrite:
         raise MoraTrainError(
-            f"{run_dir / RunDir.CHECKPOINTS} holds checkpoints of an unfinished run (newest: step "
+            f"{RunDir(run_dir).checkpoints} holds checkpoints of an unfinished run (newest: step "
             f"{checkpoint_step(existing[-1])}) and trainer.resume=false would discard them; pass overwrite=true "
             "as well to start over, or drop trainer.resume=false to continue from the newest"
         )
@@ -187,7 +187,7 @@ def apply_resume_plan(plan: ResumePlan) -> Path | None:
     """Carry out a decided plan (main process only deletes or moves): clean leftovers, move corrupt
     checkpoints aside, remove a replaced finished run's outputs or discarded checkpoints. Returns plan.start."""
     run_dir = plan.run_dir
-    checkpoints_dir = run_dir / RunDir.CHECKPOINTS
+    checkpoints_dir = RunDir(run_dir).checkpoints
     if not is_main_process():
         return plan.start
     remove_run_dir_leftovers(run_dir)
