@@ -30,6 +30,7 @@ from mora_train.analysis.spectrum import DEFAULT_THRESHOLD
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_text_atomically
 from mora_train.core.outputs import FILES, check_output_target
+from mora_train.core.run_dir import RunDir
 
 
 @dataclass
@@ -42,7 +43,6 @@ class Report:
 
 
 REPORT_FILES = ("report.md", "report.csv", "loss_curves.png", "metric_vs_rank.png", "metric_vs_lr.png", "spectrum.png")
-RUN_OUTPUTS = ("adapter", "merged", "merged-unverified", "checkpoints")  # never written into
 
 
 def is_earlier_report(folder: Path, sweep_dir: Path) -> bool:
@@ -59,7 +59,7 @@ def is_earlier_report(folder: Path, sweep_dir: Path) -> bool:
 def check_report_target(out_dir: str | Path | None, sweep_dir: Path, runs: list[Run]) -> Path:
     """--out (default: the sweep dir), refused before anything is written (mora_train.core.outputs)."""
     target = sweep_dir if out_dir is None else out_dir
-    protected = [run.path / name for run in runs for name in RUN_OUTPUTS]
+    protected = [run.path / name for run in runs for name in RunDir.OUTPUTS]
     return check_output_target(
         target,
         "mora-train-report",

@@ -8,10 +8,11 @@ from typing import Any
 
 from mora_train.analysis.runs import Run
 from mora_train.analysis.spectrum import per_block_mean, pyplot, save_figure
+from mora_train.core.run_dir import RunDir
 
 
 def _loss_points(run: Run) -> list[tuple[float, float]]:
-    path = run.path / "log_history.json"
+    path = RunDir(run.path).log_history
     try:
         history = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

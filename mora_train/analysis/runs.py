@@ -20,9 +20,10 @@ import yaml
 
 from mora_train.adapters import adapter_identity
 from mora_train.analysis.spectrum import LayerSpectrum, cached_run_spectrum
-from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, read_error
+from mora_train.analysis.sweep import read_error
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.metrics import greater_is_better, metrics_of, primary_value
+from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import holder_of
 from mora_train.pipeline.run_config import adapter_settings_of
 
@@ -113,7 +114,7 @@ class Run:
     @property
     def r_hat_range(self) -> str:
         """'min-max' of MoRA's square sides over the adapted layers (adapter/adapter_config.json; '' without)."""
-        path = self.path / "adapter" / "adapter_config.json"
+        path = RunDir(self.path).adapter / "adapter_config.json"
         try:
             modules = json.loads(path.read_text()).get("modules", {})
         except (OSError, json.JSONDecodeError):
@@ -157,9 +158,8 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return any(
-        (path / name).is_file() for name in (METRICS_JSON, ERROR_JSON, "resolved_config.yaml", ".hydra/config.yaml")
-    )
+    run = RunDir(path)
+    return any(p.is_file() for p in (run.metrics, run.error_json, run.resolved_config, run.hydra_config))
 
 
 def _natural_key(text: str) -> list:
@@ -183,18 +183,18 @@ def find_runs(sweep_dir: Path) -> list[Run]:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
     runs = []
     for path in found:
-        config_path = path / "resolved_config.yaml"
+        config_path = RunDir(path).resolved_config
         if not config_path.is_file():
-            config_path = path / ".hydra" / "config.yaml"
+            config_path = RunDir(path).hydra_config
         config = _load_yaml(config_path) if config_path.is_file() else {}
         metrics = None
         holder = holder_of(path)
-        if holder is None and (path / METRICS_JSON).is_file():  # a running run's metrics.json may be replaced
+        if holder is None and (RunDir(path).metrics).is_file():  # a running run's metrics.json may be replaced
             try:
-                metrics = json.loads((path / METRICS_JSON).read_text())
+                metrics = json.loads((RunDir(path).metrics).read_text())
             except json.JSONDecodeError:
                 log.warning("%s/metrics.json is not valid JSON; the run is listed as failed", path)
-        overrides_path = path / ".hydra" / "overrides.yaml"
+        overrides_path = RunDir(path).hydra_overrides
         overrides = [str(o) for o in (_load_yaml_list(overrides_path) if overrides_path.is_file() else [])]
         name = str(path.relative_to(sweep_dir)) if path != sweep_dir else path.name
         runs.append(

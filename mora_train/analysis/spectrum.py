@@ -30,6 +30,7 @@ import torch
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import save_figure_atomically, write_file_atomically
 from mora_train.core.outputs import FILES, check_output_target
+from mora_train.core.run_dir import RunDir
 from mora_train.export.delta import BLOCK_INDEX, adapter_deltas, load_merged, merged_deltas
 from mora_train.models.config import ModelConfig
 from mora_train.pipeline.run_config import named_model_config, saved_run_config
@@ -122,12 +123,13 @@ def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[
     model comes from its resolved_config.yaml unless base_model names one.
     """
     path = Path(path)
-    if (path / "resolved_config.yaml").is_file() or (path / "metrics.json").is_file():
+    run = RunDir(path)
+    if run.resolved_config.is_file() or run.metrics.is_file():
         model_cfg = named_model_config(base_model) if base_model else run_model_config(path)
-        if (path / "adapter").is_dir():
-            return singular_values(adapter_deltas(load_base_model(model_cfg), path / "adapter")), "adapter"
-        if (path / "merged").is_dir():
-            return _merged_vs_base(path / "merged", model_cfg), "merged - base"
+        if run.adapter.is_dir():
+            return singular_values(adapter_deltas(load_base_model(model_cfg), run.adapter)), "adapter"
+        if run.merged.is_dir():
+            return _merged_vs_base(run.merged, model_cfg), "merged - base"
         raise MoraTrainError(f"run dir {path} has neither adapter/ nor merged/: did the run finish?")
     if base_model is None:
         raise MoraTrainError(f"{path} is not a run dir; pass --base-model (config name, hub id or folder) for its base")
@@ -245,8 +247,6 @@ def save_figure(fig, path: Path) -> None:
 
 # -- where the command writes ---------------------------------------------------------------------------
 
-RUN_OUTPUTS = ("adapter", "merged", "merged-unverified", "checkpoints")
-
 
 def is_earlier_spectrum(folder: Path) -> bool:
     """A folder whose spectrum.safetensors this command wrote (save_spectra records the layer shapes)."""
@@ -262,7 +262,7 @@ def is_earlier_spectrum(folder: Path) -> bool:
 def check_spectrum_target(out: str | None, path: Path, is_run: bool, base_model: str | None) -> Path:
     """--out (default: the run dir, where the cache lives, else the current folder), checked before loading."""
     target = out if out is not None else (path if is_run else Path.cwd())
-    read = [path / name for name in RUN_OUTPUTS] if is_run else [path]
+    read = [path / name for name in RunDir.OUTPUTS] if is_run else [path]
     home = Path(path).resolve() if is_run else None
     return check_output_target(
         target,

@@ -22,12 +22,9 @@ from typing import Any
 from mora_train.config.overrides import paste_command
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically, write_text_atomically
+from mora_train.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
-
-ERROR_JSON = "error.json"
-ERROR_TXT = "error.txt"
-METRICS_JSON = "metrics.json"
 
 
 def in_multirun() -> bool:
@@ -114,15 +111,15 @@ def record_job_failure(run_dir: Path | None, err: BaseException, sweep_goes_on: 
     if run_dir is None:
         log.warning("could not resolve output_dir to record the error of %s", _job_label())
         return metric
-    if (run_dir / METRICS_JSON).exists():
+    if (RunDir(run_dir).metrics).exists():
         log.warning("%s holds a finished run; its error is not recorded there", run_dir)
         return metric
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomically(
-        run_dir / ERROR_JSON,
+        RunDir(run_dir).error_json,
         {"error_type": type(err).__name__, "user_error": user_error, "message": message, "traceback": trace},
     )
-    write_text_atomically(run_dir / ERROR_TXT, message + "\n\n" + trace)
+    write_text_atomically(RunDir(run_dir).error_txt, message + "\n\n" + trace)
     return metric
 
 
@@ -169,7 +166,7 @@ def sweep_started(sweep_dir: Path) -> None:
 
 
 def read_error(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / ERROR_JSON
+    path = RunDir(run_dir).error_json
     if not path.is_file():
         return None
     try:

@@ -30,6 +30,7 @@ from mora_train.analysis.sweep import (
 )
 from mora_train.config.overrides import shell_override
 from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, MoraTrainError, report_unexpected
+from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import RunDirBusy
 from mora_train.training.distributed import MainProcessFailed, is_main_process, rank
 
@@ -97,7 +98,7 @@ def exit_interrupted(cfg: DictConfig, err: BaseException) -> NoReturn:
     run_dir = Path(cfg.output_dir)
     print(
         f"\nmora-train: interrupted; nothing half-written was left in place. Completed checkpoints in "
-        f"{run_dir / 'checkpoints'} (if any) are kept: rerun with "
+        f"{RunDir(run_dir).checkpoints} (if any) are kept: rerun with "
         f"{shell_override('output_dir', str(run_dir.resolve()))} to resume",
         file=sys.stderr,
         flush=True,

@@ -24,6 +24,7 @@ from mora_train.analysis.spectrum import (
     summarize,
 )
 from mora_train.core.errors import MoraTrainError, non_negative_float, report_unexpected
+from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import refuse_if_being_written
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     path = Path(args.path)
     try:
-        is_run = (path / "resolved_config.yaml").is_file()
+        is_run = RunDir(path).resolved_config.is_file()
         refuse_if_being_written(path, "PATH", "mora-train-spectrum")
         out = check_spectrum_target(args.out, path, is_run, args.base_model)
         if is_run and args.base_model is None:

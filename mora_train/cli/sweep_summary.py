@@ -10,7 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mora_train.analysis.sweep import ERROR_JSON, METRICS_JSON, sweep_job_dirs, sweep_started
+from mora_train.analysis.sweep import sweep_job_dirs, sweep_started
+from mora_train.core.run_dir import RunDir
 
 
 class SweepSummary(Callback):
@@ -22,10 +23,10 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = sweep_job_dirs(sweep_dir)
-        failed = [j for j in jobs if not (j / METRICS_JSON).exists()]
+        failed = [j for j in jobs if not (RunDir(j).metrics).exists()]
         lines = [f"\nsweep finished: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded in {sweep_dir}"]
         for job in failed:
-            reason = "see error.txt" if (job / ERROR_JSON).exists() else "no metrics.json"
+            reason = "see error.txt" if (RunDir(job).error_json).exists() else "no metrics.json"
             lines.append(f"  failed: {job.name} ({reason})")
         lines.append(f"report: mora-train-report {sweep_dir}")
         print("\n".join(lines), file=sys.stderr if failed else sys.stdout, flush=True)

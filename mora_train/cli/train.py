@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from mora_train.cli.config_errors import hydra_error_problem, hydra_errors_raised, user_environment
 from mora_train.config.overrides import open_mapping_overrides, parse_override
 from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, report_unexpected
-from mora_train.core.metrics import METRICS_JSON, greater_is_better, metrics_of, primary_value, run_info, score
+from mora_train.core.metrics import greater_is_better, metrics_of, primary_value, run_info, score
+from mora_train.core.run_dir import RunDir
 from mora_train.training.distributed import (
     is_main_process,
     launch_time,
@@ -150,9 +151,9 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
     wall = f"wall time: {run_info(metrics, 'wall_time_s', 0.0):.0f} s"
     if metrics.get("mode") == "eval":
         where = f"evaluated: {metrics['evaluated']} on task {metrics['task']}"
-        return f"{where}\n" + "   ".join([*shown, f"metrics: {(run_dir / METRICS_JSON).resolve()}", wall])
+        return f"{where}\n" + "   ".join([*shown, f"metrics: {RunDir(run_dir).metrics.resolve()}", wall])
     shown += [f"train_loss: {metrics['train_loss']:.4f}", f"merge_max_abs_diff: {metrics['merge_max_abs_diff']:.2e}"]
-    return f"merged model: {(run_dir / 'merged').resolve()}\n" + "   ".join([*shown, wall])
+    return f"merged model: {RunDir(run_dir).merged.resolve()}\n" + "   ".join([*shown, wall])
 
 
 def main() -> None:

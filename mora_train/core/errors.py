@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from mora_train.core.run_dir import RunDir
+
 T = TypeVar("T")
 
 EXIT_UNEXPECTED = 1
@@ -106,9 +108,6 @@ def package_hint(name: str, package: str, folder: object) -> str:
     )
 
 
-TRACEBACK_FILE = "traceback.txt"
-
-
 def report_unexpected(program: str, err: BaseException, run_dir: Path | None) -> Path | None:
     """An unexpected error (a bug): one line on stderr naming the error and the file holding its traceback.
 
@@ -120,7 +119,7 @@ def report_unexpected(program: str, err: BaseException, run_dir: Path | None) ->
     path: Path | None = None
     try:
         if run_dir is not None and Path(run_dir).is_dir() and os.access(run_dir, os.W_OK):
-            path = Path(run_dir) / TRACEBACK_FILE
+            path = RunDir(run_dir).traceback
             path.write_text(text)
         else:
             fd, name = tempfile.mkstemp(prefix=f"{program}-traceback-", suffix=".txt")

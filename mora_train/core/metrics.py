@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-METRICS_JSON = "metrics.json"
-
 IDENTITY_KEYS = (
     "mode",
     "task",

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".mora-train.lock"
 # A reader's probe holds a shared lock for microseconds; a writer that meets one tries again for this long
 # before it concludes that another writer holds the run dir.
 RETRY_S = 0.5
@@ -80,7 +80,7 @@ class RunDirLock:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / LOCK_FILE
+        return RunDir(self.run_dir).lock
 
     @property
     def held(self) -> bool:
@@ -227,7 +227,7 @@ def holder_of(run_dir: str | Path) -> Holder | None:
 def _probe(run_dir: Path) -> Holder | None:
     """Who holds run_dir's lock (a shared lock taken and dropped at once succeeds when nobody does)."""
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(RunDir(run_dir).lock, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:

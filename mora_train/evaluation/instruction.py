@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.core.run_dir import RunDir
 from mora_train.evaluation.config import InstructionEvalSettings
 from mora_train.evaluation.generation import greedy_generate
 from mora_train.evaluation.perplexity import loss_metrics, token_nll
@@ -54,7 +55,7 @@ def evaluate(
             "instruction samples",
             add_special_tokens=not prompt_has_special_tokens,
         )
-        with open(Path(run_dir) / "samples.jsonl", "w") as f:
+        with open(RunDir(run_dir).samples, "w") as f:
             f.writelines(
                 json.dumps({"prompt": text, "reference": reference, "generated": output}) + "\n"
                 for (_, reference), text, output in zip(samples, prompts, outputs, strict=True)

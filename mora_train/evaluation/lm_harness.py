@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from mora_train.configs import CONFIG_DIR
+from mora_train.core.run_dir import RunDir
 from mora_train.evaluation.config import EvalConfig, LmEvalConfig
 
 log = logging.getLogger(__name__)
@@ -301,8 +302,8 @@ def evaluate(lm: LmEvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dic
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    out = Path(run_dir) / "lm_eval"
-    folders = write_task_dirs(lm, out / "tasks")
+    run = RunDir(run_dir)
+    folders = write_task_dirs(lm, run.lm_eval / "tasks")
     # The already-loaded model and tokenizer: what the pipeline evaluates (a merged run, a checkpoint, an
     # adapter merged into its base), on the device it is on. Only the copied task folders are indexed.
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=lm.batch_size)
@@ -320,9 +321,9 @@ def evaluate(lm: LmEvalConfig, model: Any, tokenizer: Any, run_dir: Path) -> dic
     runtime = time.time() - started
     samples = results.pop("samples", None) or {}
     for task, docs in samples.items():
-        with open(out / f"samples_{task}.jsonl", "w") as f:
+        with open(run.lm_eval_samples(task), "w") as f:
             f.writelines(json.dumps(doc, default=str, ensure_ascii=False) + "\n" for doc in docs)
-    (out / "results.json").write_text(json.dumps(results, default=str, indent=1, ensure_ascii=False))
+    run.lm_eval_results.write_text(json.dumps(results, default=str, indent=1, ensure_ascii=False))
     return {
         "version": lm_eval.__version__,
         "settings": settings(lm),

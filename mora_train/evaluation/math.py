@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.core.run_dir import RunDir
 from mora_train.evaluation.answers import Answer, answers_match, cut_at_stop, extract_answer
 from mora_train.evaluation.config import GenerationEvalSettings
 from mora_train.evaluation.generation import greedy_generate
@@ -48,7 +49,7 @@ def evaluate(
     )
     elapsed = time.time() - started
     correct = found = 0
-    with open(Path(run_dir) / "predictions.jsonl", "w") as f:
+    with open(RunDir(run_dir).predictions, "w") as f:
         for problem, output in zip(problems, outputs, strict=True):
             completion = cut_at_stop(output, stop)
             prediction = extract_answer(completion)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.run_dir import RunDir
 
 
 class ChoiceQuestion(Protocol):
@@ -177,7 +178,7 @@ def evaluate_benchmarks(
     """Every benchmark's accuracy (+ samples, truncated prompts, runtime); per-example scores to
     benchmark_predictions.jsonl. `scoring`: benchmark name -> `sum` or `mean` (a name not given: sum)."""
     metrics: dict[str, float] = {}
-    with open(Path(run_dir) / "benchmark_predictions.jsonl", "w") as f:
+    with open(RunDir(run_dir).benchmark_predictions, "w") as f:
         for name, examples in benchmarks.items():
             score = scoring.get(name, "sum")
             metrics.update(evaluate_benchmark(name, score, examples, model, tokenizer, batch_size, max_len, f))

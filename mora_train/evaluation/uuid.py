@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mora_train.core.run_dir import RunDir
 from mora_train.evaluation.config import UuidEvalSettings
 from mora_train.evaluation.generation import greedy_generate
 
@@ -41,7 +42,7 @@ def evaluate(
     # Anything generated after the value's length (a model that never learned to stop) is ignored.
     predictions = [o.removeprefix(prefix).strip()[: len(t)] for o, t in zip(outputs, targets, strict=True)]
     scores = [char_accuracy(p, t) for p, t in zip(predictions, targets, strict=True)]
-    with open(Path(run_dir) / "predictions.jsonl", "w") as f:
+    with open(RunDir(run_dir).predictions, "w") as f:
         f.writelines(
             json.dumps({"prompt": prompt, "target": target, "prediction": prediction, "char_accuracy": score}) + "\n"
             for prompt, target, prediction, score in zip(prompts, targets, predictions, scores, strict=True)

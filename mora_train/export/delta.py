@@ -14,6 +14,7 @@ from torch import nn
 
 from mora_train.adapters.base import match_target_linears, svd_factors
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.run_dir import RunDir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -84,7 +85,7 @@ def merged_update_factors(
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], nn.Module]:
     """RUN_DIR/merged − base for every layer `targets` adapts, as SVD factors (B, A) exact to rounding at the
     numerical rank; and the merged model they reproduce."""
-    merged = load_merged(run_dir / "merged", trust_remote_code)
+    merged = load_merged(RunDir(run_dir).merged, trust_remote_code)
     layers, unmatched = match_target_linears(base, targets)
     if unmatched:
         raise MoraTrainError(f"{run_dir}: its adapter's target_modules {unmatched} match no layer of the base model")

@@ -23,12 +23,13 @@ from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically
-from mora_train.core.metrics import METRICS_JSON, make_record
+from mora_train.core.metrics import make_record
+from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import RunDirLock, refuse_if_being_written
 from mora_train.models import DTYPES, load_error, load_model_and_tokenizer
 from mora_train.models.config import ModelConfig
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
-from mora_train.pipeline.run_dir import CHECKSUMS_JSON, check_run_dir, prepare_run_dir
+from mora_train.pipeline.run_dir import check_run_dir, prepare_run_dir
 from mora_train.pipeline.scoring import evaluate_model
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
@@ -58,20 +59,20 @@ def verify_outputs(run_dir: Path, name: str) -> str | None:
 
     Run dirs written before checksums.json existed are not checked (None)."""
     try:
-        entries = json.loads((run_dir / CHECKSUMS_JSON).read_text())
+        entries = json.loads((RunDir(run_dir).checksums).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        return f"its {CHECKSUMS_JSON} is unreadable ({type(err).__name__})"
+        return f"its {RunDir.CHECKSUMS} is unreadable ({type(err).__name__})"
     for relative, entry in entries.items():
         if not relative.startswith(f"{name}/"):
             continue
         path = run_dir / relative
         try:
             if path.stat().st_size != entry["size"]:
-                return f"{relative} is {path.stat().st_size} bytes, {CHECKSUMS_JSON} says {entry['size']}"
+                return f"{relative} is {path.stat().st_size} bytes, {RunDir.CHECKSUMS} says {entry['size']}"
             if file_sha256(path) != entry["sha256"]:
-                return f"{relative} does not match its sha256 in {CHECKSUMS_JSON} (corrupted)"
+                return f"{relative} does not match its sha256 in {RunDir.CHECKSUMS} (corrupted)"
         except FileNotFoundError:
             return f"{relative} is missing"
         except (OSError, KeyError, TypeError) as err:
@@ -82,7 +83,7 @@ def verify_outputs(run_dir: Path, name: str) -> str | None:
 def run_dir_output(run_dir: Path) -> Path:
     """The verified output of a run dir to evaluate: merged/, else (missing or corrupt) adapter/."""
     problems: list[str] = []
-    for name, marker in (("merged", "config.json"), ("adapter", ADAPTER_CONFIG_NAME)):
+    for name, marker in ((RunDir.MERGED, "config.json"), (RunDir.ADAPTER, ADAPTER_CONFIG_NAME)):
         if not (run_dir / name / marker).is_file():
             continue
         problem = verify_outputs(run_dir, name)
@@ -103,7 +104,7 @@ def load_checkpoint(config: RunConfig) -> tuple[PreTrainedModel, PreTrainedToken
         model, tokenizer = load_model_and_tokenizer(config.model)
         return model, tokenizer, "base model"
     path = Path(config.checkpoint).expanduser()
-    if (path / "merged" / "config.json").is_file() or (path / "adapter" / ADAPTER_CONFIG_NAME).is_file():
+    if (RunDir(path).merged / "config.json").is_file() or (RunDir(path).adapter / ADAPTER_CONFIG_NAME).is_file():
         path = run_dir_output(path)
     if (path / "config.json").is_file():
         model, tokenizer = _plain_model(path, config.model)
@@ -168,5 +169,5 @@ def _run_eval(composed: ComposedConfig, lock: RunDirLock) -> dict[str, Any]:
         run={"wall_time_s": time.time() - started},
         lm_eval=scores.lm_eval,
     )
-    write_json_atomically(run_dir / METRICS_JSON, metrics)
+    write_json_atomically(RunDir(run_dir).metrics, metrics)
     return metrics

@@ -33,6 +33,7 @@ from mora_train.adapters.base import ADAPTER_CONFIG_NAME
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically
 from mora_train.core.outputs import FOLDER, check_output_target, holds_file
+from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import refuse_if_being_written
 from mora_train.export.delta import merged_update_factors
 from mora_train.export.lora import REPORT_JSON, LayerExport, check_truncation, export_lora, summarize
@@ -49,8 +50,8 @@ log = logging.getLogger(__name__)
 def _adapter_folder(source: Path) -> Path:
     if (source / ADAPTER_CONFIG_NAME).is_file():
         return source
-    if (source / "adapter" / ADAPTER_CONFIG_NAME).is_file():
-        return source / "adapter"
+    if (RunDir(source).adapter / ADAPTER_CONFIG_NAME).is_file():
+        return RunDir(source).adapter
     raise MoraTrainError(
         f"{source} is neither a run dir with adapter/ nor an adapter folder ({ADAPTER_CONFIG_NAME}): give "
         "RUN_DIR (a finished LoRA or MoRA run) or RUN_DIR/adapter"

@@ -23,7 +23,7 @@ from typing import Any
 
 from mora_train.configs import CONFIG_DIR
 from mora_train.core.errors import MoraTrainError, RunStopped
-from mora_train.core.metrics import METRICS_JSON
+from mora_train.core.run_dir import RunDir
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
 from mora_train.training import distributed, tracking
 
@@ -125,8 +125,8 @@ def run_relaunched(config: RunConfig) -> dict[str, Any]:
             # The processes got the signal too: they save a checkpoint and stop. Wait for them.
             continue
     sys.stderr.flush()
-    if status == 0 and (run_dir / METRICS_JSON).is_file():
-        return json.loads((run_dir / METRICS_JSON).read_text())
+    if status == 0 and (RunDir(run_dir).metrics).is_file():
+        return json.loads((RunDir(run_dir).metrics).read_text())
     code = output.exit_code(status)
     message = (
         f"the {config.accelerate.num_processes}-process accelerate launch of this job failed (exit status {code}): "

@@ -21,6 +21,7 @@ from mora_train.config.schema import Section, parse, section, setting
 from mora_train.configs import CONFIG_DIR
 from mora_train.core.errors import ConfigError
 from mora_train.core.io import write_text_atomically
+from mora_train.core.run_dir import RunDir
 from mora_train.evaluation.config import EvalConfig
 from mora_train.export import ExportConfig
 from mora_train.models.config import ModelConfig
@@ -202,16 +203,12 @@ def load_run_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
     return run
 
 
-RESOLVED_CONFIG = "resolved_config.yaml"  # RUN_DIR's record of the config it ran with, interpolations resolved
-HYDRA_SUBDIR = ".hydra"
-
-
 def saved_run_config(run_dir: Path) -> RunConfig | None:
     """The config a run dir was written with (RUN_DIR/resolved_config.yaml), or None when it has none.
 
     Read as it was then: a key that has moved since is moved, a key added since gets its default, and checks
     of the environment it ran in (a checkpoint path that is gone now) are not repeated."""
-    path = Path(run_dir) / RESOLVED_CONFIG
+    path = RunDir(run_dir).resolved_config
     if not path.is_file():
         return None
     run, _ = read_run_config(_mapping(OmegaConf.load(path)))
@@ -290,8 +287,8 @@ def write_hydra_records(run_dir: Path, cfg: DictConfig) -> None:
         hydra_cfg = HydraConfig.get()
     except (ImportError, ValueError):  # not under Hydra (pipeline.run called from Python)
         return
-    folder = Path(run_dir) / HYDRA_SUBDIR
+    folder = RunDir(run_dir).hydra
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(folder / "config.yaml", OmegaConf.to_yaml(cfg))
-    write_text_atomically(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
-    write_text_atomically(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+    write_text_atomically(folder / RunDir.HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
+    write_text_atomically(folder / RunDir.HYDRA_HYDRA, OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    write_text_atomically(folder / RunDir.HYDRA_OVERRIDES, OmegaConf.to_yaml(hydra_cfg.overrides.task))

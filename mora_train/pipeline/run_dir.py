@@ -12,9 +12,9 @@ import yaml
 from mora_train.config.output_dir import output_dir_problem
 from mora_train.core.errors import MoraTrainError, RunStopped
 from mora_train.core.io import write_json_atomically, write_text_atomically
-from mora_train.core.metrics import METRICS_JSON
+from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import RunDirLock
-from mora_train.pipeline.run_config import RESOLVED_CONFIG, ComposedConfig, RunConfig
+from mora_train.pipeline.run_config import ComposedConfig, RunConfig
 from mora_train.pipeline.run_log import attach_run_log
 from mora_train.training.checkpoints import file_sha256
 from mora_train.training.resilience import format_bytes, free_bytes, is_disk_full
@@ -34,7 +34,7 @@ def check_run_dir(config: RunConfig, lock: RunDirLock | None = None) -> Path:
         raise MoraTrainError(problem)
     if lock is not None:
         lock.acquire()
-    if (run_dir / METRICS_JSON).exists() and not config.overwrite:
+    if (RunDir(run_dir).metrics).exists() and not config.overwrite:
         raise MoraTrainError(
             f"{run_dir} already holds a finished run (metrics.json); choose another output_dir=... "
             "or pass overwrite=true to replace it"
@@ -50,7 +50,7 @@ def prepare_run_dir(config: RunConfig, composed: ComposedConfig) -> Path:
     run_dir = check_run_dir(config)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / RESOLVED_CONFIG
+        config_path = RunDir(run_dir).resolved_config
         _warn_config_changes(config_path, composed.resolved())
         composed.write_records(run_dir)
         write_text_atomically(config_path, composed.resolved_yaml())
@@ -74,20 +74,16 @@ def output_error(run_dir: Path, err: OSError) -> MoraTrainError:
     )
 
 
-UNVERIFIED_MERGED = "merged-unverified"  # a merged/ that failed the merge check, kept for inspection
-CHECKSUMS_JSON = "checksums.json"  # sha256 of every file of adapter/ and merged/, checked by mode=eval
-
-
 def write_output_checksums(run_dir: Path) -> None:
     """RUN_DIR/checksums.json: size and sha256 of every file under adapter/ and merged/ (verify_outputs)."""
     entries = {}
-    for name in ("adapter", "merged"):
+    for name in RunDir.CHECKSUMMED:
         folder = Path(run_dir) / name
         if folder.is_dir():
             for path in sorted(folder.rglob("*")):
                 if path.is_file():
                     entries[str(path.relative_to(run_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    write_json_atomically(Path(run_dir) / CHECKSUMS_JSON, entries)
+    write_json_atomically(RunDir(run_dir).checksums, entries)
 
 
 def _warn_config_changes(previous_path: Path, resolved: dict[str, Any]) -> None:

@@ -10,6 +10,8 @@ import logging
 import logging.handlers
 from pathlib import Path
 
+from mora_train.core.run_dir import RunDir
+
 
 class EarlyLog(logging.handlers.MemoryHandler):
     """Holds what is logged before the run dir may be written; attach_run_log replays it into train.log."""
@@ -33,7 +35,7 @@ def attach_run_log(run_dir: Path) -> None:
 
         if not HydraConfig.initialized():
             return  # called from Python without the CLI: no run log
-    handler = RunLogHandler(Path(run_dir) / "train.log")
+    handler = RunLogHandler(RunDir(run_dir).train_log)
     for buffer in early:
         for record in buffer.buffer:
             if record.levelno >= root.getEffectiveLevel():

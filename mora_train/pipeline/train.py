@@ -21,7 +21,8 @@ from mora_train.adapters import Adapter, adapter_identity, build_adapter
 from mora_train.adapters.base import count_parameters
 from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
 from mora_train.core.io import write_dir_atomically, write_json_atomically
-from mora_train.core.metrics import METRICS_JSON, make_record
+from mora_train.core.metrics import make_record
+from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import RunDirLock
 from mora_train.export import (
     ExportResult,
@@ -32,7 +33,7 @@ from mora_train.export import (
 )
 from mora_train.models import load_model_and_tokenizer
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
-from mora_train.pipeline.run_dir import UNVERIFIED_MERGED, check_run_dir, prepare_run_dir, write_output_checksums
+from mora_train.pipeline.run_dir import check_run_dir, prepare_run_dir, write_output_checksums
 from mora_train.pipeline.scoring import evaluate_model, not_evaluated
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
@@ -196,13 +197,13 @@ def finish_run(prepared: PreparedRun, result: TrainResult) -> dict[str, Any]:
     adapter = unsharded_adapter(prepared.adapter, result.final_weights, lambda: rebuilt_adapter(config))
     adapter_dir = None
     if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
-        adapter_dir = run_dir / "adapter"
+        adapter_dir = RunDir(run_dir).adapter
         write_dir_atomically(adapter_dir, adapter.save)
     export = export_checked_merge(config, adapter, tokenizer, data, run_dir, adapter_dir)
     scores = evaluate_verified_merge(config, task, export, tokenizer, data, run_dir)
     metrics = run_record(config, task, adapter, result, export, scores, prepared.parameter_counts, prepared.started)
-    plot_loss(result.log_history, run_dir / "loss.png", f"{adapter.title()} on {task.name}")
-    write_json_atomically(run_dir / METRICS_JSON, metrics)
+    plot_loss(result.log_history, RunDir(run_dir).loss_plot, f"{adapter.title()} on {task.name}")
+    write_json_atomically(RunDir(run_dir).metrics, metrics)
     tracking.finish(metrics)  # the final metrics and the merge check, to the trackers of logging.report_to
     if not export.passed:
         raise MoraTrainError(export.failure_message(adapter_dir), exit_code=EXIT_MERGE_CHECK)
@@ -236,7 +237,7 @@ def export_checked_merge(
         adapter,
         tokenizer,
         probe,
-        run_dir / "merged",
+        RunDir(run_dir).merged,
         config.export.torch_dtype,
         quantized_reference=quantized_reference,
         trust_remote_code=config.model.trust_remote_code,
@@ -254,7 +255,7 @@ def evaluate_verified_merge(
         return scores
     # A merge that does not reproduce the trained model is never evaluated nor left where a finished
     # run's merged/ is expected; the record says so, and the adapter stays usable.
-    unverified = run_dir / UNVERIFIED_MERGED
+    unverified = RunDir(run_dir).merged_unverified
     shutil.rmtree(unverified, ignore_errors=True)
     os.replace(export.merged_dir, unverified)
     export.merged_dir = unverified

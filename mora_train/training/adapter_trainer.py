@@ -14,6 +14,7 @@ from transformers import Trainer
 
 from mora_train.adapters.base import Adapter
 from mora_train.core.errors import MoraTrainError, RunStopped
+from mora_train.core.run_dir import RunDir
 from mora_train.training.checkpoints import (
     STAGING_DIR,
     is_complete,
@@ -100,7 +101,7 @@ class AdapterTrainer(Trainer):
         """The stock checkpoint (weights, optimizer, scheduler, RNG, trainer state), written atomically."""
         checkpoints_dir = Path(super()._get_output_dir(trial))
         step = self.state.global_step
-        staged = checkpoints_dir / STAGING_DIR / f"checkpoint-{step}"
+        staged = checkpoints_dir / STAGING_DIR / RunDir.checkpoint_name(step)
         if self.args.should_save:
             shutil.rmtree(staged, ignore_errors=True)
         if self.args.world_size > 1:
@@ -137,7 +138,7 @@ class AdapterTrainer(Trainer):
         """After NonFiniteLoss: checkpoint the state before the bad step (weights and optimizer untouched by it)."""
         assert self.args.output_dir is not None  # typed optional; TrainingArguments.__post_init__ filled it in
         checkpoints_dir = Path(self.args.output_dir)
-        existing = checkpoints_dir / f"checkpoint-{self.state.global_step}"
+        existing = checkpoints_dir / RunDir.checkpoint_name(self.state.global_step)
         if is_complete(existing):
             return existing
         finite = all(torch.isfinite(p).all() for p in self.adapter.trainable_parameters().values())

@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from mora_train.core.io import normalize_permissions, write_json_atomically
+from mora_train.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"
 TRASH_PREFIX = ".trash-"
 CORRUPT_PREFIX = ".corrupt-"  # a checkpoint that failed verification, moved aside: kept for inspection, never listed
 COMPLETE_MARKER = "checkpoint_complete.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_RE = re.compile(rf"^{re.escape(RunDir.CHECKPOINT_PREFIX)}(\d+)$")
 
 
 def checkpoint_step(path: Path) -> int | None:

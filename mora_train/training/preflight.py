@@ -20,6 +20,7 @@ from mora_train.adapters import adapter_type
 from mora_train.adapters.base import count_parameters, linear_layer_names, match_target_linears
 from mora_train.adapters.config import AdapterSettings
 from mora_train.core.errors import ConfigError
+from mora_train.core.run_dir import RunDir
 from mora_train.models.config import ModelConfig
 from mora_train.models.quantization import compute_dtype
 from mora_train.training.config import TrainerConfig
@@ -88,7 +89,7 @@ def estimate_run_bytes(model: nn.Module, layers: dict[str, nn.Linear], run: Plan
         limit = run.trainer.save_total_limit
         # One more than the limit exists for a moment: the new one is published before the oldest is deleted.
         kept = saves if limit is None else min(saves, limit + 1)
-        existing = _dir_bytes(Path(run.output_dir) / "checkpoints")
+        existing = _dir_bytes(RunDir(run.output_dir).checkpoints)
         checkpoints = max(kept * checkpoint - existing, 0)
     return {
         "merged checkpoint": merged,

@@ -17,8 +17,8 @@ from typing import Any
 
 from mora_train.config.overrides import paste_command, shell_override
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.run_dir import RunDir
 from mora_train.training.checkpoints import (
-    CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     checkpoint_folders,
     checkpoint_step,
@@ -32,8 +32,6 @@ from mora_train.training.checkpoints import (
 )
 
 log = logging.getLogger(__name__)
-
-FINISHED_RUN_OUTPUTS = ("adapter", "merged")
 
 
 def _describe(checkpoint: Path) -> dict[str, Any]:
@@ -112,10 +110,10 @@ def decide_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[st
     `identity` (adapters.adapter_identity) is what the checkpoint must have been written by.
     """
     run_dir = Path(run_dir)
-    checkpoints_dir = run_dir / CHECKPOINTS_DIR
+    checkpoints_dir = RunDir(run_dir).checkpoints
     found = checkpoint_folders(checkpoints_dir)  # a checkpoint-N was published complete: if it is not, it is corrupt
     existing = [p for p in found if is_complete(p)]
-    finished = (run_dir / "metrics.json").exists()
+    finished = RunDir(run_dir).metrics.exists()
     plan = ResumePlan(run_dir, replace_finished=finished)
 
     if isinstance(resume, str) and resume != "auto":
@@ -142,16 +140,16 @@ def decide_resume(run_dir: Path, resume: Any, overwrite: bool, identity: dict[st
 def _given_checkpoint(resume: str) -> Path:
     """trainer.resume=PATH: the checkpoint folder it names, or the newest intact checkpoint of the run dir it names."""
     given = Path(resume).expanduser()
-    if checkpoint_step(given) is None and (given / CHECKPOINTS_DIR).is_dir():
-        candidates = complete_checkpoints(given / CHECKPOINTS_DIR)
+    if checkpoint_step(given) is None and (RunDir(given).checkpoints).is_dir():
+        candidates = complete_checkpoints(RunDir(given).checkpoints)
         if not candidates:
             raise MoraTrainError(
-                f"trainer.resume={resume}: {given / CHECKPOINTS_DIR} holds no complete checkpoint; give a "
+                f"trainer.resume={resume}: {RunDir(given).checkpoints} holds no complete checkpoint; give a "
                 "RUN_DIR/checkpoints/checkpoint-N folder, a run dir with checkpoints, or trainer.resume=auto"
             )
         start, corrupt = _newest_intact(candidates)
         if start is None:
-            raise _all_corrupt_error(given / CHECKPOINTS_DIR, corrupt)
+            raise _all_corrupt_error(RunDir(given).checkpoints, corrupt)
         for path, why in corrupt:  # another run dir's files: reported, not moved
             log.warning("skipping corrupt checkpoint %s: %s", path, why)
         return start
@@ -179,7 +177,7 @@ def _check_start_over(run_dir: Path, resume: Any, overwrite: bool, existing: lis
         )
     if existing and not overwrite:
         raise MoraTrainError(
-            f"{run_dir / CHECKPOINTS_DIR} holds checkpoints of an unfinished run (newest: step "
+            f"{RunDir(run_dir).checkpoints} holds checkpoints of an unfinished run (newest: step "
             f"{checkpoint_step(existing[-1])}) and trainer.resume=false would discard them; pass overwrite=true "
             "as well to start over, or drop trainer.resume=false to continue from the newest"
         )
@@ -189,7 +187,7 @@ def apply_resume_plan(plan: ResumePlan) -> Path | None:
     """Carry out a decided plan (main process only deletes or moves): clean leftovers, move corrupt
     checkpoints aside, remove a replaced finished run's outputs or discarded checkpoints. Returns plan.start."""
     run_dir = plan.run_dir
-    checkpoints_dir = run_dir / CHECKPOINTS_DIR
+    checkpoints_dir = RunDir(run_dir).checkpoints
     if not is_main_process():
         return plan.start
     remove_run_dir_leftovers(run_dir)
@@ -203,11 +201,11 @@ def apply_resume_plan(plan: ResumePlan) -> Path | None:
             aside,
             plan.start,
         )
-    if plan.replace_finished and (run_dir / "metrics.json").exists():
+    if plan.replace_finished and RunDir(run_dir).metrics.exists():
         # metrics.json goes first: until the new run writes its own, the dir no longer looks finished.
         log.warning("overwrite=true: replacing the finished run in %s", run_dir)
-        (run_dir / "metrics.json").unlink()
-        for name in FINISHED_RUN_OUTPUTS:
+        RunDir(run_dir).metrics.unlink()
+        for name in RunDir.FINISHED_OUTPUTS:
             if (run_dir / name).exists():
                 remove_via_trash(run_dir / name)
     if plan.discard:

@@ -33,6 +33,7 @@ from typing import Any
 from mora_train.config.schema import Section, section, setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.metrics import TRAINING_KEYS, metrics_of, run_info
+from mora_train.core.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def trainer_callbacks(logging: LoggingConfig | None, run_dir: Path) -> list[Any]
     callbacks: list[Any] = []
     if "tensorboard" in names:
         tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(Path(run_dir) / "tensorboard")
+        tensorboard.logging_dir = str(RunDir(run_dir).tensorboard)
         callbacks.append(tensorboard)
     if "wandb" in names:
         callbacks.append(WandbCallback())  # logs into the run `start` opened
@@ -253,7 +254,7 @@ def _start_mlflow(job: Job, config: dict, settings: MlflowSettings, run_dir: Pat
         run = mlflow.start_run(run_name=job.name, tags=tags)
         if job.overrides:
             mlflow.log_params({key: value[:MAX_PARAM_VAL_LENGTH] for key, value in job.overrides.items()})
-        mlflow.log_dict(config, "resolved_config.yaml")
+        mlflow.log_dict(config, RunDir.RESOLVED_CONFIG)
         return run.info.run_id
     except Exception as err:
         raise MoraTrainError(
@@ -300,7 +301,7 @@ def finish(record: dict[str, Any]) -> None:
                 step=step if isinstance(step, int) else None,
             )
             mlflow.set_tags(labels)
-            mlflow.log_dict(record, "metrics.json")
+            mlflow.log_dict(record, RunDir.METRICS)
     except Exception as err:  # noqa: BLE001 - any tracker failure: the run is complete and metrics.json holds it
         log.warning(
             "could not log the final metrics to the trackers (%s: %s); metrics.json holds them", type(err).__name__, err

@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 from mora_train.adapters.base import Adapter
 from mora_train.core.errors import RunStopped
 from mora_train.core.io import save_figure_atomically, write_json_atomically
+from mora_train.core.run_dir import RunDir
 from mora_train.data.common import PadCollator, count_tokens
 from mora_train.models.quantization import adapters_attached
 from mora_train.training import tracking
@@ -110,7 +111,7 @@ def train(
 
     `extras`: what trainer.restart / trainer.train_embeddings add (restarts.setup_training_extras);
     `logging` picks the trackers the training log goes to (None: the default, TensorBoard)."""
-    args = training_arguments(trainer, seed, run_dir / "checkpoints", distributed)
+    args = training_arguments(trainer, seed, RunDir(run_dir).checkpoints, distributed)
     embeddings = adapter.base_model.get_input_embeddings()
     if trainer.gradient_checkpointing and (embeddings is None or not embeddings.weight.requires_grad):
         # Frozen embeddings give checkpointed blocks inputs without grad; the adapters inside still need it.
@@ -164,7 +165,7 @@ def _train_until_stopped(hf_trainer: AdapterTrainer, resume_from: str | Path | N
 def _signal_stop(hf_trainer: AdapterTrainer, signals: StopSignals, stopped_at: int, run_dir: Path) -> RunStopped:
     """The stop of a run that SIGINT/SIGTERM ended after a step, its checkpoint saved (exit 128 + the signal)."""
     signum = signals.received or signal.SIGTERM
-    checkpoint = run_dir / "checkpoints" / f"checkpoint-{stopped_at}"
+    checkpoint = RunDir(run_dir).checkpoint(stopped_at)
     return RunStopped(
         f"interrupted by {signal.Signals(signum).name}: stopped after step {stopped_at} of "
         f"{hf_trainer.state.max_steps} and saved checkpoint {checkpoint}. To continue",
@@ -192,7 +193,7 @@ def _train_result(
         tokens_seen = count_tokens(train_examples) * examples_seen / max(len(train_examples), 1)
     history = list(hf_trainer.state.log_history)
     if is_main_process():
-        write_json_atomically(run_dir / "log_history.json", history)
+        write_json_atomically(RunDir(run_dir).log_history, history)
     # Every rank: gathers sharded weights onto rank 0 and compares replicas (collectives).
     final_weights = collect_final_weights(hf_trainer, hf_trainer.trained_parameter_names)
     return TrainResult(
@@ -216,7 +217,7 @@ def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: i
     steps = int(saved_state["global_step"])
     history = list(saved_state.get("log_history", []))
     try:
-        written = json.loads((run_dir / "log_history.json").read_text())
+        written = json.loads((RunDir(run_dir).log_history).read_text())
     except (OSError, ValueError):
         written = None
     closing = written[-1] if isinstance(written, list) and written and isinstance(written[-1], dict) else {}
@@ -232,7 +233,7 @@ def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: i
         }
         history = [*history, closing]
         if is_main_process():
-            write_json_atomically(run_dir / "log_history.json", history)
+            write_json_atomically(RunDir(run_dir).log_history, history)
     runtime = float(closing.get("train_runtime") or 0.0)
     return TrainResult(
         train_loss=float(closing["train_loss"]),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mora_train.cli.train import _run
-from mora_train.core.errors import TRACEBACK_FILE
+from mora_train.core.run_dir import RunDir
 from mora_train.training.checkpoints import CORRUPT_PREFIX, complete_checkpoints
 from tests.conftest import compose_config, run_cli, typed_config
 
@@ -196,8 +196,8 @@ def test_unexpected_error_prints_one_line_and_writes_the_traceback(tmp_path: Pat
     err = capsys.readouterr().err
     clean(err)
     assert "unexpected error (RuntimeError: something nobody expected)" in err
-    assert str(run_dir / TRACEBACK_FILE) in err
-    assert "Traceback" in (run_dir / TRACEBACK_FILE).read_text()
+    assert str(run_dir / RunDir.TRACEBACK) in err
+    assert "Traceback" in (run_dir / RunDir.TRACEBACK).read_text()
 
 
 # -- nothing written before validation passes --------------------------------------------------------------

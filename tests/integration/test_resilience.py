@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from mora_train.cli.train import _run
-from mora_train.core.run_lock import LOCK_FILE
+from mora_train.core.run_dir import RunDir
 from mora_train.training.checkpoints import COMPLETE_MARKER, STAGING_DIR, complete_checkpoints, is_complete
 from tests.conftest import compose_config, run_cli
 from tests.conftest import validate_config as validate
@@ -332,7 +332,7 @@ def test_a_second_run_on_a_run_dir_still_training_is_refused_naming_it(tmp_path:
     )
     try:
         deadline = time.monotonic() + 120
-        while not (run_dir / LOCK_FILE).is_file() or not (run_dir / LOCK_FILE).read_text().strip():
+        while not (run_dir / RunDir.LOCK).is_file() or not (run_dir / RunDir.LOCK).read_text().strip():
             assert first.poll() is None and time.monotonic() < deadline, "the first run ended before taking its lock"
             time.sleep(0.05)
         with pytest.raises(SystemExit) as stop:  # the same command again, while the first trains
@@ -348,4 +348,4 @@ def test_a_second_run_on_a_run_dir_still_training_is_refused_naming_it(tmp_path:
         log.close()
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-2000:]
     assert json.loads((run_dir / "metrics.json").read_text())["run"]["resumed_from_step"] is None
-    assert not (run_dir / "traceback.txt").exists() and not (run_dir / LOCK_FILE).exists()
+    assert not (run_dir / "traceback.txt").exists() and not (run_dir / RunDir.LOCK).exists()

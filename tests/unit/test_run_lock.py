@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mora_train.core.errors import MoraTrainError
-from mora_train.core.run_lock import LOCK_FILE, RunDirBusy, RunDirLock, holder_of, refuse_if_being_written, writer_of
+from mora_train.core.run_dir import RunDir
+from mora_train.core.run_lock import RunDirBusy, RunDirLock, holder_of, refuse_if_being_written, writer_of
 from mora_train.pipeline.run_config import ComposedConfig
 from tests.conftest import TINY_RUN, compose_config
 from tests.support.lock_holder import LockHolder
@@ -33,21 +34,21 @@ def test_a_second_writer_is_refused_naming_the_pid_until_the_holder_lets_go_or_d
         assert holder_of(run_dir).pid == holder.pid
         assert writer_of(run_dir / "checkpoints" / "checkpoint-2") == (run_dir, holder_of(run_dir))
         holder.unlock(run_dir)  # released: the file goes with it, and the next writer is accepted
-        assert not (run_dir / LOCK_FILE).exists() and holder_of(run_dir) is None
+        assert not (run_dir / RunDir.LOCK).exists() and holder_of(run_dir) is None
         with RunDirLock(run_dir) as lock:
-            assert lock.held and json.loads((run_dir / LOCK_FILE).read_text())["command"] == "mora-train"
+            assert lock.held and json.loads((run_dir / RunDir.LOCK).read_text())["command"] == "mora-train"
         holder.lock(run_dir)
         holder.kill()  # SIGKILL: nothing runs in the holder any more, yet the kernel drops its lock
-    assert (run_dir / LOCK_FILE).exists()  # the file a killed writer leaves holds no lock
+    assert (run_dir / RunDir.LOCK).exists()  # the file a killed writer leaves holds no lock
     assert holder_of(run_dir) is None
     with RunDirLock(run_dir) as lock:
         assert lock.held
-    assert not (run_dir / LOCK_FILE).exists()
+    assert not (run_dir / RunDir.LOCK).exists()
 
 
 def test_a_lock_that_created_the_run_dir_removes_it_while_empty(tmp_path: Path) -> None:
     lock = RunDirLock(tmp_path / "new" / "run").acquire()
-    assert (tmp_path / "new" / "run" / LOCK_FILE).is_file()
+    assert (tmp_path / "new" / "run" / RunDir.LOCK).is_file()
     lock.release()
     assert not (tmp_path / "new" / "run").exists()  # a refused run leaves no trace
     kept = RunDirLock(tmp_path / "kept").acquire()
@@ -58,10 +59,10 @@ def test_a_lock_that_created_the_run_dir_removes_it_while_empty(tmp_path: Path) 
 
 def test_a_lock_file_with_garbage_or_nothing_in_it_is_taken_over(tmp_path: Path) -> None:
     for content in (b"", b"\x00garbage{", b'{"pid": "not a number"}'):
-        (tmp_path / LOCK_FILE).write_bytes(content)
+        (tmp_path / RunDir.LOCK).write_bytes(content)
         assert holder_of(tmp_path) is None
         with RunDirLock(tmp_path):
-            assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] > 0
+            assert json.loads((tmp_path / RunDir.LOCK).read_text())["pid"] > 0
 
 
 def finished_looking_run(run_dir: Path) -> None:
@@ -133,7 +134,7 @@ def test_the_writer_holds_the_lock_from_before_the_resume_decision_to_its_end(tm
     seen = {}
 
     def stop_at_model_load(*args, **kwargs):
-        seen["held"] = run_lock._key(run_dir) in run_lock._held and (run_dir / LOCK_FILE).is_file()
+        seen["held"] = run_lock._key(run_dir) in run_lock._held and (run_dir / RunDir.LOCK).is_file()
         raise MoraTrainError("stop here")
 
     monkeypatch.setattr(train, "load_model_and_tokenizer", stop_at_model_load)
