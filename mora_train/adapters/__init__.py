@@ -20,7 +20,7 @@ from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, 
 from mora_train.adapters.config import AdapterSettings, TrainerView
 from mora_train.adapters.full import FullFineTune, FullSettings
 from mora_train.adapters.lora import LoraAdapter
-from mora_train.adapters.mora_adapter import MoraAdapter, MoraSettings
+from mora_train.adapters.mora import MoraAdapter, MoraSettings
 from mora_train.core.errors import MoraTrainError
 from mora_train.models.quantization import is_quantized, prepare_for_adapter_training
 
@@ -119,7 +119,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:
         full = FullSettings(name=FullFineTune.name, target_modules=config["target_modules"])
         adapter = FullFineTune.build(model, full, None)
     elif config.get("use_mora"):
-        from mora_train.adapters.official import load_official_mora
+        from mora_train.adapters.mora.official import load_official_mora
 
         return load_official_mora(model, adapter_dir, config)
     elif str(config.get("peft_type", "")).upper() == "LORA":

@@ -23,8 +23,8 @@ from mora_train.adapters.base import (
     positive_rank,
     settings_as,
 )
-from mora_train.adapters.config import AdapterSettings, LowRankSettings
-from mora_train.config.schema import section, setting
+from mora_train.adapters.config import AdapterSettings
+from mora_train.adapters.lora.config import LoraSettings
 from mora_train.core.errors import MoraTrainError
 
 if TYPE_CHECKING:
@@ -56,19 +56,6 @@ class _LoraLinear(Protocol):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None: ...
     def unmerge(self) -> None: ...
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
-
-
-@section
-class LoraSettings(LowRankSettings):
-    """adapter=lora: peft's LoRA."""
-
-    alpha: float = setting(default=16, help="LoRA's scaling numerator: ΔW = (alpha / rank) B A")
-
-    def check(self, prefix: str) -> list[str]:
-        problems = super().check(prefix)
-        if self.alpha <= 0:
-            problems.append(f"`{prefix}.alpha={self.alpha:g}` must be positive")
-        return problems
 
 
 class LoraAdapter(Adapter):

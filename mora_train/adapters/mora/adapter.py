@@ -22,8 +22,9 @@ from mora_train.adapters.base import (
     settings_as,
     svd_factors,
 )
-from mora_train.adapters.config import AdapterSettings, LowRankSettings, TrainerView
-from mora_train.adapters.mora import (
+from mora_train.adapters.config import AdapterSettings, TrainerView
+from mora_train.adapters.mora.config import MoraSettings, is_auto
+from mora_train.adapters.mora.layer import (
     AUTO,
     AUTO_SHARING_FROM_RANK,
     MoRALinear,
@@ -32,7 +33,6 @@ from mora_train.adapters.mora import (
     mora_square_side,
     resolve_mora_type,
 )
-from mora_train.config.schema import section, setting
 from mora_train.core.errors import ConfigError, MoraTrainError
 from mora_train.core.io import write_json_atomically
 from mora_train.models.quantization import set_submodule
@@ -51,29 +51,6 @@ def mora_layer_problems(model: nn.Module, target_modules: list[str], rank: int, 
     return problems
 
 
-def _is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() == AUTO
-
-
-@section
-class MoraSettings(LowRankSettings):
-    """adapter=mora: square-matrix high-rank updating."""
-
-    mora_type: str | int = setting(
-        default="rope",
-        help="compression/decompression pair: rope, sharing, grouping (or 1-6, the paper's numbering), auto",
-    )
-
-    def check(self, prefix: str) -> list[str]:
-        problems = super().check(prefix)
-        if not _is_auto(self.mora_type):  # auto is checked with the rank (MoraAdapter.config_problems)
-            try:
-                resolve_mora_type(self.mora_type)
-            except ValueError as err:
-                problems.append(f"`{prefix}.mora_type`: {err}; or {prefix}.mora_type=auto (chosen by rank)")
-        return problems
-
-
 class MoraAdapter(Adapter):
     settings_type = MoraSettings
     name = "mora"
@@ -89,7 +66,7 @@ class MoraAdapter(Adapter):
         cycle = trainer.restart.mora_types
         if cycle is None:
             return []
-        if _is_auto(mora_type):
+        if is_auto(mora_type):
             return [
                 (
                     f"`adapter.mora_type=auto` with `trainer.restart.mora_types={cycle}`: the restart cycle names "
@@ -184,7 +161,7 @@ class MoraAdapter(Adapter):
         self.modules = modules
 
     def title(self) -> str:
-        chosen = ", chosen by mora_type=auto" if _is_auto(self.requested_type) else ""
+        chosen = ", chosen by mora_type=auto" if is_auto(self.requested_type) else ""
         return f"mora (rank {self.rank}, type {self.mora_type}{chosen})"
 
     def identity_now(self) -> dict[str, Any]:
@@ -263,7 +240,7 @@ class MoraAdapter(Adapter):
                     "mora_type_rule": f"auto: rope below rank {AUTO_SHARING_FROM_RANK}, "
                     "sharing from it on (paper §5 runs; official README)",
                 }
-                if _is_auto(self.requested_type)
+                if is_auto(self.requested_type)
                 else {}
             ),
             "dropout": self.dropout,
