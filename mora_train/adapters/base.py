@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ S = TypeVar("S", bound=AdapterSettings)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# adapter_config.json's `format` in folders mora-train writes itself (peft writes LoRA's).
+FORMAT = "mora-train"
 
 
 @dataclass
@@ -214,6 +217,25 @@ class Adapter(ABC):
     ) -> Adapter:
         """Wrap `model` as these settings say (adapters.build_adapter prepares a quantized base first)."""
         raise NotImplementedError
+
+    # -- a saved folder ------------------------------------------------------------------------------------
+
+    @classmethod
+    def reads(cls, config: dict[str, Any]) -> bool:
+        """Whether this class reads the folder whose adapter_config.json is `config` (load_adapter asks every
+        registered class). By default: a folder mora-train wrote for this method (`format`, `adapter`)."""
+        return config.get("format") == FORMAT and config.get("adapter") == cls.name
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, folder: Path, config: dict[str, Any]) -> Adapter:
+        """Attach the adapter saved in `folder` (whose config reads() accepted) to `model`. By default: build from
+        the saved settings (the keys of describe() that name a field of settings_type, and `rank`), then
+        load_weights."""
+        fields = {f.name for f in dataclasses.fields(cls.settings_type)} - {"name"}
+        settings = cls.settings_type(name=cls.name, **{k: config[k] for k in fields if k in config})
+        adapter = cls.build(model, settings, config.get("rank"))
+        adapter.load_weights(folder)
+        return adapter
 
     # -- the live adapter ---------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from mora_train.adapters.base import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    FORMAT,
     Adapter,
     ModuleSummary,
     copy_saved_weights,
@@ -30,8 +31,6 @@ from mora_train.adapters.config import AdapterSettings, TrainerView
 from mora_train.adapters.full.config import FullSettings
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically
-
-FORMAT = "mora-train"
 
 
 class FullFineTune(Adapter):

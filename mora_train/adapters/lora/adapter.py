@@ -74,6 +74,18 @@ class LoraAdapter(Adapter):
         return cls(model, positive_rank(rank), lora.alpha, lora.target_names, lora.dropout)
 
     @classmethod
+    def reads(cls, config: dict[str, Any]) -> bool:
+        """peft's LoRA folders (the official MoRA fork's are LoRA folders too, marked `use_mora`: MoRA reads those)."""
+        return str(config.get("peft_type", "")).upper() == "LORA" and not config.get("use_mora")
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, folder: Path, config: dict[str, Any]) -> LoraAdapter:
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        return cls(
+            model, config["r"], config["lora_alpha"], config["target_modules"], config["lora_dropout"], peft_model
+        )
+
+    @classmethod
     def layer_problems(cls, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int) -> list[str]:
         capped = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if rank > min(m.in_features, m.out_features)})
         if capped:

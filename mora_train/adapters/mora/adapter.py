@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from mora_train.adapters.base import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    FORMAT,
     Adapter,
     ModuleSummary,
     copy_saved_weights,
@@ -37,7 +38,6 @@ from mora_train.core.errors import ConfigError, MoraTrainError
 from mora_train.core.io import write_json_atomically
 from mora_train.models.quantization import set_submodule
 
-FORMAT = "mora-train"
 FORMAT_VERSION = 1
 
 
@@ -107,6 +107,19 @@ class MoraAdapter(Adapter):
     ) -> MoraAdapter:
         mora = settings_as(MoraSettings, settings)
         return cls(model, positive_rank(rank), mora.mora_type, mora.target_names, mora.dropout)
+
+    @classmethod
+    def reads(cls, config: dict[str, Any]) -> bool:
+        """mora-train's MoRA folders, and the official MoRA fork's (peft LoRA folders marked `use_mora`)."""
+        return super().reads(config) or bool(config.get("use_mora"))
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, folder: Path, config: dict[str, Any]) -> Adapter:
+        if config.get("use_mora"):
+            from mora_train.adapters.mora.official import load_official_mora
+
+            return load_official_mora(model, folder, config)
+        return super().load(model, folder, config)
 
     @classmethod
     def identity(cls, settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
