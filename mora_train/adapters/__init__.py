@@ -3,7 +3,9 @@
 `build_adapter(model, settings, rank)` and `load_adapter(model, dir)` give an `Adapter`; `adapter_config_problems`,
 `adapter_identity` and `adapter_type` answer questions about the typed `adapter` section (AdapterSettings)
 before any model is loaded. Nothing outside this package asks which method it holds: what differs between
-methods is an operation of `Adapter` (adapters/base.py) or one of its class attributes.
+methods is an operation of `Adapter` (adapters/base.py), one of its class attributes, or a capability some
+methods have (adapters/capabilities.py). `register_adapter` adds a method; each method lives in a folder of its
+own (lora/, mora/, full/).
 """
 
 from __future__ import annotations

@@ -164,7 +164,8 @@ class Adapter(ABC):
     Code outside `mora_train.adapters` holds an Adapter and calls these operations; it never asks which
     method it holds (`name` is recorded in metrics and checkpoints, never branched on). A method's
     refusals (config keys, engines, layer shapes) are class methods, so they can be checked before a
-    model is loaded.
+    model is loaded. What only some methods can do (restarts, operator switches, LoRA factors) is a
+    mix-in of adapters/capabilities.py.
     """
 
     name: ClassVar[str]
@@ -301,36 +302,3 @@ class Adapter(ABC):
             forget_quantization(self.base_model)
             self.base_was_quantized = True
         return self.base_was_quantized
-
-    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Module name -> (B, A), float32, with ΔW = B @ A (scaling 1): the adapter as a plain LoRA, for
-        serving engines. Exact (to float32 rounding) for every layer; its rank may differ per layer."""
-        raise MoraTrainError(
-            f"adapter={self.name} has no low-rank form to export as LoRA; use the merged model (RUN_DIR/merged)"
-        )
-
-    # -- restarts (ReMoRA / ReLoRA) ----------------------------------------------------------------------
-
-    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
-        """Module name -> the frozen base weight under each adapted layer (what fold_and_reset() changes)."""
-        raise MoraTrainError(f"adapter={self.name} has no separate base weights to fold updates into")
-
-    def restart_parameters(self) -> list[nn.Parameter]:
-        """The adapter's own parameters, which fold_and_reset() re-initialises."""
-        raise MoraTrainError(f"adapter={self.name} has no adapter parameters to restart")
-
-    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
-        """Add ΔW to the base weights (float32, checked finite) and re-initialise the adapter (ΔW = 0 again)."""
-        raise MoraTrainError(f"adapter={self.name} cannot fold its update into the base weights")
-
-    def operator_types(self) -> dict[str, str]:
-        """Module name -> operator pair, for methods with switchable operators (empty otherwise)."""
-        return {}
-
-    def set_operator(self, kind: str | int) -> None:
-        """Switch every adapted layer to operator pair `kind` (restarts cycle them)."""
-        raise MoraTrainError(f"adapter={self.name} has no operator pairs to switch")
-
-    def resolve_operator(self, kind: str | int) -> str:
-        """The canonical name of operator pair `kind` (raises ValueError when unknown)."""
-        raise ValueError(f"adapter={self.name} has no operator pairs")

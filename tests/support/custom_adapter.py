@@ -27,6 +27,7 @@ from mora_train.adapters.base import (
     find_target_linears,
     settings_as,
 )
+from mora_train.adapters.capabilities import HasLoraFactors
 from mora_train.adapters.config import AdapterSettings
 from mora_train.config.schema import section, setting
 from mora_train.core.io import write_json_atomically
@@ -65,7 +66,7 @@ class RankOneLinear(nn.Module):
         return torch.outer(self.b, self.a).float()
 
 
-class RankOneAdapter(Adapter):
+class RankOneAdapter(HasLoraFactors, Adapter):
     name = "rank_one"
     settings_type = RankOneSettings
 

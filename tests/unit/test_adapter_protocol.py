@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mora_train.adapters import ADAPTER_TYPES, adapter_config_problems, adapter_identity, build_adapter, load_adapter
+from mora_train.adapters.capabilities import lora_factors, operator_switching, operator_types, restartable
 from mora_train.adapters.full import FullSettings
 from mora_train.adapters.lora import LoraSettings
 from mora_train.core.errors import MoraTrainError
@@ -144,13 +145,13 @@ def test_fold_and_reset_keeps_the_function_and_zeroes_the_update(adapter: str) -
 
 def test_methods_without_restarts_or_operators_refuse_them_by_name() -> None:
     _, full = _tiny("full")
-    for operation in (full.fold_and_reset, full.restart_parameters, lambda: full.set_operator("sharing")):
+    for ask in (restartable, operator_switching, lora_factors):
         with pytest.raises(MoraTrainError, match="adapter=full"):
-            operation()
+            ask(full)
     _, lora = _tiny("lora")
-    assert lora.operator_types() == {}
+    assert operator_types(lora) == {}
     with pytest.raises(MoraTrainError, match="adapter=lora has no operator"):
-        lora.set_operator("sharing")
+        operator_switching(lora)
 
 
 def test_full_fine_tuning_has_no_dead_keys() -> None:

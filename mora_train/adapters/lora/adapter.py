@@ -23,6 +23,7 @@ from mora_train.adapters.base import (
     positive_rank,
     settings_as,
 )
+from mora_train.adapters.capabilities import HasLoraFactors, Restartable
 from mora_train.adapters.config import AdapterSettings
 from mora_train.adapters.lora.config import LoraSettings
 from mora_train.core.errors import MoraTrainError
@@ -58,7 +59,7 @@ class _LoraLinear(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
-class LoraAdapter(Adapter):
+class LoraAdapter(Restartable, HasLoraFactors, Adapter):
     settings_type = LoraSettings
     name = "lora"
 

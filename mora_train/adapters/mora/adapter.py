@@ -23,6 +23,7 @@ from mora_train.adapters.base import (
     settings_as,
     svd_factors,
 )
+from mora_train.adapters.capabilities import HasLoraFactors, Restartable, SwitchesOperators
 from mora_train.adapters.config import AdapterSettings, TrainerView
 from mora_train.adapters.mora.config import MoraSettings, is_auto
 from mora_train.adapters.mora.layer import (
@@ -51,7 +52,7 @@ def mora_layer_problems(model: nn.Module, target_modules: list[str], rank: int, 
     return problems
 
 
-class MoraAdapter(Adapter):
+class MoraAdapter(Restartable, SwitchesOperators, HasLoraFactors, Adapter):
     settings_type = MoraSettings
     name = "mora"
     parallelism_refusal = (
