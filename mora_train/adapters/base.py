@@ -202,13 +202,14 @@ class Adapter(ABC):
         return []
 
     @classmethod
+    @abstractmethod
     def trainable_count(
         cls, model: nn.Module, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int
     ) -> int:
         """Parameters this method would train on `layers` of `model` (for disk estimates), without building it."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def build(
         cls,
         model: PreTrainedModel,
@@ -217,7 +218,6 @@ class Adapter(ABC):
         load_base: Callable[[], nn.Module] | None = None,
     ) -> Adapter:
         """Wrap `model` as these settings say (adapters.build_adapter prepares a quantized base first)."""
-        raise NotImplementedError
 
     # -- a saved folder ------------------------------------------------------------------------------------
 
