@@ -117,6 +117,7 @@ class MoraAdapter(Restartable, SwitchesOperators, HasLoraFactors, Adapter):
     @classmethod
     def load(cls, model: PreTrainedModel, folder: Path, config: dict[str, Any]) -> Adapter:
         if config.get("use_mora"):
+            # Imported here: official.py builds a MoraAdapter, so importing it at the top would be a cycle.
             from mora_train.adapters.mora.official import load_official_mora
 
             return load_official_mora(model, folder, config)
