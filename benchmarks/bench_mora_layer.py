@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness import cpu_model, reset_peak_rss, status_kb  # noqa: E402
 
-from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem, mora_square_side  # noqa: E402
+from mora_train.adapters.mora.layer import MORA_TYPES, MoRALinear, mora_shape_problem, mora_square_side  # noqa: E402
 
 
 class _Wrap(nn.Module):

@@ -3,7 +3,9 @@
 `build_adapter(model, settings, rank)` and `load_adapter(model, dir)` give an `Adapter`; `adapter_config_problems`,
 `adapter_identity` and `adapter_type` answer questions about the typed `adapter` section (AdapterSettings)
 before any model is loaded. Nothing outside this package asks which method it holds: what differs between
-methods is an operation of `Adapter` (adapters/base.py) or one of its class attributes.
+methods is an operation of `Adapter` (adapters/base.py), one of its class attributes, or a capability some
+methods have (adapters/capabilities.py). `register_adapter` adds a method; each method lives in a folder of its
+own (lora/, mora/, full/).
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, RANK_PROBLEM, Adapter
 from mora_train.adapters.config import AdapterSettings, TrainerView
-from mora_train.adapters.full import FullFineTune, FullSettings
+from mora_train.adapters.full import FullFineTune
 from mora_train.adapters.lora import LoraAdapter
-from mora_train.adapters.mora_adapter import MoraAdapter, MoraSettings
+from mora_train.adapters.mora import MoraAdapter
 from mora_train.core.errors import MoraTrainError
 from mora_train.models.quantization import is_quantized, prepare_for_adapter_training
+
+A = TypeVar("A", bound=Adapter)
 
 __all__ = [
     "ADAPTER_TYPES",
@@ -33,9 +37,26 @@ __all__ = [
     "adapter_type",
     "build_adapter",
     "load_adapter",
+    "register_adapter",
 ]
 
-ADAPTER_TYPES: dict[str, type[Adapter]] = {cls.name: cls for cls in (LoraAdapter, MoraAdapter, FullFineTune)}
+ADAPTER_TYPES: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[A]) -> type[A]:
+    """Make `cls` a method mora-train can run (`adapter.name=<cls.name>`, its keys from `cls.settings_type`) and a
+    reader load_adapter asks (`cls.reads`). Returns `cls`, so it also serves as a class decorator. A method
+    defined outside mora-train calls this before the config is read; its keys come from a config group file
+    of its own (`adapter=<name>` on a Hydra search path) or from overrides."""
+    registered = ADAPTER_TYPES.get(cls.name)
+    if registered is not None and registered is not cls:
+        raise MoraTrainError(f"adapter name {cls.name!r} is taken by {registered.__module__}.{registered.__qualname__}")
+    ADAPTER_TYPES[cls.name] = cls
+    return cls
+
+
+for _method in (LoraAdapter, MoraAdapter, FullFineTune):
+    register_adapter(_method)
 
 
 def adapter_type(settings: AdapterSettings) -> type[Adapter]:
@@ -106,32 +127,10 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:
         # A re-attached adapter must compute what it trained with: build_adapter's k-bit preparation (norms and
         # embeddings of a 16-bit base in float32) and no in-place repack of a 4-bit base by an eval forward.
         prepare_for_adapter_training(model)
-    adapter: Adapter
-    if config.get("format") == "mora-train" and config.get("adapter") == MoraAdapter.name:
-        settings = MoraSettings(
-            name=MoraAdapter.name,
-            mora_type=config["mora_type"],
-            target_modules=config["target_modules"],
-            dropout=config["dropout"],
-        )
-        adapter = MoraAdapter.build(model, settings, config["rank"])
-    elif config.get("format") == "mora-train" and config.get("adapter") == FullFineTune.name:
-        full = FullSettings(name=FullFineTune.name, target_modules=config["target_modules"])
-        adapter = FullFineTune.build(model, full, None)
-    elif config.get("use_mora"):
-        from mora_train.adapters.official import load_official_mora
-
-        return load_official_mora(model, adapter_dir, config)
-    elif str(config.get("peft_type", "")).upper() == "LORA":
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-        return LoraAdapter(
-            model, config["r"], config["lora_alpha"], config["target_modules"], config["lora_dropout"], peft_model
-        )
-    else:
-        raise MoraTrainError(
-            f"{config_path} describes no adapter mora-train knows (MoRA, LoRA, full, official MoRA fork)"
-        )
-    adapter.load_weights(adapter_dir)
-    return adapter
+    for cls in ADAPTER_TYPES.values():
+        if cls.reads(config):
+            return cls.load(model, adapter_dir, config)
+    raise MoraTrainError(
+        f"{config_path} describes no adapter mora-train knows: none of {', '.join(ADAPTER_TYPES)} reads it "
+        "(mora-train's own folders, peft LoRA, the official MoRA fork)"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ S = TypeVar("S", bound=AdapterSettings)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# adapter_config.json's `format` in folders mora-train writes itself (peft writes LoRA's).
+FORMAT = "mora-train"
 
 
 @dataclass
@@ -161,7 +164,8 @@ class Adapter(ABC):
     Code outside `mora_train.adapters` holds an Adapter and calls these operations; it never asks which
     method it holds (`name` is recorded in metrics and checkpoints, never branched on). A method's
     refusals (config keys, engines, layer shapes) are class methods, so they can be checked before a
-    model is loaded.
+    model is loaded. What only some methods can do (restarts, operator switches, LoRA factors) is a
+    mix-in of adapters/capabilities.py.
     """
 
     name: ClassVar[str]
@@ -198,13 +202,14 @@ class Adapter(ABC):
         return []
 
     @classmethod
+    @abstractmethod
     def trainable_count(
         cls, model: nn.Module, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int
     ) -> int:
         """Parameters this method would train on `layers` of `model` (for disk estimates), without building it."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def build(
         cls,
         model: PreTrainedModel,
@@ -213,7 +218,25 @@ class Adapter(ABC):
         load_base: Callable[[], nn.Module] | None = None,
     ) -> Adapter:
         """Wrap `model` as these settings say (adapters.build_adapter prepares a quantized base first)."""
-        raise NotImplementedError
+
+    # -- a saved folder ------------------------------------------------------------------------------------
+
+    @classmethod
+    def reads(cls, config: dict[str, Any]) -> bool:
+        """Whether this class reads the folder whose adapter_config.json is `config` (load_adapter asks every
+        registered class). By default: a folder mora-train wrote for this method (`format`, `adapter`)."""
+        return config.get("format") == FORMAT and config.get("adapter") == cls.name
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, folder: Path, config: dict[str, Any]) -> Adapter:
+        """Attach the adapter saved in `folder` (whose config reads() accepted) to `model`. By default: build from
+        the saved settings (the keys of describe() that name a field of settings_type, and `rank`), then
+        load_weights."""
+        fields = {f.name for f in dataclasses.fields(cls.settings_type)} - {"name"}
+        settings = cls.settings_type(name=cls.name, **{k: config[k] for k in fields if k in config})
+        adapter = cls.build(model, settings, config.get("rank"))
+        adapter.load_weights(folder)
+        return adapter
 
     # -- the live adapter ---------------------------------------------------------------------------------
 
@@ -279,36 +302,3 @@ class Adapter(ABC):
             forget_quantization(self.base_model)
             self.base_was_quantized = True
         return self.base_was_quantized
-
-    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Module name -> (B, A), float32, with ΔW = B @ A (scaling 1): the adapter as a plain LoRA, for
-        serving engines. Exact (to float32 rounding) for every layer; its rank may differ per layer."""
-        raise MoraTrainError(
-            f"adapter={self.name} has no low-rank form to export as LoRA; use the merged model (RUN_DIR/merged)"
-        )
-
-    # -- restarts (ReMoRA / ReLoRA) ----------------------------------------------------------------------
-
-    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
-        """Module name -> the frozen base weight under each adapted layer (what fold_and_reset() changes)."""
-        raise MoraTrainError(f"adapter={self.name} has no separate base weights to fold updates into")
-
-    def restart_parameters(self) -> list[nn.Parameter]:
-        """The adapter's own parameters, which fold_and_reset() re-initialises."""
-        raise MoraTrainError(f"adapter={self.name} has no adapter parameters to restart")
-
-    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
-        """Add ΔW to the base weights (float32, checked finite) and re-initialise the adapter (ΔW = 0 again)."""
-        raise MoraTrainError(f"adapter={self.name} cannot fold its update into the base weights")
-
-    def operator_types(self) -> dict[str, str]:
-        """Module name -> operator pair, for methods with switchable operators (empty otherwise)."""
-        return {}
-
-    def set_operator(self, kind: str | int) -> None:
-        """Switch every adapted layer to operator pair `kind` (restarts cycle them)."""
-        raise MoraTrainError(f"adapter={self.name} has no operator pairs to switch")
-
-    def resolve_operator(self, kind: str | int) -> str:
-        """The canonical name of operator pair `kind` (raises ValueError when unknown)."""
-        raise ValueError(f"adapter={self.name} has no operator pairs")

@@ -1,6 +1,7 @@
 """An adapter as a standard PEFT LoRA folder, for peft, vLLM, SGLang and LoRAX (`mora-train-export`).
 
-The adapter protocol gives every adapted layer as exact LoRA factors ΔW = B @ A (`Adapter.lora_factors`):
+Methods with the HasLoraFactors capability (adapters/capabilities.py) give every adapted layer as exact LoRA
+factors ΔW = B @ A:
 for MoRA's summing types and truncation A = M C and B = D (rank r̂, exact by construction), for its
 chunked types (rope, decouple) the SVD of ΔW at its numerical rank. Here they are, optionally,
 truncated to `rank` singular values or to a fraction `energy` of each layer's ΔW energy (the SVD of B @ A

@@ -1,6 +1,6 @@
 """`mora-train-export`: a run's adapter as a PEFT LoRA folder, checked like a merge.
 
-1. Find the update: the run's adapter (Adapter.lora_factors: exact for every method that has a low-rank
+1. Find the update: the run's adapter (adapters.capabilities.lora_factors: exact for every method that has a low-rank
    form), or — for runs with restarts (ReMoRA / ReLoRA), whose total update is merged − base and not
    the live adapter — the SVD of merged − base for every adapted layer.
 2. Write the folder (mora_train.export.lora), exact or truncated (--rank / --energy), with a per-layer
@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from mora_train.adapters import load_adapter
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME
+from mora_train.adapters.capabilities import lora_factors
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically
 from mora_train.core.outputs import FOLDER, check_output_target, holds_file
@@ -102,7 +103,7 @@ def _update_factors(
         factors, reference = merged_update_factors(source, base, list(targets), trust_remote_code)
         return factors, reference, "SVD of merged - base (a run with restarts)"
     adapter = load_adapter(base, adapter_dir)
-    return adapter.lora_factors(), adapter.model.eval(), f"{adapter.title()}: exact LoRA factors"
+    return lora_factors(adapter), adapter.model.eval(), f"{adapter.title()}: exact LoRA factors"
 
 
 def _evaluate_export(

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 
 from mora_train.adapters import Adapter
+from mora_train.adapters.capabilities import operator_switching, operator_types, restartable
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically
 from mora_train.training.config import RestartConfig, TrainerConfig
@@ -162,7 +163,7 @@ class BaseWeightsState:
         self.adapter, self.settings = adapter, settings
         self.tensors: dict[str, torch.Tensor] = {}
         if settings.every_steps > 0:
-            for name, weight in adapter.adapted_base_weights().items():
+            for name, weight in restartable(adapter).adapted_base_weights().items():
                 self.tensors[f"{name}.weight"] = weight
         if train_embeddings:
             for name, param in embedding_parameters(adapter.base_model).items():
@@ -175,7 +176,7 @@ class BaseWeightsState:
         state = {
             "restarts_done": self.restarts_done,
             "every_steps": self.settings.every_steps,
-            "mora_types": self.adapter.operator_types(),
+            "mora_types": operator_types(self.adapter),
         }
         write_json_atomically(Path(directory) / RESTART_STATE_NAME, state)
 
@@ -205,7 +206,7 @@ class BaseWeightsState:
         # Every layer switches together, so one saved operator describes them all.
         saved_types = set(state.get("mora_types", {}).values())
         if saved_types:
-            self.adapter.set_operator(saved_types.pop())
+            operator_switching(self.adapter).set_operator(saved_types.pop())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class RestartCallback(TrainerCallback):
 
     def __init__(self, adapter: Adapter, settings: RestartConfig, state: BaseWeightsState, seed: int) -> None:
         self.adapter, self.settings, self.state, self.seed = adapter, settings, state, seed
-        self.params = adapter.restart_parameters()
+        self.params = restartable(adapter).restart_parameters()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any) -> None:
         if lr_scheduler is None:
@@ -238,10 +239,10 @@ class RestartCallback(TrainerCallback):
 
     def restart(self, optimizer: Any, restart_index: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + restart_index)
-        self.adapter.fold_and_reset(generator)
+        restartable(self.adapter).fold_and_reset(generator)
         kind = operator_at(self.settings, restart_index)
         if kind is not None:
-            self.adapter.set_operator(kind)
+            operator_switching(self.adapter).set_operator(kind)
         dropped = drop_optimizer_state(optimizer, self.params) if optimizer is not None else 0
         self.state.restarts_done = restart_index
         log.info(
@@ -275,6 +276,6 @@ def setup_training_extras(adapter: Adapter, trainer: TrainerConfig, seed: int) -
         if settings.mora_types:
             # Every operator pair of the cycle must fit every layer: try each now, not at restart 3 of 5.
             for kind in [*settings.mora_types[1:], settings.mora_types[0]]:
-                adapter.set_operator(kind)
+                operator_switching(adapter).set_operator(kind)
         extras.callbacks.append(RestartCallback(adapter, settings, state, seed))
     return extras

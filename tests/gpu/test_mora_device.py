@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem
+from mora_train.adapters.mora.layer import MORA_TYPES, MoRALinear, mora_shape_problem
 from tests.gpu.conftest import ON_CUDA, record
 
 pytestmark = pytest.mark.gpu

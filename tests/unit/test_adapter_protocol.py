@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mora_train.adapters import ADAPTER_TYPES, adapter_config_problems, adapter_identity, build_adapter, load_adapter
+from mora_train.adapters.capabilities import lora_factors, operator_switching, operator_types, restartable
 from mora_train.adapters.full import FullSettings
 from mora_train.adapters.lora import LoraSettings
 from mora_train.core.errors import MoraTrainError
@@ -144,13 +146,13 @@ def test_fold_and_reset_keeps_the_function_and_zeroes_the_update(adapter: str) -
 
 def test_methods_without_restarts_or_operators_refuse_them_by_name() -> None:
     _, full = _tiny("full")
-    for operation in (full.fold_and_reset, full.restart_parameters, lambda: full.set_operator("sharing")):
+    for ask in (restartable, operator_switching, lora_factors):
         with pytest.raises(MoraTrainError, match="adapter=full"):
-            operation()
+            ask(full)
     _, lora = _tiny("lora")
-    assert lora.operator_types() == {}
+    assert operator_types(lora) == {}
     with pytest.raises(MoraTrainError, match="adapter=lora has no operator"):
-        lora.set_operator("sharing")
+        operator_switching(lora)
 
 
 def test_full_fine_tuning_has_no_dead_keys() -> None:
@@ -214,3 +216,20 @@ def test_full_fine_tuning_of_some_layers_saves_just_them_and_reloads_onto_the_ba
     ids = torch.randint(3, 200, (2, 8))
     with torch.no_grad():
         assert torch.allclose(reloaded.model(input_ids=ids).logits, built.model(input_ids=ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "mora", "full"])
+def test_exactly_one_registered_class_reads_each_saved_folder(adapter: str, tmp_path: Path) -> None:
+    """load_adapter asks the registry: the method that saved a folder reads it, and no other does."""
+    _, built = _tiny(adapter, "adapter.target_modules=[q_proj]")
+    built.save(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert [name for name, cls in ADAPTER_TYPES.items() if cls.reads(config)] == [adapter]
+
+
+def test_a_folder_no_method_reads_is_refused_naming_the_methods(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    model, _ = load_model_and_tokenizer(typed_config("model=tiny-llama").model)
+    with pytest.raises(MoraTrainError, match="none of lora, mora, full reads it"):
+        load_adapter(model, tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mora_train.adapters.mora import mora_square_side
+from mora_train.adapters.mora.layer import mora_square_side
 
 # SmolLM2-135M's projections (d_in, d_out) per layer; Llama-2-7B's for the paper's setting.
 SMOLLM2 = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]

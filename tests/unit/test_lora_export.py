@@ -13,7 +13,7 @@ from peft import PeftModel
 from torch import nn
 
 from mora_train.adapters import build_adapter
-from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem
+from mora_train.adapters.mora.layer import MORA_TYPES, MoRALinear, mora_shape_problem
 from mora_train.core.errors import MoraTrainError
 from mora_train.export import check_with_peft, export_lora, truncate
 from mora_train.models import load_model_and_tokenizer

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mora_train.adapters import build_adapter, load_adapter
-from mora_train.adapters.mora_adapter import MoraSettings
+from mora_train.adapters.mora.config import MoraSettings
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_dir_atomically
 from mora_train.models import load_model_and_tokenizer
@@ -150,7 +150,7 @@ def test_official_fixture_with_diverging_alias_is_refused(tmp_path: Path) -> Non
     [(1, "rope"), (8, "rope"), (64, "rope"), (127, "rope"), (128, "sharing"), (256, "sharing"), (1024, "sharing")],
 )
 def test_mora_type_auto_follows_the_papers_rule_by_rank(rank: int, expected: str) -> None:
-    from mora_train.adapters.mora import choose_mora_type
+    from mora_train.adapters.mora.layer import choose_mora_type
 
     assert choose_mora_type("auto", rank) == expected
     assert choose_mora_type("AUTO", rank) == expected

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mora_train.adapters.mora import (
+from mora_train.adapters.mora.layer import (
     MORA_TYPE_DESCRIPTIONS,
     MORA_TYPES,
     MoRALinear,

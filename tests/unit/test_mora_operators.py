@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mora_train.adapters.mora import MORA_OPERATORS
-from mora_train.adapters.mora_branch import ChunkedBranch, SquareBranch, build_branch
-from mora_train.adapters.mora_operators import (
+from mora_train.adapters.mora.branch import ChunkedBranch, SquareBranch, build_branch
+from mora_train.adapters.mora.layer import MORA_OPERATORS
+from mora_train.adapters.mora.operators import (
     Compression,
     Concatenate,
     Decompression,

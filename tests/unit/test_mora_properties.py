@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mora_train.adapters.mora import MORA_TYPES, MoRALinear, mora_shape_problem, mora_square_side
+from mora_train.adapters.mora.layer import MORA_TYPES, MoRALinear, mora_shape_problem, mora_square_side
 
 LAYER = "model.layers.3.self_attn.v_proj"
 

@@ -16,7 +16,7 @@ import torch
 
 from mora_train.adapters import ADAPTER_TYPES, build_adapter, load_adapter
 from mora_train.adapters.full import FullSettings
-from mora_train.adapters.mora import MORA_TYPES
+from mora_train.adapters.mora.layer import MORA_TYPES
 from mora_train.core.io import write_dir_atomically
 from mora_train.export import export_merged, quantized_logits
 from mora_train.models import load_model_and_tokenizer

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from mora_train.adapters import load_adapter
-from mora_train.adapters.mora import MoRALinear
+from mora_train.adapters.mora.layer import MoRALinear
 from mora_train.core.errors import MoraTrainError
 from mora_train.export import export_merged, logits_of, quantized_logits
 from mora_train.models import quantization

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mora_train.adapters import build_adapter
-from mora_train.adapters.mora_adapter import MoraAdapter
+from mora_train.adapters.mora.adapter import MoraAdapter
 from mora_train.analysis.spectrum import count_singular_values_above
 from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from numbers import Integral
 
-from mora_train.adapters.mora_operators import (
+from mora_train.adapters.mora.operators import (
     Compression,
     Concatenate,
     Decompression,

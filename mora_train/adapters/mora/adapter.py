@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from mora_train.adapters.base import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    FORMAT,
     Adapter,
     ModuleSummary,
     copy_saved_weights,
@@ -22,8 +23,10 @@ from mora_train.adapters.base import (
     settings_as,
     svd_factors,
 )
-from mora_train.adapters.config import AdapterSettings, LowRankSettings, TrainerView
-from mora_train.adapters.mora import (
+from mora_train.adapters.capabilities import HasLoraFactors, Restartable, SwitchesOperators
+from mora_train.adapters.config import AdapterSettings, TrainerView
+from mora_train.adapters.mora.config import MoraSettings, is_auto
+from mora_train.adapters.mora.layer import (
     AUTO,
     AUTO_SHARING_FROM_RANK,
     MoRALinear,
@@ -32,12 +35,10 @@ from mora_train.adapters.mora import (
     mora_square_side,
     resolve_mora_type,
 )
-from mora_train.config.schema import section, setting
 from mora_train.core.errors import ConfigError, MoraTrainError
 from mora_train.core.io import write_json_atomically
 from mora_train.models.quantization import set_submodule
 
-FORMAT = "mora-train"
 FORMAT_VERSION = 1
 
 
@@ -51,30 +52,7 @@ def mora_layer_problems(model: nn.Module, target_modules: list[str], rank: int, 
     return problems
 
 
-def _is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() == AUTO
-
-
-@section
-class MoraSettings(LowRankSettings):
-    """adapter=mora: square-matrix high-rank updating."""
-
-    mora_type: str | int = setting(
-        default="rope",
-        help="compression/decompression pair: rope, sharing, grouping (or 1-6, the paper's numbering), auto",
-    )
-
-    def check(self, prefix: str) -> list[str]:
-        problems = super().check(prefix)
-        if not _is_auto(self.mora_type):  # auto is checked with the rank (MoraAdapter.config_problems)
-            try:
-                resolve_mora_type(self.mora_type)
-            except ValueError as err:
-                problems.append(f"`{prefix}.mora_type`: {err}; or {prefix}.mora_type=auto (chosen by rank)")
-        return problems
-
-
-class MoraAdapter(Adapter):
+class MoraAdapter(Restartable, SwitchesOperators, HasLoraFactors, Adapter):
     settings_type = MoraSettings
     name = "mora"
     parallelism_refusal = (
@@ -89,7 +67,7 @@ class MoraAdapter(Adapter):
         cycle = trainer.restart.mora_types
         if cycle is None:
             return []
-        if _is_auto(mora_type):
+        if is_auto(mora_type):
             return [
                 (
                     f"`adapter.mora_type=auto` with `trainer.restart.mora_types={cycle}`: the restart cycle names "
@@ -130,6 +108,20 @@ class MoraAdapter(Adapter):
     ) -> MoraAdapter:
         mora = settings_as(MoraSettings, settings)
         return cls(model, positive_rank(rank), mora.mora_type, mora.target_names, mora.dropout)
+
+    @classmethod
+    def reads(cls, config: dict[str, Any]) -> bool:
+        """mora-train's MoRA folders, and the official MoRA fork's (peft LoRA folders marked `use_mora`)."""
+        return super().reads(config) or bool(config.get("use_mora"))
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, folder: Path, config: dict[str, Any]) -> Adapter:
+        if config.get("use_mora"):
+            # Imported here: official.py builds a MoraAdapter, so importing it at the top would be a cycle.
+            from mora_train.adapters.mora.official import load_official_mora
+
+            return load_official_mora(model, folder, config)
+        return super().load(model, folder, config)
 
     @classmethod
     def identity(cls, settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
@@ -184,7 +176,7 @@ class MoraAdapter(Adapter):
         self.modules = modules
 
     def title(self) -> str:
-        chosen = ", chosen by mora_type=auto" if _is_auto(self.requested_type) else ""
+        chosen = ", chosen by mora_type=auto" if is_auto(self.requested_type) else ""
         return f"mora (rank {self.rank}, type {self.mora_type}{chosen})"
 
     def identity_now(self) -> dict[str, Any]:
@@ -263,7 +255,7 @@ class MoraAdapter(Adapter):
                     "mora_type_rule": f"auto: rope below rank {AUTO_SHARING_FROM_RANK}, "
                     "sharing from it on (paper §5 runs; official README)",
                 }
-                if _is_auto(self.requested_type)
+                if is_auto(self.requested_type)
                 else {}
             ),
             "dropout": self.dropout,

@@ -7,10 +7,10 @@ For a frozen ``nn.Linear`` ``W`` (d_out x d_in) the adapter adds
 with ``r_hat = floor(sqrt((d_in + d_out) * rank) + 0.5)`` so that MoRA trains as many
 parameters as LoRA of the same rank. The code is in four parts:
 
-* ``mora_types``: the type names and official numbers, each type's (compression, decompression) pair,
+* ``types``: the type names and official numbers, each type's (compression, decompression) pair,
   r_hat, and the only two shapes refused (see ``mora_shape_problem``);
-* ``mora_operators``: the compressions and decompressions, each with its adjoint beside it;
-* ``mora_branch``: a pair composed with M: forward added in place into the frozen layer's output,
+* ``operators``: the compressions and decompressions, each with its adjoint beside it;
+* ``branch``: a pair composed with M: forward added in place into the frozen layer's output,
   hand-written backward, and delta_W = D . B from a small pre-image B;
 * here, ``MoRALinear``: the module (forward, type switch, delta_W, LoRA factors, merge/unmerge).
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mora_train.adapters.mora_branch import MoRABranch, add_branch_, build_branch
-from mora_train.adapters.mora_operators import RowMode
-from mora_train.adapters.mora_types import (
+from mora_train.adapters.mora.branch import MoRABranch, add_branch_, build_branch
+from mora_train.adapters.mora.operators import RowMode
+from mora_train.adapters.mora.types import (
     AUTO,
     AUTO_SHARING_FROM_RANK,
     MORA_OPERATORS,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from mora_train.adapters.base import ADAPTER_WEIGHTS_NAME
-from mora_train.adapters.mora_adapter import MoraAdapter
+from mora_train.adapters.mora.adapter import MoraAdapter
 from mora_train.core.errors import MoraTrainError
 
 PEFT_PREFIX = "base_model.model."

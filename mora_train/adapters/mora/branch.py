@@ -1,6 +1,6 @@
 """The MoRA branch ``delta(x) = D(mix(C x))`` beside a frozen layer: forward, backward, delta_W.
 
-A branch composes one compression C and one decompression D (``mora_operators``) with the trained square M:
+A branch composes one compression C and one decompression D (``operators``) with the trained square M:
 
 * ``SquareBranch``: one M between C and D, so ``delta_W = D M C`` — a LoRA-shaped product;
 * ``ChunkedBranch``: M (rotated per chunk for RoPE) on every chunk of the padded input, the outputs
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mora_train.adapters.mora_operators import (
+from mora_train.adapters.mora.operators import (
     Compression,
     Concatenate,
     Decompression,

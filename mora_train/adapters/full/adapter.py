@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,26 +21,16 @@ from transformers import PreTrainedModel
 from mora_train.adapters.base import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    FORMAT,
     Adapter,
     ModuleSummary,
     copy_saved_weights,
     find_target_linears,
 )
 from mora_train.adapters.config import AdapterSettings, TrainerView
-from mora_train.config.schema import section, setting
+from mora_train.adapters.full.config import FullSettings
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_json_atomically
-
-FORMAT = "mora-train"
-
-
-@section
-class FullSettings(AdapterSettings):
-    """adapter=full: every targeted weight trains (target_modules=all: every parameter)."""
-
-    target_modules: list[str] | Literal["all"] = setting(
-        default="all", help="all: every parameter trains; a list of linear-layer names: only those layers"
-    )
 
 
 class FullFineTune(Adapter):

@@ -23,8 +23,9 @@ from mora_train.adapters.base import (
     positive_rank,
     settings_as,
 )
-from mora_train.adapters.config import AdapterSettings, LowRankSettings
-from mora_train.config.schema import section, setting
+from mora_train.adapters.capabilities import HasLoraFactors, Restartable
+from mora_train.adapters.config import AdapterSettings
+from mora_train.adapters.lora.config import LoraSettings
 from mora_train.core.errors import MoraTrainError
 
 if TYPE_CHECKING:
@@ -58,20 +59,7 @@ class _LoraLinear(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
-@section
-class LoraSettings(LowRankSettings):
-    """adapter=lora: peft's LoRA."""
-
-    alpha: float = setting(default=16, help="LoRA's scaling numerator: ΔW = (alpha / rank) B A")
-
-    def check(self, prefix: str) -> list[str]:
-        problems = super().check(prefix)
-        if self.alpha <= 0:
-            problems.append(f"`{prefix}.alpha={self.alpha:g}` must be positive")
-        return problems
-
-
-class LoraAdapter(Adapter):
+class LoraAdapter(Restartable, HasLoraFactors, Adapter):
     settings_type = LoraSettings
     name = "lora"
 
@@ -85,6 +73,18 @@ class LoraAdapter(Adapter):
     ) -> LoraAdapter:
         lora = settings_as(LoraSettings, settings)
         return cls(model, positive_rank(rank), lora.alpha, lora.target_names, lora.dropout)
+
+    @classmethod
+    def reads(cls, config: dict[str, Any]) -> bool:
+        """peft's LoRA folders (the official MoRA fork's are LoRA folders too, marked `use_mora`: MoRA reads those)."""
+        return str(config.get("peft_type", "")).upper() == "LORA" and not config.get("use_mora")
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, folder: Path, config: dict[str, Any]) -> LoraAdapter:
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        return cls(
+            model, config["r"], config["lora_alpha"], config["target_modules"], config["lora_dropout"], peft_model
+        )
 
     @classmethod
     def layer_problems(cls, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int) -> list[str]:

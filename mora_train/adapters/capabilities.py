@@ -1,0 +1,85 @@
+"""What only some methods can do, as mix-ins beside Adapter, and how code outside this package asks for them.
+
+A method lists the capabilities it has among its bases (`class MoraAdapter(Restartable, SwitchesOperators,
+HasLoraFactors, Adapter)`). Code outside `mora_train.adapters` asks through the functions below, which hand
+back the capability or refuse by the method's name: it never learns which method it holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from mora_train.adapters.base import Adapter
+from mora_train.core.errors import MoraTrainError
+
+
+class Restartable(ABC):
+    """ReMoRA / ReLoRA restarts: fold ΔW into the frozen base weights, then start the adapter again from ΔW = 0."""
+
+    @abstractmethod
+    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
+        """Module name -> the frozen base weight under each adapted layer (what fold_and_reset() changes)."""
+
+    @abstractmethod
+    def restart_parameters(self) -> list[nn.Parameter]:
+        """The adapter's own parameters, which fold_and_reset() re-initialises."""
+
+    @abstractmethod
+    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
+        """Add ΔW to the base weights (float32, checked finite) and re-initialise the adapter (ΔW = 0 again)."""
+
+
+class SwitchesOperators(ABC):
+    """Methods whose layers can change their operator pair while training (restarts cycle them)."""
+
+    @abstractmethod
+    def operator_types(self) -> dict[str, str]:
+        """Module name -> operator pair."""
+
+    @abstractmethod
+    def set_operator(self, kind: str | int) -> None:
+        """Switch every adapted layer to operator pair `kind`."""
+
+    @abstractmethod
+    def resolve_operator(self, kind: str | int) -> str:
+        """The canonical name of operator pair `kind` (raises ValueError when unknown)."""
+
+
+class HasLoraFactors(ABC):
+    """Methods whose update is a plain LoRA per layer, for serving engines (the PEFT LoRA export)."""
+
+    @abstractmethod
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module name -> (B, A), float32, with ΔW = B @ A (scaling 1); exact to float32 rounding for every
+        layer, its rank may differ per layer."""
+
+
+def restartable(adapter: Adapter) -> Restartable:
+    """`adapter` as a Restartable, or MoraTrainError naming the method (validation refuses such runs earlier)."""
+    if isinstance(adapter, Restartable):
+        return adapter
+    raise MoraTrainError(f"adapter={adapter.name} has no adapter parameters to fold into the base weights and restart")
+
+
+def operator_switching(adapter: Adapter) -> SwitchesOperators:
+    """`adapter` as a SwitchesOperators, or MoraTrainError naming the method."""
+    if isinstance(adapter, SwitchesOperators):
+        return adapter
+    raise MoraTrainError(f"adapter={adapter.name} has no operator pairs to switch")
+
+
+def operator_types(adapter: Adapter) -> dict[str, str]:
+    """Module name -> operator pair of a method that switches them; empty for the others."""
+    return adapter.operator_types() if isinstance(adapter, SwitchesOperators) else {}
+
+
+def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter as exact LoRA factors, or MoraTrainError naming the method when it has no low-rank form."""
+    if isinstance(adapter, HasLoraFactors):
+        return adapter.lora_factors()
+    raise MoraTrainError(
+        f"adapter={adapter.name} has no low-rank form to export as LoRA; use the merged model (RUN_DIR/merged)"
+    )
