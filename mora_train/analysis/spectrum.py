@@ -119,13 +119,17 @@ def run_model_config(run_dir: Path) -> ModelConfig:
 def run_spectrum(path: str | Path, base_model: str | None = None) -> tuple[list[LayerSpectrum], str]:
     """Spectra of ΔW for a run dir, an adapter folder or a merged-model folder; and which source was used.
 
-    A run dir uses its adapter/ (lora, mora) or merged/ minus the base (full fine-tuning); its base
-    model comes from its resolved_config.yaml unless base_model names one.
+    A run dir uses its adapter/ (lora, mora) or merged/ minus the base (full fine-tuning, and runs with restarts,
+    whose adapter/ holds only the last cycle's update); its base model comes from its resolved_config.yaml unless
+    base_model names one.
     """
     path = Path(path)
     run = RunDir(path)
     if run.resolved_config.is_file() or run.metrics.is_file():
         model_cfg = named_model_config(base_model) if base_model else run_model_config(path)
+        saved = saved_run_config(path)
+        if saved is not None and saved.trainer.restart.every_steps > 0 and run.merged.is_dir():
+            return _merged_vs_base(run.merged, model_cfg), "merged - base (a run with restarts)"
         if run.adapter.is_dir():
             return singular_values(adapter_deltas(load_base_model(model_cfg), run.adapter)), "adapter"
         if run.merged.is_dir():

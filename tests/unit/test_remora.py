@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from mora_train.adapters import build_adapter
 from mora_train.adapters.mora.adapter import MoraAdapter
-from mora_train.analysis.spectrum import count_singular_values_above
+from mora_train.analysis.spectrum import count_singular_values_above, run_spectrum
 from mora_train.core.errors import ConfigError
 from mora_train.models import load_model_and_tokenizer
 from mora_train.pipeline.run_config import load_run_config
@@ -244,6 +244,9 @@ def test_pretrain_with_restarts_resumes_mid_cycle_exactly_and_exports_everything
         assert set(state["mora_types"].values()) == {"grouping"}
     saved = load_file(mid / "base_weights.safetensors")
     assert "embed_tokens.weight" in saved and "lm_head.weight" in saved and any("q_proj" in k for k in saved)
+    # ΔW of the run is every cycle's update (merged - base), not adapter/'s last cycle alone.
+    spectra, source = run_spectrum(reference)
+    assert source == "merged - base (a run with restarts)" and spectra
 
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
