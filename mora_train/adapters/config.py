@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 from mora_train.core.errors import MoraTrainError
 
 
@@ -33,7 +33,6 @@ class TrainerView(Protocol):
     def train_embeddings(self) -> bool: ...
 
 
-@section
 class AdapterSettings(Section):
     name: str = setting(help="the method: lora, mora or full (chosen by adapter=NAME)")
     target_modules: list[str] | Literal["all"] = setting(
@@ -48,7 +47,6 @@ class AdapterSettings(Section):
         return []
 
 
-@section
 class LowRankSettings(AdapterSettings):
     """Keys of the methods that add trainable weights beside frozen base layers (LoRA, MoRA)."""
 

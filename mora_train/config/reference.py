@@ -1,7 +1,7 @@
 """The config reference (docs/config-reference.md), rendered from the typed sections themselves.
 
-Every key of a section class (`@section` dataclass, each field a `setting(default=default, help=...)`) becomes one
-row: its dotted path, its type as messages name it, its default, the module that declares it, and its help.
+Every key of a section class (a `Section` subclass: a dataclass whose fields are `setting(default=..., help=...)`)
+becomes one row: its dotted path, its type as messages name it, its default, the module that declares it, and its help.
 A field whose class depends on a value (`adapter` by adapter.name, `task` by task.name) gets one table per
 variant; the caller passes the variants in, since config/ cannot import the layers that register them.
 `scripts/config_reference.py` writes the file; a unit test fails when the file is stale.
@@ -31,7 +31,7 @@ HEADER = """\
 
 <!-- Generated from the typed config sections; do not edit. Regenerate: python scripts/config_reference.py --write -->
 
-Every key `mora-train` reads, generated from the typed sections that declare them (each a `@section` dataclass
+Every key `mora-train` reads, generated from the typed sections that declare them (each a `Section` dataclass
 beside the code that owns it; the root is `RunConfig` in `mora_train/pipeline/run_config.py`). Regenerate with
 `python scripts/config_reference.py --write` after changing a section; `python scripts/config_reference.py --check`
 (and tests/unit/test_config_reference.py) fails when this file is stale. Usage, config groups and examples are

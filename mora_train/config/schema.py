@@ -1,6 +1,6 @@
 """Typed config sections: a dataclass per section, read once from Hydra's composed config.
 
-Each section is a `@section` dataclass next to the code that owns it (models/config.py, training/config.py,
+Each section is a `Section` subclass (a dataclass) next to the code that owns it (models/config.py, training/config.py,
 adapters/*, tasks, evaluation/config.py); `parse(cls, mapping, prefix, problems)` builds it from the plain
 mapping Hydra composed, checking every key against the field types:
 
@@ -35,11 +35,6 @@ def setting(*, default: Any = _MISSING, help: str, factory: Callable[[], Any] | 
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
-
-
-def section(cls: type[S]) -> type[S]:
-    """Kept for readability at the class statement: every Section subclass is a dataclass already."""
-    return cls
 
 
 @dataclass_transform(kw_only_default=True, field_specifiers=(setting, dataclasses.field))

@@ -29,13 +29,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from mora_train.config.schema import Section, parse, section, setting
+from mora_train.config.schema import Section, parse, setting
 from mora_train.data.paths import expand_path, missing_path_message
 
 TooLong = Literal["truncate", "drop"]
 
 
-@section
 class IdFilter(Section):
     """keep_if_in / drop_if_in: records whose field is (or is not) one of a file's ids."""
 
@@ -43,7 +42,6 @@ class IdFilter(Section):
     file: str = setting(help="the ids: a JSON object's keys, a JSON array's items, or a text file's lines")
 
 
-@section
 class DataSource(Section):
     """One source of records: local files or a Hugging Face Hub dataset."""
 
@@ -166,7 +164,6 @@ def template_problems(template: str, key: str, allowed: set[str], needed: str) -
     return problems
 
 
-@section
 class TaskData(Section):
     """task.data: the training and held-out sources, and how the recipe's fields map to your data's."""
 
@@ -193,7 +190,6 @@ def default_cache_dir() -> str:
     return os.environ.get("MORA_TRAIN_CACHE", "~/.cache/mora-train") + "/datasets"
 
 
-@section
 class DataRecipe(Section):
     """The keys every data-backed recipe shares (gsm8k, metamath, instruction, pretrain, biomed, finance)."""
 
@@ -208,7 +204,6 @@ class DataRecipe(Section):
     )
 
 
-@section
 class BenchmarkSettings(Section):
     """task.benchmarks.NAME: a zero-shot multiple-choice benchmark, scored by option log-likelihood.
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import cached, tokenizer_fingerprint
 from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
@@ -52,7 +52,6 @@ class InstructionData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-@section
 class InstructionTaskData(TaskData):
     fields: dict[str, str | None] = setting(
         factory=lambda: {"instruction": "instruction", "input": "input", "output": "output", "messages": "messages"},
@@ -61,7 +60,6 @@ class InstructionTaskData(TaskData):
     )
 
 
-@section
 class InstructionRecipe(DataRecipe):
     """Instruction tuning (task=instruction; tasks/instruction.py adds the evaluation settings)."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import cached, tokenizer_fingerprint
 from mora_train.data.common import (
@@ -51,7 +51,6 @@ class MathData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-@section
 class MathTaskData(TaskData):
     fields: dict[str, str | None] = setting(
         factory=lambda: {"question": "question", "answer": "answer"},
@@ -62,7 +61,6 @@ class MathTaskData(TaskData):
         return ("question", "answer")
 
 
-@section
 class MathRecipe(DataRecipe):
     """Math word problems (task=gsm8k, task=metamath; tasks/math.py adds the evaluation settings)."""
 

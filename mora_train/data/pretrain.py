@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.data.benchmarks import MCExample, load_benchmark
 from mora_train.data.cache import cached, tokenizer_fingerprint
@@ -45,7 +45,6 @@ class PretrainData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-@section
 class PretrainTaskData(TaskData):
     fields: dict[str, str | None] = setting(
         factory=lambda: {"text": "text"},
@@ -56,7 +55,6 @@ class PretrainTaskData(TaskData):
         return ("text",)
 
 
-@section
 class PretrainRecipe(DataRecipe):
     """Raw text packed into blocks (task=pretrain, biomed, finance; tasks/pretrain.py adds the evaluation settings)."""
 

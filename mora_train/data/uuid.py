@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 from mora_train.data.common import encode_prompt_completion
 
 
@@ -30,7 +30,6 @@ class UUIDData:
     targets: list[str]  # the value each prompt must produce
 
 
-@section
 class UuidRecipe(Section):
     """The UUID pairs and how they are written (task=uuid; tasks/uuid.py adds the evaluation settings)."""
 

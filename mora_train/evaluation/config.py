@@ -9,7 +9,7 @@ checks here are each field's own (positive integers, non-empty stop strings); wh
 
 from __future__ import annotations
 
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 
 BACKENDS = ("task", "lm_eval", "both")
 
@@ -26,7 +26,6 @@ def _positive(prefix: str, key: str, value: int | None, nullable: bool = False) 
 # -- the root `eval` section ---------------------------------------------------------------------------------
 
 
-@section
 class LmEvalConfig(Section):
     """eval.lm_eval: lm-evaluation-harness on lm-eval task files (configs/lm_eval/ and include_path)."""
 
@@ -82,7 +81,6 @@ class LmEvalConfig(Section):
         return problems
 
 
-@section
 class EvalConfig(Section):
     """eval: what scores a model, after training and in mode=eval alike."""
 
@@ -120,7 +118,6 @@ class EvalConfig(Section):
 # -- the `task.eval` sections ----------------------------------------------------------------------------------
 
 
-@section
 class TaskEvalSettings(Section):
     """task.eval: what every task's own evaluation reads."""
 
@@ -134,12 +131,10 @@ class TaskEvalSettings(Section):
         ]
 
 
-@section
 class UuidEvalSettings(TaskEvalSettings):
     """task.eval of task=uuid: greedy generation of each key's value."""
 
 
-@section
 class GenerationEvalSettings(TaskEvalSettings):
     """task.eval of task=gsm8k / metamath: greedy generation, final-answer extraction, exact match."""
 
@@ -156,7 +151,6 @@ class GenerationEvalSettings(TaskEvalSettings):
         return problems
 
 
-@section
 class InstructionEvalSettings(TaskEvalSettings):
     """task.eval of task=instruction: held-out loss, plus a few generated answers (RUN_DIR/samples.jsonl)."""
 
@@ -173,7 +167,6 @@ class InstructionEvalSettings(TaskEvalSettings):
         return problems
 
 
-@section
 class PerplexityEvalSettings(TaskEvalSettings):
     """task.eval of task=pretrain / biomed / finance: held-out perplexity, then zero-shot multiple choice."""
 

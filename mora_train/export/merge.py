@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.adapters.base import Adapter
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_dir_atomically
 from mora_train.export.checks import (
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@section
 class ExportConfig(Section):
     """The merged checkpoint (RUN_DIR/merged)."""
 

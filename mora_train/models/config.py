@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 from mora_train.core.errors import package_hint
 from mora_train.core.paths import looks_like_local_path, package_dir
 
@@ -18,7 +18,6 @@ STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": t
 ModelDtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 
-@section
 class QuantizationOptions(Section):
     double_quant: bool = setting(
         default=True, help="4-bit: quantize the per-block scales too (QLoRA's double quantization)"
@@ -38,7 +37,6 @@ class QuantizationOptions(Section):
         return []
 
 
-@section
 class ModelConfig(Section):
     name_or_path: str | None = setting(
         default=None, help="Hugging Face Hub id, local folder with config.json, or .gguf file (null with random_init)"

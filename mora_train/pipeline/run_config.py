@@ -17,7 +17,7 @@ from omegaconf import Container, DictConfig, OmegaConf
 
 from mora_train.adapters import ADAPTER_TYPES
 from mora_train.adapters.config import AdapterSettings
-from mora_train.config.schema import Section, parse, section, setting
+from mora_train.config.schema import Section, parse, setting
 from mora_train.configs import CONFIG_DIR
 from mora_train.core.errors import ConfigError
 from mora_train.core.io import write_text_atomically
@@ -39,7 +39,6 @@ MOVED_KEYS = {
 }
 
 
-@section
 class AccelerateConfig(Section):
     """A job as an N-process `accelerate launch` of itself (docs/sweeps.md, "Sweeps on a cluster")."""
 
@@ -59,7 +58,6 @@ class AccelerateConfig(Section):
         return []
 
 
-@section
 class RunConfig(Section):
     model: ModelConfig = setting(factory=ModelConfig, help="the base model (model=NAME picks configs/model/NAME.yaml)")
     trainer: TrainerConfig = setting(factory=TrainerConfig, help="training loop settings")
@@ -120,7 +118,6 @@ class RunConfig(Section):
         return problems
 
 
-@section
 class _UnknownVariant(Section):
     """A section whose name is unknown (already reported): its keys are not checked further."""
 
@@ -181,16 +178,11 @@ def _non_null(value: Any) -> Any:
     return value
 
 
-_WARNED: set[str] = set()
-
-
 def read_run_config(cfg: DictConfig | Mapping[str, Any]) -> tuple[RunConfig, list[str]]:
     """The typed config and every problem found (an empty list: the config is valid)."""
     values = plain_config(cfg) if isinstance(cfg, DictConfig) else {str(k): v for k, v in cfg.items()}
     for warning in move_renamed_keys(values):
-        if warning not in _WARNED:  # the config is read more than once per job (validation, relaunch)
-            _WARNED.add(warning)
-            log.warning(warning)
+        log.warning(warning)
     problems: list[str] = []
     return parse(RunConfig, values, "", problems), problems
 
@@ -253,6 +245,7 @@ class ComposedConfig:
 
     def __init__(self, cfg: DictConfig) -> None:
         self._cfg = cfg
+        self._read: tuple[RunConfig, list[str]] | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -260,12 +253,18 @@ class ComposedConfig:
         return Path(str(self._cfg.get("output_dir") or "."))
 
     def read_with_problems(self) -> tuple[RunConfig, list[str]]:
-        """The typed config and every problem its sections have on their own."""
-        return read_run_config(self._cfg)
+        """The typed config and every problem its sections have on their own; read once per job (the relaunch
+        decision and the validation both ask), so a moved key is warned about once."""
+        if self._read is None:
+            self._read = read_run_config(self._cfg)
+        return self._read[0], list(self._read[1])
 
     def read(self) -> RunConfig:
         """The typed config (ConfigError listing every problem of every section when it is not valid)."""
-        return load_run_config(self._cfg)
+        run, problems = self.read_with_problems()
+        if problems:
+            raise ConfigError(problems)
+        return run
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its value as the run reads it (trackers record it; resolved_config.yaml holds it)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.data import instruction as data
 from mora_train.data.common import PadCollator
 from mora_train.evaluation import instruction as evaluation
@@ -15,7 +15,6 @@ from mora_train.evaluation.config import InstructionEvalSettings
 from mora_train.tasks.task import Task
 
 
-@section
 class InstructionSettings(data.InstructionRecipe):
     """task=instruction: Alpaca-style or chat records, loss on the responses."""
 

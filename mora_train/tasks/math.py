@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.data import math as data
 from mora_train.evaluation import math as evaluation
 from mora_train.evaluation.answers import extract_answer
@@ -20,7 +20,6 @@ from mora_train.evaluation.config import GenerationEvalSettings
 from mora_train.tasks.task import Task
 
 
-@section
 class MathSettings(data.MathRecipe):
     """task=gsm8k / task=metamath: math word problems, evaluated on GSM8K-style final answers."""
 

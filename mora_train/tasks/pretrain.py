@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.data import pretrain as data
 from mora_train.data.common import PadCollator
 from mora_train.evaluation import pretrain as evaluation
@@ -16,7 +16,6 @@ from mora_train.evaluation.config import PerplexityEvalSettings
 from mora_train.tasks.task import Task
 
 
-@section
 class PretrainSettings(data.PretrainRecipe):
     """task=pretrain / biomed / finance: packed raw text, held-out perplexity and zero-shot benchmarks."""
 

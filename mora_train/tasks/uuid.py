@@ -7,14 +7,13 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.data import uuid as data
 from mora_train.evaluation import uuid as evaluation
 from mora_train.evaluation.config import UuidEvalSettings
 from mora_train.tasks.task import Task
 
 
-@section
 class UuidSettings(data.UuidRecipe):
     """task=uuid: the paper's UUID memorization."""
 

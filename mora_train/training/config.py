@@ -9,13 +9,12 @@ from typing import Any, Literal
 
 import torch
 
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 
 Precision = Literal["fp32", "bf16", "fp16"]
 RestartSchedule = Literal["jagged", "cosine_restarts"]
 
 
-@section
 class RestartConfig(Section):
     """Periodic merge-and-restart (ReMoRA with adapter=mora, ReLoRA with adapter=lora)."""
 
@@ -47,7 +46,6 @@ class RestartConfig(Section):
         return problems
 
 
-@section
 class TrainerConfig(Section):
     max_steps: int = setting(default=200, help="optimizer steps; 0 or less: train num_epochs epochs instead")
     num_epochs: float = setting(default=1, help="epochs over the training data when max_steps <= 0")

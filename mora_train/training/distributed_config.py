@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 from mora_train.configs import CONFIG_DIR
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ BACKENDS = ("none", "ddp", "fsdp", "deepspeed")
 DISTRIBUTED_CONFIG_DIR = CONFIG_DIR / "distributed"
 
 
-@section
 class DistributedConfig(Section):
     """The multi-process engine (distributed=none|ddp|fsdp|zero2|zero3|zero3_offload|multinode)."""
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mora_train.config.schema import Section, section, setting
+from mora_train.config.schema import Section, setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.metrics import TRAINING_KEYS, metrics_of, run_info
 from mora_train.core.run_dir import RunDir
@@ -47,7 +47,6 @@ TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # -- the `logging` section ------------------------------------------------------------------------------------
 
 
-@section
 class WandbSettings(Section):
     project: str | None = setting(
         default=None, help="the W&B project; null: $WANDB_PROJECT, else mora-train (offline: WANDB_MODE=offline)"
@@ -57,7 +56,6 @@ class WandbSettings(Section):
     )
 
 
-@section
 class MlflowSettings(Section):
     tracking_uri: str | None = setting(
         default=None,
@@ -68,7 +66,6 @@ class MlflowSettings(Section):
     )
 
 
-@section
 class LoggingConfig(Section):
     """Experiment trackers (docs/sweeps.md, "Experiment tracking"): logging.report_to=[tensorboard,wandb,mlflow]."""
 

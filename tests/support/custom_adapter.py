@@ -29,12 +29,11 @@ from mora_train.adapters.base import (
 )
 from mora_train.adapters.capabilities import HasLoraFactors
 from mora_train.adapters.config import AdapterSettings
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 from mora_train.core.io import write_json_atomically
 from mora_train.models.quantization import set_submodule
 
 
-@section
 class RankOneSettings(AdapterSettings):
     """adapter=rank_one: ΔW = b aᵀ per target layer (a test method)."""
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mora_train.config.reference import format_value, reference_keys, render_reference
-from mora_train.config.schema import Section, default_of, field_types, parse, section, setting
+from mora_train.config.schema import Section, default_of, field_types, parse, setting
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "config-reference.md"
@@ -179,12 +179,10 @@ def test_check_reports_a_stale_file(script: types.ModuleType, tmp_path: Path, mo
 # --- the renderer on sections made for the test -----------------------------------------------------------
 
 
-@section
 class Leaf(Section):
     size: int = setting(default=3, help="a size | with a bar")
 
 
-@section
 class Alpha(Section):
     """Variant alpha."""
 
@@ -192,13 +190,11 @@ class Alpha(Section):
     a: float = setting(default=0.5, help="alpha's own key")
 
 
-@section
 class Beta(Section):
     name: str = setting(help="the variant")
     leaf: Leaf = setting(factory=Leaf, help="beta's nested section")
 
 
-@section
 class Root(Section):
     mode: Literal["x", "y"] = setting(default="x", help="a choice")
     text: str = setting(default="null", help="a string that YAML would read as null")

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from mora_train.adapters.config import AdapterSettings
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 
 
-@section
 class FullSettings(AdapterSettings):
     """adapter=full: every targeted weight trains (target_modules=all: every parameter)."""
 

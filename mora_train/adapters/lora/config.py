@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from mora_train.adapters.config import LowRankSettings
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 
 
-@section
 class LoraSettings(LowRankSettings):
     """adapter=lora: peft's LoRA."""
 

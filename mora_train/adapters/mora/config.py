@@ -6,14 +6,13 @@ from typing import Any
 
 from mora_train.adapters.config import LowRankSettings
 from mora_train.adapters.mora.types import AUTO, resolve_mora_type
-from mora_train.config.schema import section, setting
+from mora_train.config.schema import setting
 
 
 def is_auto(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == AUTO
 
 
-@section
 class MoraSettings(LowRankSettings):
     """adapter=mora: square-matrix high-rank updating."""
 
