@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.adapters.config import AdapterSettings, TrainerView
+from mora_train.adapters.layer import AdapterLayer
 from mora_train.core.errors import MoraTrainError
+from mora_train.core.io import write_json_atomically
 from mora_train.models.quantization import (
     compute_dtype,
     dequantize_linears,
     forget_quantization,
     is_quantized,
     logical_numel,
+    set_submodule,
 )
 
 S = TypeVar("S", bound=AdapterSettings)
@@ -166,6 +170,10 @@ class Adapter(ABC):
     refusals (config keys, engines, layer shapes) are class methods, so they can be checked before a
     model is loaded. What only some methods can do (restarts, operator switches, LoRA factors) is a
     mix-in of adapters/capabilities.py.
+
+    A method gives its layers (adapter_layers: the layer protocol of adapters/layer.py); merge, ΔW, the run
+    summary, save/load in mora-train's format, and the capabilities' restarts and LoRA factors are written once
+    here over them. A method overrides only what differs (LoRA saves peft's format and unloads through peft).
     """
 
     name: ClassVar[str]
@@ -258,39 +266,82 @@ class Adapter(ABC):
         """identity() of the live adapter: what its checkpoints record and a resume must match."""
 
     @abstractmethod
+    def adapter_layers(self) -> Mapping[str, AdapterLayer]:
+        """Module name -> each adapted layer (adapters/layer.py): merge, ΔW, summaries, restarts and the LoRA
+        export are written once over these. Empty once merge_and_unload() has run."""
+
     def module_summaries(self) -> list[ModuleSummary]:
         """One row per adapted layer for the run summary (empty: nothing per layer worth showing)."""
+        rows = []
+        for name, layer in self.adapter_layers().items():
+            linear = layer.frozen_linear()
+            trained = sum(p.numel() for p in layer.adapter_params().values())
+            d_in, d_out = int(linear.in_features), int(linear.out_features)
+            rows.append(ModuleSummary(name, d_in, d_out, layer.size_label(), trained))
+        return rows
 
-    @abstractmethod
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Name -> parameter for everything the method trains; save() writes exactly these."""
+        """Name -> parameter for everything the method trains; save() writes exactly these. By default each
+        layer's adapter_params as `<module name>.<parameter name>`."""
+        return {f"{n}.{k}": p for n, layer in self.adapter_layers().items() for k, p in layer.adapter_params().items()}
 
-    @abstractmethod
     def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the trained weights (+ config) into an existing empty folder; load_adapter() reads it back.
+        """Write the trained weights (+ config) into an existing empty folder; load_adapter() reads it back. By
+        default mora-train's format: trainable_parameters() as safetensors beside describe() as JSON.
 
         `state_dict` (trainable-parameter name -> tensor) replaces the live weights, for engines whose live
         weights are shards (ZeRO-3, FSDP): the trainer gathers them first.
         """
+        live = self.trainable_parameters()
+        source = live if state_dict is None else {k: state_dict[k] for k in live}
+        tensors = {k: p.detach().contiguous().cpu() for k, p in source.items()}
+        directory = Path(directory)
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "adapter": self.name})
+        write_json_atomically(directory / ADAPTER_CONFIG_NAME, self.describe())
 
-    @abstractmethod
     def load_weights(self, directory: Path) -> None:
         """Load weights saved by save(); errors name the module and shapes that disagree."""
+        self.load_state(load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME)), str(directory))
+
+    def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Copy saved tensors (trainable-parameter name -> tensor) into the live parameters; every mismatch is
+        named in one MoraTrainError, and nothing is copied then."""
+        copy_saved_weights(
+            self.trainable_parameters(),
+            state,
+            source,
+            f"{self.name} adapter",
+            "wrong base model, rank or target_modules?",
+            f"this model has no such {self.name} module",
+        )
 
     @property
     def saves_whole_model(self) -> bool:
         """True when save() writes every weight of the model (then RUN_DIR/adapter would only repeat merged/)."""
         return False
 
-    @abstractmethod
     def delta_weights(self) -> dict[str, torch.Tensor]:
         """Module name -> ΔW (float32, d_out x d_in) for every adapted linear layer."""
+        with torch.no_grad():
+            return {name: layer.delta_weight() for name, layer in self.adapter_layers().items()}
 
-    @abstractmethod
     def merge_and_unload(self) -> PreTrainedModel:
-        """Fold ΔW into the base weights and return a plain transformers model (no adapter modules).
+        """Fold ΔW into the base weights and return a plain transformers model (no adapter modules); the
+        adapter is spent then. On a quantized base (model.quantization) the base is de-quantized first
+        (`dequantize_base`), so ΔW is added to float weights, never re-quantized with them."""
+        self.dequantize_base()
+        for layer in self.adapter_layers().values():
+            try:
+                layer.merge()  # W + ΔW in float32, checked finite
+            except ValueError as err:
+                raise MoraTrainError(str(err)) from None
+        return self.unload()
 
-        On a quantized base (model.quantization) the base is de-quantized first (`dequantize_base`)."""
+    def unload(self) -> PreTrainedModel:
+        """Put each adapted layer's frozen linear layer back in its place and return the transformers model."""
+        for name, layer in self.adapter_layers().items():
+            set_submodule(self.base_model, name, layer.frozen_linear())
+        return self.base_model
 
     def dequantize_base(self) -> bool:
         """On a quantized base: replace each 4-/8-bit layer under the adapter by a float layer holding the weight

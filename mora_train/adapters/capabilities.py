@@ -1,35 +1,47 @@
 """What only some methods can do, as mix-ins beside Adapter, and how code outside this package asks for them.
 
 A method lists the capabilities it has among its bases (`class MoraAdapter(Restartable, SwitchesOperators,
-HasLoraFactors, Adapter)`). Code outside `mora_train.adapters` asks through the functions below, which hand
-back the capability or refuse by the method's name: it never learns which method it holds.
+HasLoraFactors, Adapter)`); restarts and LoRA factors are written here once over the method's layers. Code
+outside `mora_train.adapters` asks through the functions below, which hand back the capability or refuse by the
+method's name: it never learns which method it holds.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from mora_train.adapters.base import Adapter
+from mora_train.adapters.base import Adapter, svd_factors
+from mora_train.adapters.layer import RestartableLayer
 from mora_train.core.errors import MoraTrainError
 
 
-class Restartable(ABC):
-    """ReMoRA / ReLoRA restarts: fold ΔW into the frozen base weights, then start the adapter again from ΔW = 0."""
+class Restartable(Adapter):
+    """ReMoRA / ReLoRA restarts: fold ΔW into the frozen base weights, then start the adapter again from ΔW = 0.
+    Written once over the method's layers, which must be RestartableLayers (they can re-initialise)."""
 
     @abstractmethod
+    def adapter_layers(self) -> Mapping[str, RestartableLayer]: ...
+
     def adapted_base_weights(self) -> dict[str, torch.Tensor]:
         """Module name -> the frozen base weight under each adapted layer (what fold_and_reset() changes)."""
+        return {name: layer.frozen_linear().weight for name, layer in self.adapter_layers().items()}
 
-    @abstractmethod
     def restart_parameters(self) -> list[nn.Parameter]:
         """The adapter's own parameters, which fold_and_reset() re-initialises."""
+        return [p for layer in self.adapter_layers().values() for p in layer.adapter_params().values()]
 
-    @abstractmethod
     def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
-        """Add ΔW to the base weights (float32, checked finite) and re-initialise the adapter (ΔW = 0 again)."""
+        """Add ΔW to the base weights (float32, checked finite) and re-initialise the adapter (ΔW = 0 again);
+        `generator` draws any random start, so that a resumed run restarts identically."""
+        for layer in self.adapter_layers().values():
+            try:
+                layer.fold(generator)
+            except ValueError as err:
+                raise MoraTrainError(f"{err} (at a restart)") from None
 
 
 class SwitchesOperators(ABC):
@@ -48,13 +60,19 @@ class SwitchesOperators(ABC):
         """The canonical name of operator pair `kind` (raises ValueError when unknown)."""
 
 
-class HasLoraFactors(ABC):
+class HasLoraFactors(Adapter):
     """Methods whose update is a plain LoRA per layer, for serving engines (the PEFT LoRA export)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module name -> (B, A), float32, with ΔW = B @ A (scaling 1); exact to float32 rounding for every
-        layer, its rank may differ per layer."""
+        layer, its rank may differ per layer. A layer's own factors where it has them; otherwise the SVD of its
+        ΔW cut at its numerical rank (singular values above float32's rounding floor relative to the largest)."""
+        factors = {}
+        for name, layer in self.adapter_layers().items():
+            exact = layer.lora_factors()
+            factors[name] = exact if exact is not None else svd_factors(layer.delta_weight().float())
+        return factors
 
 
 def restartable(adapter: Adapter) -> Restartable:

@@ -1,36 +1,27 @@
 """A fine-tuning method defined outside mora_train/: ΔW = b aᵀ (rank one) on each target linear layer.
 
-It uses only the adapter protocol and its helpers (mora_train.adapters.base), and is made known to mora-train
-by `register_adapter`; tests/integration/test_custom_adapter.py trains, merges and exports it through the
-normal pipeline. `a` starts random and `b` at zero, as LoRA's factors do, so training starts from the base.
+It uses only the adapter and layer protocols and their helpers (mora_train.adapters.base, .layer): its layers
+say ΔW, their parameters and LoRA factors, and merge, save, load and the LoRA export come from the protocol. It
+is made known to mora-train by `register_adapter`; tests/integration/test_custom_adapter.py trains, merges and
+exports it through the normal pipeline. `a` starts random and `b` at zero, as LoRA's factors do, so training
+starts from the base.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.adapters import register_adapter
-from mora_train.adapters.base import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    FORMAT,
-    Adapter,
-    ModuleSummary,
-    copy_saved_weights,
-    find_target_linears,
-    settings_as,
-)
+from mora_train.adapters.base import FORMAT, Adapter, find_target_linears, settings_as
 from mora_train.adapters.capabilities import HasLoraFactors
 from mora_train.adapters.config import AdapterSettings
+from mora_train.adapters.layer import AdapterLayer
 from mora_train.config.schema import setting
-from mora_train.core.io import write_json_atomically
 from mora_train.models.quantization import set_submodule
 
 
@@ -48,21 +39,35 @@ class RankOneSettings(AdapterSettings):
         return problems
 
 
-class RankOneLinear(nn.Module):
-    """A frozen linear layer plus b (aᵀ x)."""
+class RankOneLinear(AdapterLayer, nn.Module):
+    """A frozen linear layer plus b (aᵀ x); merge, save, load and the LoRA export come from the protocol."""
 
-    def __init__(self, base: nn.Linear, init_std: float) -> None:
+    def __init__(self, name: str, base: nn.Linear, init_std: float) -> None:
         super().__init__()
-        self.base_layer = base
+        self.layer_name, self.base_layer = name, base
         self.a = nn.Parameter(torch.randn(base.in_features, dtype=torch.float32) * init_std)
         self.b = nn.Parameter(torch.zeros(base.out_features, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
         update = (x.to(self.a.dtype) @ self.a).unsqueeze(-1) * self.b
         return self.base_layer(x) + update.to(x.dtype)
 
+    def frozen_linear(self) -> nn.Linear:
+        return self.base_layer
+
     def delta_weight(self) -> torch.Tensor:
         return torch.outer(self.b, self.a).float()
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"a": self.a, "b": self.b}
+
+    def size_label(self) -> str:
+        return "r=1"
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.b.float().unsqueeze(1), self.a.float().unsqueeze(0)
 
 
 class RankOneAdapter(HasLoraFactors, Adapter):
@@ -95,7 +100,7 @@ class RankOneAdapter(HasLoraFactors, Adapter):
         model.requires_grad_(False)
         self.layers: dict[str, RankOneLinear] = {}
         for name, linear in find_target_linears(model, target_modules).items():
-            layer = RankOneLinear(linear, init_std).to(linear.weight.device)
+            layer = RankOneLinear(name, linear, init_std).to(linear.weight.device)
             set_submodule(model, name, layer)
             self.layers[name] = layer
 
@@ -110,42 +115,8 @@ class RankOneAdapter(HasLoraFactors, Adapter):
     def identity_now(self) -> dict[str, Any]:
         return {"adapter": self.name}
 
-    def module_summaries(self) -> list[ModuleSummary]:
-        return [
-            ModuleSummary(n, m.base_layer.in_features, m.base_layer.out_features, "r=1", m.a.numel() + m.b.numel())
-            for n, m in self.layers.items()
-        ]
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {f"{n}.{k}": p for n, m in self.layers.items() for k, p in (("a", m.a), ("b", m.b))}
-
-    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        live = self.trainable_parameters()
-        source = live if state_dict is None else {k: state_dict[k] for k in live}
-        tensors = {k: p.detach().contiguous().cpu() for k, p in source.items()}
-        save_file(tensors, str(Path(directory) / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json_atomically(Path(directory) / ADAPTER_CONFIG_NAME, self.describe())
-
-    def load_weights(self, directory: Path) -> None:
-        state = load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME))
-        copy_saved_weights(self.trainable_parameters(), state, str(directory), "rank-one adapter", "wrong base?", "")
-
-    @torch.no_grad()
-    def delta_weights(self) -> dict[str, torch.Tensor]:
-        return {n: m.delta_weight() for n, m in self.layers.items()}
-
-    @torch.no_grad()
-    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (m.b.float().unsqueeze(1), m.a.float().unsqueeze(0)) for n, m in self.layers.items()}
-
-    @torch.no_grad()
-    def merge_and_unload(self) -> PreTrainedModel:
-        for name, layer in self.layers.items():
-            weight = layer.base_layer.weight
-            weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
-            set_submodule(self.base_model, name, layer.base_layer)
-        self.layers = {}
-        return self.base_model
+    def adapter_layers(self) -> dict[str, RankOneLinear]:
+        return self.layers
 
 
 def register() -> type[RankOneAdapter]:

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.adapters.base import (
-    ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     FORMAT,
     Adapter,
@@ -29,8 +28,39 @@ from mora_train.adapters.base import (
 )
 from mora_train.adapters.config import AdapterSettings, TrainerView
 from mora_train.adapters.full.config import FullSettings
+from mora_train.adapters.layer import AdapterLayer
 from mora_train.core.errors import MoraTrainError
-from mora_train.core.io import write_json_atomically
+
+
+class TrainedLinear(AdapterLayer):
+    """The layer protocol over a linear layer full fine-tuning trains: its weight already holds W_base + ΔW,
+    so it is merged from the start and cannot unmerge; ΔW is that weight minus the base model's, which the
+    adapter loads while it asks (`base_weights`)."""
+
+    merged = True
+
+    def __init__(self, name: str, linear: nn.Linear, base_weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self.layer_name, self.linear, self.base_weights = name, linear, base_weights
+
+    def frozen_linear(self) -> nn.Linear:
+        return self.linear
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        original = self.base_weights().get(self.layer_name)
+        weight = self.linear.weight
+        if original is None or original.shape != weight.shape:
+            raise MoraTrainError(f"the base model has no linear layer {self.layer_name} of shape {tuple(weight.shape)}")
+        return weight.float() - original.to(weight.device).float()
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return dict(self.linear.named_parameters())
+
+    def size_label(self) -> str:
+        return "full"
+
+    def unmerge(self) -> None:
+        raise MoraTrainError(f"{self.label()}: full fine-tuning keeps no separate update to take out of the weight")
 
 
 class FullFineTune(Adapter):
@@ -92,6 +122,7 @@ class FullFineTune(Adapter):
         self.base_model = model
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.load_base = load_base
+        self._loaded_base: dict[str, torch.Tensor] | None = None
         if target_modules == "all":
             for param in model.parameters():
                 param.requires_grad_(True)
@@ -116,13 +147,21 @@ class FullFineTune(Adapter):
             "base_model": getattr(self.base_model.config, "_name_or_path", None),
         }
 
+    def adapter_layers(self) -> dict[str, TrainedLinear]:
+        return {name: TrainedLinear(name, m, self._base_weights) for name, m in self._modules.items()}
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        if self._loaded_base is None:
+            raise MoraTrainError(
+                "ΔW of full fine-tuning is the trained weights minus the base model's, and this adapter was built "
+                "without a way to load the base model (build_adapter(..., load_base=...))"
+            )
+        return self._loaded_base
+
     def module_summaries(self) -> list[ModuleSummary]:
         if self.target_modules == "all":
             return []  # every weight trains: the parameter count says it all
-        return [
-            ModuleSummary(name, m.in_features, m.out_features, "full", sum(p.numel() for p in m.parameters()))
-            for name, m in self._modules.items()
-        ]
+        return super().module_summaries()
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.base_model.named_parameters() if p.requires_grad}
@@ -134,15 +173,12 @@ class FullFineTune(Adapter):
     def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Every weight trained: a plain transformers model folder (save_pretrained; loads anywhere).
         Some layers trained: just their weights, as an adapter folder that load_adapter() puts on the base."""
-        directory = Path(directory)
-        live = self.trainable_parameters()
-        source = live if state_dict is None else {k: state_dict[k] for k in live}
         if self.saves_whole_model:
-            self.base_model.save_pretrained(str(directory), state_dict=source if state_dict is not None else None)
+            live = self.trainable_parameters()
+            source = None if state_dict is None else {k: state_dict[k] for k in live}
+            self.base_model.save_pretrained(str(directory), state_dict=source)
             return
-        tensors = {k: p.detach().contiguous().cpu() for k, p in source.items()}
-        save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "adapter": self.name})
-        write_json_atomically(directory / ADAPTER_CONFIG_NAME, self.describe())
+        super().save(directory, state_dict)
 
     def load_weights(self, directory: Path) -> None:
         directory = Path(directory)
@@ -169,19 +205,15 @@ class FullFineTune(Adapter):
 
     @torch.no_grad()
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        if self.load_base is None:
-            raise MoraTrainError(
-                "ΔW of full fine-tuning is the trained weights minus the base model's, and this adapter was built "
-                "without a way to load the base model (build_adapter(..., load_base=...))"
-            )
-        base = dict(self.load_base().named_modules())
-        deltas = {}
-        for name, module in self._modules.items():
-            original = base.get(name)
-            if not isinstance(original, nn.Linear) or original.weight.shape != module.weight.shape:
-                raise MoraTrainError(f"the base model has no linear layer {name} of shape {tuple(module.weight.shape)}")
-            deltas[name] = module.weight.float() - original.weight.to(module.weight.device).float()
-        return deltas
+        """The trained weights minus the base model's, which is loaded for this call only (one more copy of
+        the adapted weights in memory while it runs, none after)."""
+        if self.load_base is not None:
+            base = self.load_base().named_modules()
+            self._loaded_base = {n: m.weight for n, m in base if isinstance(m, nn.Linear) and n in self._modules}
+        try:
+            return super().delta_weights()
+        finally:
+            self._loaded_base = None
 
-    def merge_and_unload(self) -> PreTrainedModel:
+    def unload(self) -> PreTrainedModel:
         return self.base_model  # the trained weights already are the model

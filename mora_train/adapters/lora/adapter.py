@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -18,13 +18,13 @@ from transformers import PreTrainedModel
 from mora_train.adapters.base import (
     ADAPTER_WEIGHTS_NAME,
     Adapter,
-    ModuleSummary,
     find_target_linears,
     positive_rank,
     settings_as,
 )
 from mora_train.adapters.capabilities import HasLoraFactors, Restartable
 from mora_train.adapters.config import AdapterSettings
+from mora_train.adapters.layer import RestartableLayer
 from mora_train.adapters.lora.config import LoraSettings
 from mora_train.core.errors import MoraTrainError
 
@@ -52,11 +52,60 @@ class _LoraLinear(Protocol):
     lora_A: Mapping[str, _LoraFactor]
     lora_B: Mapping[str, _LoraFactor]
 
+    merged_adapters: list[str]
+
     def get_base_layer(self) -> nn.Linear: ...
     def get_delta_weight(self, adapter: str) -> torch.Tensor: ...
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None: ...
-    def unmerge(self) -> None: ...
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+class PeftLoraLayer(RestartableLayer):
+    """The layer protocol over one of peft's LoRA layers: ΔW is peft's, merge adds it in float32 (peft's own
+    merge on a bitsandbytes layer would re-quantize W + ΔW), and peft's `merged_adapters` follows ours, so its
+    forward leaves the update out while merged."""
+
+    def __init__(self, name: str, layer: _LoraLinear) -> None:
+        self.layer_name, self.peft_layer = name, layer
+
+    def label(self) -> str:
+        return f"LoRA layer '{self.layer_name}'"
+
+    @property
+    def merged(self) -> bool:
+        return PEFT_ADAPTER in self.peft_layer.merged_adapters
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        adapters = self.peft_layer.merged_adapters
+        if value and PEFT_ADAPTER not in adapters:
+            adapters.append(PEFT_ADAPTER)
+        elif not value and PEFT_ADAPTER in adapters:
+            adapters.remove(PEFT_ADAPTER)
+
+    def frozen_linear(self) -> nn.Linear:
+        return self.peft_layer.get_base_layer()
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.peft_layer.get_delta_weight(PEFT_ADAPTER).float()
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {
+            f"lora_A.{PEFT_ADAPTER}.weight": self.peft_layer.lora_A[PEFT_ADAPTER].weight,
+            f"lora_B.{PEFT_ADAPTER}.weight": self.peft_layer.lora_B[PEFT_ADAPTER].weight,
+        }
+
+    def size_label(self) -> str:
+        return f"r={self.peft_layer.r[PEFT_ADAPTER]}"
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.peft_layer
+        B = layer.lora_B[PEFT_ADAPTER].weight.float() * layer.scaling[PEFT_ADAPTER]  # exported scaling is 1
+        return B, layer.lora_A[PEFT_ADAPTER].weight.float()
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator | None = None) -> None:
+        # peft's own initialisation (kaiming-uniform A, zero B), from a generator so that it is reproducible.
+        nn.init.kaiming_uniform_(self.peft_layer.lora_A[PEFT_ADAPTER].weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.peft_layer.lora_B[PEFT_ADAPTER].weight)
 
 
 class LoraAdapter(Restartable, HasLoraFactors, Adapter):
@@ -140,76 +189,21 @@ class LoraAdapter(Restartable, HasLoraFactors, Adapter):
     def identity_now(self) -> dict[str, Any]:
         return {"adapter": self.name, "rank": self.rank}
 
-    def _lora_layers(self) -> dict[str, _LoraLinear]:
+    def adapter_layers(self) -> dict[str, PeftLoraLayer]:
         # LoRA on linear layers (the targets find_target_linears picks): each has what _LoraLinear lists.
-        return {n: cast(_LoraLinear, m) for n, m in self.base_model.named_modules() if isinstance(m, LoraLayer)}
-
-    def module_summaries(self) -> list[ModuleSummary]:
-        rows = []
-        for name, layer in self._lora_layers().items():
-            base = layer.get_base_layer()
-            trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-            rows.append(
-                ModuleSummary(name, base.in_features, base.out_features, f"r={layer.r[PEFT_ADAPTER]}", trainable)
-            )
-        return rows
+        return {
+            n: PeftLoraLayer(n, cast(_LoraLinear, m))
+            for n, m in self.base_model.named_modules()
+            if isinstance(m, LoraLayer)
+        }
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        # peft's names (what its save_pretrained picks from a gathered state_dict), and anything else training.
         return {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
 
-    def delta_weights(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {n: m.get_delta_weight(PEFT_ADAPTER).float() for n, m in self._lora_layers().items()}
-
-    def merge_and_unload(self) -> PreTrainedModel:
-        if self.dequantize_base():
-            # peft's wrappers of bitsandbytes layers merge by re-quantizing W + ΔW (most of a small ΔW lost); the
-            # base under them is float now, so ΔW goes into it here and peft only removes the wrappers.
-            with torch.no_grad():
-                for name, layer in self._lora_layers().items():
-                    weight = layer.get_base_layer().weight
-                    merged = weight.float() + layer.get_delta_weight(PEFT_ADAPTER).float()
-                    if not torch.isfinite(merged).all():
-                        raise MoraTrainError(
-                            f"LoRA layer '{name}': the merged weight is not finite (NaN/Inf in the adapter)"
-                        )
-                    weight.copy_(merged.to(weight.dtype))
-            return self.peft_model.unload()
-        # safe_merge checks the merged weights are finite before writing them.
-        return self.peft_model.merge_and_unload(safe_merge=True)
-
-    @torch.no_grad()
-    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, layer in self._lora_layers().items():
-            scaling = layer.scaling[PEFT_ADAPTER]
-            B = layer.lora_B[PEFT_ADAPTER].weight.float() * scaling  # scaling folded in: exported scaling is 1
-            factors[name] = (B, layer.lora_A[PEFT_ADAPTER].weight.float())
-        return factors
-
-    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
-        return {n: layer.get_base_layer().weight for n, layer in self._lora_layers().items()}
-
-    def restart_parameters(self) -> list[nn.Parameter]:
-        return [
-            w
-            for layer in self._lora_layers().values()
-            for w in (layer.lora_A[PEFT_ADAPTER].weight, layer.lora_B[PEFT_ADAPTER].weight)
-        ]
-
-    @torch.no_grad()
-    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
-        """peft's merge (safe: refuses non-finite weights), new A and zero B, then peft's unmerge, which
-        subtracts the new ΔW = 0: the base keeps the folded update and the layer trains on through LoRA."""
-        for name, layer in self._lora_layers().items():
-            try:
-                layer.merge(safe_merge=True, adapter_names=[PEFT_ADAPTER])
-            except ValueError as err:  # peft's safe_merge: "NaNs detected in the merged weights"
-                raise MoraTrainError(f"LoRA layer '{name}': {err}; refusing to restart") from None
-            # peft's own initialisation (kaiming-uniform A, zero B), from a generator so that it is reproducible.
-            nn.init.kaiming_uniform_(layer.lora_A[PEFT_ADAPTER].weight, a=math.sqrt(5), generator=generator)
-            nn.init.zeros_(layer.lora_B[PEFT_ADAPTER].weight)
-            layer.unmerge()
+    def unload(self) -> PreTrainedModel:
+        # peft's unload: puts every base layer back and drops its wrappers (the merge happened layer by layer).
+        return cast(PreTrainedModel, self.peft_model.unload())
 
     def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         # With state_dict, peft picks the LoRA entries from it instead of from the live (sharded) model.

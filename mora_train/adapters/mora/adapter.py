@@ -6,22 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.adapters.base import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
     FORMAT,
     Adapter,
-    ModuleSummary,
-    copy_saved_weights,
     find_target_linears,
     positive_rank,
     settings_as,
-    svd_factors,
 )
 from mora_train.adapters.capabilities import HasLoraFactors, Restartable, SwitchesOperators
 from mora_train.adapters.config import AdapterSettings, TrainerView
@@ -35,8 +28,7 @@ from mora_train.adapters.mora.layer import (
     mora_square_side,
     resolve_mora_type,
 )
-from mora_train.core.errors import ConfigError, MoraTrainError
-from mora_train.core.io import write_json_atomically
+from mora_train.core.errors import ConfigError
 from mora_train.models.quantization import set_submodule
 
 FORMAT_VERSION = 1
@@ -182,51 +174,13 @@ class MoraAdapter(Restartable, SwitchesOperators, HasLoraFactors, Adapter):
     def identity_now(self) -> dict[str, Any]:
         return {"adapter": self.name, "rank": self.rank}
 
-    def module_summaries(self) -> list[ModuleSummary]:
-        return [
-            ModuleSummary(n, m.in_features, m.out_features, f"r̂={m.r_hat}", m.mora_M.numel())
-            for n, m in self.modules.items()
-        ]
+    def adapter_layers(self) -> dict[str, MoRALinear]:
+        return self.modules
 
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {f"{n}.{k}": p for n, m in self.modules.items() for k, p in m.adapter_params().items()}
-
-    def delta_weights(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {n: m.delta_weight() for n, m in self.modules.items()}
-
-    def merge_and_unload(self) -> PreTrainedModel:
-        self.dequantize_base()  # a quantized base: merged into its de-quantized weights, never re-quantized
-        with torch.no_grad():
-            for name, layer in self.modules.items():
-                layer.merge()  # fp32 ΔW, checked finite
-                set_submodule(self.base_model, name, layer.base_layer)
+    def unload(self) -> PreTrainedModel:
+        model = super().unload()
         self.modules = {}
-        return self.base_model
-
-    @torch.no_grad()
-    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Summing types and truncation: D and M C, rank r̂, exact by construction. Chunked types (rope,
-        decouple): the SVD of ΔW cut at its numerical rank (singular values above float32's rounding floor
-        relative to the largest), exact to rounding — their ΔW has rank up to min(d_in, d_out)."""
-        factors = {}
-        for name, layer in self.modules.items():
-            exact = layer.lora_factors()
-            factors[name] = exact if exact is not None else svd_factors(layer.delta_weight().float())
-        return factors
-
-    def adapted_base_weights(self) -> dict[str, torch.Tensor]:
-        return {n: m.base_layer.weight for n, m in self.modules.items()}
-
-    def restart_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules.values() for p in m.adapter_params().values()]
-
-    def fold_and_reset(self, generator: torch.Generator | None = None) -> None:
-        for layer in self.modules.values():
-            try:
-                layer.fold_delta_()  # float32 ΔW, checked finite; M = 0
-            except ValueError as err:
-                raise MoraTrainError(f"{err} (at a restart)") from None
+        return model
 
     def operator_types(self) -> dict[str, str]:
         return {n: m.mora_type for n, m in self.modules.items()}
@@ -266,25 +220,3 @@ class MoraAdapter(Restartable, SwitchesOperators, HasLoraFactors, Adapter):
                 for n, m in self.modules.items()
             },
         }
-
-    def save(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        directory = Path(directory)
-        live = self.trainable_parameters()
-        source = live if state_dict is None else {k: state_dict[k] for k in live}
-        tensors = {k: p.detach().contiguous().cpu() for k, p in source.items()}
-        save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt", "adapter": "mora"})
-        write_json_atomically(directory / ADAPTER_CONFIG_NAME, self.describe())
-
-    def load_weights(self, directory: Path) -> None:
-        self.load_state(load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME)), str(directory))
-
-    def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Copy saved M matrices into the live modules; every mismatch is named, nothing is copied on error."""
-        copy_saved_weights(
-            self.trainable_parameters(),
-            state,
-            source,
-            "MoRA adapter",
-            "wrong base model, rank or target_modules?",
-            "this model has no such MoRA module",
-        )

@@ -12,7 +12,8 @@ parameters as LoRA of the same rank. The code is in four parts:
 * ``operators``: the compressions and decompressions, each with its adjoint beside it;
 * ``branch``: a pair composed with M: forward added in place into the frozen layer's output,
   hand-written backward, and delta_W = D . B from a small pre-image B;
-* here, ``MoRALinear``: the module (forward, type switch, delta_W, LoRA factors, merge/unmerge).
+* here, ``MoRALinear``: the module (forward, type switch, delta_W, LoRA factors) and its in-place
+  ``apply_delta_``, under which the layer protocol (adapters/layer.py) merges, unmerges and folds.
 
 Shapes the official code (GitHub kongds/MoRA) cannot run are generalised: the wrap-around
 padding is cyclic (padded feature ``j`` is ``x[j mod d_in]``), so ``r_hat >= d_in`` and
@@ -25,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mora_train.adapters.layer import RestartableLayer, Sign
 from mora_train.adapters.mora.branch import MoRABranch, add_branch_, build_branch
-from mora_train.adapters.mora.operators import RowMode
 from mora_train.adapters.mora.types import (
     AUTO,
     AUTO_SHARING_FROM_RANK,
@@ -58,8 +59,12 @@ def _branch(kind: str, d_in: int, d_out: int, r_hat: int) -> MoRABranch:
     return build_branch(compression_type(d_in, r_hat), decompression_type, d_out)
 
 
-class MoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the MoRA update ``f_decomp(M f_comp(dropout(x)))``."""
+class MoRALinear(RestartableLayer, nn.Module):
+    """A frozen ``nn.Linear`` plus the MoRA update ``f_decomp(M f_comp(dropout(x)))``.
+
+    Merge, unmerge and fold come from the layer protocol (adapters/layer.py) over ``apply_delta_``, which
+    adds delta_W's rows into W in place without building delta_W.
+    """
 
     def __init__(
         self,
@@ -100,8 +105,21 @@ class MoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def frozen_linear(self) -> nn.Linear:
+        return self.base_layer
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"mora_M": self.mora_M}
+
+    def size_label(self) -> str:
+        return f"r̂={self.r_hat}"
+
+    def label(self) -> str:
+        return f"MoRA layer '{self.layer_name or '<unnamed layer>'}'"
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator | None = None) -> None:
+        self.mora_M.zero_()  # MoRA starts from M = 0 (ΔW = 0); nothing random to draw
 
     def extra_repr(self) -> str:
         number = MORA_TYPES[self.mora_type]
@@ -182,7 +200,7 @@ class MoRALinear(nn.Module):
             out = M.new_empty(self.out_features, self.in_features)
         elif out.shape != (self.out_features, self.in_features) or out.dtype != M.dtype or out.device != M.device:
             raise ValueError(
-                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': out must be a {self.out_features} x "
+                f"{self.label()}: out must be a {self.out_features} x "
                 f"{self.in_features} {M.dtype} tensor on {M.device}, "
                 f"got {tuple(out.shape)} {out.dtype} on {out.device}."
             )
@@ -201,13 +219,13 @@ class MoRALinear(nn.Module):
         return self._branch.lora_factors(self.mora_M.detach().to(self._math_dtype()))
 
     @torch.no_grad()
-    def _apply_delta(self, sign: RowMode) -> None:
+    def apply_delta_(self, sign: Sign) -> None:
         weight = self.base_layer.weight
         if not weight.dtype.is_floating_point:
             # Adding ΔW to 4-/8-bit codes would re-quantize it away; the adapter's merge_and_unload de-quantizes.
             raise ValueError(
-                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': its base weight is quantized ({weight.dtype}); "
-                "merge through the adapter (MoraAdapter.merge_and_unload de-quantizes), not into the codes"
+                f"{self.label()}: its base weight is quantized ({weight.dtype}); "
+                "merge through the adapter (merge_and_unload de-quantizes the base first), not into the codes"
             )
         branch = self._branch
         factor = branch.factor(self.mora_M.detach().to(self._math_dtype()))
@@ -215,7 +233,7 @@ class MoRALinear(nn.Module):
         used = factor.reshape(-1, factor.shape[-1])[: min(self.out_features, branch.period)]
         if not torch.isfinite(used).all():
             raise ValueError(
-                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': delta weight has non-finite values "
+                f"{self.label()}: delta weight has non-finite values "
                 f"(NaN/Inf in mora_M); refusing to {'merge' if sign == 'add' else 'unmerge'}."
             )
         if weight.dtype == factor.dtype:
@@ -226,30 +244,5 @@ class MoRALinear(nn.Module):
         branch.rows_into(updated, factor.to(weight.device), sign)
         updated = updated.to(weight.dtype)
         if not torch.isfinite(updated).all():
-            raise ValueError(
-                f"MoRA layer '{self.layer_name or '<unnamed layer>'}': merged weight overflows {weight.dtype}."
-            )
+            raise ValueError(f"{self.label()}: merged weight overflows {weight.dtype}.")
         weight.data.copy_(updated)
-
-    def merge(self) -> None:
-        """W += delta_W (in float32, cast back). A second call is a no-op."""
-        if self.merged:
-            return
-        self._apply_delta("add")
-        self.merged = True
-
-    def fold_delta_(self) -> None:
-        """W += ΔW (float32, checked finite), then M = 0: the layer computes the same function and trains on
-        from ΔW = 0 (a ReMoRA restart). Not while merged."""
-        if self.merged:
-            raise RuntimeError(f"MoRA layer {self.layer_name!r}: fold_delta_ on a merged layer (unmerge first)")
-        self._apply_delta("add")
-        with torch.no_grad():
-            self.mora_M.zero_()
-
-    def unmerge(self) -> None:
-        """W -= delta_W, restoring W up to float32 rounding. No-op when not merged."""
-        if not self.merged:
-            return
-        self._apply_delta("sub")
-        self.merged = False
