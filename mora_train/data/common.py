@@ -144,16 +144,21 @@ class PadCollator:
     """Right-pads a list of {input_ids, labels} to the longest in the batch.
 
     Packed examples (with `position_ids`, restarting at 0 for each document) get their position ids and no
-    attention mask: transformers then builds a block-diagonal causal mask, so documents packed into one
-    block do not attend to each other. Right padding needs no mask under causal attention (real tokens
+    attention mask: transformers then builds a block-diagonal causal mask (eager, sdpa), so documents packed
+    into one block do not attend to each other. Right padding needs no mask under causal attention (real tokens
     never look ahead), and `use_cache=False` is needed because the packed-mask path only runs without a cache.
+    `flatten` (flash attention): packed rows are put end to end in one row instead, with no padding at all;
+    flash attention keeps sequences apart by their position ids only in a batch of one row.
     """
 
     pad_token_id: int
+    flatten: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        longest = max(len(f["input_ids"]) for f in features)
         packed = "position_ids" in features[0]
+        if packed and self.flatten:
+            features = [{key: [v for f in features for v in f[key]] for key in ("input_ids", "labels", "position_ids")}]
+        longest = max(len(f["input_ids"]) for f in features)
         input_ids, labels, attention, positions = [], [], [], []
         for f in features:
             pad = longest - len(f["input_ids"])

@@ -47,7 +47,14 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def _random_model(init: dict, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+def _attention(model: ModelConfig) -> dict[str, Any]:
+    """from_pretrained/from_config's attn_implementation, when model.attn_implementation chooses one."""
+    return {"attn_implementation": model.attn_implementation} if model.attn_implementation else {}
+
+
+def _random_model(
+    init: dict, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, attention: dict[str, Any]
+) -> PreTrainedModel:
     from transformers import AutoConfig
 
     init = dict(init)
@@ -65,7 +72,7 @@ def _random_model(init: dict, tokenizer: PreTrainedTokenizerBase, dtype: torch.d
     # adapter can be re-attached to a rebuilt base.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **attention)
     return model.to(dtype)
 
 
@@ -241,7 +248,7 @@ def load_model_and_tokenizer(model: ModelConfig) -> tuple[PreTrainedModel, PreTr
     if model.random_init is not None:
         tokenizer = load_tokenizer(model)
         try:
-            built = _random_model(model.random_init, tokenizer, dtype)
+            built = _random_model(model.random_init, tokenizer, dtype, _attention(model))
         except (ValueError, TypeError, KeyError) as err:
             raise MoraTrainError(
                 f"model.random_init cannot build a model ({type(err).__name__}: {_first_line(err)}); check its "
@@ -264,7 +271,12 @@ def _load_pretrained(path: str, model: ModelConfig, dtype: Any) -> PreTrainedMod
         quantized = {"quantization_config": bitsandbytes_config(model), "device_map": quantized_device_map()}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, revision=model.revision, trust_remote_code=model.trust_remote_code, **quantized
+            path,
+            dtype=dtype,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            **quantized,
+            **_attention(model),
         )
     except Exception as err:  # noqa: BLE001 - the loading boundary: every failure becomes a MoraTrainError
         raise load_error("model", path, err) from None

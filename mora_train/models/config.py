@@ -16,6 +16,7 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ModelDtype = Literal["float32", "bfloat16", "float16", "auto"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
 
 
 class QuantizationOptions(Section):
@@ -46,6 +47,11 @@ class ModelConfig(Section):
         default=None, help="tokenizer source (Hub id or folder), `byte` for a byte-level one; null: the model's own"
     )
     dtype: ModelDtype = setting(default="float32", help="dtype the weights are loaded and computed in")
+    attn_implementation: AttnImplementation | None = setting(
+        default=None,
+        help="attention kernel: eager, sdpa or flash_attention_2 (needs flash-attn and a CUDA GPU); null: "
+        "transformers' choice (sdpa where the model supports it)",
+    )
     trust_remote_code: bool = setting(default=False, help="allow the model's own Python code from the Hub (auto_map)")
     revision: str | None = setting(default=None, help="Hub revision (branch, tag or commit) of model and tokenizer")
     cache_dir: str = setting(default="~/.cache/mora-train", help="where converted GGUF models are cached")
@@ -101,7 +107,7 @@ class ModelConfig(Section):
             problems.append(
                 f"`{prefix}.name_or_path={name}` is a GGUF file, which needs the `gguf` package: pip install gguf"
             )
-        return problems + self._quantization_problems(prefix)
+        return problems + self._quantization_problems(prefix) + attn_implementation_problems(self, prefix)
 
     def _quantization_problems(self, prefix: str) -> list[str]:
         name = self.quantization_name
@@ -131,3 +137,17 @@ def model_source_conflict(name_or_path: Any, random_init: Any) -> str | None:
         "model.random_init=null (and model.tokenizer=null for its own tokenizer, if the model config set one); "
         "to train from a random start, drop model.name_or_path (or set it to null)"
     )
+
+
+def attn_implementation_problems(model: ModelConfig, prefix: str) -> list[str]:
+    # It computes in bfloat16/float16: float32 weights work under trainer.precision=bf16/fp16 (autocast).
+    """flash_attention_2 needs its package and a CUDA GPU, which transformers would report as a bare ImportError."""
+    if model.attn_implementation != "flash_attention_2":
+        return []
+    key = f"`{prefix}.attn_implementation=flash_attention_2`"
+    if importlib.util.find_spec("flash_attn") is None:
+        install = "`pip install flash-attn --no-build-isolation` on a CUDA machine"
+        return [f"{key} needs the flash-attn package, which is not installed: {install}, or use sdpa instead"]
+    if not torch.cuda.is_available():
+        return [f"{key} needs a CUDA GPU and none is visible; use {prefix}.attn_implementation=sdpa (or eager)"]
+    return []

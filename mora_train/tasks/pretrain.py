@@ -13,6 +13,7 @@ from mora_train.data import pretrain as data
 from mora_train.data.common import PadCollator
 from mora_train.evaluation import pretrain as evaluation
 from mora_train.evaluation.config import PerplexityEvalSettings
+from mora_train.models.attention import flattens_packed_rows
 from mora_train.tasks.task import Task
 
 
@@ -49,7 +50,7 @@ def evaluate(
         tokenizer,
         built.eval_blocks,
         built.benchmarks,
-        PadCollator(tokenizer.pad_token_id),
+        PadCollator(tokenizer.pad_token_id, flatten=flattens_packed_rows(model)),
         run_dir,
         scoring={name: bench.score for name, bench in settings.benchmarks.items()},
     )

@@ -68,6 +68,11 @@ class TrainerConfig(Section):
     weight_decay: float = setting(default=0.0, help="AdamW weight decay")
     max_grad_norm: float = setting(default=1.0, help="gradient clipping norm")
     max_seq_len: int = setting(default=256, help="longest tokenized example (task.too_long says what happens beyond)")
+    packing: bool = setting(
+        default=False,
+        help="pack examples into rows of up to max_seq_len tokens, each attending only to itself (batch sizes "
+        "then count rows); needs model.attn_implementation eager, sdpa or flash_attention_2",
+    )
     precision: Precision = setting(default="fp32", help="training precision: fp32, bf16 (CPU or GPU) or fp16 (GPU)")
     gradient_checkpointing: bool = setting(
         default=False, help="recompute activations in the backward pass to save memory"

@@ -2,8 +2,9 @@
 
 pipeline.validate catches what the config alone shows (in a second, before a model download); this
 catches what needs the model's layers, all reported in one ConfigError: target_modules that name no
-layer (listing the names that exist), a rank the chosen MoRA type cannot serve for some layer, and not
-enough free disk for what the run will write (the merged checkpoint above all).
+layer (listing the names that exist), a rank the chosen MoRA type cannot serve for some layer, not
+enough free disk for what the run will write (the merged checkpoint above all), and packing (trainer.packing)
+with an attention that would let packed examples see each other.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mora_train.adapters.base import count_parameters, linear_layer_names, match
 from mora_train.adapters.config import AdapterSettings
 from mora_train.core.errors import ConfigError
 from mora_train.core.run_dir import RunDir
+from mora_train.models.attention import packing_problem
 from mora_train.models.config import ModelConfig
 from mora_train.models.quantization import compute_dtype
 from mora_train.training.config import TrainerConfig
@@ -131,6 +133,9 @@ def model_fit_problems(model: nn.Module, run: PlannedRun) -> list[str]:
     problem = disk_problem(estimate_run_bytes(model, layers, run), run.output_dir)
     if problem:
         problems.append(problem)
+    packing = packing_problem(model) if run.trainer.packing else None
+    if packing:
+        problems.append(packing)
     return problems
 
 

@@ -19,6 +19,8 @@ from mora_train.core.errors import RunStopped
 from mora_train.core.io import save_figure_atomically, write_json_atomically
 from mora_train.core.run_dir import RunDir
 from mora_train.data.common import PadCollator, count_tokens
+from mora_train.data.packing import training_rows
+from mora_train.models.attention import flattens_packed_rows
 from mora_train.models.quantization import adapters_attached
 from mora_train.training import tracking
 from mora_train.training.adapter_trainer import AdapterTrainer
@@ -125,8 +127,8 @@ def train(
         hf_trainer = AdapterTrainer(
             model=adapter.model,
             args=args,
-            train_dataset=train_examples,
-            data_collator=PadCollator(tokenizer.pad_token_id),
+            train_dataset=training_rows(train_examples, trainer.max_seq_len, trainer.packing),
+            data_collator=PadCollator(tokenizer.pad_token_id, flatten=flattens_packed_rows(adapter.base_model)),
             callbacks=callbacks,
             adapter=adapter,
             nonfinite_loss=trainer.nonfinite_loss,
