@@ -5,17 +5,18 @@ Every record becomes a list of chat messages ({role, content}; roles system/user
 blank line and the input when there is one) and one assistant turn (the output).
 
 Rendering:
-  - the tokenizer's chat template when it has one (`task.use_chat_template: auto`), else
+  - a chat template (`task.chat_template`: the tokenizer's own, a built-in such as chatml, or a .jinja file;
+    data/chat_templates.py) when there is one (`task.use_chat_template: auto`), else
   - the fallback format (also forced by `use_chat_template: false`):
 
         ### System:\\n{system}\\n\\n### User:\\n{user}\\n\\n### Assistant:\\n{assistant}</s>
 
     with turns separated by a blank line and the tokenizer's EOS after every assistant turn.
 
-The loss is on the assistant turns only. So that the tuned model stops, every assistant turn's
-labelled tokens include the EOS token: the fallback appends it; with a chat template whose end of
-turn is not the EOS token (e.g. Qwen's `<|im_end|>` vs `<|endoftext|>`), EOS is inserted after
-the turn's rendered text.
+The loss is on the assistant turns only (`task.train_on=all_assistant`), or on the last one
+(`last_assistant`). So that the tuned model stops, every assistant turn's labelled tokens include
+the EOS token: the fallback appends it; with a chat template whose end of turn is not the EOS token
+(e.g. Qwen's `<|im_end|>` vs `<|endoftext|>`), EOS is inserted after the turn's rendered text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ from transformers import PreTrainedTokenizerBase
 from mora_train.config.schema import setting
 from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import cached, tokenizer_fingerprint
+from mora_train.data.chat_templates import (
+    TOKENIZER_TEMPLATE,
+    TrainOn,
+    chat_template_problem,
+    encode_chat,
+    load_chat_template,
+    render,
+    warn_about_unknown_markers,
+)
 from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
 from mora_train.data.config import DataRecipe, Sources, TaskData
 from mora_train.data.sources import Record, as_text, fingerprint_sources, has_field, load_records, map_fields
@@ -73,9 +83,28 @@ class InstructionRecipe(DataRecipe):
         help="auto: the tokenizer's chat template when it has one, else the fallback format; true: require "
         "it; false: the fallback",
     )
+    chat_template: str = setting(
+        default=TOKENIZER_TEMPLATE,
+        help="tokenizer: the tokenizer's own; a built-in (chatml, llama3, qwen); or a .jinja file's path",
+    )
+    train_on: TrainOn = setting(
+        default="all_assistant", help="the loss on every assistant turn (all_assistant) or the last (last_assistant)"
+    )
     system_prompt: str | None = setting(
         default=None, help="prepended as a system message to conversations that have none"
     )
+
+    def check(self, prefix: str) -> list[str]:
+        problems = []
+        problem = chat_template_problem(self.chat_template, f"{prefix}.chat_template")
+        if problem:
+            problems.append(problem)
+        elif self.chat_template != TOKENIZER_TEMPLATE and self.use_chat_template is False:
+            problems.append(
+                f"`{prefix}.chat_template={self.chat_template}` and `{prefix}.use_chat_template=false` contradict "
+                f"each other (false means the '### User:' fallback format); drop one of them"
+            )
+        return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +158,15 @@ def to_conversation(record: Record, settings: InstructionRecipe, fields: dict[st
 # Conversations -> tokens
 
 
+def choose_chat_template(settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Set task.chat_template on the tokenizer (unless it is the tokenizer's own), so that everything rendering
+    a conversation (training data, generation prompts, the tokenizer saved with the merged model) uses it."""
+    template = load_chat_template(settings.chat_template)
+    if template is not None and template != tokenizer.chat_template:
+        warn_about_unknown_markers(template, settings.chat_template, tokenizer)
+        tokenizer.chat_template = template
+
+
 def uses_chat_template(settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if settings.use_chat_template is True and not has_template:
@@ -149,16 +187,20 @@ def fallback_prompt(messages: list[dict[str, str]]) -> str:
     return FALLBACK_TURN_SEPARATOR.join([*parts, FALLBACK_HEADERS["assistant"]])
 
 
-def encode_fallback(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def encode_fallback(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], train_on: TrainOn = "all_assistant"
+) -> tuple[list[int], list[int]]:
     input_ids: list[int] = []
     labels: list[int] = []
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for i, message in enumerate(messages):
         head = (FALLBACK_TURN_SEPARATOR if i else "") + FALLBACK_HEADERS[message["role"]]
         if message["role"] == "assistant":
             head_ids = _ids(tokenizer, head, special=(i == 0))
             body_ids = [*_ids(tokenizer, message["content"], special=False), tokenizer.eos_token_id]
+            learned = train_on == "all_assistant" or i == last
             input_ids += head_ids + body_ids
-            labels += [IGNORE_INDEX] * len(head_ids) + body_ids
+            labels += [IGNORE_INDEX] * len(head_ids) + (body_ids if learned else [IGNORE_INDEX] * len(body_ids))
         else:
             ids = _ids(tokenizer, head + message["content"], special=(i == 0))
             input_ids += ids
@@ -166,56 +208,16 @@ def encode_fallback(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     return input_ids, labels
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
-
-
-def encode_chat_template(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str
-) -> tuple[list[int], list[int]]:
-    """Tokens of the templated conversation; labels on each assistant turn as the template renders it.
-
-    A turn's tokens are found as the difference between the conversation rendered up to the turn
-    (with the generation prompt) and up to its end, which needs the template to be prefix-stable
-    (true of ChatML, Llama, Qwen, SmolLM templates); one that is not is reported, not guessed at.
-    """
-    eos = tokenizer.eos_token_id
-    input_ids: list[int] = []
-    labels: list[int] = []
-    previous = ""  # text rendered so far
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not before.startswith(previous) or not upto.startswith(before):
-            raise MoraTrainError(
-                f"{where}: this tokenizer's chat template renders earlier turns differently once later turns "
-                "are added, so the assistant's tokens cannot be located; set task.use_chat_template=false to use "
-                "the documented fallback format"
-            )
-        context_ids = _ids(tokenizer, before[len(previous) :], special=False)
-        turn_ids = _ids(tokenizer, upto[len(before) :], special=False)
-        if eos not in turn_ids:
-            turn_ids.append(eos)  # the template's end of turn is not EOS: add it so generation stops
-        input_ids += context_ids + turn_ids
-        labels += [IGNORE_INDEX] * len(context_ids) + turn_ids
-        previous = upto
-    return input_ids, labels
-
-
 def encode(
-    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, chat_template: bool
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, chat_template: bool, train_on: TrainOn
 ) -> tuple[list[int], list[int]]:
     if chat_template:
-        return encode_chat_template(tokenizer, conversation.messages, conversation.where)
-    return encode_fallback(tokenizer, conversation.messages)
+        return encode_chat(tokenizer, conversation.messages, conversation.where, train_on)
+    return encode_fallback(tokenizer, conversation.messages, train_on)
 
 
 def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], chat_template: bool) -> str:
-    return _render(tokenizer, messages, generation_prompt=True) if chat_template else fallback_prompt(messages)
+    return render(tokenizer, messages, generation_prompt=True) if chat_template else fallback_prompt(messages)
 
 
 def load_conversations(
@@ -231,11 +233,13 @@ def tokenize(
     chat_template: bool,
     max_seq_len: int,
     too_long: str,
+    train_on: TrainOn = "all_assistant",
 ) -> tuple[list[dict], LengthReport]:
     report = LengthReport()
     examples = []
     for conversation in conversations:
-        example = fit_to_length(*encode(tokenizer, conversation, chat_template), max_seq_len, too_long, report)
+        ids, labels = encode(tokenizer, conversation, chat_template, train_on)
+        example = fit_to_length(ids, labels, max_seq_len, too_long, report)
         if example is not None:
             examples.append(example)
     return examples, report
@@ -246,7 +250,7 @@ def _eval_part(
 ) -> tuple[list[Conversation], list[dict]]:
     chat_template = uses_chat_template(settings, tokenizer)
     conversations = load_conversations(settings, settings.data.eval, "task.data.eval", eval_limit)
-    examples, report = tokenize(conversations, tokenizer, chat_template, max_seq_len, "truncate")
+    examples, report = tokenize(conversations, tokenizer, chat_template, max_seq_len, "truncate", settings.train_on)
     log_length_report(f"{settings.name} held-out set", report, max_seq_len)
     require_examples(examples, "task.data.eval", report, max_seq_len, "truncate")
     return conversations, examples
@@ -256,6 +260,7 @@ def build(
     settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None
 ) -> InstructionData:
     """Training examples and the first `eval_limit` held-out conversations (task.eval.max_samples)."""
+    choose_chat_template(settings, tokenizer)
     chat_template = uses_chat_template(settings, tokenizer)
     conversations, eval_examples = _eval_part(settings, tokenizer, max_seq_len, eval_limit)
 
@@ -266,6 +271,7 @@ def build(
             chat_template,
             max_seq_len,
             settings.too_long,
+            settings.train_on,
         )
         return examples, report.as_dict()
 
@@ -274,7 +280,12 @@ def build(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_seq_len": max_seq_len,
         "chat_template": chat_template,
-        "settings": {"format": settings.format, "system_prompt": settings.system_prompt, "too_long": settings.too_long},
+        "settings": {
+            "format": settings.format,
+            "system_prompt": settings.system_prompt,
+            "too_long": settings.too_long,
+            "train_on": settings.train_on,
+        },
         "fields": settings.data.fields,
         "data": fingerprint_sources(settings.data.train),
     }
@@ -288,5 +299,6 @@ def build(
 def build_eval(
     settings: InstructionRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, eval_limit: int | None
 ) -> InstructionData:
+    choose_chat_template(settings, tokenizer)
     conversations, eval_examples = _eval_part(settings, tokenizer, max_seq_len, eval_limit)
     return InstructionData([], eval_examples, conversations, {"chat_template": uses_chat_template(settings, tokenizer)})

@@ -68,9 +68,7 @@ def token_losses(model, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         logits = model(**batch).logits.double()
     targets = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
-    )
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
     return losses.masked_fill(targets == IGNORE_INDEX, float("nan"))
 
 
