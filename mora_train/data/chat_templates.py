@@ -119,9 +119,7 @@ def encode_with_markers(
     tokenizer: PreTrainedTokenizerBase, messages: Messages, where: str, train_on: TrainOn
 ) -> tuple[list[int], list[int]]:
     """The conversation rendered once; labels on the tokens inside the template's generation markers."""
-    encoded: Any = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )  # a BatchEncoding (the stubs also allow the str and list returns of other arguments)
+    encoded = _apply(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
     spans = _spans(mask)
     if not spans:
@@ -144,10 +142,25 @@ def encode_with_markers(
     return input_ids + ids[done:], labels + [IGNORE_INDEX] * (len(ids) - done)
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_prompt: bool) -> str:
+def _apply(tokenizer: PreTrainedTokenizerBase, messages: Messages, where: str, **kwargs: Any) -> Any:
+    """tokenizer.apply_chat_template; a template that fails on this conversation is the template's error."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as err:
+        raise MoraTrainError(
+            f"{where}: the chat template fails on this conversation ({type(err).__name__}: {err}); fix the template "
+            "(task.chat_template) or choose another one: tokenizer, a built-in, or a .jinja file"
+        ) from None
+
+
+def render(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, generation_prompt: bool, where: str = "a conversation"
+) -> str:
     if not messages:
         return ""
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
+    return str(_apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=generation_prompt))
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -171,8 +184,8 @@ def encode_by_rendering(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1], generation_prompt=False)
+        before = render(tokenizer, messages[:i], generation_prompt=True, where=where)
+        upto = render(tokenizer, messages[: i + 1], generation_prompt=False, where=where)
         if not before.startswith(previous) or not upto.startswith(before):
             raise MoraTrainError(
                 f"{where}: this chat template renders earlier turns differently once later turns are added, so "

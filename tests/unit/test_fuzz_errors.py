@@ -82,11 +82,13 @@ VALID = {
     "trainer.save_total_limit": st.sampled_from([None, 1, 2]),
     "trainer.resume": st.sampled_from(["auto", True, False, "/no/such/checkpoint"]),
     "trainer.nonfinite_loss": st.sampled_from(["stop", "skip"]),
+    "trainer.packing": st.booleans(),
     "adapter.dropout": st.sampled_from([0.0, 0.1]),
     "adapter.mora_type": st.sampled_from(["rope", "sharing", 1, 6, "decouple", "truncation"]),
     "adapter.target_modules": st.sampled_from([["q_proj"], ["q_proj", "v_proj"], "all", ["nope_proj"]]),
     "model.dtype": st.sampled_from(["float32", "bfloat16", "auto", "float8"]),
     "model.trust_remote_code": st.booleans(),
+    "model.attn_implementation": st.sampled_from([None, "eager", "sdpa", "flash_attention_2", "flex_attention"]),
     "model.name_or_path": st.sampled_from([None, "./no/such/dir", "org/model", "x.gguf"]),
     "model.random_init.hidden_size": st.sampled_from([16, 64, 65]),
     "task.num_pairs": st.sampled_from([1, 4]),
@@ -203,6 +205,77 @@ def test_fuzz_data_files(budget: int, tmp_path: Path) -> None:
         max_size=2,
     )
     fuzz("data files", budget, st.tuples(st.sampled_from(sorted(FORMATS)), corruption, fields), check)
+
+
+# -- chat templates and packing -----------------------------------------------------------------------------
+
+CHAT_RECORDS = [
+    {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]},
+    {"instruction": "Say hi", "input": "", "output": "hi"},
+]
+TEMPLATES = st.one_of(
+    st.sampled_from(["tokenizer", "chatml", "llama3", "qwen", "vicuna", "/no/such/template.jinja", "FILE"]),
+    JUNK,
+)
+TEMPLATE_FILES = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(
+        [
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}",
+            "{% generation %}{% endgeneration %}",
+            "{{ raise_exception('no') }}",
+            "{% for m in messages %}",
+            "{{ messages[7]['content'] }}",
+        ]
+    ),
+)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_fuzz_chat_templates_and_packing(budget: int, tmp_path: Path) -> None:
+    """task.chat_template / train_on / use_chat_template (names, junk, template files with any text) through
+    validation and the instruction data build, then the packed rows of what was built."""
+    from mora_train.data.packing import training_rows
+    from mora_train.models import byte_tokenizer
+    from mora_train.tasks import TASKS
+    from tests.conftest import validate_config as validate
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_RECORDS))
+
+    def check(example: tuple[Any, str, Any, Any, Any]) -> None:
+        template, text, train_on, use_template, max_seq_len = example
+        if template == "FILE":
+            template = str(tmp_path / "template.jinja")
+            Path(template).write_text(text)
+        cfg = compose_config(["model=tiny-llama", "task=instruction", "task.cache_dir=null"], tmp_path / "run")
+        with open_dict(cfg):
+            for key, value in (
+                ("task.data.train", str(data)),
+                ("task.data.eval", str(data)),
+                ("task.data.fields.input", "input"),
+                ("task.data.fields.output", "output"),
+                ("task.chat_template", template),
+                ("task.train_on", train_on),
+                ("task.use_chat_template", use_template),
+                ("trainer.max_seq_len", max_seq_len),
+                ("trainer.packing", True),
+            ):
+                OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        config = validate(cfg)
+        built = TASKS["instruction"].build(config.task, byte_tokenizer(), config.trainer.max_seq_len)
+        rows = training_rows(built.train, config.trainer.max_seq_len, packing=True)
+        assert sorted(t for r in rows for t in r["input_ids"]) == sorted(t for e in built.train for t in e["input_ids"])
+
+    strategy = st.tuples(
+        TEMPLATES,
+        TEMPLATE_FILES,
+        st.one_of(st.sampled_from(["all_assistant", "last_assistant"]), JUNK),
+        st.one_of(st.sampled_from(["auto", True, False]), JUNK),
+        st.sampled_from([8, 24, 256]),
+    )
+    fuzz("chat templates and packing", budget, strategy, check)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
