@@ -127,6 +127,20 @@ def test_bench_pretrain_quick_lr_grid_and_reuse(tmp_path: Path) -> None:
     assert again.stdout.count("reusing") == 1 and "Best learning rate" not in again.stdout
 
 
+@pytest.mark.slow  # ~40 s: two tiny trainings in their own processes (run with `pytest -m slow`)
+def test_bench_packing_quick_compares_layouts_on_the_same_tokens(tmp_path: Path) -> None:
+    if not (REPO.parent / "shared" / "data" / "self_instruct").is_dir():
+        pytest.skip("../shared/data/self_instruct is absent")
+    done = run_script("bench_packing.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "quick" / "results.json").read_text())
+    padded, packed = record["results"]["padded"][0], record["results"]["packed"][0]
+    assert padded["tokens"] == packed["tokens"] and padded["examples"] == packed["examples"] == 24
+    assert packed["computed_tokens"] < padded["computed_tokens"]  # less padding computed
+    agreement = record["agreement"]
+    assert agreement["same_tokens_learned"] and agreement["max_abs_diff"] < 1e-4
+    assert "| packed |" in done.stdout
+
+
 def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -144,7 +158,15 @@ def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_train.py", "bench_memorization.py", "bench_pretrain.py", "bench_tasks.py", "bench_qmora.py"]
+    "script",
+    [
+        "bench_train.py",
+        "bench_memorization.py",
+        "bench_pretrain.py",
+        "bench_tasks.py",
+        "bench_qmora.py",
+        "bench_packing.py",
+    ],
 )
 def test_help_names_the_command(script: str) -> None:
     done = run_script(script, "--help")
