@@ -146,6 +146,8 @@ def test_the_packing_check_refuses_attention_that_ignores_packed_positions(monke
     model.config._attn_implementation = "flex_attention"
     problem = packing_problem(model)
     assert problem is not None and "'flex_attention'" in problem and "model.attn_implementation=sdpa" in problem
+    model.config._attn_implementation = "flash_attention_2"  # separated by the varlen kernel: rows flattened
+    assert packing_problem(model) is None and flattens_packed_rows(model)
 
 
 def test_flash_attention_is_checked_before_anything_loads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,3 +174,16 @@ def test_flash_attention_rows_are_flattened_into_one() -> None:
     assert batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))  # no padding at all
     assert "attention_mask" not in batch and batch["use_cache"] is False
     assert batch["position_ids"][0].tolist() == [p for r in rows for p in r["position_ids"]]
+
+
+def test_a_packed_uuid_run_trains(tiny_config, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from tests.conftest import run_pipeline
+
+    with caplog.at_level(logging.INFO, logger="mora_train.data.packing"):
+        metrics = run_pipeline(tiny_config("trainer.packing=true", "trainer.max_seq_len=256", "trainer.max_steps=3"))
+    assert metrics["train_steps"] == 3 and metrics["run"]["merge_check"] == "passed"
+    packed = [r.getMessage() for r in caplog.records if "packed into" in r.getMessage()]
+    # 8 UUID pairs of 86 byte-level tokens each: two to a row of 256.
+    assert packed and packed[0].startswith("trainer.packing: 8 examples (688 tokens) packed into 4 rows")
