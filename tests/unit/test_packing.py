@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -72,14 +73,17 @@ def token_losses(model, batch: dict) -> torch.Tensor:
     return losses.masked_fill(targets == IGNORE_INDEX, float("nan"))
 
 
-def packed_losses_by_example(model, examples: list[dict], max_seq_len: int, flatten: bool) -> list[torch.Tensor]:
-    """Each example's per-token losses, read from the packed rows (batches of 4 rows) at its offset."""
+def packed_losses_by_example(
+    model, examples: list[dict], max_seq_len: int, flatten: bool, prepare: Callable[[dict], dict] = lambda b: b
+) -> list[torch.Tensor]:
+    """Each example's per-token losses, read from the packed rows (batches of 4 rows) at its offset; `prepare`
+    moves a batch where the model is."""
     rows, _ = pack_examples(examples, max_seq_len)
     members = best_fit_rows([len(e["input_ids"]) for e in examples], max_seq_len)
     collate = PadCollator(pad_token_id=0, flatten=flatten)
     found: dict[int, torch.Tensor] = {}
     for start in range(0, len(rows), 4):
-        losses = token_losses(model, collate(rows[start : start + 4]))
+        losses = token_losses(model, prepare(collate(rows[start : start + 4]))).cpu()
         flat = losses.reshape(-1) if flatten else None
         offset = 0
         for r, row_members in enumerate(members[start : start + 4]):
