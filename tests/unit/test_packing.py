@@ -191,3 +191,24 @@ def test_a_packed_uuid_run_trains(tiny_config, caplog: pytest.LogCaptureFixture)
     packed = [r.getMessage() for r in caplog.records if "packed into" in r.getMessage()]
     # 8 UUID pairs of 86 byte-level tokens each: two to a row of 256.
     assert packed and packed[0].startswith("trainer.packing: 8 examples (688 tokens) packed into 4 rows")
+
+
+def test_the_preflight_refuses_packing_that_cannot_keep_examples_apart(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's own check (before the adapter is built and anything is written): packing + the model's attention."""
+    import transformers.masking_utils as masking
+
+    from mora_train.training.preflight import PlannedRun, model_fit_problems
+
+    def problems(*overrides: str) -> list[str]:
+        run = compose_run(["model=tiny-llama", "adapter=lora", *overrides], tmp_path / "run")
+        model, _ = load_model_and_tokenizer(run.model)
+        planned = PlannedRun(run.model, run.trainer, run.adapter, run.rank, tmp_path / "run", None)
+        return model_fit_problems(model, planned)
+
+    assert problems("trainer.packing=true", "model.attn_implementation=eager") == []
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    assert problems("trainer.packing=false") == []  # unpacked: nothing to keep apart
+    (problem,) = problems("trainer.packing=true")
+    assert "`trainer.packing=true`" in problem and "model.attn_implementation=sdpa" in problem
