@@ -98,6 +98,9 @@ class LoraExport:
     per_layer_ranks: bool = False  # rank_pattern: each layer keeps its own rank instead of one padded rank
     dtype: str | None = None  # the exported weights' dtype
     how: str | None = None  # where the factors came from, in words
+    metric: str | None = None  # the task's primary metric, when the export was evaluated (--evaluate)
+    metric_trained: float | None = None  # ... of the trained model
+    metric_exported: float | None = None  # ... of the base with this export merged
 
 
 @dataclass

@@ -178,6 +178,11 @@ def _lora_check(lora: LoraExport) -> str:
     )
     if lora.dtype:
         text += f" Weights in {lora.dtype}."
+    if lora.metric and lora.metric_trained is not None and lora.metric_exported is not None:
+        text += (
+            f" The task's evaluation: `{lora.metric}` {lora.metric_trained:.4f} for the trained model, "
+            f"{lora.metric_exported:.4f} for the base with this export merged."
+        )
     if lora.peft_max_abs_logit_diff is not None:
         text += (
             " Loaded by plain peft in a process that never imported mora-train, it computed the trained model's "

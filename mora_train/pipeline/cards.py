@@ -23,6 +23,7 @@ from mora_train.export.card import (
     MERGED,
     CardFacts,
     LayerShape,
+    LoraExport,
     MergeCheck,
     Training,
     read_card_facts,
@@ -176,3 +177,26 @@ def export_card_facts(source: Path, model: ModelConfig) -> CardFacts:
         settings=saved,
         adapter_library=adapter_library(folder),
     )
+
+
+def lora_card_facts(source: Path, model: ModelConfig, report: dict[str, Any]) -> CardFacts:
+    """The card facts of a PEFT LoRA export (pipeline.lora_export's report): the run's, and how exact the export is.
+    A truncated export is not the trained model: its card carries the export's own evaluated score, or none."""
+    facts = export_card_facts(source, model)
+    evaluation = report.get("evaluation") or {}
+    lora = LoraExport(
+        rank=int(report["rank"]),
+        truncated=bool(report["truncated"]),
+        max_relative_error=float(report["max_relative_error"]),
+        mean_relative_error=float(report["mean_relative_error"]),
+        peft_max_abs_logit_diff=report.get("peft_max_abs_logit_diff"),
+        how=report.get("how"),
+        metric=evaluation.get("metric"),
+        metric_trained=evaluation.get("adapter"),
+        metric_exported=evaluation.get("exported_lora"),
+    )
+    metrics = facts.metrics
+    if lora.truncated:
+        exported = lora.metric_exported
+        metrics = {lora.metric: exported} if lora.metric and exported is not None else {}
+    return dataclasses.replace(facts, lora=lora, metrics=metrics)
