@@ -158,9 +158,12 @@ def write_run_cards(run_dir: Path, facts: CardFacts, adapter_dir: Path | None, m
 
 
 def export_card_facts(source: Path, model: ModelConfig) -> CardFacts:
-    """The facts an export's card starts from: the run's own (RUN_DIR/card_facts.json) with the base model named as
-    `model` names it; for an adapter folder, or a run from before cards, what its adapter_config.json says."""
-    recorded = read_card_facts(source)
+    """The facts an export's card starts from: the run's own (RUN_DIR/card_facts.json, also for SOURCE =
+    RUN_DIR/adapter) with the base model named as `model` names it; for an adapter folder on its own, or a run from
+    before cards, what its adapter_config.json says."""
+    # An adapter folder still inside its run dir (RUN_DIR/adapter) has the run's facts beside it.
+    inside_run = (source / ADAPTER_CONFIG_NAME).is_file() and RunDir(source.parent).adapter == source
+    recorded = read_card_facts(source.parent if inside_run else source)
     base_model, note, description = base_model_id(model), base_weights_note(model), base_description(model)
     if recorded is not None:
         return dataclasses.replace(recorded, base_model=base_model, base_model_note=note, base_description=description)

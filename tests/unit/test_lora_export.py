@@ -199,3 +199,4 @@ def test_a_truncated_export_of_an_adapter_folder_is_written_without_an_evaluatio
     card = ModelCard.load(tmp_path / "cut" / "README.md")
     assert card.data.library_name == "peft" and "lora" in card.data.tags and card.data.eval_results is None
     assert "**Truncated export.**" in card.text and "PeftModel.from_pretrained" in card.text
+    assert "| r̂=" in card.text  # RUN_DIR/adapter: the run's own facts (its layers), read from beside the folder
