@@ -8,15 +8,15 @@
 3. Check the Hub before anything is sent: not offline, a token (huggingface_hub's own: HF_TOKEN or `hf auth login`),
    the token valid (whoami), the repo created or already there (create_repo(exist_ok=True)), the branch there.
    Any failure here is one paragraph and nothing is uploaded.
-4. Upload: upload_folder from a staging folder of links to the files plus the card, so the run's own folder is never
-   changed (its checksums stay valid). One commit; an interrupted upload is resumed by running the command again.
+4. Upload: one create_commit of every file, the card as uploaded given as bytes, so the run's own folder is never
+   changed (its checksums stay valid). Not upload_folder: with hf_xet installed it commits a large or slow upload in
+   several parts, and an interruption would leave some of them in the repo. Run again, a push sends only what the
+   Hub does not hold yet.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,25 +171,12 @@ def describe(plan: PushPlan) -> str:
     return "\n".join(lines)
 
 
-def stage(plan: PushPlan, staging: Path) -> None:
-    """Links to the folder's files plus the card as uploaded, so that the folder itself is never changed."""
-    for name, _ in plan.files:
-        target = staging / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if name == RunDir.MODEL_CARD and plan.card is not None:
-            target.write_text(plan.card, encoding="utf-8")
-        else:
-            os.symlink((plan.folder / name).resolve(), target)
-
-
 def push(plan: PushPlan, api: Any = None) -> str:
     """Check the Hub, then upload the plan in one commit; return the commit's URL."""
     from mora_train.pipeline.push_hub import checked_hub, upload
 
     api, token = checked_hub(plan, api)
-    with tempfile.TemporaryDirectory(prefix="mora-train-push-") as staging:
-        stage(plan, Path(staging))
-        return upload(api, token, plan, Path(staging))
+    return upload(api, token, plan)
 
 
 def push_run(

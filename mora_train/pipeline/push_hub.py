@@ -1,10 +1,9 @@
 """mora-train-push's conversation with the Hugging Face Hub (huggingface_hub's HfApi): every check before the upload,
-then the upload in one commit. Each failure is one paragraph naming what failed and the fix; nothing is uploaded
-when a check fails."""
+then the upload in one commit (create_commit). Each failure is one paragraph naming what failed and the fix;
+nothing is uploaded when a check fails."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mora_train.core.errors import MoraTrainError
@@ -71,15 +70,30 @@ def _open_repo(api: Any, token: str, plan: PushPlan, user: str) -> None:
         ) from None
 
 
-def upload(api: Any, token: str, plan: PushPlan, staging: Path) -> str:
-    """Upload the staged folder in one commit; return the commit's URL."""
+def operations(plan: PushPlan) -> list[Any]:
+    """One CommitOperationAdd per file: the folder's files by path, the card as uploaded by its bytes."""
+    from huggingface_hub import CommitOperationAdd
+
+    from mora_train.core.run_dir import RunDir
+
+    return [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=plan.card.encode("utf-8"))
+        if name == RunDir.MODEL_CARD and plan.card is not None
+        else CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plan.folder / name))
+        for name, _ in plan.files
+    ]
+
+
+def upload(api: Any, token: str, plan: PushPlan) -> str:
+    """Every file in one commit (create_commit uploads the large files first, then commits them all at once);
+    return the commit's URL."""
     try:
-        commit = api.upload_folder(
+        commit = api.create_commit(
             repo_id=plan.repo_id,
-            folder_path=str(staging),
+            operations=operations(plan),
+            commit_message=f"Upload {plan.what} from mora-train",
             revision=plan.revision,
             token=token,
-            commit_message=f"Upload {plan.what} from mora-train",
         )
     except Exception as err:  # noqa: BLE001 - whatever stopped the upload, the repo did not get a partial commit
         raise MoraTrainError(

@@ -68,7 +68,7 @@ def test_dry_run_lists_every_file_and_prints_the_card_offline(
 
 
 class FakeHub:
-    """HfApi's calls that a push makes, recorded; upload_folder reads the staged folder as the real one does."""
+    """HfApi's calls that a push makes, recorded; create_commit reads each operation's content."""
 
     calls: list[tuple[str, dict[str, Any]]]
     fail: str | None = None
@@ -92,10 +92,12 @@ class FakeHub:
     def create_branch(self, repo_id: str, **kwargs: Any) -> None:
         self._record("create_branch", repo_id=repo_id, **kwargs)
 
-    def upload_folder(self, **kwargs: Any) -> Any:
-        self._record("upload_folder", **kwargs)
-        folder = Path(kwargs["folder_path"])
-        FakeHub.uploaded = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    def create_commit(self, **kwargs: Any) -> Any:
+        self._record("create_commit", **kwargs)
+        FakeHub.uploaded = {}
+        for op in kwargs["operations"]:  # CommitOperationAdd: a path on disk, or the bytes of the uploaded card
+            given = op.path_or_fileobj
+            FakeHub.uploaded[op.path_in_repo] = given if isinstance(given, bytes) else Path(given).read_bytes()
         return huggingface_hub.CommitInfo(
             commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123",
             commit_message=kwargs["commit_message"],
@@ -116,18 +118,18 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> type[FakeHub]:
 def test_a_push_checks_the_hub_then_uploads_the_folder_in_one_commit(run_dir: Path, hub: type[FakeHub]) -> None:
     before = {p.name: p.read_bytes() for p in (run_dir / "adapter").iterdir()}
     said = push_run(run_dir, REPO, "adapter", private=True, revision="mora-r8")
-    assert [name for name, _ in hub.calls] == ["whoami", "create_repo", "create_branch", "upload_folder"]
+    assert [name for name, _ in hub.calls] == ["whoami", "create_repo", "create_branch", "create_commit"]
     calls = dict(hub.calls)
     assert calls["whoami"] == {"token": "hf_token_of_me"}
     assert calls["create_repo"] == {"repo_id": REPO, "token": "hf_token_of_me", "private": True, "exist_ok": True}
     assert calls["create_branch"] == {"repo_id": REPO, "branch": "mora-r8", "token": "hf_token_of_me", "exist_ok": True}
-    upload = calls["upload_folder"]
+    upload = calls["create_commit"]  # one commit holding every file
     assert upload["repo_id"] == REPO and upload["revision"] == "mora-r8" and upload["token"] == "hf_token_of_me"
     assert set(hub.uploaded) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
     assert hub.uploaded["adapter_model.safetensors"] == before["adapter_model.safetensors"]
     card = hub.uploaded["README.md"].decode()
     assert f'folder = "{REPO}"' in card and ModelCard(card).data.library_name == "mora-train"
-    # The run's own folder is untouched (its checksums stay valid): the repo id went into the uploaded copy only.
+    # The run's own folder is untouched (its checksums stay valid): the repo id went into the uploaded card only.
     assert {p.name: p.read_bytes() for p in (run_dir / "adapter").iterdir()} == before
     assert f"https://huggingface.co/{REPO}/commit/abc123" in said and "3 files" in said
 
@@ -136,7 +138,7 @@ def test_a_public_push_to_main_leaves_visibility_to_the_hub(run_dir: Path, hub: 
     push_run(run_dir, REPO, "merged")
     calls = dict(hub.calls)
     assert "create_branch" not in calls and calls["create_repo"]["private"] is None
-    assert calls["upload_folder"]["revision"] is None
+    assert calls["create_commit"]["revision"] is None
 
 
 @pytest.mark.parametrize(
@@ -144,7 +146,7 @@ def test_a_public_push_to_main_leaves_visibility_to_the_hub(run_dir: Path, hub: 
     [
         ("whoami", "checking the token failed (PermissionError: 403 Forbidden: whoami refused)"),
         ("create_repo", "open the repo me/tiny-mora on the Hugging Face Hub as me (PermissionError: 403 Forbidden"),
-        ("upload_folder", "failed (PermissionError: 403 Forbidden: upload_folder refused). The files go up in one"),
+        ("create_commit", "failed (PermissionError: 403 Forbidden: create_commit refused). The files go up in one"),
     ],
 )
 def test_a_refused_step_is_one_paragraph_and_nothing_after_it_runs(
@@ -155,7 +157,7 @@ def test_a_refused_step_is_one_paragraph_and_nothing_after_it_runs(
         push_run(run_dir, REPO, "merged")
     assert [name for name, _ in hub.calls][-1] == failing  # nothing ran after the step that failed
     assert "\n" not in str(err.value)
-    if failing != "upload_folder":
+    if failing != "create_commit":
         assert "Nothing was uploaded." in str(err.value) and hub.uploaded == {}
 
 
