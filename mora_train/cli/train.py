@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mora_train.cli.config_errors import hydra_error_problem, hydra_errors_raised, user_environment
 from mora_train.config.overrides import open_mapping_overrides, parse_override
 from mora_train.core.errors import EXIT_UNEXPECTED, EXIT_USER, report_unexpected
-from mora_train.core.metrics import greater_is_better, metrics_of, primary_value, run_info, score
+from mora_train.core.metrics import greater_is_better, primary_value, run_info, score, scores_of
 from mora_train.core.run_dir import RunDir
 from mora_train.training.distributed import (
     is_main_process,
@@ -141,12 +141,8 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
     direction = "higher" if greater_is_better(metrics) else "lower"
     shown = [f"{primary}: {value:.4f} ({direction} is better)" if value is not None else f"{primary}: missing"]
     # A few of the task's other metrics (not its timings and counts), in the order the task reported them.
-    # (metrics_of also holds lm-evaluation-harness's, as lm_eval/TASK/METRIC, after the task's)
-    others = [
-        (k, v)
-        for k, v in metrics_of(metrics).items()
-        if k != primary and not k.endswith(("_s", "_samples", "_truncated"))
-    ]
+    # (scores_of also holds lm-evaluation-harness's, as lm_eval/TASK/METRIC, after the task's)
+    others = [(k, v) for k, v in scores_of(metrics).items() if k != primary]
     shown += [f"{k}: {v:.4f}" for k, v in others[:3]]
     wall = f"wall time: {run_info(metrics, 'wall_time_s', 0.0):.0f} s"
     if metrics.get("mode") == "eval":

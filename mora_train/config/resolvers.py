@@ -11,6 +11,9 @@ when `data_dir` is set (`data_dir=/data` or MORA_TRAIN_DATA=/data); each source 
 and `${local_or_hub:${data_dir},LOCAL,HUB}` picks any other value (field names, prompts, labels) that differs
 between the local file and the Hub copy. Overriding `path`/`hub` on the command line still works as before.
 
+Model configs whose weights are a file: `hub_id: ${hub_id_for:${.name_or_path},FILE,ORG/NAME}` (the Hub id while
+name_or_path is still that file).
+
 Run dirs: `${mora_run_dir:DEFAULT}` (hydra.run.dir) is the user's `output_dir=...` when one is given, so Hydra's
 `.hydra/` and job log land in the run dir itself, else DEFAULT (the dated outputs/ folder).
 """
@@ -45,6 +48,13 @@ def hub_dataset(data_dir: str | None, dataset_id: str) -> str | None:
 def local_or_hub(data_dir: str | None, local: Any, hub: Any) -> Any:
     """`${local_or_hub:${data_dir},LOCAL,HUB}`: LOCAL when data_dir is set, HUB when it is null."""
     return hub if data_dir is None else local
+
+
+def hub_id_for(name_or_path: str | None, shipped: str, hub_id: str) -> str | None:
+    """`hub_id: ${hub_id_for:${.name_or_path},FILE,ORG/NAME}` (a model config whose weights are a local file):
+    ORG/NAME while model.name_or_path is still FILE, null once it names another model, so that a run on another
+    model (model.name_or_path=...) never records this one's Hub id."""
+    return hub_id if name_or_path == shipped else None
 
 
 def config_file(relative: str) -> str:
@@ -84,6 +94,7 @@ RESOLVERS: dict[str, Callable[..., Any]] = {
     "data_file": data_file,
     "hub_dataset": hub_dataset,
     "local_or_hub": local_or_hub,
+    "hub_id_for": hub_id_for,
     "config_file": config_file,
     "mora_run_dir": mora_run_dir,
     "mora_dirname": safe_dirname,

@@ -121,6 +121,12 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     return {**own, **lm_eval_metrics(record)}
 
 
+def scores_of(record: dict[str, Any]) -> dict[str, float]:
+    """metrics_of without the task's timings and counts (names ending in _s, _samples, _truncated): what a summary
+    line or a model card shows as the run's results."""
+    return {k: v for k, v in metrics_of(record).items() if not k.endswith(("_s", "_samples", "_truncated"))}
+
+
 def lm_eval_metrics(record: dict[str, Any]) -> dict[str, float]:
     """lm-evaluation-harness's numbers as `lm_eval/TASK/METRIC` (its metric names, e.g.
     `lm_eval/gsm8k/exact_match,strict-match`), standard errors left out; {} when the harness did not run."""

@@ -29,6 +29,8 @@ class RunDir:
     CHECKPOINT_PREFIX = "checkpoint-"
     METRICS = "metrics.json"  # written last: its presence marks a finished run
     CHECKSUMS = "checksums.json"  # sha256 of every file of adapter/ and merged/, checked by mode=eval
+    MODEL_CARD = "README.md"  # the model card in adapter/ and merged/ (and in the folders exports write)
+    CARD_FACTS = "card_facts.json"  # what the run's model cards say, for the cards of its later exports
     ERROR_JSON = "error.json"  # a failed sweep job: what went wrong, for the report
     ERROR_TXT = "error.txt"  # the same for a reader, with the traceback
     TRACEBACK = "traceback.txt"  # an unexpected error's traceback (the one-line message names it)
@@ -62,6 +64,8 @@ class RunDir:
         CHECKPOINTS,
         METRICS,
         CHECKSUMS,
+        MODEL_CARD,
+        CARD_FACTS,
         ERROR_JSON,
         ERROR_TXT,
         TRACEBACK,
@@ -140,6 +144,10 @@ class RunDir:
     @property
     def checksums(self) -> Path:
         return self.path / self.CHECKSUMS
+
+    @property
+    def card_facts(self) -> Path:
+        return self.path / self.CARD_FACTS
 
     @property
     def error_json(self) -> Path:

@@ -7,6 +7,8 @@
 - peft_check.py  that folder loaded by plain peft in a process that never imports mora_train
 - delta.py       ΔW of a run: adapter re-attached, or merged minus base (the spectrum uses it too)
 - gather.py      the adapter to export after ZeRO / FSDP: rebuilt unsharded from the gathered weights
+- card.py        the model card (README.md) of every folder above, from the run's facts; card_text.py and
+                 card_loading.py write its body
 """
 
 from mora_train.export.checks import (

@@ -11,6 +11,7 @@ import torch
 from mora_train.config.schema import Section, setting
 from mora_train.core.errors import package_hint
 from mora_train.core.paths import looks_like_local_path, package_dir
+from mora_train.models.hub import hub_id_problems
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +55,13 @@ class ModelConfig(Section):
     )
     trust_remote_code: bool = setting(default=False, help="allow the model's own Python code from the Hub (auto_map)")
     revision: str | None = setting(default=None, help="Hub revision (branch, tag or commit) of model and tokenizer")
+    hub_id: str | None = setting(
+        default=None,
+        help="the Hub id these weights correspond to (model cards, LoRA exports); null: name_or_path if it is a Hub id",
+    )
+    hub_id_note: str | None = setting(
+        default=None, help="how the weights differ from hub_id's, one sentence; null: said for GGUF and 4-/8-bit bases"
+    )
     cache_dir: str = setting(default="~/.cache/mora-train", help="where converted GGUF models are cached")
     random_init: dict[str, Any] | None = setting(
         default=None, help="build a random model instead: architecture plus its transformers config fields"
@@ -107,6 +115,7 @@ class ModelConfig(Section):
             problems.append(
                 f"`{prefix}.name_or_path={name}` is a GGUF file, which needs the `gguf` package: pip install gguf"
             )
+        problems += hub_id_problems(prefix, self.hub_id)
         return problems + self._quantization_problems(prefix) + attn_implementation_problems(self, prefix)
 
     def _quantization_problems(self, prefix: str) -> list[str]:

@@ -36,12 +36,14 @@ from mora_train.core.io import write_json_atomically
 from mora_train.core.outputs import FOLDER, check_output_target, holds_file
 from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import refuse_if_being_written
+from mora_train.export.card import LORA, write_model_card
 from mora_train.export.delta import merged_update_factors
 from mora_train.export.lora import REPORT_JSON, LayerExport, check_truncation, export_lora, summarize
 from mora_train.export.peft_check import check_with_peft
 from mora_train.models import load_model_and_tokenizer
 from mora_train.models.config import ModelConfig
 from mora_train.models.quantization import as_float32
+from mora_train.pipeline.cards import lora_card_facts
 from mora_train.pipeline.run_config import RunConfig, named_model_config, saved_run_config
 from mora_train.tasks import TASKS
 
@@ -162,6 +164,7 @@ def export_run(
     report["export_time_s"] = time.time() - started
     table = json.loads((out_dir / REPORT_JSON).read_text())
     write_json_atomically(out_dir / REPORT_JSON, {**table, "summary": report})
+    write_model_card(out_dir, lora_card_facts(source, model_cfg, report), LORA)
     return report
 
 

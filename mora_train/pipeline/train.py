@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from mora_train.export import (
     unsharded_adapter,
 )
 from mora_train.models import load_model_and_tokenizer
+from mora_train.pipeline.cards import layer_shapes, run_card_facts, write_run_cards
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
 from mora_train.pipeline.run_dir import check_run_dir, prepare_run_dir, write_output_checksums
 from mora_train.pipeline.scoring import evaluate_model, not_evaluated
@@ -59,14 +59,13 @@ def format_summary(config: RunConfig, adapter: Adapter) -> str:
         f"adapter:   {adapter.title()}",
         f"trainable: {trainable:,} of {total:,} parameters ({100.0 * trainable / total:.3f}%)",
     ]
-    rows = adapter.module_summaries()
-    if rows:
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for row in rows:
-            groups[(row.name.rsplit(".", 1)[-1], row.d_out, row.d_in, row.size)].append(row.trainable)
+    shapes = layer_shapes(adapter)
+    if shapes:
         lines.append(f"  {'layer':<12} {'shape (out x in)':>17} {'size':>8} {'layers':>6} {'params/layer':>13}")
-        for (kind, d_out, d_in, size), counts in sorted(groups.items()):
-            lines.append(f"  {kind:<12} {f'{d_out} x {d_in}':>17} {size:>8} {len(counts):>6} {counts[0]:>13,}")
+        lines += [
+            f"  {s.kind:<12} {f'{s.d_out} x {s.d_in}':>17} {s.size:>8} {s.layers:>6} {s.params_per_layer:>13,}"
+            for s in shapes
+        ]
     return "\n".join(lines)
 
 
@@ -199,9 +198,14 @@ def finish_run(prepared: PreparedRun, result: TrainResult) -> dict[str, Any]:
     if not adapter.saves_whole_model:  # otherwise adapter/ would only repeat merged/
         adapter_dir = RunDir(run_dir).adapter
         write_dir_atomically(adapter_dir, adapter.save)
+    layers = layer_shapes(adapter)  # for the model cards: the merge below leaves the adapter without layers
     export = export_checked_merge(config, adapter, tokenizer, data, run_dir, adapter_dir)
     scores = evaluate_verified_merge(config, task, export, tokenizer, data, run_dir)
     metrics = run_record(config, task, adapter, result, export, scores, prepared.parameter_counts, prepared.started)
+    facts = run_card_facts(config, adapter, layers, metrics, export, adapter_dir)
+    write_run_cards(run_dir, facts, adapter_dir, export.passed)
+    if export.passed:
+        write_output_checksums(run_dir)  # the cards included
     plot_loss(result.log_history, RunDir(run_dir).loss_plot, f"{adapter.title()} on {task.name}")
     write_json_atomically(RunDir(run_dir).metrics, metrics)
     tracking.finish(metrics)  # the final metrics and the merge check, to the trackers of logging.report_to
@@ -250,9 +254,7 @@ def evaluate_verified_merge(
     """The task's scores of a merge that passed its check (eval.backend's evaluators); otherwise none, and the
     merge moved out of the way."""
     if export.passed:
-        scores = evaluate_model(config, task, export.model, tokenizer, data, run_dir)
-        write_output_checksums(run_dir)
-        return scores
+        return evaluate_model(config, task, export.model, tokenizer, data, run_dir)
     # A merge that does not reproduce the trained model is never evaluated nor left where a finished
     # run's merged/ is expected; the record says so, and the adapter stays usable.
     unverified = RunDir(run_dir).merged_unverified

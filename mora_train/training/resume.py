@@ -205,6 +205,7 @@ def apply_resume_plan(plan: ResumePlan) -> Path | None:
         # metrics.json goes first: until the new run writes its own, the dir no longer looks finished.
         log.warning("overwrite=true: replacing the finished run in %s", run_dir)
         RunDir(run_dir).metrics.unlink()
+        RunDir(run_dir).card_facts.unlink(missing_ok=True)  # it describes the outputs removed below
         for name in RunDir.FINISHED_OUTPUTS:
             if (run_dir / name).exists():
                 remove_via_trash(run_dir / name)

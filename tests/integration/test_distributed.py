@@ -114,6 +114,7 @@ def test_two_process_run_matches_one_process_and_writes_once(variant: str, tmp_p
         "log_history.json",
         "tensorboard",
         "checksums.json",
+        "card_facts.json",
     }
     expected |= {"adapter"} if variant != "full" else set()
     found = {p.name for p in run_dir.iterdir()} - {"checkpoints"}  # (an empty checkpoints/ may exist)

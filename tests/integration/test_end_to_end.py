@@ -158,3 +158,34 @@ def test_run_trains_exports_and_merged_model_stands_alone(variant: str, trained_
     merged_logits = trained_runs[variant].plain_logits
     mask = batch["attention_mask"].bool()
     assert (merged_logits[mask] - reference[mask]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_run_writes_model_cards_that_the_hub_parses(variant: str, trained_runs: dict[str, TrainedRun]) -> None:
+    """merged/ and adapter/ each carry a README.md model card: Hub metadata (huggingface_hub's own parser), the
+    run's final metrics, its merge check, and how to load the folder; checksums.json covers them."""
+    from huggingface_hub import ModelCard
+
+    run_dir = trained_runs[variant].run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    merged = ModelCard.load(run_dir / "merged" / "README.md")
+    assert merged.data.library_name == "transformers" and merged.data.pipeline_tag == "text-generation"
+    assert merged.data.tags[:2] == ["mora-train", metrics["adapter"]]
+    assert merged.data.base_model is None  # model=tiny-llama is random: described in the body, never named
+    scores = {r.metric_type: r.metric_value for r in merged.data.eval_results}
+    assert scores == {"char_accuracy": metrics["char_accuracy"], "exact_match": metrics["exact_match"]}
+    assert f"max |logit difference| {metrics['merge_max_abs_diff']:.3g}" in merged.text
+    assert f"tolerance {metrics['merge_tolerance']:.3g}" in merged.text
+    assert f"{metrics['trainable_params']:,} of {metrics['total_params']:,}" in merged.text
+    checksummed = json.loads((run_dir / "checksums.json").read_text())
+    assert "merged/README.md" in checksummed
+    if variant == "full":
+        return
+    adapter = ModelCard.load(run_dir / "adapter" / "README.md")
+    assert adapter.data.library_name == ("peft" if variant == "lora" else "mora-train")  # peft wrote LoRA's folder
+    assert ("PeftModel.from_pretrained" in adapter.text) == (variant == "lora")
+    assert "adapter/README.md" in checksummed
+    size = "r=4" if variant == "lora" else "r̂="
+    assert f"| {size}" in adapter.text  # the per-layer-shape table: LoRA's r, MoRA's r̂
+    recorded = json.loads((run_dir / "card_facts.json").read_text())
+    assert recorded["method"] == metrics["adapter"] and recorded["merge"]["passed"] is True

@@ -385,6 +385,9 @@ def test_a_failed_merge_check_keeps_the_adapter_writes_metrics_and_exits_5(tmp_p
     assert "merge_max_abs_diff" in metrics and "char_accuracy" not in metrics  # not evaluated
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert not (run_dir / "merged").exists() and (run_dir / "merged-unverified" / "model.safetensors").is_file()
+    # The adapter's model card says so; the unverified merge gets none (it is not for others to load).
+    assert "**Merge check: FAILED.**" in (run_dir / "adapter" / "README.md").read_text()
+    assert not (run_dir / "merged-unverified" / "README.md").exists()
 
 
 # -- pathological records ------------------------------------------------------------------------------------

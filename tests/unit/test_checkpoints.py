@@ -89,9 +89,11 @@ def test_starting_over_needs_overwrite_and_deletes_nothing_without_it(tmp_path: 
 def test_a_finished_run_replaced_with_overwrite_loses_its_outputs_first(tmp_path: Path) -> None:
     make_checkpoint(tmp_path / "checkpoints", 4)
     (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "card_facts.json").write_text("{}")
     (tmp_path / "merged").mkdir()
     assert plan_resume(tmp_path, "auto", True, {"adapter": "lora", "rank": 8}) is None
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "merged").exists()
+    assert not (tmp_path / "card_facts.json").exists()  # the old outputs' model-card facts go with them
     assert complete_checkpoints(tmp_path / "checkpoints") == []
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import PeftModel
 from torch import nn
 
@@ -135,6 +136,9 @@ def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Pa
     lora = _train(tmp_path, "lora", "adapter=lora")
     exact = export_run(sharing, tmp_path / "exp-sharing")
     assert exact["max_relative_error"] == 0.0 and exact["peft_max_abs_logit_diff"] < 1e-4
+    card = ModelCard.load(tmp_path / "exp-sharing" / "README.md")  # the run's card, with the export's checks
+    assert card.data.library_name == "peft" and card.data.tags == ["mora-train", "mora", "lora", "peft"]
+    assert "**Exact export.**" in card.text and "**Merge check: passed.**" in card.text and "| r̂=" in card.text
     from_lora = export_run(lora, tmp_path / "exp-lora")
     assert from_lora["peft_max_abs_logit_diff"] < 1e-4 and from_lora["rank"] == 8
     cut = export_run(sharing, tmp_path / "exp-cut", rank=2)  # truncated: evaluated before / after by default
@@ -191,3 +195,8 @@ def test_a_truncated_export_of_an_adapter_folder_is_written_without_an_evaluatio
     report = export_run(run_dir / "adapter", tmp_path / "cut", rank=2, base_model="tiny-llama", check=False)
     assert report["truncated"] and report["rank"] == 2 and "evaluation" not in report
     assert not (tmp_path / "cut" / "evaluation").exists()
+    # Its model card says it is truncated, and claims none of the trained model's scores for it.
+    card = ModelCard.load(tmp_path / "cut" / "README.md")
+    assert card.data.library_name == "peft" and "lora" in card.data.tags and card.data.eval_results is None
+    assert "**Truncated export.**" in card.text and "PeftModel.from_pretrained" in card.text
+    assert "| r̂=" in card.text  # RUN_DIR/adapter: the run's own facts (its layers), read from beside the folder
