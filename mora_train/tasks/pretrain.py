@@ -14,9 +14,10 @@ from mora_train.data.common import PadCollator
 from mora_train.evaluation import pretrain as evaluation
 from mora_train.evaluation.config import PerplexityEvalSettings
 from mora_train.tasks.task import Task
+from mora_train.tasks.validation import ValidationSplit
 
 
-class PretrainSettings(data.PretrainRecipe):
+class PretrainSettings(data.PretrainRecipe, ValidationSplit):
     """task=pretrain / biomed / finance: packed raw text, held-out perplexity and zero-shot benchmarks."""
 
     eval: PerplexityEvalSettings = setting(
@@ -55,6 +56,13 @@ def evaluate(
     )
 
 
+def validation(
+    settings: PretrainSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, built: data.PretrainData
+) -> list[dict]:
+    """The held-out text, packed as the training text is."""
+    return built.eval_blocks
+
+
 def task(name: str, primary_metric: str, greater_is_better: bool) -> Task:
     """One recipe, several task names: configs/task/NAME.yaml sets the text and the benchmarks."""
     return Task(
@@ -65,4 +73,5 @@ def task(name: str, primary_metric: str, greater_is_better: bool) -> Task:
         build=build,
         build_eval=build_eval,
         evaluate=evaluate,
+        validation=validation,
     )
