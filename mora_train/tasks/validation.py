@@ -90,7 +90,8 @@ def build_validation(
             "`task.data.eval` gave no validation examples for trainer.eval_steps; check its records, or carve the "
             "validation set out of the training set with task.val_size=0.1"
         )
-    return Validation(built.train, examples, f"task.data.eval ({len(examples)} examples)")
+    count = len(examples)
+    return Validation(built.train, examples, f"task.data.eval ({count} example{'' if count == 1 else 's'})")
 
 
 def carve(train: Any, val_size: int | float, seed: int) -> Validation:
