@@ -128,8 +128,8 @@ class AdapterTrainer(Trainer):
             self._staging_root = None
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_N.pth) are in staging
+        self._record_best_checkpoint(checkpoints_dir, staged)  # every rank: each loads it under trainer.load_best
         if self.args.should_save:
-            self._record_best_checkpoint(checkpoints_dir, staged)
             info = {"step": step, **self.adapter.identity_now()}
             publish(staged, checkpoints_dir / staged.name, info)
             best = self.state.best_model_checkpoint
@@ -149,7 +149,8 @@ class AdapterTrainer(Trainer):
         if best != self.state.global_step and not is_complete(final):
             return  # the best step was not checkpointed (early stopping without trainer.load_best)
         self.state.best_model_checkpoint = str(final)
-        self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         new_best = super()._determine_best_metric(metrics, trial)

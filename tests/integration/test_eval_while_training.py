@@ -10,7 +10,10 @@ loss keeps falling, and early stopping ends the run well before trainer.max_step
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,29 @@ def test_a_resumed_run_continues_the_patience_count(overfit, tmp_path, monkeypat
     assert stopped < (stopped - 1) + EVERY * PATIENCE  # a count started afresh at the resume stops later
     assert eval_losses(run_dir) == pytest.approx(eval_losses(reference_dir), abs=1e-5)
     assert resumed["run"]["weights_step"] == reference["best_step"]
+
+
+@pytest.mark.multiprocess
+def test_two_process_run_evaluates_stops_and_loads_the_best_on_every_rank(overfit, tmp_path) -> None:
+    """DDP (2 CPU processes): the same evaluations, stop and best step as one process, and both ranks end on the
+    best checkpoint's weights (each loads it; the replica checksums agree)."""
+    single_dir, single = overfit
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [*launch, "-m", "mora_train", *OVERFITS, f"output_dir={run_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run"]["world_size"] == 2 and metrics["train_steps"] == single["train_steps"]
+    assert metrics["best_step"] == single["best_step"] == metrics["run"]["weights_step"]
+    checksums = metrics["run"]["replica_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1], "a rank did not end on the best checkpoint"
+    # the best step's model, as one process trained it (up to the reduction order of two processes)
+    assert (merged_logits(run_dir) - merged_logits(single_dir)).abs().max().item() < 1e-3
