@@ -149,7 +149,22 @@ def summary_line(metrics: dict, run_dir: Path) -> str:
         where = f"evaluated: {metrics['evaluated']} on task {metrics['task']}"
         return f"{where}\n" + "   ".join([*shown, f"metrics: {RunDir(run_dir).metrics.resolve()}", wall])
     shown += [f"train_loss: {metrics['train_loss']:.4f}", f"merge_max_abs_diff: {metrics['merge_max_abs_diff']:.2e}"]
-    return f"merged model: {RunDir(run_dir).merged.resolve()}\n" + "   ".join([*shown, wall])
+    return f"merged model: {RunDir(run_dir).merged.resolve()}\n" + "   ".join([*shown, wall]) + evaluation_line(metrics)
+
+
+def evaluation_line(metrics: dict) -> str:
+    """A third line for runs that evaluated while training: the best step, an early stop, the merged step."""
+    best, loss = metrics.get("best_step"), metrics.get("best_eval_loss")
+    if best is None or loss is None:
+        return ""
+    parts = [f"lowest eval_loss during training: {loss:.4f} at step {best}"]
+    stopped = run_info(metrics, "early_stopped_at_step")
+    if stopped is not None:
+        parts.append(f"stopped early at step {stopped}")
+    weights = run_info(metrics, "weights_step")
+    if weights is not None:
+        parts.append(f"merged model: step {weights}" + (" (the best)" if weights == best else ""))
+    return "\n" + "   ".join(parts)
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ A run's record has three parts:
   without knowing the task;
 * results: the task's own metrics (`metrics_of`) and the training results in TRAINING_KEYS;
 * `run`: bookkeeping of how the job ran (engine, world size, resume step, skipped steps, memory,
-  wall time), never taken for a metric;
+  wall time; with evaluation while training the validation set, `early_stopped_at_step` and `weights_step`,
+  the step whose weights were exported: the best one under trainer.load_best), never taken for a metric;
 * `lm_eval` (only with `eval.backend=lm_eval` or `both`): lm-evaluation-harness's results, its version
   and the settings it ran with (mora_train.evaluation.lm_harness). Its numbers count as metrics of the run
   under flat names `lm_eval/TASK/METRIC` (`lm_eval_metrics`), which `primary_metric` may name.
@@ -49,6 +50,9 @@ TRAINING_KEYS = (
     # quantized base: max |logit difference| between its quantized kernels and its de-quantized weights
     "quantized_kernel_max_abs_diff",
     "quantized_kernel_tolerance",
+    # evaluation while training (trainer.eval_steps; else null): the lowest validation loss and its step
+    "best_eval_loss",
+    "best_step",
 )
 RUN_SECTION = "run"
 LM_EVAL_SECTION = "lm_eval"

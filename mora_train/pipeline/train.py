@@ -20,7 +20,7 @@ from mora_train.adapters import Adapter, adapter_identity, build_adapter
 from mora_train.adapters.base import count_parameters
 from mora_train.core.errors import EXIT_MERGE_CHECK, MoraTrainError, RunStopped
 from mora_train.core.io import write_dir_atomically, write_json_atomically
-from mora_train.core.metrics import make_record
+from mora_train.core.metrics import RUN_SECTION, make_record
 from mora_train.core.run_dir import RunDir
 from mora_train.core.run_lock import RunDirLock
 from mora_train.export import (
@@ -37,6 +37,7 @@ from mora_train.pipeline.run_dir import check_run_dir, prepare_run_dir, write_ou
 from mora_train.pipeline.scoring import evaluate_model, not_evaluated
 from mora_train.pipeline.validate import validate
 from mora_train.tasks import TASKS
+from mora_train.tasks.validation import Validation, build_validation
 from mora_train.training import distributed, tracking
 from mora_train.training.checkpoints import checkpoint_step
 from mora_train.training.preflight import PlannedRun, check_model_fit
@@ -114,6 +115,7 @@ class PreparedRun:
     resume_from: Path | None
     parameter_counts: tuple[int, int]  # trainable, total (before training: what the summary shows)
     started: float
+    validation: Validation | None = None  # evaluation while training: the training examples left and the eval set
 
 
 def _run(composed: ComposedConfig, lock: RunDirLock | None) -> dict[str, Any]:
@@ -144,6 +146,7 @@ def setup_run(composed: ComposedConfig, lock: RunDirLock | None) -> PreparedRun:
     data = task.build(config.task, tokenizer, config.trainer.max_seq_len)
     if not data.train:
         raise MoraTrainError(f"task {task.name} produced no training examples; check task.* settings")
+    validation = build_validation(task, config.task, config.trainer, tokenizer, data, config.seed)
     adapter = build_adapter(
         model, config.adapter, config.rank, load_base=lambda: load_model_and_tokenizer(config.model)[0]
     )
@@ -155,6 +158,7 @@ def setup_run(composed: ComposedConfig, lock: RunDirLock | None) -> PreparedRun:
     resume_from = distributed.run_on_main_process(lambda: apply_resume_plan(plan))
     counts = count_parameters(adapter.model)
     prepared = PreparedRun(config, run_dir, task, tokenizer, data, adapter, extras, resume_from, counts, started)
+    prepared.validation = validation
     if distributed.is_main_process():
         announce(prepared)
     return prepared
@@ -169,15 +173,17 @@ def announce(prepared: PreparedRun) -> None:
             flush=True,
         )
     print(format_summary(prepared.config, prepared.adapter), flush=True)
+    if prepared.validation is not None:
+        print(f"validation: {prepared.validation.source}", flush=True)
 
 
 def train_run(prepared: PreparedRun) -> TrainResult:
     """Every rank trains (mora_train.training.trainer: checkpoints, stops on signals, non-finite losses)."""
-    config = prepared.config
+    config, validation = prepared.config, prepared.validation
     return train(
         prepared.adapter,
         prepared.tokenizer,
-        prepared.data.train,
+        validation.train if validation is not None else prepared.data.train,
         config.trainer,
         config.seed,
         prepared.run_dir,
@@ -185,6 +191,7 @@ def train_run(prepared: PreparedRun) -> TrainResult:
         prepared.extras,
         config.distributed,
         config.logging,
+        eval_examples=validation.examples if validation is not None else None,
     )
 
 
@@ -202,6 +209,7 @@ def finish_run(prepared: PreparedRun, result: TrainResult) -> dict[str, Any]:
     export = export_checked_merge(config, adapter, tokenizer, data, run_dir, adapter_dir)
     scores = evaluate_verified_merge(config, task, export, tokenizer, data, run_dir)
     metrics = run_record(config, task, adapter, result, export, scores, prepared.parameter_counts, prepared.started)
+    metrics[RUN_SECTION].update(evaluation_record(prepared.validation, result))
     facts = run_card_facts(config, adapter, layers, metrics, export, adapter_dir)
     write_run_cards(run_dir, facts, adapter_dir, export.passed)
     if export.passed:
@@ -212,6 +220,16 @@ def finish_run(prepared: PreparedRun, result: TrainResult) -> dict[str, Any]:
     if not export.passed:
         raise MoraTrainError(export.failure_message(adapter_dir), exit_code=EXIT_MERGE_CHECK)
     return metrics
+
+
+def evaluation_record(validation: Validation | None, result: TrainResult) -> dict[str, Any]:
+    """metrics.json's `run` keys of evaluation while training: the validation set, where training ended, and the
+    step whose weights adapter/ and merged/ hold (the best one under trainer.load_best)."""
+    return {
+        "validation": validation.source if validation is not None else None,
+        "early_stopped_at_step": result.stopped_early_at,
+        "weights_step": result.weights_step if result.weights_step is not None else result.steps,
+    }
 
 
 def rebuilt_adapter(config: RunConfig) -> Adapter:
@@ -297,6 +315,8 @@ def run_record(
         "merge_before_cast_tolerance": before_cast.tolerance if before_cast is not None else None,
         "quantized_kernel_max_abs_diff": export.quantized_kernel_diff,
         "quantized_kernel_tolerance": export.quantized_kernel_tolerance,
+        "best_eval_loss": result.best_eval_loss,
+        "best_step": result.best_step,
     }
     run_info = {
         "wall_time_s": time.time() - started,

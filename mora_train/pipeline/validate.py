@@ -2,7 +2,8 @@
 
 `read_run_config` checks each section on its own (types, unknown keys, the section's `check`); this adds the
 checks that need two sections (a method on a quantized base, restarts on it, the engine against the trainer
-and the method, the evaluation backend against the task, trainer.hf against transformers).
+and the method, the evaluation backend against the task, trainer.hf against transformers, the validation set of
+evaluation while training against the task and the engine).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from mora_train.adapters import adapter_config_problems
 from mora_train.core.errors import ConfigError
 from mora_train.evaluation import lm_harness
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
+from mora_train.tasks import TASKS
+from mora_train.tasks.validation import validation_problems
 from mora_train.training import distributed_config
+from mora_train.training.eval_callbacks import engine_problems
 from mora_train.training.hf_arguments import hf_problems
 from mora_train.training.restarts import restart_problems
 
@@ -24,6 +28,8 @@ def cross_section_problems(run: RunConfig) -> list[str]:
     problems += hf_problems(run.trainer)
     problems += lm_harness.config_problems(run.eval, run.task.name)
     problems += distributed_config.config_problems(run.distributed, run.trainer, run.adapter, quantization=quantization)
+    problems += validation_problems(run.trainer, run.task, TASKS[run.task.name])  # evaluation while training
+    problems += engine_problems(run.trainer, run.distributed.engine)
     return problems
 
 

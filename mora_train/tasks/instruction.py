@@ -13,9 +13,10 @@ from mora_train.data.common import PadCollator
 from mora_train.evaluation import instruction as evaluation
 from mora_train.evaluation.config import InstructionEvalSettings
 from mora_train.tasks.task import Task
+from mora_train.tasks.validation import ValidationSplit
 
 
-class InstructionSettings(data.InstructionRecipe):
+class InstructionSettings(data.InstructionRecipe, ValidationSplit):
     """task=instruction: Alpaca-style or chat records, loss on the responses."""
 
     eval: InstructionEvalSettings = setting(
@@ -54,6 +55,13 @@ def evaluate(
     )
 
 
+def validation(
+    settings: InstructionSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, built: data.InstructionData
+) -> list[dict]:
+    """The held-out conversations, tokenized as training's (loss on the responses)."""
+    return built.eval_examples
+
+
 TASK = Task(
     name="instruction",
     primary_metric="eval_loss",
@@ -62,4 +70,5 @@ TASK = Task(
     build=build,
     build_eval=build_eval,
     evaluate=evaluate,
+    validation=validation,
 )

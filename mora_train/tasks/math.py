@@ -14,13 +14,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mora_train.config.schema import setting
 from mora_train.data import math as data
+from mora_train.data.common import LengthReport, fit_to_length
 from mora_train.evaluation import math as evaluation
 from mora_train.evaluation.answers import extract_answer
 from mora_train.evaluation.config import GenerationEvalSettings
 from mora_train.tasks.task import Task
+from mora_train.tasks.validation import ValidationSplit
 
 
-class MathSettings(data.MathRecipe):
+class MathSettings(data.MathRecipe, ValidationSplit):
     """task=gsm8k / task=metamath: math word problems, evaluated on GSM8K-style final answers."""
 
     eval: GenerationEvalSettings = setting(
@@ -47,6 +49,21 @@ def evaluate(
     return evaluation.evaluate(settings.eval, model, tokenizer, built.problems, prompts, run_dir, name=settings.name)
 
 
+def validation(
+    settings: MathSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, built: data.MathData
+) -> list[dict]:
+    """The evaluation problems with their reference solutions, tokenized as training pairs (loss on the solution;
+    a solution longer than max_seq_len is cut, so every problem counts)."""
+    examples = []
+    for problem in built.problems:
+        prompt, completion = data.format_pair(settings, problem.question, problem.reference)
+        ids, labels = data.encode_pair(tokenizer, prompt, completion, max_seq_len)
+        example = fit_to_length(ids, labels, max_seq_len, "truncate", LengthReport())
+        if example is not None:
+            examples.append(example)
+    return examples
+
+
 def task(name: str) -> Task:
     """One recipe, several task names: configs/task/NAME.yaml sets what differs."""
     return Task(
@@ -57,4 +74,5 @@ def task(name: str) -> Task:
         build=build,
         build_eval=build_eval,
         evaluate=evaluate,
+        validation=validation,
     )

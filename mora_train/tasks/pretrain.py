@@ -15,9 +15,10 @@ from mora_train.evaluation import pretrain as evaluation
 from mora_train.evaluation.config import PerplexityEvalSettings
 from mora_train.models.attention import flattens_packed_rows
 from mora_train.tasks.task import Task
+from mora_train.tasks.validation import ValidationSplit
 
 
-class PretrainSettings(data.PretrainRecipe):
+class PretrainSettings(data.PretrainRecipe, ValidationSplit):
     """task=pretrain / biomed / finance: packed raw text, held-out perplexity and zero-shot benchmarks."""
 
     eval: PerplexityEvalSettings = setting(
@@ -56,6 +57,13 @@ def evaluate(
     )
 
 
+def validation(
+    settings: PretrainSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, built: data.PretrainData
+) -> list[dict]:
+    """The held-out text, packed as the training text is."""
+    return built.eval_blocks
+
+
 def task(name: str, primary_metric: str, greater_is_better: bool) -> Task:
     """One recipe, several task names: configs/task/NAME.yaml sets the text and the benchmarks."""
     return Task(
@@ -66,4 +74,5 @@ def task(name: str, primary_metric: str, greater_is_better: bool) -> Task:
         build=build,
         build_eval=build_eval,
         evaluate=evaluate,
+        validation=validation,
     )

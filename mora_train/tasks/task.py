@@ -21,3 +21,6 @@ class Task:
     # Evaluation data only, for mode=eval: (settings, tokenizer, max_seq_len) -> data (None: `build` is cheap
     # enough to use instead).
     build_eval: Callable[..., Any] | None = None
+    # The held-out set as tokenized examples, for evaluation while training (trainer.eval_steps):
+    # (settings, tokenizer, max_seq_len, data) -> examples; None: the task has none (task.val_size carves one).
+    validation: Callable[..., Any] | None = None

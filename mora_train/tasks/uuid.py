@@ -12,9 +12,10 @@ from mora_train.data import uuid as data
 from mora_train.evaluation import uuid as evaluation
 from mora_train.evaluation.config import UuidEvalSettings
 from mora_train.tasks.task import Task
+from mora_train.tasks.validation import ValidationSplit
 
 
-class UuidSettings(data.UuidRecipe):
+class UuidSettings(data.UuidRecipe, ValidationSplit):
     """task=uuid: the paper's UUID memorization."""
 
     eval: UuidEvalSettings = setting(factory=UuidEvalSettings, help="greedy generation of each key's value")

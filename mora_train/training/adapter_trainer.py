@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 
 from mora_train.adapters.base import Adapter
 from mora_train.core.errors import MoraTrainError, RunStopped
@@ -127,12 +128,43 @@ class AdapterTrainer(Trainer):
             self._staging_root = None
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()  # every rank's files (e.g. rng_state_N.pth) are in staging
+        self._record_best_checkpoint(checkpoints_dir, staged)  # every rank: each loads it under trainer.load_best
         if self.args.should_save:
             info = {"step": step, **self.adapter.identity_now()}
             publish(staged, checkpoints_dir / staged.name, info)
-            rotate(checkpoints_dir, self.args.save_total_limit)
+            best = self.state.best_model_checkpoint
+            rotate(checkpoints_dir, self.args.save_total_limit, keep=Path(best) if best else None)
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()
+
+    def _record_best_checkpoint(self, checkpoints_dir: Path, staged: Path) -> None:
+        """The best step's checkpoint under its final name, in the state and in the staged trainer_state.json.
+
+        The stock code looked for it under the staging folder it saved into (found only when the best step is
+        this one, under a name that is gone once published); resume and load_best need the published one."""
+        best = self.state.best_global_step
+        if not best:
+            return
+        final = checkpoints_dir / RunDir.checkpoint_name(best)
+        if best != self.state.global_step and not is_complete(final):
+            return  # the best step was not checkpointed (early stopping without trainer.load_best)
+        self.state.best_model_checkpoint = str(final)
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        new_best = super()._determine_best_metric(metrics, trial)
+        if new_best and self.args.load_best_model_at_end and self.args.save_strategy == "steps":
+            # Checkpoint every new best (not only those on a save step), so load_best ends on the lowest eval_loss.
+            self.control.should_save = True
+        return new_best
+
+    def _load_best_model(self) -> None:
+        """trainer.load_best: the best checkpoint's weights, loaded as resume loads them (adapter and extra state)."""
+        best = self.state.best_model_checkpoint
+        assert best is not None  # Trainer calls this only when it has one
+        log.info("loading the best checkpoint %s (eval_loss %s; trainer.load_best=true)", best, self.state.best_metric)
+        self._load_from_checkpoint(best)
 
     def save_last_good_checkpoint(self) -> Path | None:
         """After NonFiniteLoss: checkpoint the state before the bad step (weights and optimizer untouched by it)."""

@@ -191,10 +191,12 @@ def publish(staged: Path, final: Path, info: dict[str, Any]) -> None:
             staged.parent.rmdir()  # only when empty (another process's files may still be staged)
 
 
-def rotate(checkpoints_dir: Path, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints (all when keep is None or < 1)."""
-    if keep is None or keep < 1:
+def rotate(checkpoints_dir: Path, limit: int | None, keep: Path | None = None) -> None:
+    """Keep the newest `limit` complete checkpoints (all when limit is None or < 1), and `keep` (the best one)."""
+    if limit is None or limit < 1:
         return
-    for old in complete_checkpoints(checkpoints_dir)[:-keep]:
-        log.info("deleting old checkpoint %s (trainer.save_total_limit=%d)", old, keep)
+    for old in complete_checkpoints(checkpoints_dir)[:-limit]:
+        if keep is not None and old.name == Path(keep).name:
+            continue
+        log.info("deleting old checkpoint %s (trainer.save_total_limit=%d)", old, limit)
         remove_via_trash(old)

@@ -91,6 +91,27 @@ class TrainerConfig(Section):
         default=False, help="also train the input embeddings and the LM head (pretraining)"
     )
     restart: RestartConfig = setting(factory=RestartConfig, help="ReMoRA / ReLoRA merge-and-restart")
+    # Evaluation while training: the validation set is task.val_size carved from the training set, else the task's
+    # held-out set (task.data.eval); checked against the task by tasks.validation.validation_problems.
+    eval_steps: int = setting(
+        default=0, help="evaluate the validation set every N steps (eval_loss to every tracker); 0: never"
+    )
+    early_stopping_patience: int = setting(
+        default=0, help="stop after N evaluations in a row without a better eval_loss; 0: never stop early"
+    )
+    early_stopping_threshold: float = setting(
+        default=0.0, help="how much lower eval_loss must be to count as better, for early stopping"
+    )
+    load_best: bool = setting(
+        default=False, help="end on the checkpoint with the lowest eval_loss: adapter/ and merged/ hold that step"
+    )
+    sample_every: int = setting(
+        default=0, help="every N steps, log greedy generations of a few validation prompts as text; 0: never"
+    )
+    num_samples: int = setting(default=3, help="how many validation prompts trainer.sample_every generates from")
+    sample_max_new_tokens: int = setting(
+        default=64, help="generation cap of trainer.sample_every (the reference's length when shorter)"
+    )
     hf: dict[str, Any] = setting(
         factory=dict, help="any other transformers TrainingArguments field, e.g. +trainer.hf.neftune_noise_alpha=5"
     )
@@ -115,6 +136,46 @@ class TrainerConfig(Section):
             problems.append(
                 f"`{prefix}.save_total_limit={self.save_total_limit}` must be at least 1 (the newest checkpoint is "
                 "what resume needs), or null to keep every checkpoint"
+            )
+        return problems + self._evaluation_problems(prefix)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether training reads a validation set (evaluations or generated samples)."""
+        return self.eval_steps > 0 or self.sample_every > 0
+
+    def _evaluation_problems(self, prefix: str) -> list[str]:
+        """eval_steps, early stopping, load_best and samples: ranges, and what each needs of the others."""
+        minimums = (("eval_steps", 0), ("early_stopping_patience", 0), ("sample_every", 0), ("num_samples", 1))
+        problems = [
+            f"`{prefix}.{key}={getattr(self, key)}` must be at least {minimum}"
+            for key, minimum in (*minimums, ("sample_max_new_tokens", 1))
+            if getattr(self, key) < minimum
+        ]
+        if self.early_stopping_threshold < 0:
+            problems.append(f"`{prefix}.early_stopping_threshold={self.early_stopping_threshold}` must be at least 0")
+        every = self.eval_steps
+        fix = f"set {prefix}.eval_steps=N (the validation set: task.data.eval, or task.val_size=0.1 carved from train)"
+        if self.early_stopping_patience > 0 and every <= 0:
+            problems.append(
+                f"`{prefix}.early_stopping_patience={self.early_stopping_patience}` counts evaluations without a "
+                f"better eval_loss, and `{prefix}.eval_steps=0` runs no evaluation during training; {fix}"
+            )
+        if self.load_best and every <= 0:
+            problems.append(
+                f"`{prefix}.load_best=true` picks the checkpoint with the lowest eval_loss, and "
+                f"`{prefix}.eval_steps=0` runs no evaluation during training; {fix}"
+            )
+        elif self.load_best and (self.save_steps <= 0 or self.save_steps % every):
+            problems.append(
+                f"`{prefix}.load_best=true` needs a checkpoint at evaluation steps, and `{prefix}.save_steps="
+                f"{self.save_steps}` is not a multiple of `{prefix}.eval_steps={every}` (transformers requires it): "
+                f"set {prefix}.save_steps={every} or another multiple of it"
+            )
+        if self.load_best and self.save_total_limit == 1:
+            problems.append(
+                f"`{prefix}.save_total_limit=1` with `{prefix}.load_best=true`: the best checkpoint and the newest "
+                f"(which resume continues from) are both kept; set {prefix}.save_total_limit=2 or more (or null)"
             )
         return problems
 

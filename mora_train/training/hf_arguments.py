@@ -61,6 +61,13 @@ OWNED_FIELDS: dict[str, str] = {
     "seed": "`seed` (each process gets seed + rank)",
     "data_seed": "`seed` (the same data order on every process)",
     "resume_from_checkpoint": "`trainer.resume`",
+    "eval_strategy": "`trainer.eval_steps` (0: no evaluation during training)",
+    "eval_steps": "`trainer.eval_steps`",
+    "per_device_eval_batch_size": "`trainer.micro_batch_size`",
+    "load_best_model_at_end": "`trainer.load_best`",
+    "metric_for_best_model": "mora-train itself (eval_loss: the validation loss early stopping and load_best compare)",
+    "greater_is_better": "mora-train itself (a lower eval_loss is better)",
+    "prediction_loss_only": "mora-train itself (true: evaluation during training computes the loss only)",
     "deepspeed": "`distributed=zero2`, `zero3` or `deepspeed` (with `distributed.deepspeed_config` and "
     "`distributed.deepspeed_overrides`)",
     "fsdp": "`distributed=fsdp`",
@@ -76,9 +83,9 @@ OWNED_FIELDS: dict[str, str] = {
     "disable_tqdm": "mora-train itself",
 }
 
-# Fields that make Trainer evaluate during training: mora-train gives Trainer no evaluation data (evaluation
-# runs after training, from the `eval` section), so Trainer would fail at its first evaluation.
-_NEEDS_EVAL_LOOP: dict[str, Any] = {"eval_strategy": "no", "eval_on_start": False, "load_best_model_at_end": False}
+# Fields that make Trainer evaluate, with the value that does not: Trainer gets the validation set only with
+# trainer.eval_steps > 0, and would fail at its first evaluation without it.
+_NEEDS_EVAL_LOOP: dict[str, Any] = {"eval_on_start": False}
 
 # Schedulers that Trainer steps with an evaluation metric (its isinstance checks for ReduceLROnPlateau and
 # GreedyLR; TrainingArguments refuses both without an eval strategy). A signature cannot tell: a test
@@ -130,7 +137,7 @@ def hf_arguments(trainer: TrainerConfig) -> dict[str, Any]:
     """TrainingArguments keyword arguments from `trainer.hf`, each converted to its field's type (an int
     where transformers expects a float becomes a float). Raises ConfigError on a key `hf_problems` refuses."""
     problems: list[str] = []
-    kwargs = _hf_fields(trainer.hf, "trainer", problems)
+    kwargs = _hf_fields(trainer.hf, "trainer", problems, trainer.eval_steps > 0)
     if problems:
         raise ConfigError(problems)
     return kwargs
@@ -139,9 +146,10 @@ def hf_arguments(trainer: TrainerConfig) -> dict[str, Any]:
 def hf_problems(trainer: TrainerConfig, prefix: str = "trainer") -> list[str]:
     """Every problem with `trainer.hf`, `trainer.optim` and `trainer.lr_scheduler(_kwargs)`, one message each."""
     problems: list[str] = []
-    _hf_fields(trainer.hf, prefix, problems)
+    evaluates = trainer.eval_steps > 0
+    _hf_fields(trainer.hf, prefix, problems, evaluates)
     problems += optimizer_problems(trainer.optim, prefix)
-    problems += scheduler_problems(trainer.lr_scheduler, trainer.lr_scheduler_kwargs, prefix)
+    problems += scheduler_problems(trainer.lr_scheduler, trainer.lr_scheduler_kwargs, prefix, evaluates)
     return problems
 
 
@@ -173,10 +181,10 @@ def scheduler_rule(name: str) -> SchedulerRule:
     refusal = None
     if name in _METRIC_DRIVEN:
         refusal = (
-            "it steers the learning rate by an evaluation metric, and mora-train runs no "
-            "evaluation during training (evaluation comes after, from the `eval` section); use a fixed schedule "
-            "such as cosine, cosine_with_min_lr (with lr_scheduler_kwargs {min_lr_rate: 0.1}) or "
-            "warmup_stable_decay (with {num_decay_steps: N})"
+            "it steers the learning rate by the validation loss, and trainer.eval_steps=0 runs no evaluation "
+            "during training: set trainer.eval_steps=N (with a validation set: task.data.eval or task.val_size), "
+            "or use a fixed schedule such as cosine, cosine_with_min_lr (with lr_scheduler_kwargs "
+            "{min_lr_rate: 0.1}) or warmup_stable_decay (with {num_decay_steps: N})"
         )
     return SchedulerRule(
         name=name,
@@ -210,8 +218,11 @@ def optimizer_problems(optim: str, prefix: str = "trainer") -> list[str]:
     return []
 
 
-def scheduler_problems(name: str, kwargs: Mapping[str, Any], prefix: str = "trainer") -> list[str]:
-    """`name` must be a transformers scheduler mora-train can run, and `kwargs` what it needs and accepts."""
+def scheduler_problems(
+    name: str, kwargs: Mapping[str, Any], prefix: str = "trainer", evaluates: bool = False
+) -> list[str]:
+    """`name` must be a transformers scheduler mora-train can run, and `kwargs` what it needs and accepts.
+    `evaluates`: training evaluates (trainer.eval_steps > 0), which schedulers steered by eval_loss need."""
     names = [s.value for s in SchedulerType]
     if name not in names:
         return [
@@ -221,7 +232,7 @@ def scheduler_problems(name: str, kwargs: Mapping[str, Any], prefix: str = "trai
             )
         ]
     rule = scheduler_rule(name)
-    if rule.refusal:
+    if rule.refusal and not (evaluates and name in _METRIC_DRIVEN):
         return [f"`{prefix}.lr_scheduler={name}` cannot be used: {rule.refusal}"]
     key = f"{prefix}.lr_scheduler_kwargs"
     accepted = ", ".join(sorted(rule.accepted)) or "none"
@@ -264,8 +275,9 @@ def _training_fields() -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
-def _hf_fields(hf: Mapping[str, Any], prefix: str, problems: list[str]) -> dict[str, Any]:
-    """The accepted fields of `hf`, converted; every refused one is a message in `problems`."""
+def _hf_fields(hf: Mapping[str, Any], prefix: str, problems: list[str], evaluates: bool) -> dict[str, Any]:
+    """The accepted fields of `hf`, converted; every refused one is a message in `problems`.
+    `evaluates`: trainer.eval_steps > 0 (Trainer then has a validation set to evaluate)."""
     fields = _training_fields()
     kwargs: dict[str, Any] = {}
     for name, value in hf.items():
@@ -286,11 +298,11 @@ def _hf_fields(hf: Mapping[str, Any], prefix: str, problems: list[str]) -> dict[
                     f"`{key}` must be {expected_type(fields[name])}, got {value!r}{enum_hint(fields[name], value)}"
                 )
                 continue
-            if name in _NEEDS_EVAL_LOOP and converted != _NEEDS_EVAL_LOOP[name]:
+            if name in _NEEDS_EVAL_LOOP and converted != _NEEDS_EVAL_LOOP[name] and not evaluates:
                 problems.append(
-                    f"`{key}={value}` needs an evaluation loop during training, which mora-train does not run "
-                    "(Trainer gets no evaluation data); evaluation runs after training from the `eval` section: "
-                    f"remove {key}"
+                    f"`{key}={value}` needs an evaluation loop during training, and `{prefix}.eval_steps=0` runs "
+                    f"none: set {prefix}.eval_steps=N (with a validation set: task.data.eval or task.val_size), "
+                    f"or remove {key}"
                 )
                 continue
             kwargs[name] = converted

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,22 @@ from mora_train.models.attention import flattens_packed_rows
 from mora_train.models.quantization import adapters_attached
 from mora_train.training import tracking
 from mora_train.training.adapter_trainer import AdapterTrainer
-from mora_train.training.checkpoints import checkpoint_step
+from mora_train.training.checkpoints import checkpoint_step, is_complete
 from mora_train.training.config import TrainerConfig
 from mora_train.training.distributed import is_main_process, rank, world_size
 from mora_train.training.distributed_config import DistributedConfig, training_arguments_kwargs
+from mora_train.training.eval_callbacks import (
+    EVAL_LOSS,
+    EarlyStopping,
+    best_evaluation,
+    evaluation_callbacks,
+    stopped_early,
+)
 from mora_train.training.gather import FinalWeights, collect_final_weights
 from mora_train.training.hf_arguments import hf_arguments
 from mora_train.training.resilience import NonFiniteLoss, StopOnSignal, StopSignals
 from mora_train.training.restarts import TrainingExtras
+from mora_train.training.samples import SampleGenerations
 from mora_train.training.tracking import LoggingConfig
 
 
@@ -46,6 +55,12 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)  # non-finite steps skipped (trainer.nonfinite_loss=skip)
     # Engine, replica checksums and (sharded/low-precision engines) rank 0's gathered fp32 trainable weights.
     final_weights: FinalWeights | None = None
+    # Evaluation while training (trainer.eval_steps): the lowest eval_loss and its step, the step early stopping
+    # ended training at, and the step whose weights training ended with (the best one under trainer.load_best).
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    stopped_early_at: int | None = None
+    weights_step: int | None = None
 
 
 def training_arguments(
@@ -59,6 +74,7 @@ def training_arguments(
     """
     accumulation = trainer.batch_size // (trainer.micro_batch_size * world_size())
     save_steps = trainer.save_steps
+    evaluates = trainer.eval_steps > 0  # Trainer then gets the validation set (trainer.train's eval_examples)
     # Keyword form: tests/unit/test_hf_arguments.py reads the field names set here (OWNED_FIELDS must list them).
     args: dict[str, Any] = dict(  # noqa: C408
         output_dir=str(checkpoint_dir),
@@ -83,6 +99,13 @@ def training_arguments(
         save_strategy="steps" if save_steps > 0 else "no",
         save_steps=save_steps if save_steps > 0 else 500,
         save_total_limit=trainer.save_total_limit,
+        eval_strategy="steps" if evaluates else "no",
+        eval_steps=trainer.eval_steps if evaluates else None,
+        per_device_eval_batch_size=trainer.micro_batch_size,
+        prediction_loss_only=True,  # the loss is what is compared; gathering every logit would cost memory
+        metric_for_best_model="eval_loss" if evaluates else None,
+        greater_is_better=False if evaluates else None,
+        load_best_model_at_end=trainer.load_best,
         report_to="none",  # the trackers of logging.report_to are added as explicit callbacks (training.tracking)
         seed=seed + rank(),
         data_seed=seed,
@@ -108,11 +131,13 @@ def train(
     extras: TrainingExtras | None = None,
     distributed: DistributedConfig | None = None,
     logging: LoggingConfig | None = None,
+    eval_examples: Sequence[dict] | None = None,
 ) -> TrainResult:
     """Train; raise RunStopped (with a checkpoint kept) on SIGINT/SIGTERM, a non-finite loss or a full disk.
 
     `extras`: what trainer.restart / trainer.train_embeddings add (restarts.setup_training_extras);
-    `logging` picks the trackers the training log goes to (None: the default, TensorBoard)."""
+    `logging` picks the trackers the training log goes to (None: the default, TensorBoard);
+    `eval_examples`: the validation set trainer.eval_steps evaluates and trainer.sample_every prompts from."""
     args = training_arguments(trainer, seed, RunDir(run_dir).checkpoints, distributed)
     embeddings = adapter.base_model.get_input_embeddings()
     if trainer.gradient_checkpointing and (embeddings is None or not embeddings.weight.requires_grad):
@@ -120,7 +145,10 @@ def train(
         adapter.base_model.enable_input_require_grads()
     signals = StopSignals()
     stop_on_signal = StopOnSignal(signals)
-    callbacks = [*tracking.trainer_callbacks(logging, run_dir), stop_on_signal]  # logging.report_to
+    trackers = tracking.trainer_callbacks(logging, run_dir)  # logging.report_to
+    callbacks = [*trackers, stop_on_signal, *evaluation_callbacks(trainer)]
+    if trainer.sample_every > 0 and eval_examples:
+        callbacks.append(SampleGenerations(eval_examples, tokenizer, trainer, trackers))
     if extras is not None:
         callbacks += extras.callbacks
     with adapters_attached(adapter.model):  # transformers refuses a quantized base it does not see adapters on
@@ -128,6 +156,12 @@ def train(
             model=adapter.model,
             args=args,
             train_dataset=training_rows(train_examples, trainer.max_seq_len, trainer.packing),
+            # Evaluated in the training layout (packed or padded): eval_loss then compares with the training loss.
+            eval_dataset=(
+                training_rows(eval_examples, trainer.max_seq_len, trainer.packing)
+                if eval_examples and trainer.eval_steps > 0
+                else None
+            ),
             data_collator=PadCollator(tokenizer.pad_token_id, flatten=flattens_packed_rows(adapter.base_model)),
             callbacks=callbacks,
             adapter=adapter,
@@ -135,17 +169,33 @@ def train(
             checkpoint_state=extras.checkpoint_state if extras is not None else None,
         )
     resumed_from = checkpoint_step(Path(resume_from)) if resume_from else None
-    if resume_from and trainer.max_steps > 0:
+    if resume_from:
         saved = json.loads((Path(resume_from) / "trainer_state.json").read_text())
-        if saved["global_step"] >= trainer.max_steps:
+        if _training_had_ended(saved, trainer):
             # Training had finished (the kill came during export). transformers would run one more step here.
-            hf_trainer._load_from_checkpoint(str(resume_from))
-            return _finished_result(saved, run_dir, resumed_from)
+            hf_trainer._load_from_checkpoint(str(_ending_checkpoint(saved, Path(resume_from), trainer)))
+            return _finished_result(saved, run_dir, resumed_from, trainer, Path(resume_from))
     with signals:
         output = _train_until_stopped(hf_trainer, resume_from)
     if stop_on_signal.stopped_at is not None:
         raise _signal_stop(hf_trainer, signals, stop_on_signal.stopped_at, run_dir)
     return _train_result(hf_trainer, output, trainer, train_examples, run_dir, resumed_from)
+
+
+def _training_had_ended(saved_state: dict[str, Any], trainer: TrainerConfig) -> bool:
+    """Whether a checkpoint is the last of a training that had ended: max_steps reached, or early stopping."""
+    reached = trainer.max_steps > 0 and saved_state["global_step"] >= trainer.max_steps
+    return reached or stopped_early(saved_state, trainer)
+
+
+def _ending_checkpoint(saved_state: dict[str, Any], last: Path, trainer: TrainerConfig) -> Path:
+    """The checkpoint an ended training's weights are: the best one under trainer.load_best, else the last."""
+    best = saved_state.get("best_model_checkpoint")
+    if trainer.load_best and best:
+        candidate = last.parent / Path(best).name  # its folder beside the last one (the run dir may have moved)
+        if is_complete(candidate):
+            return candidate
+    return last
 
 
 def _train_until_stopped(hf_trainer: AdapterTrainer, resume_from: str | Path | None) -> Any:
@@ -198,6 +248,9 @@ def _train_result(
         write_json_atomically(RunDir(run_dir).log_history, history)
     # Every rank: gathers sharded weights onto rank 0 and compares replicas (collectives).
     final_weights = collect_final_weights(hf_trainer, hf_trainer.trained_parameter_names)
+    best_step, best_loss = best_evaluation(history)
+    stoppers = [c for c in hf_trainer.callback_handler.callbacks if isinstance(c, EarlyStopping)]
+    loaded = hf_trainer.state.best_model_checkpoint if trainer.load_best else None
     return TrainResult(
         train_loss=float(output.training_loss),
         runtime_s=runtime,
@@ -207,10 +260,16 @@ def _train_result(
         resumed_from_step=resumed_from,
         skipped_steps=list(hf_trainer.skipped_steps),
         final_weights=final_weights,
+        best_step=best_step,
+        best_eval_loss=best_loss,
+        stopped_early_at=stoppers[0].stopped_at if stoppers else None,
+        weights_step=checkpoint_step(Path(loaded)) if loaded else hf_trainer.state.global_step,
     )
 
 
-def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: int | None) -> TrainResult:
+def _finished_result(
+    saved_state: dict[str, Any], run_dir: Path, resumed_from: int | None, trainer: TrainerConfig, last: Path
+) -> TrainResult:
     """TrainResult of a run whose training had already ended (killed during export), as it was first reported.
 
     The finished training wrote log_history.json, closing entry (train_loss, train_runtime, ...) included,
@@ -237,6 +296,7 @@ def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: i
         if is_main_process():
             write_json_atomically(RunDir(run_dir).log_history, history)
     runtime = float(closing.get("train_runtime") or 0.0)
+    best_step, best_loss = best_evaluation(history)
     return TrainResult(
         train_loss=float(closing["train_loss"]),
         runtime_s=runtime,
@@ -244,6 +304,10 @@ def _finished_result(saved_state: dict[str, Any], run_dir: Path, resumed_from: i
         steps=steps,
         log_history=history,
         resumed_from_step=resumed_from,
+        best_step=best_step,
+        best_eval_loss=best_loss,
+        stopped_early_at=steps if stopped_early(saved_state, trainer) else None,
+        weights_step=checkpoint_step(_ending_checkpoint(saved_state, last, trainer)),
     )
 
 
@@ -253,13 +317,19 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if points:
-        steps, losses = zip(*points, strict=True)
-        ax.plot(steps, losses, marker="o", markersize=3)
+    curves = (("loss", "training loss"), (EVAL_LOSS, "validation loss (trainer.eval_steps)"))
+    for key, label in curves:
+        points = [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
+        if points:
+            steps, losses = zip(*points, strict=True)
+            ax.plot(steps, losses, marker="o", markersize=3, label=label)
+    best_step, best_loss = best_evaluation(log_history)
+    if best_step is not None:
+        ax.axvline(best_step, color="gray", linestyle=":", label=f"lowest validation loss ({best_loss:.4g})")
+        ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -189,3 +189,14 @@ def test_bench_gsm8k_evaluators_quick_compares_per_problem(tmp_path: Path) -> No
         "| ours (task=gsm8k, math-verify) |" in (tmp_path / "summary.md").read_text()
         and "Disagreements:" in done.stdout
     )
+
+
+@pytest.mark.slow  # ~30 s: one tiny mora-train run through the CLI (run with `pytest -m slow`)
+def test_bench_early_stop_quick_stops_early_and_plots(tmp_path: Path) -> None:
+    done = run_script("bench_early_stop.py", "--quick", "--adapters", "lora", "--threads", "1", "--out", str(tmp_path))
+    (record,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert record["early_stopped_at_step"] == record["steps_run"] < record["max_steps"]
+    assert record["weights_step"] == record["best_step"] < record["steps_run"]
+    assert [step for step, _ in record["eval_curve"]] == list(range(2, record["steps_run"] + 1, 2))
+    assert (tmp_path / "early_stop.png").stat().st_size > 1000
+    assert "| LoRA |" in (tmp_path / "results.md").read_text() and "stopped early at" in done.stdout

@@ -1,4 +1,5 @@
-"""Experiment tracking (logging.report_to): W&B offline and MLflow in a local store, fed by one 2-job sweep.
+"""Experiment tracking (logging.report_to): W&B offline and MLflow in a local store, fed by one 2-job sweep
+that also evaluates while training (eval_loss and generated samples reach every tracker).
 
 The sweep runs with no network at all: W&B in offline mode, MLflow in a sqlite file, MLflow telemetry off,
 and a sitecustomize that refuses (and records) any connection to a non-local address. What the trackers
@@ -36,6 +37,11 @@ FAST_JOB = [
     "trainer.lr_scheduler=constant",
     "trainer.save_steps=0",
     "task.eval.max_samples=4",
+    # evaluation while training: eval_loss and generated samples reach every tracker too
+    "task.val_size=2",
+    "trainer.eval_steps=2",
+    "trainer.sample_every=2",
+    "trainer.num_samples=1",
 ]
 
 NO_NETWORK = """
@@ -102,8 +108,8 @@ def tracked_sweep(tmp_path_factory: pytest.TempPathFactory):
     return root, sweep_dir, jobs, env
 
 
-def logged_losses(job: Path) -> dict[int, float]:
-    return {h["step"]: h["loss"] for h in json.loads((job / "log_history.json").read_text()) if "loss" in h}
+def logged_losses(job: Path, key: str = "loss") -> dict[int, float]:
+    return {h["step"]: h[key] for h in json.loads((job / "log_history.json").read_text()) if key in h}
 
 
 def wandb_inspect(run_path: Path, env: dict[str, str], *flags: str) -> str:
@@ -145,6 +151,19 @@ def test_wandb_offline_runs_hold_the_sweep_group_overrides_training_log_and_fina
                 if "train/loss" in items:
                     history[items["train/global_step"]] = items["train/loss"]
         assert history == pytest.approx(logged_losses(job))
+        # evaluation while training: eval_loss at every trainer.eval_steps, the samples as a table each time
+        evals = {
+            record["history"]["item"]["train/global_step"]: record["history"]["item"]["eval/loss"]
+            for record in records
+            if record.get("type") == "history" and "eval/loss" in record["history"]["item"]
+        }
+        assert list(evals) == [2, 4] and evals == pytest.approx(logged_losses(job, "eval_loss"))
+        tables = sorted((run_path / "files" / "media" / "table").glob("samples_*.table.json"))
+        assert len(tables) == 2, "one samples table per trainer.sample_every"
+        for table in tables:
+            content = json.loads(table.read_text())
+            assert content["columns"] == ["prompt", "generated", "reference"] and len(content["data"]) == 1
+            assert content["data"][0][0].startswith("Key: ")
         # the final metrics and the merge check, as metrics.json has them
         final = summary["summary"]
         assert final["char_accuracy"] == pytest.approx(metrics["char_accuracy"])
@@ -152,6 +171,7 @@ def test_wandb_offline_runs_hold_the_sweep_group_overrides_training_log_and_fina
         assert final["merge_max_abs_diff"] == pytest.approx(metrics["merge_max_abs_diff"])
         assert final["merge_check"] == "passed" and final["merge_check_passed"] == 1
         assert final["primary_metric"] == "char_accuracy" and final["train_steps"] == 4
+        assert final["best_eval_loss"] == pytest.approx(metrics["best_eval_loss"]) and final["best_step"] >= 2
     assert seen == set(jobs)
 
 
@@ -173,7 +193,11 @@ def test_mlflow_has_one_experiment_per_sweep_with_params_training_log_and_final_
         assert run.data.tags["mora_train.sweep_dir"] == str(sweep_dir) and run.data.tags["merge_check"] == "passed"
         losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
         assert losses == pytest.approx(logged_losses(job))
-        for key in ("char_accuracy", "exact_match", "merge_max_abs_diff", "train_loss"):
+        evals = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+        assert list(evals) == [2, 4] and evals == pytest.approx(logged_losses(job, "eval_loss"))
+        samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+        assert samples == {"samples/step-000002.md", "samples/step-000004.md"}
+        for key in ("char_accuracy", "exact_match", "merge_max_abs_diff", "train_loss", "best_eval_loss"):
             assert run.data.metrics[key] == pytest.approx(metrics[key]), key
         assert run.data.metrics["merge_check_passed"] == 1.0
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

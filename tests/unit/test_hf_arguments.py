@@ -66,6 +66,11 @@ def test_unknown_field_refused_with_close_names_and_version_hint() -> None:
         ("report_to", "logging.report_to"),
         ("deepspeed", "distributed="),
         ("resume_from_checkpoint", "trainer.resume"),
+        ("eval_strategy", "trainer.eval_steps"),
+        ("eval_steps", "trainer.eval_steps"),
+        ("load_best_model_at_end", "trainer.load_best"),
+        ("per_device_eval_batch_size", "trainer.micro_batch_size"),
+        ("metric_for_best_model", "eval_loss"),
     ],
 )
 def test_field_mora_train_owns_points_to_our_key(field: str, ours: str) -> None:
@@ -115,10 +120,23 @@ def test_wrong_type_of_optional_list_and_enum_fields() -> None:
     assert "must be one of no, steps, epoch" in problem and "did you mean steps" in problem
 
 
-def test_fields_needing_an_eval_loop_refused() -> None:
-    problem = only_problem(TrainerConfig(hf={"eval_strategy": "steps"}))
-    assert "trainer.hf.eval_strategy=steps" in problem and "evaluation loop" in problem
-    assert hf_problems(TrainerConfig(hf={"eval_strategy": "no"})) == []
+def test_fields_needing_an_eval_loop_refused_without_eval_steps() -> None:
+    problem = only_problem(TrainerConfig(hf={"eval_on_start": True}))
+    assert "trainer.hf.eval_on_start=True" in problem and "evaluation loop" in problem
+    assert "trainer.eval_steps=N" in problem and "task.val_size" in problem
+    assert hf_problems(TrainerConfig(hf={"eval_on_start": False})) == []
+    assert hf_problems(TrainerConfig(eval_steps=5, hf={"eval_on_start": True})) == []
+    assert hf_arguments(TrainerConfig(eval_steps=5, hf={"eval_on_start": True})) == {"eval_on_start": True}
+
+
+@pytest.mark.parametrize("name", ["reduce_lr_on_plateau", "greedy"])
+def test_schedulers_steered_by_eval_loss_need_eval_steps(name: str, tmp_path: Path) -> None:
+    problem = only_problem(TrainerConfig(lr_scheduler=name))
+    assert f"`trainer.lr_scheduler={name}` cannot be used" in problem and "trainer.eval_steps=N" in problem
+    trainer = TrainerConfig(lr_scheduler=name, eval_steps=5, save_steps=5)
+    assert hf_problems(trainer) == []
+    args = trainer_module.training_arguments(trainer, 0, tmp_path)  # transformers accepts it (an eval strategy)
+    assert args.eval_strategy == "steps" and args.metric_for_best_model == "eval_loss"
 
 
 # -- trainer.optim --------------------------------------------------------------------------------------------
