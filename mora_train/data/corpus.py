@@ -26,7 +26,7 @@ from mora_train.data.cache import cache_key
 from mora_train.data.common import IGNORE_INDEX
 from mora_train.data.config import DataSource, MixingStop, resolve_sources, source_weights
 from mora_train.data.prepare import Examples, Selected, cache_folder, map_cached, mix, select_rows
-from mora_train.data.readers import Part, file_error, quiet_datasets, read_source
+from mora_train.data.readers import Part, file_error, quiet_datasets, quiet_logs, read_source
 from mora_train.data.sources import (
     Record,
     Where,
@@ -281,7 +281,8 @@ def _streamed_documents(
 
 class TextStream(torch.utils.data.IterableDataset):
     """Packed blocks read from a datasets IterableDataset as training asks for them, for ever (the Trainer stops at
-    trainer.max_steps). A data error met while reading is the project's error, naming the file and line.
+    trainer.max_steps). A data error met while reading is the project's error, naming the file and line (datasets'
+    own error log is silenced while the stream is read).
 
     `stream[:n]` gives the first n blocks (the export's probe batch); `state_dict()` / `load_state_dict()` are
     datasets' own: the position in the stream, to go on from."""
@@ -294,7 +295,8 @@ class TextStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
-            yield from self.dataset
+            with quiet_logs():
+                yield from self.dataset
         except MoraTrainError:
             raise
         except Exception as err:  # noqa: BLE001 - datasets' builders raise many types while streaming

@@ -226,23 +226,31 @@ def loading_errors(files: list[Path], fmt: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """datasets logs an ERROR for a file it cannot read and draws progress bars per file: the caller reports the
-    error itself (naming the line), and a bar per small file is noise."""
-    from datasets import utils
-
+def quiet_logs() -> Iterator[None]:
+    """datasets logs an ERROR for a file it cannot read: the caller reports the error itself, naming the line."""
     logger = logging.getLogger("datasets")
     level = logger.level
-    turn_bars_off = not utils.are_progress_bars_disabled()
     logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No datasets error log (quiet_logs) and no progress bars: a bar per small file read is noise."""
+    from datasets import utils
+
+    turn_bars_off = not utils.are_progress_bars_disabled()
     with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS=0 keeps them, with a warning
         warnings.simplefilter("ignore")
         if turn_bars_off:
             utils.disable_progress_bars()
     try:
-        yield
+        with quiet_logs():
+            yield
     finally:
-        logger.setLevel(level)
         if turn_bars_off:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
