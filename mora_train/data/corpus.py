@@ -25,7 +25,7 @@ from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import cache_key
 from mora_train.data.common import IGNORE_INDEX
 from mora_train.data.config import DataSource, MixingStop, resolve_sources, source_weights
-from mora_train.data.prepare import Examples, Selected, cache_folder, map_cached, mix, select_rows
+from mora_train.data.prepare import Examples, Selected, cache_folder, hub_cache_folder, map_cached, mix, select_rows
 from mora_train.data.readers import Part, file_error, quiet_datasets, quiet_logs, read_source
 from mora_train.data.sources import (
     Record,
@@ -148,7 +148,7 @@ def packed_blocks(
     per_source = []
     for source in sources:
         mapped = []
-        parts = read_source(source, key, streaming=False, cache_dir=folder)
+        parts = read_source(source, key, streaming=False, cache_dir=folder, hub_cache_dir=hub_cache_folder(cache_dir))
         for index, selected in enumerate(select_rows(source, key, parts)):
             fingerprint = cache_key(
                 {"documents": tokenizer_key, "fields": fields, "source": fingerprint_sources([source]), "part": index}

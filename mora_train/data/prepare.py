@@ -6,7 +6,8 @@ source is read by datasets (data/readers.py), its id filters and `limit` select 
 `datasets.interleave_datasets`. The result is an Arrow-backed list of {input_ids, labels}.
 
 Cache: datasets keeps the Arrow copy of each source and each `map` result under the task's `cache_dir`, found
-again by fingerprint. A map's fingerprint is ours, made explicit (`new_fingerprint`): the recipe's key (tokenizer,
+again by fingerprint (with `cache_dir: null`, a hub dataset is downloaded to datasets' own cache, as by
+`load_records`). A map's fingerprint is ours, made explicit (`new_fingerprint`): the recipe's key (tokenizer,
 templates, max_seq_len, ...), the source's files (path, size, modification time) or hub id and revision, and its
 filters and limit; change any and the map runs again. `cache_dir: null` uses a temporary folder, removed at exit.
 """
@@ -48,6 +49,11 @@ def cache_folder(cache_dir: str | None) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         return str(folder)
     return _temporary_folder()
+
+
+def hub_cache_folder(cache_dir: str | None) -> str | None:
+    """Where a hub dataset is downloaded: the task's cache_dir, or (null) datasets' own cache, kept across runs."""
+    return cache_folder(cache_dir) if cache_dir else None
 
 
 @functools.cache
@@ -187,6 +193,7 @@ def tokenize_records(
         raise MoraTrainError("; ".join(problems))
     folder = cache_folder(cache_dir)
     job = _Job(key, encode, {**key_parts, "max_seq_len": max_seq_len, "too_long": too_long}, num_proc, folder)
+    job.hub_folder = hub_cache_folder(cache_dir)
     per_source = [job.source(number, source, max_seq_len, too_long) for number, source in enumerate(sources)]
     weights = source_weights(sources)
     empty = [i for i, d in enumerate(per_source) if d is None or not len(d)]
@@ -216,6 +223,7 @@ class _Job:
     key_parts: dict[str, Any]
     num_proc: int | None
     folder: str
+    hub_folder: str | None = None
     hits: list[bool] = dataclasses.field(default_factory=list)
 
     def source(self, number: int, source: DataSource, max_seq_len: int, too_long: str) -> Any:
@@ -223,7 +231,7 @@ class _Job:
         import datasets
 
         mapped = []
-        parts = read_source(source, self.key, streaming=False, cache_dir=self.folder)
+        parts = read_source(source, self.key, streaming=False, cache_dir=self.folder, hub_cache_dir=self.hub_folder)
         for index, selected in enumerate(select_rows(source, self.key, parts)):
             where = {"source": fingerprint_sources([source]), "number": number, "part": index}
             dataset = selected.dataset

@@ -43,10 +43,14 @@ class Part:
         return self.locator.files
 
 
-def read_source(source: DataSource, key: str, *, streaming: bool, cache_dir: str) -> list[Part]:
-    """The records of one source, as datasets reads them (hub, or local files grouped by format)."""
+def read_source(
+    source: DataSource, key: str, *, streaming: bool, cache_dir: str, hub_cache_dir: str | None = None
+) -> list[Part]:
+    """The records of one source, as datasets reads them (hub, or local files grouped by format). Local files'
+    Arrow copies go to `cache_dir`; a hub dataset's download to `hub_cache_dir` (None: datasets' own cache,
+    ~/.cache/huggingface or $HF_DATASETS_CACHE, kept across runs and shared with other tools)."""
     if source.hub is not None:
-        return [_hub_part(source, key, streaming, cache_dir)]
+        return [_hub_part(source, key, streaming, hub_cache_dir)]
     parts = []
     for (fmt, detail), group in itertools.groupby(_described(source.files()), key=lambda f: (f[1], f[2])):
         files = [path for path, _, _ in group]
@@ -157,7 +161,7 @@ def _split_paragraphs(texts: list[str]) -> dict[str, list[str]]:
 _SLICE = re.compile(r"^(?P<name>[\w.-]+)\[:(?P<stop>\d+)\]$")
 
 
-def _hub_part(source: DataSource, key: str, streaming: bool, cache_dir: str) -> Part:
+def _hub_part(source: DataSource, key: str, streaming: bool, cache_dir: str | None) -> Part:
     """A hub split (sliced to `limit` when no filter needs the records after it); streamed, a slice `NAME[:N]` is
     read as the first N records."""
     hub, config, split, revision = source.hub, source.hub_config, source.split or "", source.revision
@@ -172,7 +176,7 @@ def _hub_part(source: DataSource, key: str, streaming: bool, cache_dir: str) -> 
                 f"({split.split('[')[0]}[:N]); use {key}.limit=N, or task.data.streaming=false for other slices"
             )
         split, take = match["name"], int(match["stop"])
-    extra = {"cache_dir": cache_dir} if not streaming else {}
+    extra = {"cache_dir": cache_dir} if cache_dir is not None and not streaming else {}
     try:
         import datasets
 
