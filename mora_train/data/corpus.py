@@ -25,7 +25,16 @@ from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import cache_key
 from mora_train.data.common import IGNORE_INDEX
 from mora_train.data.config import DataSource, MixingStop, resolve_sources, source_weights
-from mora_train.data.prepare import Examples, Selected, cache_folder, hub_cache_folder, map_cached, mix, select_rows
+from mora_train.data.prepare import (
+    Examples,
+    Selected,
+    cache_folder,
+    hub_cache_folder,
+    map_cached,
+    mix,
+    select_rows,
+    token_features,
+)
 from mora_train.data.readers import Part, file_error, quiet_datasets, quiet_logs, read_source
 from mora_train.data.sources import (
     Record,
@@ -169,6 +178,7 @@ def packed_blocks(
         batched=True,
         batch_size=PACK_DOCUMENTS,
         remove_columns=["input_ids"],
+        features=token_features("input_ids", "labels", "position_ids"),
         fn_kwargs={"block_size": block_size},
         desc=f"packing {key}",
     )
@@ -196,6 +206,7 @@ def _tokenized(
         batched=True,
         with_indices=True,
         remove_columns=dataset.column_names,
+        features=token_features("input_ids"),
         fn_kwargs={
             "part": selected.part,
             "source": source,

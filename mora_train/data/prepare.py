@@ -146,6 +146,14 @@ def _encode_batch(
     return out
 
 
+def token_features(*columns: str, status: bool = False) -> Any:
+    """int32 token columns (half of datasets' default int64 on disk; ids and -100 fit), and an int8 status."""
+    import datasets
+
+    features = {name: datasets.List(datasets.Value("int32")) for name in columns}
+    return datasets.Features({**features, **({"status": datasets.Value("int8")} if status else {})})
+
+
 def _is_kept(status: list[int]) -> list[bool]:
     return [s != DROPPED for s in status]
 
@@ -244,6 +252,7 @@ class _Job:
                     batched=True,
                     with_indices=True,
                     remove_columns=dataset.column_names,
+                    features=token_features("input_ids", "labels", status=True),
                     fn_kwargs={
                         "encode": self.encode,
                         "selected": selected,
