@@ -200,8 +200,8 @@ def tokenize_records(
     if problems:
         raise MoraTrainError("; ".join(problems))
     folder = cache_folder(cache_dir)
-    job = _Job(key, encode, {**key_parts, "max_seq_len": max_seq_len, "too_long": too_long}, num_proc, folder)
-    job.hub_folder = hub_cache_folder(cache_dir)
+    parts = {**key_parts, "max_seq_len": max_seq_len, "too_long": too_long}
+    job = _Job(key, encode, parts, num_proc, folder, hub_cache_folder(cache_dir))
     per_source = [job.source(number, source, max_seq_len, too_long) for number, source in enumerate(sources)]
     weights = source_weights(sources)
     empty = [i for i, d in enumerate(per_source) if d is None or not len(d)]
@@ -231,7 +231,7 @@ class _Job:
     key_parts: dict[str, Any]
     num_proc: int | None
     folder: str
-    hub_folder: str | None = None
+    hub_folder: str | None
     hits: list[bool] = dataclasses.field(default_factory=list)
 
     def source(self, number: int, source: DataSource, max_seq_len: int, too_long: str) -> Any:
