@@ -1,11 +1,14 @@
-"""Cache of tokenized datasets, keyed by tokenizer, recipe and sequence length, so a second run starts fast.
+"""Fingerprints of tokenized data: the tokenizer's and a recipe's key, so that a second run starts fast.
 
 The key hashes: the tokenizer (class, vocabulary/merges, special tokens, chat template), the
 recipe's settings that shape the tokens (templates, field mapping, packing, too_long policy, ...),
 `max_seq_len`, and the data itself (local files by resolved path, size and modification time;
 hub datasets by id, config, split and revision). Change any of them and the cache misses.
-Entries are `.pt` files of flat integer tensors (loaded with torch.load(weights_only=True)),
-written to a temp file and renamed so a killed run never leaves a half-written entry.
+
+Data prepared inside 🤗 datasets (data/prepare.py, data/corpus.py) hands this key to `Dataset.map` as its
+fingerprint: datasets keeps the result in its cache folder. `cached` keeps a list built in Python instead, as
+`.pt` files of flat integer tensors (loaded with torch.load(weights_only=True)), written to a temp file and
+renamed so a killed run never leaves a half-written entry.
 """
 
 from __future__ import annotations

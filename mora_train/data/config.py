@@ -13,8 +13,10 @@ A source is a mapping (in YAML):
     drop_if_in: {field: pubid, file: ids.json}   # optional: drop them instead
     limit: 100                          # optional: the first N records only
     text_unit: file                     # .txt files: one record per file | line | paragraph (blank-line separated)
+    weight: 3                           # optional, training sources: this source's share of the mix
 
-A bare string is short for `{path: STRING}`; a list of sources is read in order and concatenated.
+A bare string is short for `{path: STRING}`; a list of sources is read in order and concatenated, or, when every
+source has a `weight`, interleaved at random in those proportions (`task.data.mixing_stop` says when the mix ends).
 
 Each source's own keys are checked when it is parsed; what reading it needs (exactly one of path or hub, the
 files there, a split for the hub) is checked by `source_problems` for the sources a run reads, so that a
@@ -23,6 +25,7 @@ benchmark left out of task.eval.benchmarks may name data this machine does not h
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from collections.abc import Mapping, Sequence
@@ -33,6 +36,7 @@ from mora_train.config.schema import Section, parse, setting
 from mora_train.data.paths import expand_path, missing_path_message
 
 TooLong = Literal["truncate", "drop"]
+MixingStop = Literal["first_exhausted", "all_exhausted"]
 
 
 class IdFilter(Section):
@@ -63,11 +67,22 @@ class DataSource(Section):
     text_unit: Literal["file", "line", "paragraph"] = setting(
         default="file", help=".txt files: one record per file, line or paragraph (blank-line separated)"
     )
+    weight: float | None = setting(
+        default=None,
+        help="training sources only: this source's share of the mix (every source weighted: interleaved at random "
+        "in these proportions; null: sources read in order)",
+    )
 
     def check(self, prefix: str) -> list[str]:
+        problems = []
         if self.limit is not None and self.limit < 1:
-            return [f"`{prefix}.limit={self.limit}` must be a positive integer or null"]
-        return []
+            problems.append(f"`{prefix}.limit={self.limit}` must be a positive integer or null")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            problems.append(
+                f"`{prefix}.weight={self.weight}` must be a positive number (its share of the mix; a source that "
+                "should not be read is left out of the list instead)"
+            )
+        return problems
 
     def paths(self) -> list[str]:
         if self.path is None:
@@ -136,6 +151,42 @@ def source_problems(spec: Any, key: str) -> list[str]:
     return resolve_sources(spec, key)[1]
 
 
+def source_weights(sources: Sequence[DataSource]) -> list[float] | None:
+    """The mixing weights of a list of sources (every one weighted: valid, see weight_problems), or None when the
+    sources are read in order."""
+    weights = [s.weight for s in sources]
+    if len(sources) < 2 or any(w is None for w in weights):
+        return None
+    return [float(w) for w in weights if w is not None]
+
+
+def weight_problems(spec: Any, key: str, mixed: bool) -> list[str]:
+    """Weights mix the sources of one list: every source of it weighted, or none. `mixed`: this key may mix (the
+    training sources); elsewhere (held-out data, benchmarks) a weight is refused."""
+    sources, _ = resolve_sources(spec, key)
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    is_list = isinstance(spec, Sequence) and not isinstance(spec, str)
+    if not weighted:
+        return []
+    if not mixed:
+        return [f"`{key}` has a `weight`, which only mixes training sources (task.data.train); remove it"]
+    if len(sources) == 1:
+        where = f"{key}[0]" if is_list else key
+        single = (
+            f"`{where}.weight` is set but `{key}` has a single source: a weight mixes several sources; remove it or "
+            f"list more sources ({key}=[{{path: a.jsonl, weight: 3}}, {{path: b.jsonl, weight: 1}}])"
+        )
+        return [single]
+    if len(weighted) < len(sources):
+        unweighted = ", ".join(f"{key}[{i}]" for i in range(len(sources)) if i not in weighted)
+        partial = (
+            f"`{key}`: {unweighted} {'has' if ',' not in unweighted else 'have'} no `weight` while other sources "
+            "have one; give every source a weight (mixed at random in those proportions) or none (read in order)"
+        )
+        return [partial]
+    return []
+
+
 def fields_problems(fields: Mapping[str, str | None], key: str, required: Sequence[str] = ()) -> list[str]:
     """Each recipe field the recipe needs must be mapped to a field of the data."""
     return [
@@ -172,6 +223,12 @@ class TaskData(Section):
     fields: dict[str, str | None] = setting(
         factory=dict, help='recipe field -> your field: a name, a dotted path (a.b.0) or a template ("{a} {b}")'
     )
+    mixing_stop: MixingStop = setting(
+        default="first_exhausted",
+        help="weighted training sources: the mix ends when the first source runs out (first_exhausted), or when "
+        "every source has been read once, the others starting over meanwhile (all_exhausted)",
+    )
+    mixing_seed: int = setting(default=0, help="seed of the weighted sources' random interleaving")
 
     def required_fields(self) -> tuple[str, ...]:
         """The recipe fields every record must give."""
@@ -181,6 +238,8 @@ class TaskData(Section):
         return [
             *source_problems(self.train, f"{prefix}.train"),
             *source_problems(self.eval, f"{prefix}.eval"),
+            *weight_problems(self.train, f"{prefix}.train", mixed=True),
+            *weight_problems(self.eval, f"{prefix}.eval", mixed=False),
             *fields_problems(self.fields, f"{prefix}.fields", self.required_fields()),
         ]
 
@@ -200,8 +259,32 @@ class DataRecipe(Section):
     )
     cache_dir: str | None = setting(
         factory=default_cache_dir,
-        help="tokenized training sets are cached here, keyed by tokenizer, recipe, max_seq_len and data; null: none",
+        help="datasets' cache of the data read and tokenized (Arrow files, found again by fingerprint: tokenizer, "
+        "recipe, max_seq_len and data); null: a temporary folder, removed at exit",
     )
+    num_proc: int | None = setting(
+        default=None, help="processes that tokenize the training data (datasets' map num_proc); null or 1: this one"
+    )
+
+    def check(self, prefix: str) -> list[str]:
+        if self.num_proc is not None and self.num_proc < 1:
+            return [f"`{prefix}.num_proc={self.num_proc}` must be a positive integer or null (tokenize in-process)"]
+        return []
+
+    def streams(self) -> bool:
+        """Whether the training data is read as a stream (task.data.streaming, where the recipe has it)."""
+        return False
+
+    def step_budget_problems(self, max_steps: int, prefix: str, max_steps_key: str) -> list[str]:
+        """A stream has no length, so the number of steps cannot come from epochs: trainer.max_steps must say it."""
+        if self.streams() and max_steps <= 0:
+            unbounded = (
+                f"`{prefix}.data.streaming=true` reads the training data as a stream of unknown length, so "
+                f"`{max_steps_key}={max_steps}` (epochs) cannot say when training ends; set {max_steps_key} to a "
+                f"positive number of steps, or {prefix}.data.streaming=false"
+            )
+            return [unbounded]
+        return []
 
 
 class BenchmarkSettings(Section):

@@ -14,6 +14,7 @@ LOCAL_FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
     ".parquet": "parquet",
+    ".arrow": "arrow",
     ".txt": "txt",
 }
 GLOB_CHARS = set("*?[")

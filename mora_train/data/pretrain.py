@@ -2,7 +2,9 @@
 
 Training text comes from a record field (`task.data.fields.text`: a field or a template such as
 "{title}\\n{abstract}") or from .txt files (field `text`). Each document is tokenized, followed by
-EOS, and the stream is cut into blocks of exactly `max_seq_len` tokens (the last one may be shorter).
+EOS, and the documents are cut into blocks of exactly `max_seq_len` tokens (data/corpus.py: read, tokenized in
+`task.num_proc` processes and packed by 🤗 datasets, kept in its cache; or, `task.data.streaming=true`, streamed as
+training reads it). Weighted sources (`weight`) are mixed by `datasets.interleave_datasets`.
 
 Cross-document attention: each block carries `position_ids` that restart at 0 where a document
 starts (and at the block start), and no attention mask. transformers (>= 4.53, models built on
@@ -20,27 +22,26 @@ zero-shot multiple-choice benchmarks' records (data/benchmarks.py; scored by eva
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from mora_train.config.schema import setting
-from mora_train.core.errors import MoraTrainError
 from mora_train.data.benchmarks import MCExample, load_benchmark
-from mora_train.data.cache import cached, tokenizer_fingerprint
-from mora_train.data.common import IGNORE_INDEX
+from mora_train.data.cache import tokenizer_fingerprint
 from mora_train.data.config import BenchmarkSettings, DataRecipe, TaskData, source_problems
-from mora_train.data.sources import as_text, fingerprint_sources, load_records, map_fields
+from mora_train.data.corpus import TextStream, packed_blocks, stream_blocks
+from mora_train.data.prepare import Examples
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PretrainData:
-    train: list[dict]
-    eval_blocks: list[dict]  # held-out text, packed like the training text
+    train: Sequence[dict] | TextStream  # packed blocks (Arrow-backed), or a stream of them
+    eval_blocks: Sequence[dict]  # held-out text, packed like the training text
     benchmarks: dict[str, list[MCExample]]
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -49,6 +50,11 @@ class PretrainTaskData(TaskData):
     fields: dict[str, str | None] = setting(
         factory=lambda: {"text": "text"},
         help='recipe field text -> your field: a name, a dotted path or a template ("{title}\\n{abstract}")',
+    )
+    streaming: bool = setting(
+        default=False,
+        help="read the training text as a stream (datasets' IterableDataset): the same memory whatever its size, "
+        "tokenized as training reads it; needs trainer.max_steps",
     )
 
     def required_fields(self) -> tuple[str, ...]:
@@ -62,6 +68,19 @@ class PretrainRecipe(DataRecipe):
     benchmarks: dict[str, BenchmarkSettings] = setting(
         factory=dict, help="zero-shot multiple-choice benchmarks by name (task.eval.benchmarks picks which run)"
     )
+
+    def check(self, prefix: str) -> list[str]:
+        problems = super().check(prefix)
+        if self.data.streaming and self.num_proc is not None and self.num_proc > 1:
+            problems.append(
+                f"`{prefix}.num_proc={self.num_proc}` tokenizes map-style data ahead of training, but "
+                f"`{prefix}.data.streaming=true` tokenizes the stream in the training process as it is read; "
+                f"unset {prefix}.num_proc or set {prefix}.data.streaming=false"
+            )
+        return problems
+
+    def streams(self) -> bool:
+        return self.data.streaming
 
     def selected_benchmarks(self, selected: list[str] | None) -> list[str]:
         """The benchmarks that run: `selected` (task.eval.benchmarks), or all of them when it is None."""
@@ -89,62 +108,23 @@ def document_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return ids
 
 
-def pack_documents(documents: Iterable[list[int]], block_size: int) -> list[dict[str, list[int]]]:
-    """Concatenate documents (each already ending in EOS) and cut into blocks of `block_size` tokens.
-
-    position_ids restart at 0 at each document start and at each block start; the label of every
-    segment's first token is IGNORE_INDEX (it would be predicted from the previous document).
-    """
-    blocks: list[dict[str, list[int]]] = []
-    ids: list[int] = []
-    positions: list[int] = []
-    labels: list[int] = []
-    for doc in documents:
-        offset = 0
-        while offset < len(doc):
-            take = min(block_size - len(ids), len(doc) - offset)
-            piece = doc[offset : offset + take]
-            ids += piece
-            positions += list(range(take))
-            labels += [IGNORE_INDEX, *piece[1:]]
-            offset += take
-            if len(ids) == block_size:
-                blocks.append({"input_ids": ids, "labels": labels, "position_ids": positions})
-                ids, positions, labels = [], [], []
-    if len(ids) >= 2:  # a last, shorter block (padded by the collator) when it holds something to predict
-        blocks.append({"input_ids": ids, "labels": labels, "position_ids": positions})
-    return blocks
-
-
-def _documents(settings: PretrainRecipe, part: str, limit: int | None = None) -> list[str]:
-    key = f"task.data.{part}"
-    records = load_records(getattr(settings.data, part), key)
-    texts = [as_text(map_fields(r, settings.data.fields, "task.data.fields", ("text",))["text"]) for r in records]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise MoraTrainError(f"`{key}`: every document is empty; check task.data.fields.text")
-    return texts[:limit] if limit else texts
-
-
 def packed(
     settings: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, part: str, limit: int | None
-) -> tuple[list[dict], dict]:
+) -> tuple[Examples, dict]:
     """The `part` text (train or eval; its first `limit` documents) packed into max_seq_len blocks, cached."""
-
-    def build() -> tuple[list[dict], dict]:
-        docs = [document_ids(tokenizer, text) for text in _documents(settings, part, limit)]
-        blocks = pack_documents(docs, max_seq_len)
-        return blocks, {"documents": len(docs), "tokens": sum(map(len, docs)), "blocks": len(blocks)}
-
-    cache_key = {
-        "recipe": "pretrain",
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_seq_len": max_seq_len,
-        "fields": settings.data.fields,
-        "limit": limit,
-        "data": fingerprint_sources(getattr(settings.data, part)),
-    }
-    blocks, meta = cached(settings.cache_dir, f"{settings.name}-{part}", cache_key, build)
+    train = part == "train"
+    blocks, meta = packed_blocks(
+        settings.data.train if train else settings.data.eval,
+        f"task.data.{part}",
+        tokenizer_fingerprint(tokenizer),
+        tokenizer,
+        fields=settings.data.fields,
+        block_size=max_seq_len,
+        limit=limit,
+        cache_dir=settings.cache_dir,
+        num_proc=settings.num_proc,
+        mixing=(settings.data.mixing_stop, settings.data.mixing_seed) if train else None,
+    )
     log.info(
         "%s %s text: %d documents, %d tokens -> %d blocks of %d tokens",
         settings.name,
@@ -155,6 +135,22 @@ def packed(
         max_seq_len,
     )
     return blocks, meta
+
+
+def streamed(settings: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> TextStream:
+    """The training text as a stream of max_seq_len blocks (task.data.streaming=true)."""
+    log.info(
+        "%s training text: streamed, packed into blocks of %d tokens as training reads it", settings.name, max_seq_len
+    )
+    return stream_blocks(
+        settings.data.train,
+        "task.data.train",
+        tokenizer,
+        fields=settings.data.fields,
+        block_size=max_seq_len,
+        cache_dir=settings.cache_dir,
+        mixing=(settings.data.mixing_stop, settings.data.mixing_seed),
+    )
 
 
 def _benchmarks(settings: PretrainRecipe, selected: list[str] | None) -> dict[str, list[MCExample]]:
@@ -175,6 +171,9 @@ def build(
     `benchmarks` (None: all; task.eval.max_samples and task.eval.benchmarks)."""
     records = _benchmarks(settings, benchmarks)  # first: bad benchmark data fails before any training
     eval_blocks, eval_meta = packed(settings, tokenizer, max_seq_len, "eval", eval_limit)
+    if settings.data.streaming:
+        stream = streamed(settings, tokenizer, max_seq_len)
+        return PretrainData(stream, eval_blocks, records, {"streaming": True, "eval_documents": eval_meta["documents"]})
     train, meta = packed(settings, tokenizer, max_seq_len, "train", None)
     return PretrainData(train, eval_blocks, records, {**meta, "eval_documents": eval_meta["documents"]})
 

@@ -1,8 +1,12 @@
-"""Where a task's records come from: local files or a Hugging Face Hub dataset, plus field mapping.
+"""A task's records: every source read through 🤗 datasets (data/readers.py), then field mapping.
 
 A source (`DataSource`, data/config.py, which documents its keys) is local files (.jsonl/.ndjson, .json, .csv,
-.tsv, .parquet, .txt with field `text`) or a Hub dataset; a bare string is short for `{path: STRING}`; a list
-of sources is read in order and concatenated.
+.tsv, .parquet, .arrow, .txt with field `text`) or a Hub dataset; a bare string is short for `{path: STRING}`; a
+list of sources is read in order and concatenated, or mixed at random by their weights (`interleave_datasets`).
+
+`load_records` gives the records as Python objects, for data that is used whole (evaluation sets, benchmarks);
+data/prepare.py tokenizes training data inside datasets instead (num_proc processes, fingerprint cache), and
+data/pretrain.py streams it.
 
 Field mapping: each recipe field (e.g. `question`) maps to a field of your records, written as a
 dotted path (`instances.0.input`, `options.A`) or as a template of several fields
@@ -12,40 +16,83 @@ and line (or hub row) and what to change, and raises MoraTrainError: no tracebac
 
 from __future__ import annotations
 
-import csv
-import io
+import contextlib
 import json
 import string
-from collections.abc import Iterable
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from mora_train.core.errors import MoraTrainError
-from mora_train.data.config import DataSource, resolve_sources
-from mora_train.data.paths import LOCAL_FORMATS
+from mora_train.data.config import DataSource, MixingStop, resolve_sources, source_weights
+from mora_train.data.locate import Locator, read_text
+from mora_train.data.readers import Part, read_source
 
 
-@dataclass
+class Where:
+    """A record's place, found when an error asks for it: its number in its part, and the part's locator."""
+
+    __slots__ = ("locator", "row")
+
+    def __init__(self, locator: Locator, row: int) -> None:
+        self.locator, self.row = locator, row
+
+    def __str__(self) -> str:
+        return self.locator.where(self.row)
+
+
 class Record:
-    values: dict[str, Any]  # the record as read
-    where: str  # "FILE line N" or "hub dataset ID (split) row N": every error about the record names it
-    fields: dict[str, str | None] | None = None  # its source's own field mapping, over the task's data.fields
+    """One record as read (`values`), where it comes from, and its source's own field mapping."""
+
+    __slots__ = ("_where", "fields", "values")
+
+    def __init__(self, values: dict[str, Any], where: str | Where, fields: dict[str, str | None] | None = None):
+        self.values = values
+        self._where = where  # "FILE line N" or "hub dataset ID [split] row N": every error about the record names it
+        self.fields = fields  # its source's own field mapping, over the task's data.fields
+
+    @property
+    def where(self) -> str:
+        if not isinstance(self._where, str):
+            self._where = str(self._where)
+        return self._where
+
+
+def record_values(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as datasets gives it, without the nulls it fills in for fields a record does not have (datasets gives
+    every record every field of the file)."""
+    return {k: v for k, v in row.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading
 
 
-def load_records(spec: Any, key: str) -> list[Record]:
+@contextlib.contextmanager
+def temporary_cache() -> Iterator[str]:
+    """A cache folder for datasets' Arrow copy of data read whole into Python objects, removed after."""
+    with tempfile.TemporaryDirectory(prefix="mora-train-datasets-") as folder:
+        yield folder
+
+
+def load_records(
+    spec: Any, key: str, *, mixing_stop: MixingStop = "first_exhausted", mixing_seed: int = 0
+) -> list[Record]:
     """All records of a source spec (`task.data.train` and the like: a DataSource, a path, a plain mapping, or a
-    list of them), in order. Raises MoraTrainError on any data problem or an empty result."""
+    list of them), in order (weighted sources: mixed). Raises MoraTrainError on any data problem or an empty
+    result."""
     sources, problems = resolve_sources(spec, key)
     if problems:
         raise MoraTrainError("; ".join(problems))
-    records: list[Record] = []
-    for source in sources:
-        records.extend(_read_source(source, key))
+    with temporary_cache() as cache_dir:
+        per_source = [_source_records(source, key, cache_dir) for source in sources]
+    weights = source_weights(sources)
+    if weights is None:
+        records = [r for records in per_source for r in records]
+    else:
+        order = mixed_order([len(records) for records in per_source], weights, mixing_stop, mixing_seed)
+        records = [per_source[s][r] for s, r in order]
     if not records:
         raise MoraTrainError(
             f"`{key}` gave no records (after filters); check the files/split and any keep_if_in/drop_if_in/limit"
@@ -53,20 +100,41 @@ def load_records(spec: Any, key: str) -> list[Record]:
     return records
 
 
-def _read_source(source: DataSource, key: str) -> list[Record]:
+def mixed_order(sizes: Sequence[int], weights: Sequence[float], stop: MixingStop, seed: int) -> list[tuple[int, int]]:
+    """(source, record) of each record of a weighted mix, as `datasets.interleave_datasets` draws it."""
+    import datasets
+
+    total = sum(weights)
+    parts = [datasets.Dataset.from_dict({"s": [i] * n, "r": list(range(n))}) for i, n in enumerate(sizes)]
+    mixed = datasets.interleave_datasets(
+        parts, probabilities=[w / total for w in weights], seed=seed, stopping_strategy=stop
+    )
+    return list(zip(mixed["s"], mixed["r"], strict=True))
+
+
+def part_records(part: Part, stop_after: int | None = None) -> Iterator[Record]:
+    """The records of one part, each with its place."""
+    rows = 0
+    for batch in part.dataset.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            yield Record(record_values(dict(zip(columns, values, strict=True))), Where(part.locator, rows))
+            rows += 1
+            if stop_after is not None and rows >= stop_after:
+                return
+
+
+def _source_records(source: DataSource, key: str, cache_dir: str) -> list[Record]:
     limit = source.limit
-    if source.hub is not None:
-        records = _read_hub(source, key)
-    else:
-        records = []
-        for file in source.files():
-            records.extend(read_file(file, source.text_unit))
-            if limit is not None and len(records) >= limit and not source.filters():
-                break
-    for filter_key, spec in source.filters():
+    records: list[Record] = []
+    for part in read_source(source, key, streaming=False, cache_dir=cache_dir):
+        wanted = None if limit is None or source.filters() else limit - len(records)
+        records.extend(part_records(part, wanted))
+        if wanted is not None and len(records) >= limit:  # type: ignore[operator]
+            break
+    for filter_key, field, ids in id_filters(source):
         keep = filter_key == "keep_if_in"
-        ids = _id_set(Path(spec.file).expanduser())
-        records = [r for r in records if (_id_value(r, spec.field, f"{key}.{filter_key}.field") in ids) == keep]
+        records = [r for r in records if (str(lookup(r, field, f"{key}.{filter_key}.field")) in ids) == keep]
     if limit is not None:
         records = records[:limit]
     if source.fields is not None:
@@ -75,152 +143,17 @@ def _read_source(source: DataSource, key: str) -> list[Record]:
     return records
 
 
-def _read_hub(source: DataSource, key: str) -> list[Record]:
-    hub, config, split, revision = source.hub, source.hub_config, source.split or "", source.revision
-    if source.limit is not None and "[" not in split:
-        split = f"{split}[:{source.limit}]"  # datasets slices the split: only the first `limit` rows are materialised
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(hub, config, split=split, revision=revision)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types (network, missing config/split, gated)
-        first_line = str(err).splitlines()[0] if str(err) else "no details"
-        raise MoraTrainError(
-            f"could not load hub dataset '{hub}' (config {config!r}, split {split!r}): {type(err).__name__}: "
-            f"{first_line}. Offline or gated? Download it where you have access (`hf download {hub} --repo-type "
-            f"dataset --local-dir DIR`), copy DIR here and read the files instead: `{key}.hub=null {key}.path=DIR`."
-        ) from None
-    where = f"hub dataset {hub}" + (f" ({config})" if config else "") + f" [{split}] row"
-    return [Record(dict(row), f"{where} {i}") for i, row in enumerate(dataset)]
-
-
-def read_file(path: Path, text_unit: str = "file") -> list[Record]:
-    """Records of one local file, by extension. Errors name the file and line."""
-    fmt = LOCAL_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise MoraTrainError(
-            f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv, .tsv, .parquet or .txt"
-        )
-    if fmt == "parquet":
-        return _read_parquet(path)
-    text = _read_text(path)
-    if fmt == "jsonl":
-        return _read_jsonl(path, text)
-    if fmt == "json":
-        return _read_json(path, text)
-    if fmt in ("csv", "tsv"):
-        return _read_csv(path, text, "\t" if fmt == "tsv" else ",")
-    return _read_txt(path, text, text_unit)
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise MoraTrainError(
-            f"{path} line {line}: not valid UTF-8 ({err.reason}); re-encode the file as UTF-8"
-        ) from None
-
-
-def _read_jsonl(path: Path, text: str) -> list[Record]:
-    records = []
-    # Split on "\n" only: str.splitlines() also splits on U+2028/U+2029/\x1c..., which are legal
-    # inside JSON strings (PubMedQA has U+2029 in an abstract).
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MoraTrainError(
-                f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno}); fix or remove that line"
-            ) from None
-        if not isinstance(value, dict):
-            raise MoraTrainError(f"{path} line {number}: expected a JSON object per line, got {type(value).__name__}")
-        records.append(Record(value, f"{path} line {number}"))
-    return records
-
-
-def _read_json(path: Path, text: str) -> list[Record]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise MoraTrainError(f"{path} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-        # An object keyed by id (e.g. PubMedQA's ori_pqal.json): one record per entry, the key as `id`.
-        return [Record({"id": k, **v}, f"{path} entry {k!r}") for k, v in value.items()]
-    if isinstance(value, dict):
-        lists = [k for k, v in value.items() if isinstance(v, list)]
-        if len(lists) == 1:  # {"data": [...]}-style wrappers
-            value = value[lists[0]]
-    if not isinstance(value, list):
-        raise MoraTrainError(f"{path}: expected a JSON array of objects (or JSON Lines in a .jsonl file)")
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise MoraTrainError(f"{path} item {i}: expected a JSON object, got {type(item).__name__}")
-    return [Record(item, f"{path} item {i}") for i, item in enumerate(value)]
-
-
-def _read_csv(path: Path, text: str, delimiter: str) -> list[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records = []
-    try:
-        header = next(reader, None)
-        if header is None:
-            return []
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise MoraTrainError(
-                    f"{path} line {reader.line_num}: {len(row)} fields, but the header has {len(header)} "
-                    f"({', '.join(header)}); check quoting and delimiters on that line"
-                )
-            records.append(Record(dict(zip(header, row, strict=True)), f"{path} line {reader.line_num}"))
-    except csv.Error as err:
-        raise MoraTrainError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
-    return records
-
-
-def _read_parquet(path: Path) -> list[Record]:
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for damaged files
-        raise MoraTrainError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
-    return [Record(row, f"{path} row {i}") for i, row in enumerate(rows)]
-
-
-def _read_txt(path: Path, text: str, unit: str) -> list[Record]:
-    if unit == "file":
-        return [Record({"text": text}, str(path))] if text.strip() else []
-    if unit == "line":
-        return [
-            Record({"text": line.rstrip("\r")}, f"{path} line {n}")
-            for n, line in enumerate(text.split("\n"), 1)
-            if line.strip()
-        ]
-    records: list[Record] = []
-    block: list[str] = []
-    start = 1
-    for n, raw in enumerate([*text.split("\n"), ""], 1):
-        line = raw.rstrip("\r")
-        if line.strip():
-            if not block:
-                start = n
-            block.append(line)
-        elif block:
-            records.append(Record({"text": "\n".join(block)}, f"{path} line {start}"))
-            block = []
-    return records
+def id_filters(source: DataSource) -> list[tuple[str, str, set[str]]]:
+    """(keep_if_in | drop_if_in, the record field, the ids of its file) of each filter of the source."""
+    return [(key, spec.field, _id_set(Path(spec.file).expanduser())) for key, spec in source.filters()]
 
 
 def _id_set(path: Path) -> set[str]:
     """Ids in a filter file: a JSON object's keys, a JSON array's items, or a text file's lines."""
-    text = _read_text(path)
+    try:
+        text = read_text(path)
+    except ValueError as err:
+        raise MoraTrainError(str(err)) from None
     if path.suffix.lower() == ".json":
         try:
             value = json.loads(text)
@@ -228,11 +161,6 @@ def _id_set(path: Path) -> set[str]:
             raise MoraTrainError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
         return {str(v) for v in (value.keys() if isinstance(value, dict) else value)}
     return {line.strip() for line in text.split("\n") if line.strip()}
-
-
-def _id_value(record: Record, field: str, key: str) -> str:
-    value = lookup(record, field, key)
-    return str(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,5 +299,7 @@ def fingerprint_sources(spec: Any) -> list[Any]:
         for filter_key, id_filter in source.filters():
             f = Path(id_filter.file).expanduser()
             out.append((filter_key, id_filter.field, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns))
-        out.append({"fields": source.fields, "limit": source.limit, "text_unit": source.text_unit})
+        out.append(
+            {"fields": source.fields, "limit": source.limit, "text_unit": source.text_unit, "weight": source.weight}
+        )
     return out

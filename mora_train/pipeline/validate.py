@@ -3,13 +3,14 @@
 `read_run_config` checks each section on its own (types, unknown keys, the section's `check`); this adds the
 checks that need two sections (a method on a quantized base, restarts on it, the engine against the trainer
 and the method, the evaluation backend against the task, trainer.hf against transformers, the validation set of
-evaluation while training against the task and the engine).
+evaluation while training against the task and the engine, a data stream against the step budget).
 """
 
 from __future__ import annotations
 
 from mora_train.adapters import adapter_config_problems
 from mora_train.core.errors import ConfigError
+from mora_train.data.config import DataRecipe
 from mora_train.evaluation import lm_harness
 from mora_train.pipeline.run_config import ComposedConfig, RunConfig
 from mora_train.tasks import TASKS
@@ -30,6 +31,8 @@ def cross_section_problems(run: RunConfig) -> list[str]:
     problems += distributed_config.config_problems(run.distributed, run.trainer, run.adapter, quantization=quantization)
     problems += validation_problems(run.trainer, run.task, TASKS[run.task.name])  # evaluation while training
     problems += engine_problems(run.trainer, run.distributed.engine)
+    if isinstance(run.task, DataRecipe):
+        problems += run.task.step_budget_problems(run.trainer.max_steps, "task", "trainer.max_steps")
     return problems
 
 

@@ -49,7 +49,7 @@ def evaluate(
         settings.eval,
         model,
         tokenizer,
-        built.eval_blocks,
+        list(built.eval_blocks),  # the evaluators take a list (the old readers gave one too)
         built.benchmarks,
         PadCollator(tokenizer.pad_token_id, flatten=flattens_packed_rows(model)),
         run_dir,

@@ -200,3 +200,16 @@ def test_bench_early_stop_quick_stops_early_and_plots(tmp_path: Path) -> None:
     assert [step for step, _ in record["eval_curve"]] == list(range(2, record["steps_run"] + 1, 2))
     assert (tmp_path / "early_stop.png").stat().st_size > 1000
     assert "| LoRA |" in (tmp_path / "results.md").read_text() and "stopped early at" in done.stdout
+
+
+@pytest.mark.slow  # ~20 s: the data preparation benchmark on 300 rows (run with `pytest -m slow`)
+def test_bench_data_prep_small_run_compares_both_paths(tmp_path: Path) -> None:
+    done = run_script(
+        "bench_data_prep.py", "--rows", "300", "--model", "tiny-llama", "--num-proc", "1", "2", "--out", str(tmp_path)
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    paths = [r["path"] for r in results["results"]]
+    assert paths[0].startswith("old") and paths[1:3] == ["datasets, num_proc=1", "datasets, num_proc=2"]
+    assert paths[3].endswith("warm cache") and all(r["rows_per_s"] > 0 for r in results["results"])
+    assert results["rows"] == 300 and 0 < results["examples"] <= 300
+    assert "| old (b5129f3 readers, 1 process) |" in (tmp_path / "results.md").read_text() and "rows/s" in done.stdout

@@ -50,8 +50,9 @@ def test_json_object_keyed_by_id_and_wrapped_list(tmp_path: Path) -> None:
 
 def test_txt_units(tmp_path: Path) -> None:
     write(tmp_path / "a.txt", "first para\nstill first\n\nsecond para\r\n")
+    # datasets reads .txt files in Python's text mode: a Windows line end is read as "\n".
     assert values(load_records({"path": str(tmp_path / "a.txt")}, "k")) == [
-        {"text": "first para\nstill first\n\nsecond para\r\n"}
+        {"text": "first para\nstill first\n\nsecond para\n"}
     ]
     assert values(load_records({"path": str(tmp_path / "a.txt"), "text_unit": "line"}, "k")) == [
         {"text": "first para"},
@@ -99,8 +100,9 @@ def test_hub_source_goes_through_datasets_load_dataset(monkeypatch: pytest.Monke
 
     calls = []
 
-    def fake_load_dataset(name, config=None, split=None, revision=None):
+    def fake_load_dataset(name, config=None, split=None, revision=None, streaming=False, **kwargs):
         calls.append((name, config, split, revision))
+        assert streaming is False
         return datasets.Dataset.from_list([{"question": "q", "answer": "#### 1"}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)

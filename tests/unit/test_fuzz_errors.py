@@ -286,6 +286,65 @@ def test_fuzz_chat_templates_and_packing(budget: int, tmp_path: Path) -> None:
     fuzz("chat templates and packing", budget, strategy, check)
 
 
+# -- data keys: sources through datasets ---------------------------------------------------------------------
+
+WEIGHT = st.one_of(st.none(), st.sampled_from([1, 2.5, 0, -1, "3", "heavy", float("nan"), float("inf")]))
+# Unweighted lists, weighted ones, and any weights at all (a single weighted source, some weighted, bad values).
+WEIGHTS = st.one_of(
+    st.lists(st.none(), min_size=1, max_size=3),
+    st.lists(st.sampled_from([1, 2.5, 3]), min_size=2, max_size=3),
+    st.lists(WEIGHT, min_size=1, max_size=3),
+)
+DATA_KEYS = {
+    "task.data.mixing_stop": st.sampled_from(["first_exhausted", "all_exhausted", "longest"]),
+    "task.data.mixing_seed": st.sampled_from([0, 7, "seed"]),
+    "task.num_proc": st.sampled_from([None, 1, 2, 0, -3]),
+    "trainer.max_steps": st.sampled_from([-1, 0, 3, 3]),
+}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_fuzz_data_keys(budget: int, tmp_path: Path) -> None:
+    """Weights, mixing, streaming and num_proc: a clean error or data that builds (the sources and their weights
+    vary too: one, two or three, each weighted or not)."""
+    from mora_train.models import byte_tokenizer
+    from mora_train.tasks import TASKS
+    from tests.conftest import validate_config as validate
+
+    files = []
+    for i in range(3):
+        path = tmp_path / f"text{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"source {i} document {n}"}) + "\n" for n in range(5 + 10 * i)))
+        files.append(str(path))
+    tokenizer = byte_tokenizer()
+    base = compose_config(["model=tiny-llama", "task=pretrain", f"task.cache_dir={tmp_path / 'cache'}"])
+    built = []
+
+    def check(example: tuple[list, bool | str, dict]) -> None:
+        weights, streaming, values = example
+        cfg = base.copy()
+        with open_dict(cfg):
+            chosen = zip(files[: len(weights)], weights, strict=True)
+            sources = [{"path": f} if w is None else {"path": f, "weight": w} for f, w in chosen]
+            OmegaConf.update(cfg, "task.data.train", sources, merge=False, force_add=True)
+            OmegaConf.update(cfg, "task.data.eval", files[0], merge=False, force_add=True)
+            OmegaConf.update(cfg, "task.data.streaming", streaming, merge=False, force_add=True)
+            for key, value in values.items():
+                OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+            cfg.output_dir = str(tmp_path / "run")
+        config = validate(cfg)
+        data = TASKS["pretrain"].build(config.task, tokenizer, 16)
+        assert data.train[:1][0]["input_ids"]
+        built.append(config.task.data.streaming)
+
+    keys = st.dictionaries(st.sampled_from(sorted(DATA_KEYS)), st.none(), max_size=4).flatmap(
+        # Valid values twice as often as junk: most cases get as far as building the data.
+        lambda chosen: st.fixed_dictionaries({k: st.one_of(DATA_KEYS[k], DATA_KEYS[k], JUNK) for k in chosen})
+    )
+    fuzz("data keys", budget, st.tuples(WEIGHTS, st.sampled_from([True, False, "yes"]), keys), check)
+    print(f"fuzz data keys: {len(built)} built, {sum(built)} of them streamed")
+
+
 # -- checkpoints -------------------------------------------------------------------------------------------
 
 

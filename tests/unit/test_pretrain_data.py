@@ -11,9 +11,9 @@ import torch
 
 from mora_train.config.schema import parse
 from mora_train.core.errors import MoraTrainError
-from mora_train.data import pretrain as pretrain_recipe
 from mora_train.data.benchmarks import MCExample, load_benchmark
 from mora_train.data.common import IGNORE_INDEX, PadCollator
+from mora_train.data.corpus import pack_documents
 from mora_train.evaluation.multiple_choice import score_choices
 from mora_train.evaluation.perplexity import token_nll
 from mora_train.models import load_model_and_tokenizer
@@ -37,7 +37,7 @@ def tiny():
 
 def test_pack_documents_layout() -> None:
     docs = [[10, 11, 12, 2], [20, 21, 2], [30, 31, 32, 33, 34, 2]]  # each ends with EOS (2)
-    blocks = pretrain_recipe.pack_documents(docs, block_size=5)
+    blocks = pack_documents(docs, block_size=5)
     assert [b["input_ids"] for b in blocks] == [[10, 11, 12, 2, 20], [21, 2, 30, 31, 32], [33, 34, 2]]
     # Positions restart at each document start and at each block start.
     assert [b["position_ids"] for b in blocks] == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2], [0, 1, 2]]
@@ -51,7 +51,7 @@ def test_packed_documents_do_not_attend_to_each_other(tiny, attention: str) -> N
     model, _ = tiny
     model.set_attn_implementation(attention)
     docs = [[5, 6, 7, 8, 2], [9, 10, 11, 2], [12, 13, 2]]
-    blocks = pretrain_recipe.pack_documents(docs, block_size=12)
+    blocks = pack_documents(docs, block_size=12)
     batch = PadCollator(pad_token_id=0)(blocks)
     assert "attention_mask" not in batch and batch["use_cache"] is False
     with torch.no_grad():
@@ -67,9 +67,7 @@ def test_packed_documents_do_not_attend_to_each_other(tiny, attention: str) -> N
 def test_perplexity_of_packed_blocks_equals_per_document_loss(tiny) -> None:
     model, _ = tiny
     docs = [[5, 6, 7, 8, 2], [9, 10, 11, 2], [12, 13, 14, 15, 16, 2]]
-    total, count = token_nll(
-        model, pretrain_recipe.pack_documents(docs, block_size=7), PadCollator(pad_token_id=0), batch_size=2
-    )
+    total, count = token_nll(model, pack_documents(docs, block_size=7), PadCollator(pad_token_id=0), batch_size=2)
     expected, expected_count = 0.0, 0
     with torch.no_grad():
         # Same blocks cut by hand: [5 6 7 8 2 | 9 10] [11 2 | 12 13 14 15 16] [2]
