@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,7 @@ def log_length_report(name: str, report: LengthReport, max_seq_len: int) -> None
         log.info("%s: %d examples, none longer than max_seq_len=%d", name, report.total, max_seq_len)
 
 
-def require_examples(examples: list[Any], key: str, report: LengthReport, max_seq_len: int, too_long: str) -> None:
+def require_examples(examples: Sequence[Any], key: str, report: LengthReport, max_seq_len: int, too_long: str) -> None:
     """An empty dataset after filtering is a user error, never a silent zero-step run.
 
     `too_long` is the policy the examples went through: it decides why they were dropped, hence the fix."""

@@ -21,6 +21,7 @@ the EOS token: the fallback appends it; with a chat template whose end of turn i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mora_train.config.schema import setting
 from mora_train.core.errors import MoraTrainError
-from mora_train.data.cache import cached, tokenizer_fingerprint
+from mora_train.data.cache import tokenizer_fingerprint
 from mora_train.data.chat_templates import (
     TOKENIZER_TEMPLATE,
     TrainOn,
@@ -40,7 +41,8 @@ from mora_train.data.chat_templates import (
 )
 from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
 from mora_train.data.config import DataRecipe, Sources, TaskData
-from mora_train.data.sources import Record, as_text, fingerprint_sources, has_field, load_records, map_fields
+from mora_train.data.prepare import tokenize_records
+from mora_train.data.sources import Record, as_text, has_field, load_records, map_fields
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -56,7 +58,7 @@ class Conversation:
 
 @dataclass
 class InstructionData:
-    train: list[dict]
+    train: Sequence[dict]
     eval_examples: list[dict]  # tokenized held-out conversations (loss on responses)
     eval_conversations: list[Conversation]  # the same, as messages (for generated samples)
     stats: dict[str, Any] = field(default_factory=dict)
@@ -264,22 +266,16 @@ def build(
     chat_template = uses_chat_template(settings, tokenizer)
     conversations, eval_examples = _eval_part(settings, tokenizer, max_seq_len, eval_limit)
 
-    def build_train() -> tuple[list[dict], dict]:
-        examples, report = tokenize(
-            load_conversations(settings, settings.data.train, "task.data.train"),
-            tokenizer,
-            chat_template,
-            max_seq_len,
-            settings.too_long,
-            settings.train_on,
-        )
-        return examples, report.as_dict()
+    def encode_record(record: Record) -> tuple[list[int], list[int]]:
+        conversation = to_conversation(record, settings, settings.data.fields)
+        return encode(tokenizer, conversation, chat_template, settings.train_on)
 
     key = {
         "recipe": "instruction",
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_seq_len": max_seq_len,
         "chat_template": chat_template,
+        # The template text itself (task.chat_template may name a file whose text changes between runs).
+        "template": getattr(tokenizer, "chat_template", None) if chat_template else None,
         "settings": {
             "format": settings.format,
             "system_prompt": settings.system_prompt,
@@ -287,9 +283,18 @@ def build(
             "train_on": settings.train_on,
         },
         "fields": settings.data.fields,
-        "data": fingerprint_sources(settings.data.train),
     }
-    train, meta = cached(settings.cache_dir, f"{settings.name}-train", key, build_train)
+    train, meta = tokenize_records(
+        settings.data.train,
+        "task.data.train",
+        encode_record,
+        key_parts=key,
+        cache_dir=settings.cache_dir,
+        num_proc=settings.num_proc,
+        max_seq_len=max_seq_len,
+        too_long=settings.too_long,
+        mixing=(settings.data.mixing_stop, settings.data.mixing_seed),
+    )
     report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
     log_length_report(f"{settings.name} training set", report, max_seq_len)
     require_examples(train, "task.data.train", report, max_seq_len, settings.too_long)

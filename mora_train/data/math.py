@@ -10,7 +10,7 @@ Both recipes are this one module; only their configs differ (configs/task/gsm8k.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,17 +18,17 @@ from transformers import PreTrainedTokenizerBase
 
 from mora_train.config.schema import setting
 from mora_train.core.errors import MoraTrainError
-from mora_train.data.cache import cached, tokenizer_fingerprint
+from mora_train.data.cache import tokenizer_fingerprint
 from mora_train.data.common import (
     IGNORE_INDEX,
     LengthReport,
-    fit_to_length,
     log_length_report,
     require_examples,
     tokenize_capped,
 )
 from mora_train.data.config import DataRecipe, TaskData, TooLong, template_problems
-from mora_train.data.sources import Record, as_text, fingerprint_sources, load_records, map_fields, render
+from mora_train.data.prepare import tokenize_records
+from mora_train.data.sources import Record, as_text, load_records, map_fields, render
 
 # Reads a solution's final answer (None when there is none), e.g. evaluation.answers.extract_answer.
 FinalAnswer = Callable[[str], Any]
@@ -46,7 +46,7 @@ class MathProblem:
 
 @dataclass
 class MathData:
-    train: list[dict]
+    train: Sequence[dict]
     problems: list[MathProblem]  # evaluation problems (the eval.max_samples prefix)
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +80,7 @@ class MathRecipe(DataRecipe):
 
     def check(self, prefix: str) -> list[str]:
         return [
+            *super().check(prefix),
             *template_problems(self.prompt_template, f"{prefix}.prompt_template", {"question"}, "question"),
             *template_problems(
                 self.completion_template, f"{prefix}.completion_template", {"question", "answer"}, "answer"
@@ -125,35 +126,35 @@ def prompt(settings: MathRecipe, question: str) -> str:
 
 def tokenize_train(
     settings: MathRecipe, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
-) -> tuple[list[dict], dict]:
+) -> tuple[Sequence[dict], dict]:
     fields = settings.data.fields
 
-    def build() -> tuple[list[dict], dict]:
-        report = LengthReport()
-        examples = []
-        for record in load_records(settings.data.train, "task.data.train"):
-            values = map_fields(record, fields, "task.data.fields", ("question", "answer"))
-            prompt, completion = format_pair(settings, as_text(values["question"]), as_text(values["answer"]))
-            ids, labels = encode_pair(tokenizer, prompt, completion, max_seq_len)
-            example = fit_to_length(ids, labels, max_seq_len, settings.too_long, report)
-            if example is not None:
-                examples.append(example)
-        return examples, report.as_dict()
+    def encode(record: Record) -> tuple[list[int], list[int]]:
+        values = map_fields(record, fields, "task.data.fields", ("question", "answer"))
+        prompt, completion = format_pair(settings, as_text(values["question"]), as_text(values["answer"]))
+        return encode_pair(tokenizer, prompt, completion, max_seq_len)
 
     key = {
         "recipe": "math",
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_seq_len": max_seq_len,
         "settings": {
             "prompt_template": settings.prompt_template,
             "completion_template": settings.completion_template,
-            "too_long": settings.too_long,
             "strip_calculator_annotations": settings.strip_calculator_annotations,
         },
         "fields": fields,
-        "data": fingerprint_sources(settings.data.train),
     }
-    examples, meta = cached(settings.cache_dir, f"{settings.name}-train", key, build)
+    examples, meta = tokenize_records(
+        settings.data.train,
+        "task.data.train",
+        encode,
+        key_parts=key,
+        cache_dir=settings.cache_dir,
+        num_proc=settings.num_proc,
+        max_seq_len=max_seq_len,
+        too_long=settings.too_long,
+        mixing=(settings.data.mixing_stop, settings.data.mixing_seed),
+    )
     report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
     log_length_report(f"{settings.name} training set", report, max_seq_len)
     require_examples(examples, "task.data.train", report, max_seq_len, settings.too_long)

@@ -61,7 +61,7 @@ def validation(
     settings: PretrainSettings, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, built: data.PretrainData
 ) -> list[dict]:
     """The held-out text, packed as the training text is."""
-    return built.eval_blocks
+    return list(built.eval_blocks)
 
 
 def task(name: str, primary_metric: str, greater_is_better: bool) -> Task:
