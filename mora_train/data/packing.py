@@ -38,8 +38,11 @@ class PackingReport:
 
 
 def is_packed(examples: Sequence[dict[str, Any]]) -> bool:
-    """Whether the examples are packed rows already (continual pretraining's blocks carry position ids)."""
-    return bool(examples) and "position_ids" in examples[0]
+    """Whether the examples are packed rows already (continual pretraining's blocks carry position ids). A stream
+    (task.data.streaming: an iterable dataset with no len) only ever holds packed pretraining blocks."""
+    if not hasattr(examples, "__len__"):
+        return True
+    return len(examples) > 0 and "position_ids" in examples[0]
 
 
 def best_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -93,10 +96,11 @@ def pack_examples(
     return rows, PackingReport(len(examples), len(rows), tokens, max_seq_len)
 
 
-def training_rows(examples: Sequence[dict[str, Any]], max_seq_len: int, packing: bool) -> list[dict[str, Any]]:
-    """What the Trainer iterates over: the examples, or (trainer.packing) the rows they pack into."""
+def training_rows(examples: Sequence[dict[str, Any]], max_seq_len: int, packing: bool) -> Sequence[dict[str, Any]]:
+    """What the Trainer iterates over: the examples as they are (a list, a dataset, or a stream, which is never
+    read ahead here), or (trainer.packing) the rows they pack into."""
     if not packing or is_packed(examples):
-        return list(examples)
+        return examples
     rows, report = pack_examples(examples, max_seq_len)
     log.info(
         "trainer.packing: %d examples (%d tokens) packed into %d rows of up to %d tokens (%.1f%% full); "

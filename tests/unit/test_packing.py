@@ -212,3 +212,16 @@ def test_the_preflight_refuses_packing_that_cannot_keep_examples_apart(
     assert problems("trainer.packing=false") == []  # unpacked: nothing to keep apart
     (problem,) = problems("trainer.packing=true")
     assert "`trainer.packing=true`" in problem and "model.attn_implementation=sdpa" in problem
+
+
+class _Stream:
+    """An iterable with no length, as a streamed dataset (task.data.streaming) is; reading it ahead would never end."""
+
+    def __iter__(self):
+        raise AssertionError("training_rows read the stream")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_stream_reaches_the_trainer_unread(packing: bool) -> None:
+    stream = _Stream()
+    assert training_rows(stream, 16, packing) is stream  # type: ignore[arg-type]
