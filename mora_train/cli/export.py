@@ -10,7 +10,8 @@ from typing import Any
 from mora_train.core.errors import run_command
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # mora_train.export.gguf.OUTTYPES (not imported: --help stays fast)
-LORA_ONLY = ("rank", "energy", "base_model", "evaluate")
+DTYPES = ("float32", "bfloat16", "float16")
+LORA_ONLY = ("rank", "energy", "base_model", "evaluate", "dtype", "uniform_rank")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,8 +71,15 @@ def _add_gguf_and_lora_options(parser: argparse.ArgumentParser) -> None:
         "--evaluate",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="re-run the task's evaluation on the adapter and on the export "
-        "(default: for truncated exports of a run dir)",
+        help="re-run the task's evaluation on the adapter and on the export, into OUT_DIR-evaluation/ next to "
+        "OUT_DIR (default: for truncated exports of a run dir)",
+    )
+    lora.add_argument("--dtype", choices=DTYPES, help="the exported weights' dtype (default: the base model's)")
+    lora.add_argument(
+        "--uniform-rank",
+        action="store_true",
+        help="zero-pad every layer to the largest rank, for engines that take one r per adapter (SGLang); by default "
+        "each layer keeps its own rank (peft's rank_pattern)",
     )
 
 
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
             base_model=args.base_model,
             check=not args.no_check,
             evaluate=args.evaluate,
+            dtype=args.dtype,
+            uniform_rank=args.uniform_rank,
         )
 
     report = run_command("mora-train-export", work)
@@ -148,27 +158,59 @@ def _gguf_summary(report: dict[str, Any]) -> str:
 
 def _summary(report: dict[str, Any], out_dir: str) -> str:
     """What was exported and how exact it is, the plain-peft check and evaluation if run, and how to serve it."""
+    ranks = report["exported_ranks"]
+    if len(ranks) == 1:
+        shape = f"rank {report['rank']}"
+    elif report["uniform_rank"]:
+        shape = f"rank {report['rank']}, every layer zero-padded to it"
+    else:
+        shape = f"ranks {ranks[0]}..{ranks[-1]}, each layer its own (rank_pattern)"
     lines = [
-        f"exported {report['layers']} layers as LoRA rank {report['rank']} to {out_dir} ({report['how']})",
         (
-            f"relative Frobenius error of ΔW: max {report['max_relative_error']:.2e}, "
-            f"mean {report['mean_relative_error']:.2e} (per layer: {out_dir}/export_report.md)"
+            f"exported {report['layers']} layers as LoRA ({shape}, {report['dtype']}, {report['lora_params']:,} "
+            f"parameters) to {out_dir}: {report['how']}"
+        ),
+        (
+            f"relative Frobenius error of ΔW: max {report['max_relative_error']:.2e}, mean "
+            f"{report['mean_relative_error']:.2e} (per layer: {out_dir}/export_report.md)"
         ),
     ]
     if "peft_max_abs_logit_diff" in report:
         lines.append(f"plain peft check: max |logit difference| {report['peft_max_abs_logit_diff']:.2e}")
     if "evaluation" in report:
         ev = report["evaluation"]
-        lines.append(f"{ev['metric']}: adapter {ev['adapter']:.4f} -> exported LoRA {ev['exported_lora']:.4f}")
-    serve = report["vllm_max_lora_rank"]
-    if serve is None:
         lines.append(
-            f"warning: rank {report['rank']} is above vLLM's largest --max-lora-rank (512); peft serves it, vLLM "
-            "does not: export with --rank 512 (or --energy) for vLLM"
+            f"{ev['metric']}: adapter {ev['adapter']:.4f} -> exported LoRA {ev['exported_lora']:.4f} "
+            f"(evaluation files: {ev['folder']})"
         )
-    else:
-        lines.append(f"serve: vllm serve BASE --enable-lora --max-lora-rank {serve} --lora-modules NAME={out_dir}")
+    lines += _serving_lines(report, out_dir)
     return "\n".join(lines)
+
+
+def _serving_lines(report: dict[str, Any], out_dir: str) -> list[str]:
+    serve = report["vllm_max_lora_rank"]
+    if serve is not None:
+        per_layer = len(report["exported_ranks"]) > 1 and not report["uniform_rank"]
+        sglang = " (SGLang takes one rank per adapter: export with --uniform-rank for it)" if per_layer else ""
+        return [f"serve: vllm serve BASE --enable-lora --max-lora-rank {serve} --lora-modules NAME={out_dir}{sglang}"]
+    lines = [
+        (
+            f"warning: rank {report['rank']} is above vLLM's largest --max-lora-rank (512): peft serves this folder, "
+            "vLLM does not"
+        )
+    ]
+    fit = report.get("rank_limit_fit")
+    if fit:
+        energy = (
+            f"--energy {fit['energy']} (max relative error of ΔW {fit['energy_max_relative_error']:.2e}) or "
+            if fit["energy"] is not None
+            else ""
+        )
+        lines.append(
+            f"to serve it with vLLM, export again with {energy}--rank {fit['limit']} (max relative error of ΔW "
+            f"{fit['rank_max_relative_error']:.2e}); both fit --max-lora-rank {fit['limit']}"
+        )
+    return lines
 
 
 if __name__ == "__main__":
