@@ -5,9 +5,16 @@ factors ΔW = B @ A:
 for MoRA's summing types and truncation A = M C and B = D (rank r̂, exact by construction), for its
 chunked types (rope, decouple) the SVD of ΔW at its numerical rank. Here they are, optionally,
 truncated to `rank` singular values or to a fraction `energy` of each layer's ΔW energy (the SVD of B @ A
-through QR of the factors: O((d_in + d_out) k²), never the d_out x d_in product), zero-padded to one
-rank for the whole folder (serving engines take one `r` per adapter) and written with the tensor names
-and config keys peft writes itself, `lora_alpha = r` so that peft's scaling alpha / r is exactly 1.
+through QR of the factors: O((d_in + d_out) k²), never the d_out x d_in product), and written with the tensor
+names and config keys peft writes itself, in the dtype asked for.
+
+Each layer keeps its own rank: `r` is the largest, and peft's `rank_pattern` names every layer of another rank,
+with `alpha_pattern` giving it lora_alpha = its rank, so that the scaling alpha / r is exactly 1 on every layer
+(`lora_alpha = r` for the rest). An engine that ignores the patterns and scales every layer by the global
+lora_alpha / r also gets 1, so the maths stay exact wherever the per-layer tensors load (vLLM copies each into its
+max-rank buffer by the tensor's own shape). `uniform_rank` zero-pads every layer to `r` instead, for engines that
+take one rank per adapter (SGLang copies every layer's factors into `[:r]` of its buffer); the padded directions
+add exactly 0 to ΔW.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from safetensors.torch import save_file
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, singular_values_kept
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_dir_atomically, write_json_atomically, write_text_atomically
+from mora_train.export.rank_limit import VLLM_LARGEST_MAX_LORA_RANK, fit_under_rank_limit
 
 PEFT_PREFIX = "base_model.model."
 # vLLM's LoRAConfig accepts these max_lora_rank values (vllm/config/lora.py, `MaxLoRARanks`); an adapter
@@ -42,6 +50,19 @@ class LayerExport:
     relative_error: float  # ||ΔW - B'A'||_F / ||ΔW||_F (0 for an exact export)
 
 
+def _product_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(Qb, U, S, Vh, Qa) with B @ A = (Qb U) diag(S) (Qa Vh^T)^T, in float64, through QR of the factors."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    return Qb, U, S, Vh, Qa
+
+
+def singular_values(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """The singular values of B @ A, descending (float64)."""
+    return _product_svd(B, A)[2]
+
+
 def truncate(
     B: torch.Tensor, A: torch.Tensor, rank: int | None = None, energy: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -50,9 +71,7 @@ def truncate(
     How many: adapters.base.singular_values_kept (neither rank nor energy: the numerical rank of B @ A, exact
     to float32 rounding and never wider than min(d_in, d_out)).
     """
-    Qb, Rb = torch.linalg.qr(B.double())
-    Qa, Ra = torch.linalg.qr(A.double().T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    Qb, U, S, Vh, Qa = _product_svd(B, A)
     total = float((S**2).sum())
     k = singular_values_kept(S, rank, energy)
     dropped = float((S[k:] ** 2).sum())
@@ -62,9 +81,13 @@ def truncate(
     return B_new.float().contiguous(), A_new.float().contiguous(), error
 
 
-def peft_config(rank: int, target_modules: list[str], base_model: str | None) -> dict[str, Any]:
-    """adapter_config.json as peft's LoraConfig writes it, scaling lora_alpha / r = 1 — peft keys only: peft
-    warns about any other key as if the folder came from a newer peft (provenance is in export_report.json)."""
+def peft_config(
+    rank: int, target_modules: list[str], base_model: str | None, rank_pattern: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """adapter_config.json as peft's LoraConfig writes it, scaling lora_alpha / r = 1 on every layer (alpha_pattern
+    = rank_pattern) — peft keys only: peft warns about any other key as if the folder came from a newer peft
+    (provenance is in export_report.json). rank_pattern keys are full module names (peft matches a key against a
+    module name's dotted suffix)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -79,8 +102,8 @@ def peft_config(rank: int, target_modules: list[str], base_model: str | None) ->
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(rank_pattern or {}),
         "inference_mode": True,
     }
 
@@ -93,23 +116,10 @@ def check_truncation(rank: int | None, energy: float | None) -> None:
         raise MoraTrainError(f"--energy {energy!r} must be in (0, 1]: the share of each layer's ΔW energy to keep")
 
 
-def export_lora(
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    out_dir: Path,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    base_model: str | None = None,
-    source: dict[str, Any] | None = None,
-) -> list[LayerExport]:
-    """Write `factors` (module name -> (B, A), ΔW = B @ A) as a PEFT LoRA folder; return the per-layer table.
-
-    rank / energy truncate (each layer keeps at most `rank`, or the singular values holding `energy` of
-    its ΔW energy); without them every layer is exported exactly (to float32 rounding).
-    """
-    check_truncation(rank, energy)
-    if not factors:
-        raise MoraTrainError("the adapter has no adapted layers to export")
+def _kept_factors(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int | None, energy: float | None
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[LayerExport]]:
+    """Each layer's factors as exported (truncated where asked, or where wider than the layer) and its table row."""
     rows: list[LayerExport] = []
     kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (B_exact, A_exact) in factors.items():
@@ -119,40 +129,83 @@ def export_lora(
             B, A, error = truncate(B_exact, A_exact, rank, energy)
         else:
             B, A, error = B_exact, A_exact, 0.0
-        kept[name] = (B, A)
+        kept[name] = (B.cpu(), A.cpu())
         rows.append(LayerExport(name, d_out, d_in, exact_rank, A.shape[0], error))
-    uniform = max(row.rank for row in rows)
+    return kept, rows
+
+
+def _tensors(
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]], width: int | None, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """peft's tensor names and shapes: each layer at its own rank, or zero-padded to `width` (added exactly 0)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, (B, A) in kept.items():
         k = A.shape[0]
-        # Zero-padded to the folder's one rank: padded directions add exactly 0 to ΔW.
-        A_full = torch.zeros(uniform, A.shape[1], dtype=torch.float32)
-        B_full = torch.zeros(B.shape[0], uniform, dtype=torch.float32)
-        A_full[:k], B_full[:, :k] = A.cpu(), B.cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A_full.contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B_full.contiguous()
-    targets = sorted({name.rsplit(".", 1)[-1] for name in kept})
-    config = peft_config(uniform, targets, base_model)
-    table = {
-        "rank": uniform,
+        A_out = torch.zeros(width, A.shape[1], dtype=torch.float32) if width else A.clone()
+        B_out = torch.zeros(B.shape[0], width, dtype=torch.float32) if width else B.clone()
+        A_out[:k], B_out[:, :k] = A, B
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A_out.to(dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B_out.to(dtype).contiguous()
+    return tensors
+
+
+def export_lora(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    out_dir: Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    base_model: str | None = None,
+    source: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    uniform_rank: bool = False,
+) -> list[LayerExport]:
+    """Write `factors` (module name -> (B, A), ΔW = B @ A) as a PEFT LoRA folder; return the per-layer table.
+
+    rank / energy truncate (each layer keeps at most `rank`, or the singular values holding `energy` of
+    its ΔW energy); without them every layer is exported exactly (to float32 rounding). The weights are written in
+    `dtype`; each layer at its own rank (rank_pattern), or all zero-padded to the largest with `uniform_rank`. An
+    export wider than vLLM's largest --max-lora-rank records in its report the truncations that would fit
+    (mora_train.export.rank_limit).
+    """
+    check_truncation(rank, energy)
+    if not factors:
+        raise MoraTrainError("the adapter has no adapted layers to export")
+    kept, rows = _kept_factors(factors, rank, energy)
+    top = max(row.rank for row in rows)
+    pattern = {} if uniform_rank else {row.name: row.rank for row in rows if row.rank != top}
+    tensors = _tensors(kept, top if uniform_rank else None, dtype)
+    config = peft_config(top, sorted({name.rsplit(".", 1)[-1] for name in kept}), base_model, pattern)
+    table: dict[str, Any] = {
+        "rank": top,
+        "uniform_rank": uniform_rank,
+        "dtype": str(dtype).removeprefix("torch."),
         "truncation": {"rank": rank, "energy": energy},
         "source": source or {},
         "layers": [asdict(r) for r in rows],
     }
+    if top > VLLM_LARGEST_MAX_LORA_RANK:
+        fit = fit_under_rank_limit([singular_values(B, A) for B, A in factors.values()])
+        table["rank_limit_fit"] = asdict(fit)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         write_json_atomically(tmp / ADAPTER_CONFIG_NAME, config)
         write_json_atomically(tmp / REPORT_JSON, table)
-        write_text_atomically(tmp / REPORT_MD, report_markdown(rows, uniform))
+        write_text_atomically(tmp / REPORT_MD, report_markdown(rows, top, uniform_rank))
 
     write_dir_atomically(Path(out_dir), write)
     return rows
 
 
-def report_markdown(rows: list[LayerExport], uniform: int) -> str:
+def report_markdown(rows: list[LayerExport], top: int, uniform_rank: bool = False) -> str:
+    shape = (
+        f"rank {top}, every layer zero-padded to it (lora_alpha = r: scaling 1)"
+        if uniform_rank
+        else f"each layer at its own rank, up to {top} (rank_pattern, lora_alpha = rank per layer: scaling 1)"
+    )
     lines = [
-        f"# LoRA export: rank {uniform} (lora_alpha = r: scaling 1)",
+        f"# LoRA export: {shape}",
         "",
         "| layer | d_out x d_in | exact rank | exported rank | relative Frobenius error |",
         "|---|---|---|---|---|",
@@ -161,17 +214,18 @@ def report_markdown(rows: list[LayerExport], uniform: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarize(rows: list[LayerExport]) -> dict[str, Any]:
-    """One line's worth: worst and mean relative error, ranks, parameter count."""
+def summarize(rows: list[LayerExport], uniform_rank: bool = False) -> dict[str, Any]:
+    """One line's worth: worst and mean relative error, ranks, parameter count (as stored: padded or not)."""
     errors = [r.relative_error for r in rows]
+    top = max(r.rank for r in rows)
     return {
         "layers": len(rows),
         "max_relative_error": max(errors),
         "mean_relative_error": sum(errors) / len(errors),
         "exact_ranks": sorted({r.exact_rank for r in rows}),
         "exported_ranks": sorted({r.rank for r in rows}),
-        "lora_params": sum(max(x.rank for x in rows) * (r.d_in + r.d_out) for r in rows),
-        "vllm_max_lora_rank": vllm_max_lora_rank(max(r.rank for r in rows)),
+        "lora_params": sum((top if uniform_rank else r.rank) * (r.d_in + r.d_out) for r in rows),
+        "vllm_max_lora_rank": vllm_max_lora_rank(top),
     }
 
 

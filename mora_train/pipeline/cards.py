@@ -193,6 +193,8 @@ def lora_card_facts(source: Path, model: ModelConfig, report: dict[str, Any]) ->
         max_relative_error=float(report["max_relative_error"]),
         mean_relative_error=float(report["mean_relative_error"]),
         peft_max_abs_logit_diff=report.get("peft_max_abs_logit_diff"),
+        per_layer_ranks=not report.get("uniform_rank", True),
+        dtype=report.get("dtype"),
         how=report.get("how"),
         metric=evaluation.get("metric"),
         metric_trained=evaluation.get("adapter"),

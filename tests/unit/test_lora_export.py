@@ -136,13 +136,29 @@ def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Pa
     lora = _train(tmp_path, "lora", "adapter=lora")
     exact = export_run(sharing, tmp_path / "exp-sharing")
     assert exact["max_relative_error"] == 0.0 and exact["peft_max_abs_logit_diff"] < 1e-4
+    # each layer at its own r̂ (peft's rank_pattern), checked by plain peft in its own process like any export
+    saved = json.loads((tmp_path / "exp-sharing" / "adapter_config.json").read_text())
+    assert len(exact["exported_ranks"]) > 1 and saved["rank_pattern"] and exact["dtype"] == "float32"
+    half = export_run(sharing, tmp_path / "exp-bf16", dtype="bfloat16", uniform_rank=True)
+    assert half["dtype"] == "bfloat16" and half["uniform_rank"] and 0 < half["peft_max_abs_logit_diff"] < 1e-2
     card = ModelCard.load(tmp_path / "exp-sharing" / "README.md")  # the run's card, with the export's checks
     assert card.data.library_name == "peft" and card.data.tags == ["mora-train", "mora", "lora", "peft"]
     assert "**Exact export.**" in card.text and "**Merge check: passed.**" in card.text and "| r̂=" in card.text
     from_lora = export_run(lora, tmp_path / "exp-lora")
     assert from_lora["peft_max_abs_logit_diff"] < 1e-4 and from_lora["rank"] == 8
     cut = export_run(sharing, tmp_path / "exp-cut", rank=2)  # truncated: evaluated before / after by default
-    assert cut["max_relative_error"] > 0 and set(cut["evaluation"]) == {"metric", "adapter", "exported_lora"}
+    assert cut["max_relative_error"] > 0 and set(cut["evaluation"]) == {"metric", "adapter", "exported_lora", "folder"}
+    # said as it is: truncated, with its error, never "exact"; the evaluation next to the folder, not inside it
+    assert "truncated SVD (--rank 2)" in cut["how"] and "not exact" in cut["how"] and "exact LoRA" not in cut["how"]
+    assert "exact LoRA factors" in exact["how"]
+    assert cut["evaluation"]["folder"] == str(tmp_path / "exp-cut-evaluation")
+    assert (tmp_path / "exp-cut-evaluation" / "export_evaluation.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "exp-cut").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "export_report.json",
+        "export_report.md",
+    ]
 
     # (peft warns about adapter names inside its own "lora_" prefix: call the LoRA run's export "plain")
     adapters = {"sharing": tmp_path / "exp-sharing", "plain": tmp_path / "exp-lora"}
@@ -200,3 +216,4 @@ def test_a_truncated_export_of_an_adapter_folder_is_written_without_an_evaluatio
     assert card.data.library_name == "peft" and "lora" in card.data.tags and card.data.eval_results is None
     assert "**Truncated export.**" in card.text and "PeftModel.from_pretrained" in card.text
     assert "| r̂=" in card.text  # RUN_DIR/adapter: the run's own facts (its layers), read from beside the folder
+    assert not (tmp_path / "cut-evaluation").exists()
