@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -179,9 +180,13 @@ def test_a_run_exports_through_the_command_and_again_into_its_own_folder(tmp_pat
     assert f"wrote {tmp_path / 'gguf' / 'model-q8_0.gguf'}" in out and "max |logit difference| 0.00e+00" in out
     assert "FROM ./model-q8_0.gguf" in (tmp_path / "gguf" / "Modelfile").read_text()
     main([str(tmp_path / "run"), str(tmp_path / "gguf"), "--format", "gguf"])  # the merged model's dtype: f32
-    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["Modelfile", "gguf_export.json", "model-f32.gguf"]
+    files = sorted(p.name for p in (tmp_path / "gguf").iterdir())
+    assert files == ["Modelfile", "README.md", "gguf_export.json", "model-f32.gguf"]
     report = json.loads((tmp_path / "gguf" / "gguf_export.json").read_text())
     assert report["outtype"] == "f32" and report["check"]["outtype_max_abs_diff"] == 0.0
+    # The run's model card, for llama.cpp / Ollama users: the file, its tensor type and how to run it.
+    card = ModelCard.load(tmp_path / "gguf" / "README.md")
+    assert "gguf" in card.data.tags and "model-f32.gguf" in card.text and "ollama create" in card.text.lower()
 
 
 def test_cli_options_of_the_other_format_are_refused(capsys: pytest.CaptureFixture) -> None:

@@ -154,6 +154,7 @@ def test_run_exports_check_with_plain_peft_and_batches_mix_adapters(tmp_path: Pa
     assert cut["evaluation"]["folder"] == str(tmp_path / "exp-cut-evaluation")
     assert (tmp_path / "exp-cut-evaluation" / "export_evaluation.json").is_file()
     assert sorted(p.name for p in (tmp_path / "exp-cut").iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "export_report.json",
