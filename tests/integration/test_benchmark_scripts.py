@@ -167,3 +167,30 @@ def test_bench_gsm8k_evaluators_quick_compares_per_problem(tmp_path: Path) -> No
         "| ours (task=gsm8k, math-verify) |" in (tmp_path / "summary.md").read_text()
         and "Disagreements:" in done.stdout
     )
+
+
+@pytest.mark.slow  # ~1 min: a benchmark script's quick mode (run with `pytest -m slow`)
+def test_bench_lora_family_quick_brackets_seeds_and_resumes(tmp_path: Path) -> None:
+    args = ["--quick", "--methods", "lora", "dora", "pissa", "--threads", "1", "--out", str(tmp_path)]
+    # LoRA's best of {1e-2, 3e-2} at an edge is widened once; the others' grids are given bracketed already.
+    grid = "dora=1e-2,3e-2,1e-1;pissa=1e-2,3e-2,1e-1"
+    first = run_script("bench_lora_family.py", *args, "--grid", grid)
+    out = tmp_path / "quick"
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["grids"]["lora"]) == 3 and "adding" in first.stdout  # one extension beyond the edge
+    for method in ("lora", "dora", "pissa"):
+        entry = results["seeded"][method]
+        summary = entry["summary"]["char_accuracy"]
+        assert summary["n"] == 3 and summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
+        assert set(entry["summary"]["curve"]) == {"0", "1", "2"}
+    assert results["seeded"]["dora"]["trainable"] > results["seeded"]["lora"]["trainable"]  # the magnitudes
+    assert results["seeded"]["pissa"]["trainable"] == results["seeded"]["lora"]["trainable"]
+    assert results["seeded"]["dora"]["difference"]["n"] == 3  # paired with LoRA's seeds
+    table = (out / "results.md").read_text()
+    assert "95 % Student-t interval" in table and "| LoRA (lr" in table
+    assert (out / "accuracy_vs_step.png").stat().st_size > 1000
+    # Run again: every finished run is reused, nothing trains.
+    again = run_script("bench_lora_family.py", *args, "--grid", grid)
+    assert again.stdout.count("reusing") == first.stdout.count("] lora") + first.stdout.count(
+        "] dora"
+    ) + first.stdout.count("] pissa")
