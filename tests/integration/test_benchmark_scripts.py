@@ -127,6 +127,24 @@ def test_bench_pretrain_quick_lr_grid_and_reuse(tmp_path: Path) -> None:
     assert again.stdout.count("reusing") == 1 and "Best learning rate" not in again.stdout
 
 
+@pytest.mark.slow  # ~1 min: four tiny pretraining runs (run with `pytest -m slow`)
+def test_bench_pretrain_quick_seeds_at_each_variant_s_rate(tmp_path: Path) -> None:
+    args = ["--quick", "--variants", "lora", "mora", "--threads", "1", "--out", str(tmp_path)]
+    run_script("bench_pretrain.py", *args, "--variant-lr", "lora=3e-3", "mora=1e-3", "--seeds", "42", "43")
+    report = (tmp_path / "quick" / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert {"lora", "lora seed 43", "mora", "mora seed 43"} <= set(rows)
+    assert rows["mora"].split("|")[2].strip() == "0.001" and rows["lora"].split("|")[2].strip() == "0.003"
+    seeds = [line for line in report.splitlines() if line.startswith("| mora | 0.001 | 2 | 42 43 |")]
+    assert len(seeds) == 1 and " ± " in seeds[0]  # mean ± interval over the two seeds, paired with LoRA's
+    assert sorted(p.name for p in (tmp_path / "quick").iterdir() if p.is_dir()) == [
+        "lora-lr0.003",
+        "lora-lr0.003-seed43",
+        "mora-lr0.001",
+        "mora-lr0.001-seed43",
+    ]
+
+
 def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -144,7 +162,15 @@ def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_train.py", "bench_memorization.py", "bench_pretrain.py", "bench_tasks.py", "bench_qmora.py"]
+    "script",
+    [
+        "bench_train.py",
+        "bench_memorization.py",
+        "bench_pretrain.py",
+        "bench_tasks.py",
+        "bench_qmora.py",
+        "bench_lora_family.py",
+    ],
 )
 def test_help_names_the_command(script: str) -> None:
     done = run_script(script, "--help")
