@@ -249,9 +249,10 @@ def test_a_checkpoint_of_another_initialisation_is_refused(pissa_checkpoint, tmp
     resumed, _ = built("adapter=pissa", perturb=False)
     with pytest.raises(MoraTrainError, match="was not written from this run's initialisation"):
         resumed.load_weights(folder)
-    other, _ = built("adapter=dora", perturb=False)  # another family member's checkpoint
-    with pytest.raises(MoraTrainError, match="was trained with"):
-        other.load_weights(folder)
+    for member in ("dora", "lora"):  # another family member's checkpoint: DoRA's m, a plain LoRA's rank
+        other, _ = built(f"adapter={member}", perturb=False)
+        with pytest.raises(MoraTrainError, match=re.escape("was saved with {'r': 8, 'use_dora': False")):
+            other.load_weights(folder)
 
 
 # -- LoRA+ -------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -78,10 +78,6 @@ class LoraAdapter(Restartable, TrainsFactorPair, HasLoraFactors, Adapter):
                 "quantized base, or model.quantization=none"
             )
         return None
-
-    @classmethod
-    def identity(cls, settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
-        return {"adapter": cls.name, "rank": rank, **variant_identity(settings_as(LoraSettings, settings))}
 
     @classmethod
     def layer_problems(cls, layers: dict[str, nn.Linear], settings: AdapterSettings, rank: int) -> list[str]:
@@ -219,7 +215,9 @@ class LoraAdapter(Restartable, TrainsFactorPair, HasLoraFactors, Adapter):
         return f"lora (rank {self.rank}, scaling {self.scaling:.4g}{extra})"
 
     def identity_now(self) -> dict[str, Any]:
-        return {"adapter": self.name, "rank": self.rank, **variant_identity(self)}
+        # The family member is checked when a checkpoint is loaded (_refuse_other_variant, residual.trained_part),
+        # not here: these keys are metrics.json's identity too, whose schema names adapter and rank only.
+        return {"adapter": self.name, "rank": self.rank}
 
     def adapter_layers(self) -> dict[str, PeftLoraLayer]:
         # LoRA on linear layers (the targets find_target_linears picks): each has what PeftLoraLinear lists.
@@ -275,18 +273,20 @@ class LoraAdapter(Restartable, TrainsFactorPair, HasLoraFactors, Adapter):
             )
 
     def _refuse_other_variant(self, directory: Path) -> None:
-        """A folder of another family member (DoRA's magnitudes, rsLoRA's scaling) than this adapter's."""
+        """A folder of another family member than this adapter's: DoRA's magnitudes, rsLoRA's scaling, or the
+        rank a PiSSA / OLoRA folder is saved at (2 x rank: lora/residual.py) against a plain one's."""
         try:
             saved = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
         except (OSError, ValueError):
             return  # only the weights were given: their names and shapes are checked next
-        theirs = {k: bool(saved.get(k)) for k in ("use_dora", "use_rslora")}
-        ours = {"use_dora": self.use_dora, "use_rslora": self.use_rslora}
+        theirs = {"r": saved.get("r"), **{k: bool(saved.get(k)) for k in ("use_dora", "use_rslora")}}
+        saved_rank = self.rank * (2 if self.initial_factors is not None else 1)
+        ours = {"r": saved_rank, "use_dora": self.use_dora, "use_rslora": self.use_rslora}
         if theirs != ours:
             raise MoraTrainError(
-                f"LoRA adapter in {directory} was trained with {theirs}, this run has {ours}; resume with "
-                "adapter.use_dora / adapter.use_rslora as it was trained, or start over with trainer.resume=false "
-                "overwrite=true"
+                f"LoRA adapter in {directory} was saved with {theirs}, this run's would be {ours} (adapter.init=pissa "
+                "or olora saves r = 2 x rank); resume with the rank, adapter.init, adapter.use_dora and "
+                "adapter.use_rslora it was trained with, or start over with trainer.resume=false overwrite=true"
             )
 
     def describe(self) -> dict[str, Any]:
@@ -302,14 +302,3 @@ class LoraAdapter(Restartable, TrainsFactorPair, HasLoraFactors, Adapter):
             "dropout": self.dropout,
             "target_modules": self.target_modules,
         }
-
-
-class _Variant(Protocol):
-    use_dora: bool
-    init: str
-
-
-def variant_identity(lora: _Variant) -> dict[str, Any]:
-    """What a resume must match beyond adapter and rank: DoRA (other parameters) and the init (other B0 A0), only
-    where they differ from plain LoRA, so that checkpoints written before these keys existed still resume."""
-    return {**({"use_dora": True} if lora.use_dora else {}), **({"init": lora.init} if lora.init != "default" else {})}
