@@ -102,6 +102,7 @@ COMBINATIONS = {
     ("adapter=pissa", "model.quantization=int8"): "would be re-quantized (peft refuses PiSSA there)",
     ("adapter=mora", "trainer.adapter_lr_ratio=16"): "adapter=mora trains no such pair of factors",
     ("adapter=full", "trainer.adapter_lr_ratio=16"): "adapter=full trains no such pair of factors",
+    ("adapter=lora", "trainer.adapter_lr_ratio=16", "distributed=zero3_offload"): "builds its own optimizer",
 }
 
 
