@@ -57,8 +57,18 @@ def parse_grid(text: str | None, methods: list[str]) -> dict[str, list[float]]:
     return grid
 
 
-def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict:
-    """Train one (method, lr) with the mora-train trainer, evaluating along the way; return its record."""
+def run_one(
+    method: str,
+    lr: float,
+    opts: argparse.Namespace,
+    out: Path,
+    adapter: list[str] | None = None,
+    start_point: dict | None = None,
+) -> dict:
+    """Train one (method, lr) with the mora-train trainer, evaluating along the way; return its record.
+
+    `adapter`: the adapter overrides (default: harness.method_overrides(method)); `start_point`: the curve's
+    step-0 point when it is known already (the untrained base, evaluated once by the caller)."""
     import torch
     from transformers import TrainerCallback, set_seed
 
@@ -71,7 +81,7 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
         f"model={opts.model}",
         "task=uuid",
         f"task.num_pairs={opts.pairs}",
-        *method_overrides(method, opts.rank),
+        *(adapter if adapter is not None else method_overrides(method, opts.rank)),
         f"trainer.max_steps={opts.steps}",
         f"trainer.batch_size={opts.batch}",
         f"trainer.micro_batch_size={opts.batch}",
@@ -115,7 +125,10 @@ def run_one(method: str, lr: float, opts: argparse.Namespace, out: Path) -> dict
                 evaluate(state.global_step)
 
     started = time.time()
-    evaluate(0)
+    if start_point is None:
+        evaluate(0)
+    else:
+        curve.append(dict(start_point))
     result = train(
         adapter, tokenizer, data.train, cfg.trainer, cfg.seed, run_dir, None, TrainingExtras(callbacks=[EvalEvery()])
     )

@@ -9,6 +9,17 @@ the random base) of every adapted layer, counted as singular values above 0.1 (p
     python benchmarks/bench_pretrain.py --quick    # smoke: tiny model, a few steps (~1-2 min)
     python benchmarks/bench_pretrain.py            # the comparison at one lr (13 min, 1 thread; RESULTS.md)
     python benchmarks/bench_pretrain.py --lr 1e-3 3e-3 1e-2   # a learning-rate grid per variant
+
+One candidate cause at a time, each variant at its own rate (--variant-lr), with seeds (mean ± 95 % interval of the
+held-out perplexity, and each variant's difference to LoRA paired by seed):
+
+    python benchmarks/bench_pretrain.py --threads 1 --seeds 42 43 44 \
+        --variant-lr lora=3e-3 relora=3e-3 mora=1e-3 remora=1e-3               # rank 16, 400 steps (the baseline)
+    python benchmarks/bench_pretrain.py ... --rank 64                          # rank-to-width ratio 64/256
+    python benchmarks/bench_pretrain.py ... --steps 1600                       # 4x the steps (restarts every 400)
+
+Seed 42 is the config's default (the runs above it reuse the earlier table's); a run's folder names what differs
+from the defaults (rank, steps, restart period, seed), so finished runs are reused across these commands.
 """
 
 from __future__ import annotations
@@ -64,7 +75,10 @@ def settings(quick: bool) -> dict:
     }
 
 
-def overrides(name: str, s: dict, lr: float) -> list[str]:
+DEFAULT_SEED = 42  # the config's `seed`: runs without a seed override are the earlier tables'
+
+
+def overrides(name: str, s: dict, lr: float, seed: int = DEFAULT_SEED) -> list[str]:
     args = [
         "task=pretrain",
         "model=llama-tiny",
@@ -87,7 +101,21 @@ def overrides(name: str, s: dict, lr: float) -> list[str]:
         args += [f"task.data.train.0.limit={s['docs']}", "task.data.train.1.limit=1"]
     if name.startswith("re"):
         args += [f"adapter.restart.every_steps={s['every']}", f"adapter.restart.warmup_steps={s['warmup']}"]
+    if seed != DEFAULT_SEED:
+        args.append(f"seed={seed}")
     return args
+
+
+def run_name(name: str, lr: float, s: dict, seed: int) -> str:
+    """`lora-lr0.003`, plus what differs from the full settings' defaults: `-r64`, `-steps1600`, `-T400`, `-seed43`."""
+    default = settings(False)
+    parts = [f"{name}-lr{lr:g}"]
+    if not s.get("quick"):
+        parts += [f"-r{s['rank']}"] if s["rank"] != default["rank"] else []
+        parts += [f"-steps{s['steps']}"] if s["steps"] != default["steps"] else []
+        parts += [f"-T{s['every']}"] if name.startswith("re") and s["every"] != s["steps"] // 4 else []
+    parts += [f"-seed{seed}"] if seed != DEFAULT_SEED else []
+    return "".join(parts)
 
 
 def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> dict[str, float]:
@@ -112,10 +140,10 @@ def delta_ranks(args: list[str], merged_dir: Path, threshold: float = 0.1) -> di
     return {k: sum(v) / len(v) for k, v in sorted(counts.items())}
 
 
-def run_variant(name: str, lr: float, s: dict, out: Path, threads: int) -> dict:
+def run_variant(name: str, lr: float, s: dict, out: Path, threads: int, seed: int = DEFAULT_SEED) -> dict:
     """One mora-train run (or its record from an earlier invocation with the same arguments)."""
-    args = overrides(name, s, lr)
-    run_dir = out / f"{name}-lr{lr:g}"
+    args = overrides(name, s, lr, seed)
+    run_dir = out / run_name(name, lr, s, seed)
     record_path = run_dir / "bench_record.json"
     record = finished_record(record_path, args)
     if record is not None:
@@ -128,6 +156,7 @@ def run_variant(name: str, lr: float, s: dict, out: Path, threads: int) -> dict:
     record = {
         "name": name,
         "lr": lr,
+        "seed": seed,
         "overrides": args,
         "metrics": metrics,
         "ranks": ranks,
@@ -150,12 +179,56 @@ def results_table(records: list[dict]) -> str:
     for r in records:
         m = r["metrics"]
         lines.append(
-            f"| {r['name']} | {r['lr']:g} | {m['eval_perplexity']:.3f} | {m['final_logged_loss']:.3f} | "
+            f"| {r['name']}{'' if r.get('seed', DEFAULT_SEED) == DEFAULT_SEED else ' seed ' + str(r['seed'])} | "
+            f"{r['lr']:g} | {m['eval_perplexity']:.3f} | {m['final_logged_loss']:.3f} | "
             f"{m['trainable_params']:,} | "
             + " | ".join(f"{r['ranks'].get(k, 0):.1f}" for k in kinds)
             + f" | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def seeds_table(records: list[dict]) -> str:
+    """Per (variant, lr) over its seeds: held-out perplexity mean ± 95 % interval, and its difference to LoRA at the
+    same seed (the same data order and random base); ΔW ranks averaged."""
+    from mora_train.analysis.stats import summarize
+
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["name"], r["lr"]), []).append(r)
+    lora = {r.get("seed", DEFAULT_SEED): r["metrics"]["eval_perplexity"] for r in records if r["name"] == "lora"}
+    lines = [
+        "| variant | lr | n | seeds | held-out ppl (mean ± CI) | 95 % CI | − LoRA (paired) | 95 % CI | rank ΔW down |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, lr), runs in groups.items():
+        ppl = summarize(r["metrics"]["eval_perplexity"] for r in runs)
+        diff = summarize(
+            r["metrics"]["eval_perplexity"] - lora[r.get("seed", DEFAULT_SEED)]
+            for r in runs
+            if name != "lora" and r.get("seed", DEFAULT_SEED) in lora
+        )
+        assert ppl is not None  # every finished run has a perplexity
+        down = sum(r["ranks"].get("down_proj", 0.0) for r in runs) / len(runs)
+        lines.append(
+            f"| {name} | {lr:g} | {ppl.n} | {' '.join(str(r.get('seed', DEFAULT_SEED)) for r in runs)} | "
+            f"{ppl.text()} | {ppl.interval_text()} | {'' if diff is None else f'{diff.mean:+.3f}'} | "
+            f"{'' if diff is None else diff.interval_text()} | {down:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_variant_lr(pairs: list[str]) -> dict[str, list[float]]:
+    """['lora=3e-3', 'mora=1e-3,3e-3'] -> {'lora': [0.003], 'mora': [0.001, 0.003]}."""
+    rates = {}
+    for pair in pairs:
+        name, _, values = pair.partition("=")
+        if name not in VARIANTS or not values:
+            raise SystemExit(
+                f"--variant-lr {pair!r}: expected VARIANT=LR[,LR...] with VARIANT in {', '.join(VARIANTS)}"
+            )
+        rates[name] = [float(v) for v in values.split(",")]
+    return rates
 
 
 def main() -> None:
@@ -177,18 +250,42 @@ def main() -> None:
         help="learning rate, or several for a grid (each variant at each rate; the best per variant "
         "by held-out perplexity is tabled separately)",
     )
+    parser.add_argument(
+        "--variant-lr", nargs="*", default=[], help="a variant's own rate(s), e.g. mora=1e-3 (others: --lr)"
+    )
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--rank", type=int, default=None, help="adapter rank (default 16; quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400; quick 12)")
+    parser.add_argument("--every", type=int, default=None, help="restart period of ReLoRA/ReMoRA (default steps/4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[DEFAULT_SEED], help="seeds (default the config's, 42)")
     opts = parser.parse_args()
     s = settings(opts.quick)
+    s["quick"] = opts.quick
+    s["rank"] = opts.rank or s["rank"]
+    if opts.steps:
+        s["steps"], s["every"] = opts.steps, max(1, opts.steps // 4)
+    s["every"] = opts.every or s["every"]
+    rates = parse_variant_lr(opts.variant_lr)
     out = opts.out / ("quick" if opts.quick else "full")
-    records = [run_variant(name, lr, s, out, opts.threads) for name in opts.variants for lr in opts.lr]
+    records = [
+        run_variant(name, lr, s, out, opts.threads, seed)
+        for name in opts.variants
+        for lr in rates.get(name, opts.lr)
+        for seed in opts.seeds
+    ]
     report = results_table(records)
-    if len(opts.lr) > 1:
+    if len(opts.lr) > 1 and len(opts.seeds) == 1:
         best = [
             min((r for r in records if r["name"] == name), key=lambda r: r["metrics"]["eval_perplexity"])
             for name in opts.variants
         ]
         report += "\n\nBest learning rate per variant (lowest held-out perplexity):\n\n" + results_table(best)
+    if len(opts.seeds) > 1:
+        report += (
+            f"\n\nOver seeds {' '.join(map(str, opts.seeds))} (rank {s['rank']}, {s['steps']} steps, restarts every "
+            f"{s['every']}): mean ± half width of the 95 % Student-t interval; the difference to LoRA is taken seed "
+            "by seed:\n\n" + seeds_table(records)
+        )
     print("\n" + report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(report + "\n")

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mora_train.adapters.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, RANK_PROBLEM, Adapter
+from mora_train.adapters.capabilities import TrainsFactorPair
 from mora_train.adapters.config import AdapterSettings, TrainerView
 from mora_train.adapters.full import FullFineTune
 from mora_train.adapters.lora import LoraAdapter
@@ -78,8 +79,15 @@ def adapter_config_problems(
     problems = []
     if "rank" in cls.identity(settings, rank) and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         problems.append(RANK_PROBLEM.format(rank=rank))
-    if quantization != "none" and cls.quantized_base_refusal:
-        problems.append(f"`adapter={cls.name}` with `model.quantization={quantization}`: {cls.quantized_base_refusal}")
+    refusal = cls.quantized_base_problem(settings, quantization) if quantization != "none" else None
+    if refusal:
+        problems.append(f"`adapter={cls.name}` with `model.quantization={quantization}`: {refusal}")
+    if trainer.adapter_lr_ratio is not None and not issubclass(cls, TrainsFactorPair):
+        problems.append(
+            f"`trainer.adapter_lr_ratio={trainer.adapter_lr_ratio:g}` (LoRA+) gives B a learning rate that many times "
+            f"A's, and adapter={cls.name} trains no such pair of factors; use adapter=lora, or "
+            "trainer.adapter_lr_ratio=null"
+        )
     return problems + cls.config_problems(settings, rank, trainer)
 
 
@@ -101,12 +109,22 @@ def build_adapter(
     """
     cls = adapter_type(settings)
     if is_quantized(model):
-        if cls.quantized_base_refusal:
-            raise MoraTrainError(
-                f"`adapter={cls.name}` with a quantized base (model.quantization): {cls.quantized_base_refusal}"
-            )
+        refusal = cls.quantized_base_problem(settings, loaded_quantization(model))
+        if refusal:
+            raise MoraTrainError(f"`adapter={cls.name}` with a quantized base (model.quantization): {refusal}")
         prepare_for_adapter_training(model)
     return cls.build(model, settings, rank, load_base)
+
+
+def loaded_quantization(model: nn.Module) -> str:
+    """model.quantization of a loaded quantized model: int8 (bitsandbytes' 8-bit layers), else its 4-bit kind."""
+    if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+        return "int8"
+    for module in model.modules():
+        quant_type = getattr(getattr(getattr(module, "weight", None), "quant_state", None), "quant_type", None)
+        if quant_type:
+            return str(quant_type)
+    return "nf4"
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> Adapter:

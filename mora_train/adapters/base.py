@@ -200,6 +200,13 @@ class Adapter(ABC):
         return []
 
     @classmethod
+    def quantized_base_problem(cls, settings: AdapterSettings, quantization: str) -> str | None:
+        """Why these settings cannot train on a base quantized as `quantization` (model.quantization: nf4, fp4,
+        int8); None: they can. By default the method's own `quantized_base_refusal`; a method whose refusal
+        depends on its settings overrides it."""
+        return cls.quantized_base_refusal
+
+    @classmethod
     def identity(cls, settings: AdapterSettings, rank: int | None) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by a run with these settings (written into every checkpoint)."""
         return {"adapter": cls.name, "rank": rank}

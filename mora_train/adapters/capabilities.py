@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +76,18 @@ class HasLoraFactors(Adapter):
         return factors
 
 
+class TrainsFactorPair(Adapter):
+    """Methods that train an update B A as two factors (LoRA and its family), whose learning rates LoRA+
+    (`trainer.adapter_lr_ratio`) sets apart: B's is `ratio` times A's."""
+
+    @abstractmethod
+    def factor_pair_optimizer(
+        self, optimizer_cls: type[torch.optim.Optimizer], optimizer_kwargs: dict[str, Any], ratio: float
+    ) -> torch.optim.Optimizer:
+        """The optimizer over trainable_parameters() with B's learning rate `ratio` x A's (`optimizer_kwargs`:
+        transformers' for `optimizer_cls`, with lr and weight_decay)."""
+
+
 def restartable(adapter: Adapter) -> Restartable:
     """`adapter` as a Restartable, or MoraTrainError naming the method (validation refuses such runs earlier)."""
     if isinstance(adapter, Restartable):
@@ -87,6 +100,16 @@ def operator_switching(adapter: Adapter) -> SwitchesOperators:
     if isinstance(adapter, SwitchesOperators):
         return adapter
     raise MoraTrainError(f"adapter={adapter.name} has no operator pairs to switch")
+
+
+def factor_pair(adapter: Adapter) -> TrainsFactorPair:
+    """`adapter` as a TrainsFactorPair (LoRA+), or MoraTrainError naming the method (validation refuses it earlier)."""
+    if isinstance(adapter, TrainsFactorPair):
+        return adapter
+    raise MoraTrainError(
+        f"adapter={adapter.name} trains no pair of factors B A whose learning rates trainer.adapter_lr_ratio (LoRA+) "
+        "could set apart; use adapter=lora or trainer.adapter_lr_ratio=null"
+    )
 
 
 def operator_types(adapter: Adapter) -> dict[str, str]:

@@ -32,6 +32,9 @@ class TrainerView(Protocol):
     @property
     def train_embeddings(self) -> bool: ...
 
+    @property
+    def adapter_lr_ratio(self) -> float | None: ...
+
 
 class AdapterSettings(Section):
     name: str = setting(help="the method: lora, mora or full (chosen by adapter=NAME)")

@@ -1,4 +1,5 @@
-"""Sweep directory -> report.md + report.csv + PNG plots, one row per run, failed runs included.
+"""Sweep directory -> report.md + report.csv + PNG plots, one row per run, failed runs included; runs that differ
+only by seed also as one configuration each, with mean, sd, n and 95 % interval (report_seeds.csv, seeds.png).
 
     mora-train-report SWEEP_DIR [--threshold 0.1] [--no-spectrum] [--out DIR]   (mora_train.cli.report)
 
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mora_train.analysis.report_plots import plot_losses, plot_metric_vs, plot_spectra
+from mora_train.analysis.report_plots import plot_losses, plot_metric_vs, plot_seeds, plot_spectra
+from mora_train.analysis.report_seeds import SEEDS_CSV, write_seeds_csv
 from mora_train.analysis.report_tables import CSV_COLUMNS, markdown, run_row, write_csv
 from mora_train.analysis.runs import Run, attach_spectra, find_runs, unique_labels
+from mora_train.analysis.seeds import SeedGroup, has_seeds, seed_groups
 from mora_train.analysis.spectrum import DEFAULT_THRESHOLD
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_text_atomically
@@ -40,9 +43,19 @@ class Report:
     markdown_path: Path
     csv_path: Path
     plots: dict[str, Path]
+    groups: list[SeedGroup]  # runs that differ only by seed, as configurations (analysis.seeds)
 
 
-REPORT_FILES = ("report.md", "report.csv", "loss_curves.png", "metric_vs_rank.png", "metric_vs_lr.png", "spectrum.png")
+REPORT_FILES = (
+    "report.md",
+    "report.csv",
+    SEEDS_CSV,
+    "loss_curves.png",
+    "metric_vs_rank.png",
+    "metric_vs_lr.png",
+    "seeds.png",
+    "spectrum.png",
+)
 
 
 def is_earlier_report(folder: Path, sweep_dir: Path) -> bool:
@@ -90,9 +103,12 @@ def build_report(
     if spectrum:
         attach_spectra(runs)
     labels = unique_labels(runs)
+    groups = seed_groups(runs)
     plots: dict[str, Path] = {}
     if plot_losses(runs, labels, out / "loss_curves.png"):
         plots["loss"] = out / "loss_curves.png"
+    if has_seeds(groups) and plot_seeds(groups, out / "seeds.png"):
+        plots["seeds"] = out / "seeds.png"
     if plot_metric_vs(runs, lambda r: r.rank, "rank", out / "metric_vs_rank.png"):
         plots["metric_vs_rank"] = out / "metric_vs_rank.png"
     if plot_metric_vs(runs, lambda r: r.learning_rate, "learning rate", out / "metric_vs_lr.png"):
@@ -101,6 +117,8 @@ def build_report(
         plots["spectrum"] = out / "spectrum.png"
     rows = [run_row(run, threshold, labels[run.name]) for run in runs]
     write_csv(rows, out / "report.csv")
+    if has_seeds(groups):
+        write_seeds_csv(groups, out / SEEDS_CSV)
     relative = {k: os.path.relpath(p, out) for k, p in plots.items()}
-    write_text_atomically(out / "report.md", markdown(runs, rows, sweep_dir, relative, threshold))
-    return Report(runs, rows, out / "report.md", out / "report.csv", plots)
+    write_text_atomically(out / "report.md", markdown(runs, rows, sweep_dir, relative, threshold, groups))
+    return Report(runs, rows, out / "report.md", out / "report.csv", plots, groups)

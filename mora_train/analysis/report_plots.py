@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from mora_train.analysis.runs import Run
+from mora_train.analysis.seeds import SeedGroup
 from mora_train.analysis.spectrum import per_block_mean, pyplot, save_figure
+from mora_train.analysis.stats import summarize
 from mora_train.core.run_dir import RunDir
 
 
@@ -44,34 +46,63 @@ def plot_losses(runs: list[Run], labels: dict[str, str], path: Path) -> bool:
 
 
 def _series_key(run: Run) -> str:
-    return run.adapter + (f" ({run.mora_type})" if run.mora_type else "")
+    kind = run.mora_type or run.variant
+    return run.adapter + (f" ({kind})" if kind else "")
+
+
+def plot_seeds(groups: list[SeedGroup], path: Path) -> bool:
+    """Each configuration's mean primary metric over its seeds with its 95 % interval, best at the top."""
+    points = [(g.label, g.primary, g.n) for g in groups if g.primary is not None]
+    if not points:
+        return False
+    greater = groups[0].runs[0].greater_is_better
+    points.sort(key=lambda p: p[1].mean, reverse=not greater)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(points)))
+    ys = list(range(len(points)))[::-1]
+    means = [summary.mean for _, summary, _ in points]
+    errors = [summary.half_width or 0.0 for _, summary, _ in points]
+    ax.errorbar(means, ys, xerr=errors, fmt="o", capsize=4)
+    ax.set_yticks(ys, [f"{label} (n={n})" for label, _, n in points])
+    ax.set_xlabel(f"{groups[0].primary_metric}: mean over seeds, 95 % interval")
+    ax.grid(alpha=0.3, axis="x")
+    save_figure(fig, path)
+    return True
+
+
+def _mean_and_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the 95 % interval's half width (0 for a single value) of the runs at one point (their seeds)."""
+    summary = summarize(values)
+    assert summary is not None  # values are the finite primary values of finished runs
+    return summary.mean, summary.half_width or 0.0
 
 
 def plot_metric_vs(runs: list[Run], x_of: Any, xlabel: str, path: Path) -> bool:
-    """Primary metric against x (rank or learning rate), one line per adapter (and MoRA type); full FT as a level."""
+    """Primary metric against x (rank or learning rate), one line per adapter (and MoRA type or variant); full FT
+    as a level. Runs at the same point (seeds) are averaged, with their 95 % interval as error bars."""
     ok = [(run, value) for run in runs if run.ok and (value := run.primary[1]) is not None]
-    series: dict[str, list[tuple[float, float]]] = {}
-    levels: dict[str, float] = {}
+    series: dict[str, dict[float, list[float]]] = {}
+    levels: dict[str, list[float]] = {}
     for run, value in ok:
         x = x_of(run)
         if x is None:
             if run.rank is None and xlabel == "rank":  # a method without a rank: one level across the plot
-                label = f"{run.adapter} (no rank)"
-                levels[label if label not in levels else f"{label} {run.name}"] = value
+                levels.setdefault(f"{run.adapter} (no rank)", []).append(value)
             continue
-        series.setdefault(_series_key(run), []).append((x, value))
-    if len({x for points in series.values() for x, _ in points}) < 2:
+        series.setdefault(_series_key(run), {}).setdefault(x, []).append(value)
+    if len({x for points in series.values() for x in points}) < 2:
         return False
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, marker="o", label=name)
-    for name, level in levels.items():
-        ax.axhline(level, color="black", linestyle="--", linewidth=1, label=name)
+        xs = sorted(points)
+        means, errors = zip(*(_mean_and_interval(points[x]) for x in xs), strict=True)
+        ax.errorbar(xs, means, yerr=errors if any(errors) else None, marker="o", capsize=3, label=name)
+    for name, values in levels.items():
+        ax.axhline(_mean_and_interval(values)[0], color="black", linestyle="--", linewidth=1, label=name)
     ax.set_xscale("log", base=2 if xlabel == "rank" else 10)
     if xlabel == "rank":
-        ticks = sorted({x for points in series.values() for x, _ in points})
+        ticks = sorted({x for points in series.values() for x in points})
         ax.set_xticks(ticks, [str(int(t)) for t in ticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ok[0][0].primary[0] or "primary metric")

@@ -9,7 +9,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from mora_train.analysis.report_seeds import best_line, seeds_markdown
 from mora_train.analysis.runs import Run
+from mora_train.analysis.seeds import SeedGroup, best_group, has_seeds
 from mora_train.analysis.spectrum import summarize
 from mora_train.core.io import write_text_atomically
 from mora_train.core.metrics import best as best_of
@@ -68,6 +70,7 @@ def run_row(run: Run, threshold: float, label: str) -> dict[str, Any]:
         "task": metrics.get("task") or run.get("task.name"),
         "adapter": run.adapter,
         "mora_type": run.mora_type or "",
+        "variant": run.variant or "",  # report.md's type column (not a report.csv column)
         "rank": run.rank,
         "r_hat_range": run.r_hat_range,
         "learning_rate": run.learning_rate,
@@ -106,13 +109,26 @@ def _run_link(row: dict[str, Any]) -> str:
 
 
 def markdown(
-    runs: list[Run], rows: list[dict[str, Any]], sweep_dir: Path, plots: dict[str, str], threshold: float
+    runs: list[Run],
+    rows: list[dict[str, Any]],
+    sweep_dir: Path,
+    plots: dict[str, str],
+    threshold: float,
+    groups: list[SeedGroup] | None = None,
 ) -> str:
-    """report.md: the counts and the best run, the finished runs' table, what failed or is running, the plots."""
+    """report.md: the counts and the best run (with seeds: the best configuration by mean), the configurations
+    over their seeds, the finished runs' table, what failed or is running, the plots."""
     ok = [r for r, run in zip(rows, runs, strict=True) if run.ok]
     primary = next((r["primary_metric"] for r in ok if r["primary_metric"]), "primary metric")
+    greater = next((run.greater_is_better for run in runs if run.ok), True)
+    seeded = groups if groups and has_seeds(groups) else None
     lines = _heading(runs, ok, sweep_dir, primary)
+    if seeded:
+        best = best_group(seeded, greater)
+        lines += [best_line(best, primary), ""] if best is not None else []
+        lines += seeds_markdown(seeded, primary, greater)
     if ok:
+        lines += ["## Runs", ""] if seeded else []
         lines += _results_table(ok, primary, threshold)
     lines += _problem_sections(runs, rows)
     lines += _plot_sections(plots, primary, threshold)
@@ -165,7 +181,7 @@ def _results_table(ok: list[dict[str, Any]], primary: str, threshold: float) -> 
         cells = [
             _run_link(r),
             r["adapter"],
-            r["mora_type"],
+            r["mora_type"] or r["variant"],
             _fmt(r["rank"]),
             r["r_hat_range"],
             _fmt(r["learning_rate"]),
@@ -212,6 +228,7 @@ def _plot_sections(plots: dict[str, str], primary: str, threshold: float) -> lis
     lines: list[str] = []
     titles = {
         "loss": "Training loss",
+        "seeds": f"{primary} per configuration: mean and 95 % interval over its seeds",
         "metric_vs_rank": f"{primary} against rank",
         "metric_vs_lr": f"{primary} against learning rate",
         "spectrum": f"ΔW spectrum: singular values > {threshold:g} per layer (paper Fig. 5)",

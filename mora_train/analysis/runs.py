@@ -77,6 +77,17 @@ class Run:
         return str(value) if value is not None else None
 
     @property
+    def variant(self) -> str | None:
+        """The method's own variant as its adapter records it (the LoRA family's rslora, dora, pissa, ...)."""
+        recorded = ((self.metrics or {}).get("adapter_config") or {}).get("variant")
+        return str(recorded) if recorded else None
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.get("seed")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+    @property
     def rank(self) -> int | None:
         """The rank the run's method has (None for methods without one, such as full fine-tuning)."""
         if self.metrics and "rank" in self.metrics:
@@ -138,10 +149,11 @@ class Run:
         return " ".join(str(self.error.get("message", "")).split())  # one line, for tables and CSV
 
     def label(self) -> str:
-        """Short legend text: adapter, MoRA type, rank."""
+        """Short legend text: adapter, MoRA type or variant, rank."""
         text = self.adapter
-        if self.mora_type:
-            text += f"({self.mora_type})"
+        kind = self.mora_type or self.variant
+        if kind:
+            text += f"({kind})"
         if self.rank is not None:
             text += f" r={self.rank}"
         return text

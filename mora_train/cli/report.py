@@ -1,5 +1,6 @@
 """`mora-train-report SWEEP_DIR [--threshold 0.1] [--no-spectrum] [--out DIR]`: a sweep dir as report.md,
-report.csv and PNG plots (mora_train.analysis.report)."""
+report.csv and PNG plots (mora_train.analysis.report); runs that differ only by seed are also summarized per
+configuration (mean, sd, n, 95 % interval: report_seeds.csv)."""
 
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failed = sum(not r.ok and not r.running for r in report.runs)
     running = sum(r.running for r in report.runs)
+    seeded = sum(group.n > 1 for group in report.groups)
+    configurations = f"; {len(report.groups)} configurations, {seeded} with several seeds" if seeded else ""
     print(
-        f"{len(report.runs)} runs ({failed} failed{f', {running} still running' if running else ''}): "
+        f"{len(report.runs)} runs ({failed} failed{f', {running} still running' if running else ''}{configurations}): "
         f"{report.markdown_path}, {report.csv_path}" + "".join(f", {p.name}" for p in report.plots.values())
     )
     return 0

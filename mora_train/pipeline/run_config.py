@@ -61,7 +61,9 @@ class AccelerateConfig(Section):
 class RunConfig(Section):
     model: ModelConfig = setting(factory=ModelConfig, help="the base model (model=NAME picks configs/model/NAME.yaml)")
     trainer: TrainerConfig = setting(factory=TrainerConfig, help="training loop settings")
-    adapter: AdapterSettings = setting(help="the method and its settings (adapter=lora|mora|mora_sharing|full)")
+    adapter: AdapterSettings = setting(
+        help="the method and its settings (adapter=lora|rslora|dora|pissa|olora|mora|mora_sharing|full)"
+    )
     task: Any = setting(help="the task recipe: data, prompts, evaluation (task=uuid|gsm8k|metamath|...)")
     distributed: DistributedConfig = setting(
         factory=DistributedConfig, help="the multi-process engine (distributed=none|ddp|fsdp|zero2|zero3|...)"

@@ -14,6 +14,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 
 from mora_train.adapters.base import Adapter
+from mora_train.adapters.capabilities import factor_pair
 from mora_train.core.errors import MoraTrainError, RunStopped
 from mora_train.core.run_dir import RunDir
 from mora_train.training.checkpoints import (
@@ -45,10 +46,12 @@ class AdapterTrainer(Trainer):
         adapter: Adapter,
         nonfinite_loss: str = "stop",
         checkpoint_state: list | None = None,
+        adapter_lr_ratio: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.adapter = adapter
+        self.adapter_lr_ratio = adapter_lr_ratio  # LoRA+: B's learning rate over A's (None: one rate)
         # Extra state saved into / loaded from every checkpoint beside the adapter (objects with save(dir), load(dir)),
         # e.g. the base weights that ReMoRA/ReLoRA restarts merged into (mora_train.training.restarts).
         self.checkpoint_state = list(checkpoint_state or [])
@@ -59,6 +62,17 @@ class AdapterTrainer(Trainer):
         # Everything that trains (the adapter, plus embeddings with trainer.train_embeddings), named before the
         # engine wraps or shards the model; the names stay valid after.
         self.trained_parameter_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """transformers' optimizer; with trainer.adapter_lr_ratio (LoRA+), the adapter's own, whose parameter
+        groups give B `ratio` times A's learning rate (the scheduler scales every group alike, restarts too)."""
+        if self.adapter_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        # The model argument only matters to optimizers LoRA+ cannot group (GaLore, LOMO: they take the model whole).
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args)
+        kwargs = {**optimizer_kwargs, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay}
+        self.optimizer = factor_pair(self.adapter).factor_pair_optimizer(optimizer_cls, kwargs, self.adapter_lr_ratio)
+        return self.optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:

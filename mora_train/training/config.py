@@ -50,6 +50,9 @@ class TrainerConfig(Section):
     max_steps: int = setting(default=200, help="optimizer steps; 0 or less: train num_epochs epochs instead")
     num_epochs: float = setting(default=1, help="epochs over the training data when max_steps <= 0")
     learning_rate: float = setting(default=2.0e-4, help="peak learning rate")
+    adapter_lr_ratio: float | None = setting(
+        default=None, help="LoRA+: B's learning rate over A's (e.g. 16; adapter=lora only); null: one learning rate"
+    )
     batch_size: int = setting(default=8, help="examples per optimizer step, over all processes")
     micro_batch_size: int = setting(
         default=8, help="examples per forward pass per process (the rest is gradient accumulation)"
@@ -120,6 +123,8 @@ class TrainerConfig(Section):
         problems = self._batch_problems(prefix)
         if self.learning_rate <= 0:
             problems.append(f"`{prefix}.learning_rate={self.learning_rate:g}` must be positive")
+        if self.adapter_lr_ratio is not None and self.adapter_lr_ratio <= 0:
+            problems.append(f"`{prefix}.adapter_lr_ratio={self.adapter_lr_ratio:g}` must be positive, or null")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             problems.append(f"set `{prefix}.max_steps` or `{prefix}.num_epochs` to a positive number")
         for key, minimum in (("warmup_steps", 0), ("max_seq_len", 8), ("logging_steps", 1), ("save_steps", 0)):

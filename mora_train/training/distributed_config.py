@@ -316,6 +316,12 @@ def _training_option_problems(trainer: TrainerConfig, engine: str | None, ds_con
             f"optimizer state in place during training, which {engine} keeps sharded or copied; train restarts with "
             "distributed=none or ddp (DDP: every rank merges identically)"
         )
+    if trainer.adapter_lr_ratio is not None and "optimizer" in (ds_config or {}):
+        problems.append(
+            f"`trainer.adapter_lr_ratio={trainer.adapter_lr_ratio:g}` (LoRA+) builds the optimizer's parameter groups, "
+            "and this DeepSpeed config builds its own optimizer (its `optimizer` section), which would ignore them; "
+            "use distributed=zero2 or zero3 (no optimizer section), or trainer.adapter_lr_ratio=null"
+        )
     sharded = engine == "fsdp" or ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) == 3
     if trainer.train_embeddings and sharded:
         problems.append(

@@ -167,6 +167,7 @@ def train(
             adapter=adapter,
             nonfinite_loss=trainer.nonfinite_loss,
             checkpoint_state=extras.checkpoint_state if extras is not None else None,
+            adapter_lr_ratio=trainer.adapter_lr_ratio,
         )
     resumed_from = checkpoint_step(Path(resume_from)) if resume_from else None
     if resume_from:

@@ -141,6 +141,24 @@ def test_bench_packing_quick_compares_layouts_on_the_same_tokens(tmp_path: Path)
     assert "| packed |" in done.stdout
 
 
+@pytest.mark.slow  # ~1 min: four tiny pretraining runs (run with `pytest -m slow`)
+def test_bench_pretrain_quick_seeds_at_each_variant_s_rate(tmp_path: Path) -> None:
+    args = ["--quick", "--variants", "lora", "mora", "--threads", "1", "--out", str(tmp_path)]
+    run_script("bench_pretrain.py", *args, "--variant-lr", "lora=3e-3", "mora=1e-3", "--seeds", "42", "43")
+    report = (tmp_path / "quick" / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert {"lora", "lora seed 43", "mora", "mora seed 43"} <= set(rows)
+    assert rows["mora"].split("|")[2].strip() == "0.001" and rows["lora"].split("|")[2].strip() == "0.003"
+    seeds = [line for line in report.splitlines() if line.startswith("| mora | 0.001 | 2 | 42 43 |")]
+    assert len(seeds) == 1 and " ± " in seeds[0]  # mean ± interval over the two seeds, paired with LoRA's
+    assert sorted(p.name for p in (tmp_path / "quick").iterdir() if p.is_dir()) == [
+        "lora-lr0.003",
+        "lora-lr0.003-seed43",
+        "mora-lr0.001",
+        "mora-lr0.001-seed43",
+    ]
+
+
 def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -166,6 +184,7 @@ def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
         "bench_tasks.py",
         "bench_qmora.py",
         "bench_packing.py",
+        "bench_lora_family.py",
     ],
 )
 def test_help_names_the_command(script: str) -> None:
@@ -213,3 +232,30 @@ def test_bench_data_prep_small_run_compares_both_paths(tmp_path: Path) -> None:
     assert paths[3].endswith("warm cache") and all(r["rows_per_s"] > 0 for r in results["results"])
     assert results["rows"] == 300 and 0 < results["examples"] <= 300
     assert "| old (b5129f3 readers, 1 process) |" in (tmp_path / "results.md").read_text() and "rows/s" in done.stdout
+
+
+@pytest.mark.slow  # ~1 min: a benchmark script's quick mode (run with `pytest -m slow`)
+def test_bench_lora_family_quick_brackets_seeds_and_resumes(tmp_path: Path) -> None:
+    args = ["--quick", "--methods", "lora", "dora", "pissa", "--threads", "1", "--out", str(tmp_path)]
+    # LoRA's best of {1e-2, 3e-2} at an edge is widened once; the others' grids are given bracketed already.
+    grid = "dora=1e-2,3e-2,1e-1;pissa=1e-2,3e-2,1e-1"
+    first = run_script("bench_lora_family.py", *args, "--grid", grid)
+    out = tmp_path / "quick"
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["grids"]["lora"]) == 3 and "adding" in first.stdout  # one extension beyond the edge
+    for method in ("lora", "dora", "pissa"):
+        entry = results["seeded"][method]
+        summary = entry["summary"]["char_accuracy"]
+        assert summary["n"] == 3 and summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
+        assert set(entry["summary"]["curve"]) == {"0", "1", "2"}
+    assert results["seeded"]["dora"]["trainable"] > results["seeded"]["lora"]["trainable"]  # the magnitudes
+    assert results["seeded"]["pissa"]["trainable"] == results["seeded"]["lora"]["trainable"]
+    assert results["seeded"]["dora"]["difference"]["n"] == 3  # paired with LoRA's seeds
+    table = (out / "results.md").read_text()
+    assert "95 % Student-t interval" in table and "| LoRA (lr" in table
+    assert (out / "accuracy_vs_step.png").stat().st_size > 1000
+    # Run again: every finished run is reused, nothing trains.
+    again = run_script("bench_lora_family.py", *args, "--grid", grid)
+    assert again.stdout.count("reusing") == first.stdout.count("] lora") + first.stdout.count(
+        "] dora"
+    ) + first.stdout.count("] pissa")

@@ -11,7 +11,7 @@ from tests.conftest import TINY_RUN, run_cli
 def test_help_lists_groups_and_examples(tmp_path: Path) -> None:
     result = run_cli(["--help"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0
-    assert "adapter: full, lora, mora" in result.stdout
+    assert "adapter: dora, full, lora, mora, mora_sharing, olora, pissa, rslora" in result.stdout
     assert "tiny-llama" in result.stdout and "smollm2-135m" in result.stdout
     assert "mora-train adapter=lora rank=16" in result.stdout
 

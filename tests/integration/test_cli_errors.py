@@ -58,7 +58,7 @@ def test_finished_run_dir_is_not_overwritten(tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["adapter=dora"], ["adapter=dora", "full, lora, mora"]),  # Hydra refuses it, before the job
+        (["adapter=vera"], ["adapter=vera", "full, lora, mora"]),  # Hydra refuses it, before the job
         (["model=tiny-llama", "rank=0"], ["rank=0"]),  # validation refuses it, inside the job
     ],
 )

@@ -120,7 +120,7 @@ def test_help_still_works_and_the_environment_is_left_as_found(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     code, output = run_main(monkeypatch, capsys, "--help")
-    assert code == 0 and "adapter: full, lora, mora" in output
+    assert code == 0 and "adapter: dora, full, lora, mora, mora_sharing, olora, pissa, rslora" in output
     assert "HYDRA_FULL_ERROR" not in os.environ and "MORA_TRAIN_SET_HYDRA_FULL_ERROR" not in os.environ
 
 

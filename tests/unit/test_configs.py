@@ -198,7 +198,7 @@ def test_mode_and_checkpoint_are_validated(tmp_path: Path) -> None:
 
 # -- sweeps and paper experiments (configs/sweep, configs/experiment) -------------------------------------
 
-SWEEP_JOBS = {"rank_ablation": 8, "mora_types": 7, "lr": 6}
+SWEEP_JOBS = {"rank_ablation": 8, "mora_types": 7, "lr": 6, "lora_family": 6, "seeds": 3}
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -264,6 +264,13 @@ def test_sweep_config_composes_and_its_jobs_validate(sweep: str, tmp_path: Path)
     for values in jobs:
         job = [f"{k}={v}" for k, v in zip(grid, values, strict=True)]
         validate(compose_config(["model=tiny-llama", f"+sweep={sweep}", *job], tmp_path))
+
+
+def test_sweep_files_combine_into_one_grid(tmp_path: Path) -> None:
+    """`+sweep=[lora_family,seeds]`: every family member at every seed, the grids' product."""
+    params = compose_with_hydra(["+sweep=[lora_family,seeds]"]).hydra.sweeper.params
+    assert str(params.adapter).split(",") == ["mora", "mora_sharing", "lora", "rslora", "dora", "pissa"]
+    assert str(params.seed).split(",") == ["0", "1", "2"]
 
 
 def experiment_task(option: str) -> str:

@@ -44,7 +44,13 @@ def test_no_built_in_method_writes_a_model_level_loop_again() -> None:
     assert all(not ops for ops in redefined.values()), redefined
 
 
-METHODS = [("lora",), ("mora", "adapter.mora_type=sharing"), ("mora", "adapter.mora_type=rope")]
+METHODS = [
+    ("lora",),
+    ("mora", "adapter.mora_type=sharing"),
+    ("mora", "adapter.mora_type=rope"),
+    ("lora", "adapter.use_dora=true"),  # ΔW = W' - W of peft's DoRA merge, which depends on W
+    ("lora", "adapter.init=pissa"),  # on the residual W - s B0 A0
+]
 
 
 @pytest.mark.parametrize("method", METHODS, ids="-".join)

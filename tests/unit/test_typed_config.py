@@ -114,7 +114,10 @@ def test_every_problem_of_every_section_arrives_together() -> None:
 def test_an_unknown_key_names_the_closest_ones() -> None:
     _, problems = read_run_config(compose_config(["model=tiny-llama", "adapter=lora", "+adapter.alpah=3"]))
     assert problems == [
-        "`adapter.alpah` is not a known key (did you mean alpha?); known keys: alpha, dropout, name, target_modules"
+        (
+            "`adapter.alpah` is not a known key (did you mean alpha?); known keys: alpha, dropout, init, name, "
+            "target_modules, use_dora, use_rslora"
+        )
     ]
 
 
