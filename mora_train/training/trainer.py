@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from mora_train.adapters.base import Adapter
 from mora_train.core.errors import RunStopped
@@ -145,12 +145,7 @@ def train(
         adapter.base_model.enable_input_require_grads()
     signals = StopSignals()
     stop_on_signal = StopOnSignal(signals)
-    trackers = tracking.trainer_callbacks(logging, run_dir)  # logging.report_to
-    callbacks = [*trackers, stop_on_signal, *evaluation_callbacks(trainer)]
-    if trainer.sample_every > 0 and eval_examples:
-        callbacks.append(SampleGenerations(eval_examples, tokenizer, trainer, trackers))
-    if extras is not None:
-        callbacks += extras.callbacks
+    callbacks = _callbacks(trainer, tokenizer, run_dir, stop_on_signal, extras, logging, eval_examples)
     with adapters_attached(adapter.model):  # transformers refuses a quantized base it does not see adapters on
         hf_trainer = AdapterTrainer(
             model=adapter.model,
@@ -181,6 +176,24 @@ def train(
     if stop_on_signal.stopped_at is not None:
         raise _signal_stop(hf_trainer, signals, stop_on_signal.stopped_at, run_dir)
     return _train_result(hf_trainer, output, trainer, train_examples, run_dir, resumed_from)
+
+
+def _callbacks(
+    trainer: TrainerConfig,
+    tokenizer: Any,
+    run_dir: Path,
+    stop_on_signal: TrainerCallback,
+    extras: TrainingExtras | None,
+    logging: LoggingConfig | None,
+    eval_examples: Sequence[dict] | None,
+) -> list[TrainerCallback]:
+    """The trackers of logging.report_to, the signal stop, evaluation while training, samples, and what the
+    extras add (restarts, embeddings)."""
+    trackers = tracking.trainer_callbacks(logging, run_dir)
+    callbacks: list[TrainerCallback] = [*trackers, stop_on_signal, *evaluation_callbacks(trainer)]
+    if trainer.sample_every > 0 and eval_examples:
+        callbacks.append(SampleGenerations(eval_examples, tokenizer, trainer, trackers))
+    return callbacks + (extras.callbacks if extras is not None else [])
 
 
 def _training_had_ended(saved_state: dict[str, Any], trainer: TrainerConfig) -> bool:

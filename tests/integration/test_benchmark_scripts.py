@@ -185,6 +185,7 @@ def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
         "bench_qmora.py",
         "bench_packing.py",
         "bench_lora_family.py",
+        "bench_streaming_memory.py",
     ],
 )
 def test_help_names_the_command(script: str) -> None:

@@ -53,7 +53,8 @@ def test_dry_run_passes_every_cpu_step_and_writes_table_and_json(tmp_path: Path)
     assert outcomes["test_engines_device::test_engine_matches_plain_run[zero3]"] == "passed"
     assert sum(o == "passed" for o in outcomes.values()) >= 60
     kinds = {m["kind"] for m in record["measurements"]}
-    assert kinds == {"mora_layer", "training", "engine"} | ({"quantized_merge"} if has_bitsandbytes else set())
+    expected = {"mora_layer", "training", "engine", "packing"}
+    assert kinds == expected | ({"quantized_merge"} if has_bitsandbytes else set())
     methods = [(row["method"], row["rank"]) for row in record["throughput"]["rows"]]
     assert len(methods) == 6 and all("error" not in row for row in record["throughput"]["rows"])
 
