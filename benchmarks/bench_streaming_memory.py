@@ -1,12 +1,12 @@
 """Peak memory of streaming pretraining (task.data.streaming=true) against the size of the corpus.
 
-For each size a text corpus of that many bytes is written into a temporary folder (paragraphs of the shared
-NCBI disease corpus repeated with their copy number, so that no two paragraphs are equal; the text stays in the
-temporary folder), then `mora-train task=pretrain task.data.streaming=true` trains the tiny model for a few
-steps on it in a process of its own, whose peak resident memory (ru_maxrss of the waited-for child) is
-recorded. Streaming keeps memory fixed whatever the corpus size: the goal is the largest corpus within 1.1x of
-the smallest's peak. With --also-map the same runs without streaming (the whole corpus tokenized) are measured
-beside them, for contrast.
+For each size a text corpus of that many bytes is written into a temporary folder (paragraphs of the shared NCBI
+disease corpus repeated with their copy number, so that no two paragraphs are equal; the text stays in the temporary
+folder; read a paragraph per record, `text_unit: paragraph`), then `mora-train task=pretrain
+task.data.streaming=true` trains the tiny model for a few steps on it in a process of its own, whose peak resident
+memory (ru_maxrss of the waited-for child) is recorded. Streaming keeps memory fixed whatever the corpus size: the
+goal is the largest corpus within 1.1x of the smallest's peak. With --also-map the same runs without streaming (the
+whole corpus tokenized) are measured beside them, for contrast.
 
     python benchmarks/bench_streaming_memory.py                       # 100 MB and 1 GB, streaming
     python benchmarks/bench_streaming_memory.py --sizes-mb 10 40 --also-map
@@ -57,7 +57,8 @@ def measure(corpus: Path, eval_file: Path, workdir: Path, streaming: bool, steps
         "adapter=mora",
         "rank=4",
         "task=pretrain",
-        f"task.data.train={corpus}",
+        # One record per paragraph: a .txt file is one document by default (text_unit=file), tokenized whole.
+        f"task.data.train=[{{path: {corpus}, text_unit: paragraph}}]",
         f"task.data.eval={eval_file}",
         f"task.data.streaming={str(streaming).lower()}",
         f"task.cache_dir={workdir / 'cache'}",
