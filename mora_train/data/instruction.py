@@ -41,7 +41,7 @@ from mora_train.data.chat_templates import (
 )
 from mora_train.data.common import IGNORE_INDEX, LengthReport, fit_to_length, log_length_report, require_examples
 from mora_train.data.config import DataRecipe, Sources, TaskData
-from mora_train.data.prepare import tokenize_records
+from mora_train.data.prepare import training_set
 from mora_train.data.sources import Record, as_text, has_field, load_records, map_fields
 
 ROLES = ("system", "user", "assistant")
@@ -284,20 +284,7 @@ def build(
         },
         "fields": settings.data.fields,
     }
-    train, meta = tokenize_records(
-        settings.data.train,
-        "task.data.train",
-        encode_record,
-        key_parts=key,
-        cache_dir=settings.cache_dir,
-        num_proc=settings.num_proc,
-        max_seq_len=max_seq_len,
-        too_long=settings.too_long,
-        mixing=(settings.data.mixing_stop, settings.data.mixing_seed),
-    )
-    report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
-    log_length_report(f"{settings.name} training set", report, max_seq_len)
-    require_examples(train, "task.data.train", report, max_seq_len, settings.too_long)
+    train, meta = training_set(settings, encode_record, key, max_seq_len)
     return InstructionData(train, eval_examples, conversations, {**meta, "chat_template": chat_template})
 
 

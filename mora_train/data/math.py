@@ -21,13 +21,10 @@ from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import tokenizer_fingerprint
 from mora_train.data.common import (
     IGNORE_INDEX,
-    LengthReport,
-    log_length_report,
-    require_examples,
     tokenize_capped,
 )
 from mora_train.data.config import DataRecipe, TaskData, TooLong, template_problems
-from mora_train.data.prepare import tokenize_records
+from mora_train.data.prepare import training_set
 from mora_train.data.sources import Record, as_text, load_records, map_fields, render
 
 # Reads a solution's final answer (None when there is none), e.g. evaluation.answers.extract_answer.
@@ -144,20 +141,7 @@ def tokenize_train(
         },
         "fields": fields,
     }
-    examples, meta = tokenize_records(
-        settings.data.train,
-        "task.data.train",
-        encode,
-        key_parts=key,
-        cache_dir=settings.cache_dir,
-        num_proc=settings.num_proc,
-        max_seq_len=max_seq_len,
-        too_long=settings.too_long,
-        mixing=(settings.data.mixing_stop, settings.data.mixing_seed),
-    )
-    report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
-    log_length_report(f"{settings.name} training set", report, max_seq_len)
-    require_examples(examples, "task.data.train", report, max_seq_len, settings.too_long)
+    examples, meta = training_set(settings, encode, key, max_seq_len)
     return examples, meta
 
 

@@ -30,8 +30,8 @@ from typing import Any
 
 from mora_train.core.errors import MoraTrainError
 from mora_train.data.cache import cache_key
-from mora_train.data.common import LengthReport, fit_to_length
-from mora_train.data.config import DataSource, MixingStop, resolve_sources, source_weights
+from mora_train.data.common import LengthReport, fit_to_length, log_length_report, require_examples
+from mora_train.data.config import DataRecipe, DataSource, MixingStop, resolve_sources, source_weights
 from mora_train.data.readers import Part, loading_errors, quiet_datasets, read_source
 from mora_train.data.sources import Record, Where, fingerprint_sources, id_filters, lookup, part_records, record_values
 
@@ -180,6 +180,28 @@ class Examples(Sequence[dict[str, Any]]):
         return isinstance(other, Sequence) and len(other) == len(self) and all(map(operator.eq, self, other))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def training_set(
+    recipe: DataRecipe, encode: Encode, key_parts: dict[str, Any], max_seq_len: int
+) -> tuple[Examples, dict[str, Any]]:
+    """A recipe's training examples (task.data.train through tokenize_records with the recipe's cache, processes,
+    too_long and mixing), their length report logged; MoraTrainError when none is left."""
+    examples, meta = tokenize_records(
+        recipe.data.train,
+        "task.data.train",
+        encode,
+        key_parts=key_parts,
+        cache_dir=recipe.cache_dir,
+        num_proc=recipe.num_proc,
+        max_seq_len=max_seq_len,
+        too_long=recipe.too_long,
+        mixing=(recipe.data.mixing_stop, recipe.data.mixing_seed),
+    )
+    report = LengthReport(meta["examples_read"], meta["truncated"], meta["dropped"])
+    log_length_report(f"{recipe.name} training set", report, max_seq_len)
+    require_examples(examples, "task.data.train", report, max_seq_len, recipe.too_long)
+    return examples, meta
 
 
 def tokenize_records(
