@@ -13,8 +13,9 @@ Only these two messages are dropped (a filter on each package's logger), nothing
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BITSANDBYTES_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -49,3 +50,16 @@ def quiet_optional_packages() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(DropMessage(prefix, applies))
+
+
+@contextlib.contextmanager
+def logger_level(name: str, level: int) -> Iterator[None]:
+    """The logger `name` at `level` while the block runs, its own level back after (a package's chatter that the
+    caller reports better itself)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mora_train.config.quiet import logger_level
 from mora_train.core.errors import MoraTrainError
 from mora_train.data.config import DataSource
 from mora_train.data.locate import Locator, csv_header, csv_problem, file_problem, json_shape, paragraphs, parse_json
@@ -229,16 +230,9 @@ def loading_errors(files: list[Path], fmt: str) -> Iterator[None]:
         raise file_error(files, fmt, err) from None
 
 
-@contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
+def quiet_logs() -> contextlib.AbstractContextManager[None]:
     """datasets logs an ERROR for a file it cannot read: the caller reports the error itself, naming the line."""
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return logger_level("datasets", logging.CRITICAL)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from mora_train.config.quiet import logger_level
 from mora_train.core.errors import MoraTrainError
 from mora_train.core.io import write_text_atomically
 from mora_train.export.gguf_vocab import add_vocab, read_vocab
@@ -233,17 +234,6 @@ def _tensors(planned: list[_Planned], config: Any) -> Iterator[tuple[_Planned, t
             yield item, tensor
 
 
-@contextlib.contextmanager
-def _quiet_gguf_logger() -> Iterator[None]:
-    logger = logging.getLogger("gguf")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, config: Any, tokenizer: Any) -> GGUFFile:
     """Write the model folder `model_dir` (its `config` and `tokenizer` loaded by the caller) as `path`."""
     if outtype not in OUTTYPES:
@@ -251,7 +241,9 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, config: Any
     arch = _check_config(config)
     planned = _plan(model_dir, config, arch, outtype)
     vocab = read_vocab(model_dir, tokenizer, config.vocab_size)
-    with _quiet_gguf_logger():  # its INFO lines (endianness, the file plan) say nothing the summary does not
+    with logger_level(
+        "gguf", logging.WARNING
+    ):  # its INFO lines (endianness, the file plan) say nothing the summary does not
         writer = _Writer(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
     _add_hparams(writer, config, outtype, name)
     add_vocab(writer, vocab)
@@ -261,7 +253,7 @@ def write_gguf(model_dir: Path, path: Path, outtype: str, name: str, config: Any
         raw = None if item.qtype in (_QTYPE.F32, _QTYPE.F16) else item.qtype
         writer.add_tensor_info(item.gguf_name, item.shape, dtype, _nbytes(item.shape, item.qtype), raw_dtype=raw)
         types[item.qtype.name] = types.get(item.qtype.name, 0) + 1
-    with _quiet_gguf_logger():
+    with logger_level("gguf", logging.WARNING):
         writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
