@@ -10,17 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from peft import PeftModel
 from torch import nn
 
-from mora_train.adapters import build_adapter
 from mora_train.adapters.mora.layer import MORA_TYPES, MoRALinear, mora_shape_problem
 from mora_train.core.errors import MoraTrainError
 from mora_train.export import check_with_peft, export_lora, truncate
 from mora_train.models import load_model_and_tokenizer
 from mora_train.pipeline.generate import generate, load_many
 from mora_train.pipeline.lora_export import export_run
-from tests.conftest import TINY_RUN, compose_config, typed_config
+from tests.conftest import TINY_RUN, compose_config
+from tests.support.mora_export import peft_logits, random_mora_adapter
 
 EXACT_TYPES = [t for t in MORA_TYPES if t not in ("rope", "decouple")]
 
@@ -45,27 +44,10 @@ def test_layer_lora_factors_reproduce_delta_w(kind: str, d_in: int, d_out: int, 
         assert factors is None  # chunked types: block-structured, exported through the SVD
 
 
-def _mora_model(kind: str, rank: int = 8):
-    cfg = typed_config(["model=tiny-llama", "adapter=mora", f"adapter.mora_type={kind}", f"rank={rank}"])
-    model, _ = load_model_and_tokenizer(cfg.model)
-    adapter = build_adapter(model, cfg.adapter, cfg.rank)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in adapter.trainable_parameters().values():
-            p.normal_(0, 0.02)
-    return cfg, adapter
-
-
-def _peft_logits(cfg, folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    base, _ = load_model_and_tokenizer(cfg.model)
-    with torch.no_grad():
-        return PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
-
-
 @pytest.mark.parametrize("kind", list(MORA_TYPES))
 def test_exported_lora_reproduces_the_mora_model(kind: str, tmp_path: Path) -> None:
     rank = 64 if kind == "sharing" else 8  # sharing at 64: r̂ = 91 > d_in = 64 for the 64x64 projections
-    cfg, adapter = _mora_model(kind, rank)
+    cfg, adapter = random_mora_adapter(kind, rank)
     rows = export_lora(adapter.lora_factors(), tmp_path / "lora")
     assert all(r.relative_error == 0.0 for r in rows)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -73,7 +55,7 @@ def test_exported_lora_reproduces_the_mora_model(kind: str, tmp_path: Path) -> N
     ids = torch.randint(3, 200, (2, 12))
     with torch.no_grad():
         expected = adapter.model.eval()(input_ids=ids).logits
-    assert (_peft_logits(cfg, tmp_path / "lora", ids) - expected).abs().max() < 1e-4
+    assert (peft_logits(cfg, tmp_path / "lora", ids) - expected).abs().max() < 1e-4
 
 
 def test_truncated_export_error_falls_with_rank_and_vanishes_at_full_rank() -> None:
@@ -192,7 +174,7 @@ def test_a_run_with_restarts_exports_its_total_update(tmp_path: Path) -> None:
 
 @pytest.mark.integration  # starts an interpreter (the plain-peft check or the export CLI)
 def test_check_with_peft_catches_a_wrong_export(tmp_path: Path) -> None:
-    cfg, adapter = _mora_model("sharing")
+    cfg, adapter = random_mora_adapter("sharing")
     factors = adapter.lora_factors()
     name = next(iter(factors))
     B, A = factors[name]

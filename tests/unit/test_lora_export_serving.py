@@ -9,39 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors import safe_open
 
-from mora_train.adapters import build_adapter
 from mora_train.adapters.base import singular_values_kept
 from mora_train.export import export_lora
 from mora_train.export.rank_limit import energy_bound, fit_under_rank_limit, relative_error_at
-from mora_train.models import load_model_and_tokenizer
 from mora_train.models.config import ModelConfig
 from mora_train.models.hub import base_model_id
-from tests.conftest import typed_config
-
-
-def _sharing_adapter():
-    """MoRA sharing on the tiny Llama: r̂ differs by layer shape (q/o 64x64: 32, k/v 32x64: 28, MLP: 40)."""
-    cfg = typed_config(["model=tiny-llama", "adapter=mora", "adapter.mora_type=sharing", "rank=8"])
-    model, _ = load_model_and_tokenizer(cfg.model)
-    adapter = build_adapter(model, cfg.adapter, cfg.rank)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in adapter.trainable_parameters().values():
-            p.normal_(0, 0.02)
-    return cfg, adapter
-
-
-def _peft_logits(cfg, folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    base, _ = load_model_and_tokenizer(cfg.model)
-    with torch.no_grad():
-        return PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
+from tests.support.mora_export import peft_logits, random_mora_adapter
 
 
 def test_each_layer_keeps_its_rank_and_plain_peft_reproduces_the_model(tmp_path: Path) -> None:
-    cfg, adapter = _sharing_adapter()
+    cfg, adapter = random_mora_adapter("sharing")
     factors = adapter.lora_factors()
     rows = export_lora(factors, tmp_path / "own")
     export_lora(factors, tmp_path / "padded", uniform_rank=True)
@@ -62,12 +41,12 @@ def test_each_layer_keeps_its_rank_and_plain_peft_reproduces_the_model(tmp_path:
     with torch.no_grad():
         expected = adapter.model.eval()(input_ids=ids).logits
     for folder in ("own", "padded"):
-        assert (_peft_logits(cfg, tmp_path / folder, ids) - expected).abs().max() < 1e-4
+        assert (peft_logits(cfg, tmp_path / folder, ids) - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_weights_are_written_in_the_dtype_asked_for(dtype: torch.dtype, tmp_path: Path) -> None:
-    cfg, adapter = _sharing_adapter()
+    cfg, adapter = random_mora_adapter("sharing")
     export_lora(adapter.lora_factors(), tmp_path / "lora", dtype=dtype)
     with safe_open(str(tmp_path / "lora" / "adapter_model.safetensors"), framework="pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {dtype}  # noqa: SIM118
@@ -77,7 +56,7 @@ def test_the_weights_are_written_in_the_dtype_asked_for(dtype: torch.dtype, tmp_
     with torch.no_grad():
         expected = adapter.model.eval()(input_ids=ids).logits
     # the factors rounded to 16 bits: more than float32 rounding, far less than the update itself
-    diff = float((_peft_logits(cfg, tmp_path / "lora", ids) - expected).abs().max())
+    diff = float((peft_logits(cfg, tmp_path / "lora", ids) - expected).abs().max())
     assert 1e-7 < diff < 1e-2
     export_lora(adapter.lora_factors(), tmp_path / "f32")
     size32 = (tmp_path / "f32" / "adapter_model.safetensors").stat().st_size
