@@ -23,6 +23,13 @@ once (every method starts at ΔW = 0, PiSSA at W_res + s B0 A0 = W): the curves'
     python benchmarks/bench_lora_family.py            # SmolLM2-135M: 30 runs if every grid brackets, ~2.5-2.8 h
     python benchmarks/bench_lora_family.py --quick    # tiny random model, 2 steps: checks the script (~1 min)
 
+Two 1-thread processes on the two cores run the family in ~1.6 h (RESULTS.md); a last call reuses every run and
+prints the whole table with the paired differences to LoRA:
+
+    python benchmarks/bench_lora_family.py --threads 1 --methods lora mora_sharing mora_rope &
+    python benchmarks/bench_lora_family.py --threads 1 --methods pissa dora rslora; wait
+    python benchmarks/bench_lora_family.py
+
 Budget (estimated, 2-core CPU alone): bench_memorization's runs of this setting took ~5.2 min each with five
 evaluations; here four (the base is evaluated once) of one generation batch each, plus DoRA's row norms (~1.3-2x
 a LoRA step) and PiSSA's SVD of every weight at the start. Each grid extension adds one run (~5 min): cap the
