@@ -11,7 +11,8 @@ the random base) of every adapted layer, counted as singular values above 0.1 (p
     python benchmarks/bench_pretrain.py --lr 1e-3 3e-3 1e-2   # a learning-rate grid per variant
 
 One candidate cause at a time, each variant at its own rate (--variant-lr), with seeds (mean ± 95 % interval of the
-held-out perplexity, and each variant's difference to LoRA paired by seed):
+held-out perplexity, each variant's difference to LoRA and each restart variant's to its method without restarts,
+paired by seed):
 
     python benchmarks/bench_pretrain.py --threads 1 --seeds 42 43 44 \
         --variant-lr lora=3e-3 relora=3e-3 mora=1e-3 remora=1e-3               # rank 16, 400 steps (the baseline)
@@ -20,6 +21,7 @@ held-out perplexity, and each variant's difference to LoRA paired by seed):
 
 Seed 42 is the config's default (the runs above it reuse the earlier table's); a run's folder names what differs
 from the defaults (rank, steps, restart period, seed), so finished runs are reused across these commands.
+benchmarks/pretrain_subspace.py measures why MoRA trails LoRA here (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ VARIANTS = {
     "relora": ["adapter=lora"],
     "remora": ["adapter=mora", "adapter.mora_type=sharing", "adapter.restart.mora_types=[sharing,grouping]"],
 }
+WITHOUT_RESTARTS = {"relora": "lora", "remora": "mora"}  # the variant each restart variant is paired with
 
 
 def settings(quick: bool) -> dict:
@@ -189,32 +192,48 @@ def results_table(records: list[dict]) -> str:
 
 
 def seeds_table(records: list[dict]) -> str:
-    """Per (variant, lr) over its seeds: held-out perplexity mean ± 95 % interval, and its difference to LoRA at the
-    same seed (the same data order and random base); ΔW ranks averaged."""
+    """Per (variant, lr) over its seeds: held-out perplexity mean ± 95 % interval, its difference to LoRA at the
+    same seed (the same data order and random base), the restarts' effect (ReLoRA − LoRA, ReMoRA − MoRA at the
+    same seed); ΔW ranks averaged."""
     from mora_train.analysis.stats import summarize
 
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in records:
         groups.setdefault((r["name"], r["lr"]), []).append(r)
-    lora = {r.get("seed", DEFAULT_SEED): r["metrics"]["eval_perplexity"] for r in records if r["name"] == "lora"}
+    perplexity = {(r["name"], r.get("seed", DEFAULT_SEED)): r["metrics"]["eval_perplexity"] for r in records}
+
+    def paired(name: str, runs: list[dict], other: str | None) -> list[str]:
+        """[difference, its interval] of `name` minus `other` over the seeds both ran; blanks without a pair."""
+        diff = summarize(
+            perplexity[(name, seed)] - perplexity[(other, seed)]
+            for seed in (r.get("seed", DEFAULT_SEED) for r in runs)
+            if other not in (None, name) and (other, seed) in perplexity
+        )
+        return ["", ""] if diff is None else [f"{diff.mean:+.3f}", diff.interval_text()]
+
     lines = [
-        "| variant | lr | n | seeds | held-out ppl (mean ± CI) | 95 % CI | − LoRA (paired) | 95 % CI | rank ΔW down |",
-        "|---|---|---|---|---|---|---|---|---|",
+        (
+            "| variant | lr | n | seeds | held-out ppl (mean ± CI) | 95 % CI | − LoRA (paired) | 95 % CI "
+            "| − no restarts (paired) | 95 % CI | rank ΔW down |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, lr), runs in groups.items():
         ppl = summarize(r["metrics"]["eval_perplexity"] for r in runs)
-        diff = summarize(
-            r["metrics"]["eval_perplexity"] - lora[r.get("seed", DEFAULT_SEED)]
-            for r in runs
-            if name != "lora" and r.get("seed", DEFAULT_SEED) in lora
-        )
         assert ppl is not None  # every finished run has a perplexity
         down = sum(r["ranks"].get("down_proj", 0.0) for r in runs) / len(runs)
-        lines.append(
-            f"| {name} | {lr:g} | {ppl.n} | {' '.join(str(r.get('seed', DEFAULT_SEED)) for r in runs)} | "
-            f"{ppl.text()} | {ppl.interval_text()} | {'' if diff is None else f'{diff.mean:+.3f}'} | "
-            f"{'' if diff is None else diff.interval_text()} | {down:.1f} |"
-        )
+        cells = [
+            name,
+            f"{lr:g}",
+            str(ppl.n),
+            " ".join(str(r.get("seed", DEFAULT_SEED)) for r in runs),
+            ppl.text(),
+            ppl.interval_text(),
+            *paired(name, runs, "lora"),
+            *paired(name, runs, WITHOUT_RESTARTS.get(name)),
+            f"{down:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -159,6 +159,29 @@ def test_bench_pretrain_quick_seeds_at_each_variant_s_rate(tmp_path: Path) -> No
     ]
 
 
+def test_bench_pretrain_seeds_table_pairs_each_variant_by_seed() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_pretrain
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    perplexities = {"lora": (5.0, 6.0), "relora": (5.5, 6.7), "mora": (8.0, 9.0), "remora": (7.9, 8.7)}
+    records = [
+        {"name": name, "lr": 1e-3, "seed": seed, "metrics": {"eval_perplexity": ppl}, "ranks": {"down_proj": 4.0}}
+        for name, values in perplexities.items()
+        for seed, ppl in zip((42, 43), values, strict=True)
+    ]
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")]
+        for line in bench_pretrain.seeds_table(records).splitlines()[2:]
+    }
+    # Columns: ..., − LoRA, its interval, − the same method without restarts, its interval, rank.
+    assert rows["lora"][6:10] == ["", "", "", ""]
+    assert rows["relora"][6] == "+0.600" and rows["relora"][8] == "+0.600"  # ReLoRA's pair is LoRA
+    assert rows["mora"][6] == "+3.000" and rows["mora"][8] == ""
+    assert rows["remora"][6] == "+2.800" and rows["remora"][8] == "-0.200"  # ReMoRA − MoRA, seed by seed
+
+
 def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -260,3 +283,8 @@ def test_bench_lora_family_quick_brackets_seeds_and_resumes(tmp_path: Path) -> N
     assert again.stdout.count("reusing") == first.stdout.count("] lora") + first.stdout.count(
         "] dora"
     ) + first.stdout.count("] pissa")
+    # A process given part of the family (no LoRA) reuses its runs and leaves the paired difference out.
+    part = [a for a in args if a not in ("lora", "pissa")]
+    run_script("bench_lora_family.py", *part, "--grid", grid)
+    alone = json.loads((out / "results.json").read_text())["seeded"]
+    assert set(alone) == {"dora"} and alone["dora"]["difference"] is None
