@@ -209,6 +209,7 @@ def test_bench_tasks_reuses_a_finished_stage(tmp_path: Path) -> None:
         "bench_packing.py",
         "bench_lora_family.py",
         "bench_streaming_memory.py",
+        "pretrain_subspace.py",
     ],
 )
 def test_help_names_the_command(script: str) -> None:
@@ -288,3 +289,46 @@ def test_bench_lora_family_quick_brackets_seeds_and_resumes(tmp_path: Path) -> N
     run_script("bench_lora_family.py", *part, "--grid", grid)
     alone = json.loads((out / "results.json").read_text())["seeded"]
     assert set(alone) == {"dora"} and alone["dora"]["difference"] is None
+
+
+def test_pretrain_subspace_shares_of_known_targets() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import pretrain_subspace
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import torch
+
+    from mora_train.adapters.mora.layer import MoRALinear
+
+    d_out, d_in, rank = 96, 64, 4
+    bases = {t: pretrain_subspace.mora_bases(d_out, d_in, rank, t) for t in ("sharing", "grouping")}
+    generator = torch.Generator().manual_seed(0)
+    layer = MoRALinear(torch.nn.Linear(d_in, d_out, bias=False), rank, "sharing")
+    with torch.no_grad():
+        layer.mora_M.copy_(torch.randn(layer.r_hat, layer.r_hat, generator=generator))
+    # A sharing update lies wholly in the sharing subspace, and has more than rank r.
+    top_r, sharing, _ = pretrain_subspace.shares(layer.delta_weight(), rank, bases)
+    assert sharing == pytest.approx(1.0, abs=1e-9) and top_r < 0.9
+    # A rank-r matrix is wholly LoRA's.
+    low_rank = torch.randn(d_out, rank, generator=generator) @ torch.randn(rank, d_in, generator=generator)
+    assert pretrain_subspace.shares(low_rank, rank, bases)[0] == pytest.approx(1.0, abs=1e-9)
+    # A Gaussian matrix: in expectation the subspace holds (dim col D)(dim row C) of its d_out * d_in energy.
+    rows, cols, r_hat = bases["sharing"]
+    expected = rows.shape[1] * cols.shape[1] / (d_out * d_in)
+    gaussian = [
+        pretrain_subspace.shares(torch.randn(d_out, d_in, generator=generator), rank, bases)[1] for _ in range(20)
+    ]
+    assert sum(gaussian) / len(gaussian) == pytest.approx(expected, rel=0.1) and r_hat == rows.shape[1]
+
+
+@pytest.mark.slow  # ~20 s: gradients of the tiny pretraining model (run with `pytest -m slow`)
+def test_pretrain_subspace_quick_tables(tmp_path: Path) -> None:
+    out = tmp_path / "shares.md"
+    done = run_script("pretrain_subspace.py", "--quick", "--ranks", "2", "--threads", "1", "--out", str(out))
+    assert "Gradient at the random base (4 sequences), r = 2" in done.stdout
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| q_proj")]
+    assert len(rows) == 2  # the gradient and the Gaussian reference
+    for row in rows:
+        values = [float(v) for v in row.strip("|").split("|")[3:]]
+        assert len(values) == 3 and all(0.0 < v <= 1.0 + 1e-9 for v in values)
