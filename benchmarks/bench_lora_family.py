@@ -23,8 +23,8 @@ once (every method starts at ΔW = 0, PiSSA at W_res + s B0 A0 = W): the curves'
     python benchmarks/bench_lora_family.py            # SmolLM2-135M: 30 runs if every grid brackets, ~2.5-2.8 h
     python benchmarks/bench_lora_family.py --quick    # tiny random model, 2 steps: checks the script (~1 min)
 
-Two 1-thread processes on the two cores ran the family in 110 min (RESULTS.md, 2-core Xeon); a last call reuses every run and
-prints the whole table with the paired differences to LoRA:
+Two 1-thread processes on the two cores ran the family in 110 min (RESULTS.md, 2-core Xeon); a last call reuses
+every run and prints the whole table with the paired differences to LoRA:
 
     python benchmarks/bench_lora_family.py --threads 1 --methods lora mora_sharing mora_rope &
     python benchmarks/bench_lora_family.py --threads 1 --methods pissa dora rslora; wait
