@@ -99,14 +99,16 @@ def run_rank(run: Path) -> int:
 def run_deltas(run: Path, base: torch.nn.Module) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    merged = linear_layers(AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32))
-    return {name: merged[name].weight.detach() - layer.weight.detach() for name, layer in linear_layers(base).items()}
+    from mora_train.export.delta import merged_deltas
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
+    return merged_deltas(base, merged, layers=linear_layers(base))
 
 
 def table(title: str, targets: dict[str, torch.Tensor], rank: int, cache: dict) -> str:
     """Mean shares per layer kind for one kind of target at one rank."""
     per_kind: dict[str, list[list[float]]] = {}
-    r_hats: dict[str, set[int]] = {}
+    layout: dict[str, tuple[int, int, int]] = {}  # layer kind -> d_out, d_in, r̂ (one shape per kind)
     for name, target in targets.items():
         d_out, d_in = target.shape
         key = (d_out, d_in, rank)
@@ -114,17 +116,16 @@ def table(title: str, targets: dict[str, torch.Tensor], rank: int, cache: dict) 
             cache[key] = {t: mora_bases(d_out, d_in, rank, t) for t in ("sharing", "grouping")}
         kind = name.rsplit(".", 1)[-1]
         per_kind.setdefault(kind, []).append(shares(target, rank, cache[key]))
-        r_hats.setdefault(kind, set()).add(cache[key]["sharing"][2])
+        layout[kind] = (d_out, d_in, cache[key]["sharing"][2])
     lines = [
         f"**{title}, r = {rank}** (share of the target's squared norm each can represent; mean over layers)\n",
         "| layer kind | shape | r̂ | " + " | ".join(SHARES) + " |",
         "|---|---|---:|" + "---:|" * len(SHARES),
     ]
     for kind, rows in sorted(per_kind.items()):
-        shape = next(tuple(t.shape) for n, t in targets.items() if n.endswith(kind))
+        d_out, d_in, r_hat = layout[kind]
         means = [sum(col) / len(col) for col in zip(*rows, strict=True)]
-        r_hat = "/".join(str(r) for r in sorted(r_hats[kind]))
-        lines.append(f"| {kind} | {shape[0]} x {shape[1]} | {r_hat} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        lines.append(f"| {kind} | {d_out} x {d_in} | {r_hat} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     return "\n".join(lines)
 
 
@@ -142,6 +143,7 @@ def main() -> None:
     s["quick"] = opts.quick
     args = overrides("lora", s, 3e-3)
     batches = 1 if opts.quick else opts.batches
+    run_ranks = {run: run_rank(run) for run in opts.runs}  # a bad folder fails before the gradients
     base, gradients = base_and_gradients(args, batches, s["batch"])
     generator = torch.Generator().manual_seed(0)
     gaussian = {n: torch.randn(g.shape, generator=generator) for n, g in gradients.items()}
@@ -152,7 +154,7 @@ def main() -> None:
             table(f"Gradient at the random base ({batches * s['batch']} sequences)", gradients, rank, cache)
         )
         sections.append(table("Gaussian matrix (reference)", gaussian, rank, cache))
-        own_rank = [run for run in opts.runs if run_rank(run) == rank]  # a run's ΔW against its own rank's subspaces
+        own_rank = [run for run in opts.runs if run_ranks[run] == rank]  # a run's ΔW against its own rank's subspaces
         sections.extend(table(f"ΔW of {run.name}", run_deltas(run, base), rank, cache) for run in own_rank)
     report = "\n\n".join(sections)
     print(report)
