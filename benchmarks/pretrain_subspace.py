@@ -136,8 +136,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="training batches summed into the gradient")
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="finished bench_pretrain run folders")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write the tables to this markdown file (a new file)"
+    )
     opts = parser.parse_args()
+    if opts.out is not None and opts.out.exists():
+        raise SystemExit(f"--out {opts.out}: that file exists; name a new file (this script never overwrites one)")
     torch.set_num_threads(opts.threads)
     s = settings(opts.quick)
     s["quick"] = opts.quick

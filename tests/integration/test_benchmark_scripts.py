@@ -332,3 +332,13 @@ def test_pretrain_subspace_quick_tables(tmp_path: Path) -> None:
     for row in rows:
         values = [float(v) for v in row.strip("|").split("|")[3:]]
         assert len(values) == 3 and all(0.0 < v <= 1.0 + 1e-9 for v in values)
+    # The tables are never written over an existing file.
+    before = out.read_text()
+    again = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pretrain_subspace.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert again.returncode != 0 and "that file exists" in again.stderr and out.read_text() == before
